@@ -1,0 +1,214 @@
+//! Bitswap 1.2.0 (`/ipfs/bitswap/1.2.0`) on `libp2p-stream`, client and server.
+//!
+//! Bitswap is message based, not request/reply: each side sends length-prefixed messages
+//! on streams it opens itself, and reads the other side's messages on inbound streams.
+//! [`Bitswap`] therefore has three parts:
+//!
+//! * [`sender`]: one task per peer owning our outbound stream to it, fed by a bounded
+//!   queue, merging queued messages into one up to the size budget;
+//! * [`client`]: our wants (want-block / want-have, each awaited with a timeout); blocks
+//!   are accepted only if their bytes hash to a CID we asked for;
+//! * [`server`]: a bounded wantlist per peer and a worker that answers it from the
+//!   blockstore with blocks and HAVE / DONT_HAVE presences.
+//!
+//! Every input is bounded: messages ≤ 4 MiB, blocks ≤ 2 MiB, ≤ 1024 wants per peer, a cap
+//! on concurrent inbound streams. A malformed or oversize message closes its stream only.
+
+pub mod message;
+pub mod wire;
+
+mod client;
+mod sender;
+mod server;
+
+use crate::blockstore::Blockstore;
+use crate::metrics::OverlayMetrics;
+use futures::StreamExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+use message::{Message, MessageError};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+pub use client::WantError;
+
+/// The protocol we speak.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/ipfs/bitswap/1.2.0");
+
+/// Limits of the bitswap engine.
+#[derive(Debug, Clone)]
+pub struct BitswapConfig {
+    /// Largest message read or written (default 4 MiB).
+    pub max_message_size: usize,
+    /// Most entries we keep in one peer's wantlist, and most wants we have out to one peer
+    /// (default 1024).
+    pub max_wants_per_peer: usize,
+    /// Bytes of blocks we put in one response message (default 2 MiB; a larger block
+    /// goes alone).
+    pub response_budget: usize,
+    /// Most inbound bitswap streams served at once, from all peers (default 1024).
+    pub max_inbound_streams: usize,
+    /// Messages queued for one peer before senders wait (default 64).
+    pub outbound_queue: usize,
+    /// How long an idle outbound stream is kept (default 60 s).
+    pub idle_stream_timeout: Duration,
+}
+
+impl Default for BitswapConfig {
+    fn default() -> Self {
+        BitswapConfig {
+            max_message_size: wire::MAX_MESSAGE_SIZE,
+            max_wants_per_peer: 1024,
+            response_budget: 2 * 1024 * 1024,
+            max_inbound_streams: 1024,
+            outbound_queue: 64,
+            idle_stream_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A handle to the bitswap engine; clones share it.
+#[derive(Clone)]
+pub struct Bitswap {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BitswapConfig,
+    store: Blockstore,
+    metrics: OverlayMetrics,
+    control: libp2p_stream::Control,
+    senders: Mutex<sender::Senders>,
+    client: Mutex<client::ClientState>,
+    server: Mutex<server::ServerState>,
+    inbound_streams: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The protected state stays consistent between statements; a panic elsewhere must
+    // not take the whole engine down.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Bitswap {
+    /// Starts the engine on a stream-protocol control; it serves inbound streams until
+    /// the swarm stops.
+    pub fn start(
+        mut control: libp2p_stream::Control,
+        store: Blockstore,
+        metrics: OverlayMetrics,
+        config: BitswapConfig,
+    ) -> Bitswap {
+        let incoming = control
+            .accept(PROTOCOL)
+            .expect("bitswap registers its protocol once");
+        let inner = Arc::new(Inner {
+            inbound_streams: Arc::new(Semaphore::new(config.max_inbound_streams)),
+            config,
+            store,
+            metrics,
+            control,
+            senders: Mutex::default(),
+            client: Mutex::default(),
+            server: Mutex::default(),
+        });
+        let accept = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut incoming = incoming;
+            while let Some((peer, stream)) = incoming.next().await {
+                let Some(inner) = accept.upgrade() else { break };
+                let Ok(permit) = inner.inbound_streams.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many inbound bitswap streams; dropping one");
+                    continue;
+                };
+                tokio::spawn(async move {
+                    serve_inbound(&inner, peer, stream).await;
+                    drop(permit);
+                });
+            }
+        });
+        Bitswap { inner }
+    }
+
+    /// The blockstore the engine serves from and stores into.
+    pub fn store(&self) -> &Blockstore {
+        &self.inner.store
+    }
+
+    /// Asks `peer` for the block `cid`; resolves to the verified block, which is also
+    /// stored. Fails if the peer says it does not have it, sends a block we did not ask
+    /// for, cannot be reached, or does not answer within `timeout`.
+    pub async fn want_block(
+        &self,
+        peer: PeerId,
+        cid: cid::Cid,
+        timeout: Duration,
+    ) -> Result<crate::block::Block, WantError> {
+        client::want_block(&self.inner, peer, cid, timeout).await
+    }
+
+    /// Asks `peer` whether it has `cid`.
+    pub async fn want_have(
+        &self,
+        peer: PeerId,
+        cid: cid::Cid,
+        timeout: Duration,
+    ) -> Result<bool, WantError> {
+        client::want_have(&self.inner, peer, cid, timeout).await
+    }
+
+    /// Tells the engine we now hold `cid`, so peers that wanted it get it.
+    pub fn block_added(&self, cid: &cid::Cid) {
+        server::block_added(&self.inner, cid);
+    }
+
+    /// Forgets a peer that disconnected: its wantlist, and our wants from it.
+    pub fn peer_disconnected(&self, peer: &PeerId) {
+        server::forget_peer(&self.inner, peer);
+        client::fail_peer(&self.inner, peer, WantError::Disconnected);
+    }
+}
+
+/// Reads messages from one inbound stream until it ends or misbehaves.
+async fn serve_inbound(inner: &Arc<Inner>, peer: PeerId, mut stream: Stream) {
+    loop {
+        let frame = match wire::read_frame(&mut stream, inner.config.max_message_size).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                inner.metrics.bad_messages.inc();
+                tracing::warn!(%peer, error = %e, "closing bitswap stream: bad frame");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "bitswap stream ended");
+                return;
+            }
+        };
+        match Message::decode(frame, inner.config.max_wants_per_peer) {
+            Ok(msg) => on_message(inner, peer, msg).await,
+            Err(
+                e @ (MessageError::Protobuf(_)
+                | MessageError::Cid(_)
+                | MessageError::TooManyEntries(_)),
+            ) => {
+                inner.metrics.bad_messages.inc();
+                tracing::warn!(%peer, error = %e, "closing bitswap stream: bad message");
+                return;
+            }
+        }
+    }
+}
+
+async fn on_message(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
+    if !msg.wants.is_empty() || msg.full {
+        server::on_wants(inner, peer, msg.wants, msg.full);
+    }
+    if !msg.presences.is_empty() {
+        client::on_presences(inner, peer, &msg.presences);
+    }
+    if !msg.blocks.is_empty() {
+        client::on_blocks(inner, peer, msg.blocks).await;
+    }
+}

@@ -1,0 +1,140 @@
+//! Outbound messages: one task per peer owns our stream to it.
+//!
+//! Messages for a peer go through a bounded queue to its task, which opens the stream
+//! lazily (dialling if needed), merges whatever else is queued into the message up to the
+//! size budget, writes it, and retries once on a fresh stream if the write fails. A task
+//! with nothing to send for the idle timeout closes its stream and ends.
+
+use super::message::Message;
+use super::{Inner, PROTOCOL, WantError, client, lock, wire};
+use libp2p::{PeerId, Stream};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// The queues of the running sender tasks, by peer.
+pub(super) type Senders = HashMap<PeerId, mpsc::Sender<Message>>;
+
+/// Queues `msg` for `peer`, starting its sender task if needed; waits while the queue is
+/// full.
+pub(super) async fn send(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
+    let mut msg = msg;
+    for _ in 0..3 {
+        let tx = sender_for(inner, peer);
+        match tx.send(msg).await {
+            Ok(()) => return,
+            // The task ended between our lookup and our send; start a new one.
+            Err(mpsc::error::SendError(back)) => msg = back,
+        }
+    }
+    tracing::debug!(%peer, "could not queue a bitswap message");
+}
+
+fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Message> {
+    let mut senders = lock(&inner.senders);
+    if let Some(tx) = senders.get(&peer).filter(|tx| !tx.is_closed()) {
+        return tx.clone();
+    }
+    let (tx, rx) = mpsc::channel(inner.config.outbound_queue);
+    senders.insert(peer, tx.clone());
+    tokio::spawn(run(Arc::downgrade(inner), peer, rx));
+    tx
+}
+
+async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Message>) {
+    let mut stream: Option<Stream> = None;
+    let mut held: Option<Message> = None;
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let first = match held.take() {
+            Some(msg) => msg,
+            None => match tokio::time::timeout(inner.config.idle_stream_timeout, rx.recv()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return,
+                Err(_idle) => {
+                    // Refuse new messages, then send what slipped in before we closed.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(msg) => msg,
+                        Err(_) => break,
+                    }
+                }
+            },
+        };
+        let (msg, rest) = merge_queued(first, &mut rx, inner.config.response_budget);
+        held = rest;
+        if !write(&inner, peer, &mut stream, &msg).await {
+            client::fail_peer(&inner, &peer, WantError::Unreachable);
+        }
+    }
+    if let Some(inner) = inner.upgrade() {
+        let mut senders = lock(&inner.senders);
+        if senders.get(&peer).is_some_and(|tx| tx.is_closed()) {
+            senders.remove(&peer);
+        }
+    }
+}
+
+/// Merges queued messages into `first` while the result stays within `budget` bytes of
+/// blocks; returns the merged message and the first message that did not fit.
+fn merge_queued(
+    mut first: Message,
+    rx: &mut mpsc::Receiver<Message>,
+    budget: usize,
+) -> (Message, Option<Message>) {
+    while first.size_estimate() < budget {
+        let Ok(next) = rx.try_recv() else { break };
+        if next.full || first.full || first.size_estimate() + next.size_estimate() > budget {
+            return (first, Some(next));
+        }
+        first.wants.extend(next.wants);
+        first.blocks.extend(next.blocks);
+        first.presences.extend(next.presences);
+    }
+    (first, None)
+}
+
+/// Writes one message on the peer's stream, opening one if needed; retries once on a
+/// fresh stream. Returns whether it was sent.
+async fn write(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    stream: &mut Option<Stream>,
+    msg: &Message,
+) -> bool {
+    let frame = msg.encode();
+    if frame.len() > inner.config.max_message_size {
+        tracing::error!(%peer, size = frame.len(), "refusing to send an oversize bitswap message");
+        return false;
+    }
+    for _attempt in 0..2 {
+        if stream.is_none() {
+            let mut control = inner.control.clone();
+            match control.open_stream(peer, PROTOCOL).await {
+                Ok(s) => *stream = Some(s),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot open a bitswap stream");
+                    return false;
+                }
+            }
+        }
+        let s = stream.as_mut().expect("opened above");
+        match wire::write_frame(s, &frame).await {
+            Ok(()) => {
+                for block in &msg.blocks {
+                    inner.metrics.blocks_sent.inc();
+                    inner
+                        .metrics
+                        .block_bytes_sent
+                        .inc_by(block.data.len() as u64);
+                }
+                return true;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "bitswap write failed; reopening");
+                *stream = None;
+            }
+        }
+    }
+    false
+}

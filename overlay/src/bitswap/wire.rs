@@ -1,0 +1,90 @@
+//! Framing of bitswap messages on a stream: an unsigned-varint length, then the message.
+
+use bytes::{Bytes, BytesMut};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::io;
+
+/// The largest message we read or write: 4 MiB.
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// Reads one length-prefixed frame; `Ok(None)` at a clean end of stream.
+///
+/// A frame announcing more than `max` bytes is an error: the caller drops the stream
+/// without reading the rest.
+pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Option<Bytes>> {
+    let len = match unsigned_varint::aio::read_usize(&mut *io).await {
+        Ok(len) => len,
+        Err(unsigned_varint::io::ReadError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Ok(None);
+        }
+        Err(unsigned_varint::io::ReadError::Io(e)) => return Err(e),
+        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+    };
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message of {len} bytes is over the {max}-byte limit"),
+        ));
+    }
+    let mut buf = BytesMut::zeroed(len);
+    io.read_exact(&mut buf).await?;
+    Ok(Some(buf.freeze()))
+}
+
+/// Writes one length-prefixed frame and flushes it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
+    if frame.len() > MAX_MESSAGE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message over the size limit",
+        ));
+    }
+    let mut prefix = unsigned_varint::encode::usize_buffer();
+    io.write_all(unsigned_varint::encode::usize(frame.len(), &mut prefix))
+        .await?;
+    io.write_all(frame).await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_end_cleanly() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, b"one").await.unwrap();
+        write_frame(&mut buf, b"").await.unwrap();
+        write_frame(&mut buf, &[7u8; 300]).await.unwrap();
+        let mut cursor = Cursor::new(buf);
+        assert_eq!(
+            read_frame(&mut cursor, 1024).await.unwrap().unwrap(),
+            &b"one"[..]
+        );
+        assert_eq!(
+            read_frame(&mut cursor, 1024).await.unwrap().unwrap(),
+            &b""[..]
+        );
+        assert_eq!(
+            read_frame(&mut cursor, 1024).await.unwrap().unwrap().len(),
+            300
+        );
+        assert!(read_frame(&mut cursor, 1024).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversize_and_truncated_frames_are_errors() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &[1u8; 100]).await.unwrap();
+        assert!(read_frame(&mut Cursor::new(buf.clone()), 99).await.is_err());
+        buf.truncate(50);
+        assert!(read_frame(&mut Cursor::new(buf), 1024).await.is_err());
+        // A varint that never ends.
+        assert!(
+            read_frame(&mut Cursor::new(vec![0xffu8; 12]), 1024)
+                .await
+                .is_err()
+        );
+    }
+}

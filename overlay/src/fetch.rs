@@ -1,0 +1,288 @@
+//! Fetching a whole DAG: from the peers we are connected to and from providers found in
+//! the DHT, many blocks at a time, spread over every peer that has them.
+//!
+//! A fetch is a session: its peers are those connected peers that answer HAVE for the
+//! root, plus providers of the root found by a Kademlia lookup, added as they come. Blocks
+//! are wanted in parallel (a bounded window), each from the session's peers in turn
+//! starting at a different one per block, so load spreads over several providers. A peer
+//! that fails a want is skipped for that block; one that sends a block matching no CID
+//! we asked for is dropped from the session. Children are found by decoding each block.
+
+use crate::bitswap::{Bitswap, WantError};
+use crate::block::Block;
+use crate::network::Network;
+use crate::unixfs::links_of;
+use cid::Cid;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use libp2p::kad::RecordKey;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Settings of a fetch.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Blocks wanted at once (default 64).
+    pub window: usize,
+    /// How long one peer gets to answer one want (default 10 s).
+    pub want_timeout: Duration,
+    /// How long to wait for the first peer that has the root (default 30 s).
+    pub find_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            window: 64,
+            want_timeout: Duration::from_secs(10),
+            find_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How far a fetch has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FetchProgress {
+    /// Blocks of the DAG seen so far (held before or fetched).
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes: u64,
+    /// Blocks fetched from peers.
+    pub fetched_blocks: u64,
+    /// Peers in the session.
+    pub peers: u64,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No peer has the root, or none answered for a block.
+    #[error("no peer could provide {cid}: {reason}")]
+    NotFound {
+        /// The block that could not be had.
+        cid: Cid,
+        /// What happened.
+        reason: String,
+    },
+    /// A block was not a valid node.
+    #[error(transparent)]
+    Unixfs(#[from] crate::unixfs::UnixfsError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] crate::blockstore::StoreError),
+    /// The network task stopped.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+}
+
+/// The peers of one fetch, and a signal for when new ones join or the search ends.
+struct Session {
+    peers: Mutex<Vec<PeerId>>,
+    searching: AtomicBool,
+    changed: watch::Sender<u64>,
+}
+
+impl Session {
+    fn add(&self, peer: PeerId) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if !peers.contains(&peer) {
+            peers.push(peer);
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn remove(&self, peer: &PeerId) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| p != peer);
+    }
+
+    fn snapshot(&self) -> Vec<PeerId> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn search_ended(&self) {
+        self.searching.store(false, Ordering::SeqCst);
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Fetches every block of the DAG under `root` that the store lacks; reports progress on
+/// `progress`.
+pub async fn fetch_dag(
+    network: &Network,
+    bitswap: &Bitswap,
+    root: Cid,
+    config: &FetchConfig,
+    progress: &watch::Sender<FetchProgress>,
+) -> Result<(), FetchError> {
+    let store = bitswap.store().clone();
+    let (changed, _) = watch::channel(0);
+    let session = Arc::new(Session {
+        peers: Mutex::new(Vec::new()),
+        searching: AtomicBool::new(true),
+        changed,
+    });
+    let mut finder: Option<tokio::task::JoinHandle<()>> = None;
+
+    let mut queue = VecDeque::from([root]);
+    let mut seen = HashSet::from([root]);
+    let mut in_flight = FuturesUnordered::new();
+    let mut index = 0usize;
+    let result = loop {
+        while in_flight.len() < config.window {
+            let Some(cid) = queue.pop_front() else { break };
+            if let Some(block) = store.get_async(cid).await? {
+                account(progress, &block, false);
+                for child in links_of(&block)? {
+                    if seen.insert(child) {
+                        queue.push_back(child);
+                    }
+                }
+                continue;
+            }
+            if finder.is_none() {
+                finder = Some(tokio::spawn(find_peers(
+                    network.clone(),
+                    bitswap.clone(),
+                    root,
+                    session.clone(),
+                    config.clone(),
+                )));
+            }
+            index += 1;
+            in_flight.push(fetch_block(bitswap, &session, cid, index, config));
+        }
+        let Some(fetched) = in_flight.next().await else {
+            break Ok(());
+        };
+        let block = match fetched {
+            Ok(block) => block,
+            Err(e) => break Err(e),
+        };
+        account(progress, &block, true);
+        progress.send_modify(|p| p.peers = session.snapshot().len() as u64);
+        for child in links_of(&block)? {
+            if seen.insert(child) {
+                queue.push_back(child);
+            }
+        }
+    };
+    if let Some(finder) = finder {
+        finder.abort();
+    }
+    result
+}
+
+fn account(progress: &watch::Sender<FetchProgress>, block: &Block, fetched: bool) {
+    progress.send_modify(|p| {
+        p.blocks += 1;
+        p.bytes += block.data().len() as u64;
+        p.fetched_blocks += u64::from(fetched);
+    });
+}
+
+/// Fills the session: connected peers that have the root, and the root's providers.
+async fn find_peers(
+    network: Network,
+    bitswap: Bitswap,
+    root: Cid,
+    session: Arc<Session>,
+    config: FetchConfig,
+) {
+    let probe = async {
+        let Ok(peers) = network.connected_peers().await else {
+            return;
+        };
+        let mut asks: FuturesUnordered<_> = peers
+            .into_iter()
+            .map(|peer| {
+                let bitswap = bitswap.clone();
+                async move {
+                    (
+                        peer,
+                        bitswap.want_have(peer, root, config.want_timeout).await,
+                    )
+                }
+            })
+            .collect();
+        while let Some((peer, answer)) = asks.next().await {
+            if let Ok(true) = answer {
+                session.add(peer);
+            }
+        }
+    };
+    let lookup = async {
+        let Ok(mut providers) = network
+            .get_providers(RecordKey::new(&root.hash().to_bytes()))
+            .await
+        else {
+            return;
+        };
+        while let Some(peer) = providers.recv().await {
+            session.add(peer);
+        }
+    };
+    futures::join!(probe, lookup);
+    session.search_ended();
+}
+
+/// Fetches one block from the session's peers, starting with the `index`-th.
+async fn fetch_block(
+    bitswap: &Bitswap,
+    session: &Session,
+    cid: Cid,
+    index: usize,
+    config: &FetchConfig,
+) -> Result<Block, FetchError> {
+    let started = Instant::now();
+    let mut tried = HashSet::new();
+    let mut changes = session.changed.subscribe();
+    let mut last_error = String::from("no peer has it");
+    loop {
+        let peers = session.snapshot();
+        let untried: Vec<PeerId> = (0..peers.len())
+            .map(|i| peers[(index + i) % peers.len()])
+            .filter(|p| !tried.contains(p))
+            .collect();
+        for peer in untried {
+            tried.insert(peer);
+            match bitswap.want_block(peer, cid, config.want_timeout).await {
+                Ok(block) => return Ok(block),
+                Err(e) => {
+                    tracing::debug!(%peer, %cid, error = %e, "want failed");
+                    if e == WantError::BadBlock {
+                        session.remove(&peer);
+                    }
+                    last_error = format!("last peer tried: {e}");
+                }
+            }
+        }
+        // Every known peer failed: wait for new ones while the search goes on.
+        changes.borrow_and_update();
+        let remaining = config.find_timeout.saturating_sub(started.elapsed());
+        let has_untried = || session.snapshot().iter().any(|p| !tried.contains(p));
+        if !has_untried() {
+            if !session.searching.load(Ordering::SeqCst) || remaining.is_zero() {
+                return Err(FetchError::NotFound {
+                    cid,
+                    reason: last_error,
+                });
+            }
+            if tokio::time::timeout(remaining, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(FetchError::NotFound {
+                    cid,
+                    reason: format!("{last_error}; timed out"),
+                });
+            }
+        }
+    }
+}

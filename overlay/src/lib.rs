@@ -1,0 +1,24 @@
+//! Flotilla's overlay: the libp2p swarm every Flotilla peer runs, the Kademlia key
+//! regions that memory offers live in, and content-addressed blocks moved over bitswap.
+//!
+//! * [`regions`]: the hashed key space cut into one region per memory tier;
+//! * [`block`], [`blockstore`], [`unixfs`]: CIDv1 blocks, their on-disk store, and files
+//!   as UnixFS DAGs;
+//! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
+//! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
+//!   event loop;
+//! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
+//! * [`service`]: [`Overlay`], all of the above as one running peer.
+
+pub mod bitswap;
+pub mod block;
+pub mod blockstore;
+pub mod fetch;
+pub mod metrics;
+pub mod network;
+pub mod regions;
+pub mod service;
+pub mod unixfs;
+
+pub use cid::Cid;
+pub use service::{Added, Overlay, OverlayConfig, OverlayError, OverlayStatus};

@@ -1,0 +1,551 @@
+//! The libp2p swarm and the one task that owns it.
+//!
+//! The behaviour combines connection limits, Kademlia (`/ipfs/kad/1.0.0`, server mode),
+//! identify, ping, mDNS (optional) and `libp2p-stream` (for bitswap). One event loop owns
+//! the swarm; the cloneable [`Network`] handle sends it [`Command`]s that carry their
+//! reply channels, and pending replies are kept by Kademlia query id.
+
+use crate::bitswap::Bitswap;
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, noise, ping, tcp, yamux,
+};
+use prometheus_client::registry::Registry;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The identify protocol version we announce.
+const IDENTIFY_PROTOCOL: &str = "/flotilla/1.0.0";
+
+/// Settings of the swarm.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// Addresses to listen on (TCP and/or QUIC).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through; each address must end in `/p2p/<PeerId>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Whether to find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Most established connections in all.
+    pub max_connections: u32,
+    /// Most provider records this node announces for itself.
+    pub max_provided_keys: usize,
+    /// Time allowed for startup steps (listening, reaching a bootstrap peer) and for a
+    /// Kademlia query.
+    pub timeout: Duration,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            max_connections: 256,
+            max_provided_keys: 65_536,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The transport could not be built.
+    #[error("cannot build the libp2p transport: {0}")]
+    Transport(String),
+    /// Listening on an address failed (a port in use, say).
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A bootstrap address lacks its `/p2p/<PeerId>` part.
+    #[error("bootstrap address {0} must end in /p2p/<PeerId>")]
+    BootstrapWithoutPeerId(Multiaddr),
+    /// None of the bootstrap peers could be reached.
+    #[error("none of the bootstrap peers could be reached: {0}")]
+    BootstrapUnreachable(String),
+    /// Announcing a provider record failed.
+    #[error("cannot announce provider record: {0}")]
+    Provide(String),
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// What the network looks like from here.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetworkStatus {
+    /// Our PeerId.
+    pub peer_id: String,
+    /// Addresses we listen on.
+    pub listen_addrs: Vec<String>,
+    /// Peers we have a connection to.
+    pub connected_peers: Vec<String>,
+    /// Peers in the Kademlia routing table.
+    pub routing_table_size: usize,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Requests to the event loop.
+enum Command {
+    GetProviders {
+        key: RecordKey,
+        found: mpsc::Sender<PeerId>,
+    },
+    StartProviding {
+        key: RecordKey,
+        done: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Status {
+        reply: oneshot::Sender<NetworkStatus>,
+    },
+    Shutdown,
+}
+
+enum PendingQuery {
+    Providers(mpsc::Sender<PeerId>),
+    Provide(oneshot::Sender<Result<(), NetworkError>>),
+}
+
+/// A handle to the running swarm; clones share it.
+#[derive(Clone)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+/// A swarm that is listening but whose event loop has not started yet.
+pub struct StartingNetwork {
+    event_loop: EventLoop,
+    /// The stream-protocol control bitswap is built on.
+    pub control: libp2p_stream::Control,
+    commands: mpsc::Receiver<Command>,
+    handle: Network,
+}
+
+impl Network {
+    /// Builds the swarm and starts listening on every configured address, waiting until
+    /// each listener is up. Returns before bootstrapping; see [`StartingNetwork::run`].
+    pub async fn listen(
+        keypair: Keypair,
+        config: NetworkConfig,
+        registry: &mut Registry,
+    ) -> Result<StartingNetwork, NetworkError> {
+        let mut swarm = build_swarm(keypair, &config, registry)?;
+        let mut pending = HashMap::new();
+        for addr in &config.listen {
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetworkError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            pending.insert(id, addr.clone());
+        }
+        let control = swarm.behaviour().stream.new_control();
+        let (tx, commands) = mpsc::channel(256);
+        let handle = Network {
+            commands: tx,
+            local_peer_id: *swarm.local_peer_id(),
+        };
+        let mut event_loop = EventLoop {
+            swarm,
+            queries: HashMap::new(),
+            connected: HashSet::new(),
+            bitswap: None,
+            timeout: config.timeout,
+        };
+        let deadline = tokio::time::sleep(config.timeout);
+        tokio::pin!(deadline);
+        while !pending.is_empty() {
+            tokio::select! {
+                event = event_loop.swarm.select_next_some() => match event {
+                    SwarmEvent::NewListenAddr { listener_id, .. } => { pending.remove(&listener_id); }
+                    SwarmEvent::ListenerClosed { listener_id, reason, .. } => if let Some(addr) = pending.remove(&listener_id) {
+                        let reason = reason.err().map_or("closed".to_string(), |e| e.to_string());
+                        return Err(NetworkError::Listen { addr, reason });
+                    },
+                    SwarmEvent::ListenerError { listener_id, error } => if let Some(addr) = pending.remove(&listener_id) {
+                        return Err(NetworkError::Listen { addr, reason: error.to_string() });
+                    },
+                    other => event_loop.handle_event(other),
+                },
+                _ = &mut deadline => {
+                    let addr = pending.into_values().next().expect("non-empty");
+                    return Err(NetworkError::Listen { addr, reason: "timed out".into() });
+                }
+            }
+        }
+        Ok(StartingNetwork {
+            event_loop,
+            control,
+            commands,
+            handle,
+        })
+    }
+
+    /// Our PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NetworkError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Starts a provider lookup for `key`; providers arrive on the returned channel as
+    /// they are found (and are dialled), and the channel closes when the lookup ends.
+    /// Dropping the receiver ends the lookup early.
+    pub async fn get_providers(
+        &self,
+        key: RecordKey,
+    ) -> Result<mpsc::Receiver<PeerId>, NetworkError> {
+        let (found, rx) = mpsc::channel(64);
+        self.send(Command::GetProviders { key, found }).await?;
+        Ok(rx)
+    }
+
+    /// Announces that we provide `key`, waiting until the record is placed.
+    pub async fn start_providing(&self, key: RecordKey) -> Result<(), NetworkError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::StartProviding { key, done }).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)?
+    }
+
+    /// The peers we are connected to.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers { reply }).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// A snapshot of the network's state.
+    pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Status { reply }).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Asks the event loop to close every connection and stop.
+    pub async fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown).await;
+    }
+}
+
+impl StartingNetwork {
+    /// The addresses we listen on.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.event_loop.swarm.listeners().cloned().collect()
+    }
+
+    /// Our PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        *self.event_loop.swarm.local_peer_id()
+    }
+
+    /// Joins the network through the bootstrap peers (failing if none can be reached),
+    /// then spawns the event loop. `bitswap` hears of peers that disconnect.
+    pub async fn run(
+        mut self,
+        bootstrap: &[Multiaddr],
+        bitswap: Bitswap,
+    ) -> Result<(Network, tokio::task::JoinHandle<()>), NetworkError> {
+        self.event_loop.bitswap = Some(bitswap);
+        if !bootstrap.is_empty() {
+            self.event_loop.join(bootstrap).await?;
+        }
+        let task = tokio::spawn(self.event_loop.run(self.commands));
+        Ok((self.handle, task))
+    }
+}
+
+fn build_swarm(
+    keypair: Keypair,
+    config: &NetworkConfig,
+    registry: &mut Registry,
+) -> Result<Swarm<Behaviour>, NetworkError> {
+    let transport_err = |e: &dyn std::fmt::Display| NetworkError::Transport(e.to_string());
+    let local_peer_id = keypair.public().to_peer_id();
+    let mut store_config = kad::store::MemoryStoreConfig::default();
+    store_config.max_provided_keys = config.max_provided_keys;
+    let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+    kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
+    let mdns = config.mdns;
+    let max_connections = config.max_connections;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport_err(&e))?
+        .with_quic()
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let mut kad = kad::Behaviour::with_config(
+                    local_peer_id,
+                    kad::store::MemoryStore::with_config(local_peer_id, store_config),
+                    kad_config,
+                );
+                kad.set_mode(Some(kad::Mode::Server));
+                let mdns = if mdns {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        local_peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(
+                        connection_limits::ConnectionLimits::default()
+                            .with_max_established(Some(max_connections))
+                            .with_max_established_per_peer(Some(2))
+                            .with_max_pending_incoming(Some(64))
+                            .with_max_pending_outgoing(Some(64)),
+                    ),
+                    kad,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        IDENTIFY_PROTOCOL.to_string(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    mdns: mdns.into(),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
+            },
+        )
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    queries: HashMap<QueryId, PendingQuery>,
+    connected: HashSet<PeerId>,
+    bitswap: Option<Bitswap>,
+    timeout: Duration,
+}
+
+impl EventLoop {
+    /// Dials every bootstrap peer and waits until one connection is up (or all failed),
+    /// then starts a Kademlia bootstrap.
+    async fn join(&mut self, bootstrap: &[Multiaddr]) -> Result<(), NetworkError> {
+        let mut waiting = HashMap::new();
+        for addr in bootstrap {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(NetworkError::BootstrapWithoutPeerId(addr.clone()));
+            };
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![addr.clone()])
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+                continue;
+            }
+            waiting.insert(peer, addr.clone());
+        }
+        let mut failures = Vec::new();
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        loop {
+            if waiting.is_empty() {
+                return Err(NetworkError::BootstrapUnreachable(failures.join("; ")));
+            }
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    match &event {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } if waiting.contains_key(peer_id) => {
+                            self.handle_event(event);
+                            break;
+                        }
+                        SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                            if let Some(addr) = waiting.remove(peer) {
+                                failures.push(format!("{addr}: {}", one_line(&error.to_string())));
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.handle_event(event);
+                }
+                _ = &mut deadline => {
+                    failures.extend(waiting.values().map(|a| format!("{a}: timed out")));
+                    return Err(NetworkError::BootstrapUnreachable(failures.join("; ")));
+                }
+            }
+        }
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!(error = %e, "kademlia bootstrap not started");
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.handle_command(command),
+                },
+            }
+        }
+        tracing::info!("network stopped");
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        match command {
+            Command::GetProviders { key, found } => {
+                let id = kad.get_providers(key);
+                self.queries.insert(id, PendingQuery::Providers(found));
+            }
+            Command::StartProviding { key, done } => match kad.start_providing(key) {
+                Ok(id) => {
+                    self.queries.insert(id, PendingQuery::Provide(done));
+                }
+                Err(e) => {
+                    let _ = done.send(Err(NetworkError::Provide(e.to_string())));
+                }
+            },
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.connected.iter().copied().collect());
+            }
+            Command::Status { reply } => {
+                let routing_table_size = kad.kbuckets().map(|b| b.num_entries()).sum();
+                let _ = reply.send(NetworkStatus {
+                    peer_id: self.swarm.local_peer_id().to_string(),
+                    listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
+                    connected_peers: self.connected.iter().map(ToString::to_string).collect(),
+                    routing_table_size,
+                });
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.connected.insert(peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.connected.remove(&peer_id);
+                if let Some(bitswap) = &self.bitswap {
+                    bitswap.peer_disconnected(&peer_id);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocols.iter().any(|p| *p == kad::PROTOCOL_NAME) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "found by mDNS");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                    let _ = self.swarm.dial(DialOpts::peer_id(peer).build());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.handle_kad(event),
+            _ => {}
+        }
+    }
+
+    fn handle_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        match result {
+            QueryResult::GetProviders(result) => {
+                let Some(PendingQuery::Providers(found)) = self.queries.get(&id) else {
+                    return;
+                };
+                let mut finished = step.last;
+                if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    let me = *self.swarm.local_peer_id();
+                    for peer in providers.into_iter().filter(|p| *p != me) {
+                        // Dial now, while the query still knows the provider's addresses.
+                        if !self.connected.contains(&peer) {
+                            let _ = self.swarm.dial(DialOpts::peer_id(peer).build());
+                        }
+                        if found.try_send(peer).is_err() && found.is_closed() {
+                            finished = true;
+                        }
+                    }
+                }
+                if found.is_closed() && !finished {
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
+                    }
+                    finished = true;
+                }
+                if finished {
+                    self.queries.remove(&id);
+                }
+            }
+            QueryResult::StartProviding(result) => {
+                if let Some(PendingQuery::Provide(done)) = self.queries.remove(&id) {
+                    // Too few peers to replicate to is not a failure: the record is in our
+                    // own store, and peers that look it up through us find it.
+                    let outcome = match result {
+                        Ok(_) | Err(kad::AddProviderError::Timeout { .. }) => Ok(()),
+                    };
+                    let _ = done.send(outcome);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,366 @@
+//! Key regions: the hashed Kademlia key space cut into one region per memory tier.
+//!
+//! rust-libp2p's Kademlia measures XOR distance between the SHA-256 hashes of keys (and
+//! of PeerIds). We divide that hashed 256-bit space by its first six bits into 64 equal
+//! *slots*; each tier owns a contiguous run of slots, smaller tiers owning more of them
+//! because most volunteers lend little memory. Every run is the union of a few
+//! prefix-aligned blocks ([`Region::blocks`]), so the peer closest to a key inside a block
+//! lies inside that block whenever the block holds any peer.
+//!
+//! | tier (MiB) | slots     | share of the space |
+//! |-----------:|-----------|-------------------:|
+//! |        128 | `[0, 16)` |              25.0% |
+//! |        256 | `[16, 28)`|             18.75% |
+//! |        512 | `[28, 38)`|            15.625% |
+//! |       1024 | `[38, 46)`|              12.5% |
+//! |       2048 | `[46, 52)`|             9.375% |
+//! |       4096 | `[52, 57)`|            7.8125% |
+//! |       8192 | `[57, 61)`|              6.25% |
+//! |      10240 | `[61, 64)`|            4.6875% |
+//!
+//! A random key in a region is found by drawing random preimages until the hash lands in
+//! it: at most 64/3 ≈ 21 draws are expected, for the smallest region.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Number of leading bits of a hashed key that select its slot.
+pub const SLOT_BITS: u32 = 6;
+/// Number of slots the hashed key space is cut into.
+pub const SLOTS: u8 = 1 << SLOT_BITS;
+
+/// One memory tier: the amount of memory an offer in this tier provides, in MiB.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Tier(u32);
+
+/// The region table: for each tier (in MiB), the first slot it owns. Each tier's run ends
+/// where the next one starts; the last ends at [`SLOTS`].
+const TABLE: [(u32, u8); 8] = [
+    (128, 0),
+    (256, 16),
+    (512, 28),
+    (1024, 38),
+    (2048, 46),
+    (4096, 52),
+    (8192, 57),
+    (10240, 61),
+];
+
+/// Errors of the region functions.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegionError {
+    /// A request asked for more memory than the largest tier.
+    #[error("{requested_mib} MiB is more than the largest tier ({} MiB)", Tier::LARGEST.mib())]
+    TooLarge {
+        /// The memory requested, in MiB.
+        requested_mib: u64,
+    },
+    /// A request asked for no memory at all.
+    #[error("a memory request must be larger than zero")]
+    Zero,
+    /// A number that is not one of the tiers.
+    #[error("{0} MiB is not a tier (tiers: 128, 256, 512, 1024, 2048, 4096, 8192, 10240 MiB)")]
+    NotATier(u64),
+}
+
+impl Tier {
+    /// The smallest tier, 128 MiB.
+    pub const SMALLEST: Tier = Tier(TABLE[0].0);
+    /// The largest tier, 10240 MiB (10 GiB).
+    pub const LARGEST: Tier = Tier(TABLE[TABLE.len() - 1].0);
+
+    /// All tiers, smallest first.
+    pub fn all() -> impl ExactSizeIterator<Item = Tier> + Clone {
+        TABLE.iter().map(|&(mib, _)| Tier(mib))
+    }
+
+    /// The tier of exactly `mib` MiB.
+    pub fn from_mib(mib: u64) -> Result<Tier, RegionError> {
+        Tier::all()
+            .find(|t| u64::from(t.0) == mib)
+            .ok_or(RegionError::NotATier(mib))
+    }
+
+    /// The smallest tier that can serve a request for `bytes` bytes of memory.
+    pub fn for_request(bytes: u64) -> Result<Tier, RegionError> {
+        if bytes == 0 {
+            return Err(RegionError::Zero);
+        }
+        let mib = bytes.div_ceil(1024 * 1024);
+        Tier::all()
+            .find(|t| u64::from(t.0) >= mib)
+            .ok_or(RegionError::TooLarge { requested_mib: mib })
+    }
+
+    /// The memory of this tier in MiB.
+    pub fn mib(self) -> u32 {
+        self.0
+    }
+
+    /// The memory of this tier in bytes.
+    pub fn bytes(self) -> u64 {
+        u64::from(self.0) * 1024 * 1024
+    }
+
+    fn index(self) -> usize {
+        TABLE
+            .iter()
+            .position(|&(mib, _)| mib == self.0)
+            .expect("a Tier is always one of TABLE's")
+    }
+
+    /// The region of the hashed key space this tier owns.
+    pub fn region(self) -> Region {
+        let i = self.index();
+        let start = TABLE[i].1;
+        let end = TABLE.get(i + 1).map_or(SLOTS, |&(_, s)| s);
+        Region {
+            tier: self,
+            start,
+            end,
+        }
+    }
+
+    /// The tier whose region holds the given hashed key.
+    pub fn of_hashed_key(hashed: &[u8; 32]) -> Tier {
+        let slot = slot_of(hashed);
+        let i = TABLE
+            .iter()
+            .rposition(|&(_, start)| start <= slot)
+            .expect("slot 0 belongs to the first tier");
+        Tier(TABLE[i].0)
+    }
+
+    /// The tier whose region holds the hash of the given (unhashed) Kademlia key.
+    pub fn of_key(key: &[u8]) -> Tier {
+        Tier::of_hashed_key(&hash_key(key))
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} MiB", self.0)
+    }
+}
+
+/// A contiguous run of slots `[start, end)` of the hashed key space, owned by one tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    tier: Tier,
+    start: u8,
+    end: u8,
+}
+
+/// A prefix-aligned block of the hashed key space: all keys whose first `len` bits equal
+/// those of `prefix` (the remaining bits of `prefix` are zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixBlock {
+    /// The prefix, left-aligned in a byte.
+    pub prefix: u8,
+    /// The number of significant bits of `prefix`.
+    pub len: u32,
+}
+
+impl PrefixBlock {
+    /// Whether the hashed key lies in this block.
+    pub fn contains(&self, hashed: &[u8; 32]) -> bool {
+        if self.len == 0 {
+            return true;
+        }
+        let mask = u8::MAX << (8 - self.len);
+        hashed[0] & mask == self.prefix
+    }
+}
+
+impl fmt::Display for PrefixBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for bit in 0..self.len {
+            let b = (self.prefix >> (7 - bit)) & 1;
+            write!(f, "{b}")?;
+        }
+        write!(f, "*")
+    }
+}
+
+impl Region {
+    /// The tier owning this region.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The slots `[start, end)` of this region.
+    pub fn slots(&self) -> std::ops::Range<u8> {
+        self.start..self.end
+    }
+
+    /// The share of the whole key space this region covers, in `(0, 1]`.
+    pub fn share(&self) -> f64 {
+        f64::from(self.end - self.start) / f64::from(SLOTS)
+    }
+
+    /// Whether the hashed key lies in this region.
+    pub fn contains_hashed(&self, hashed: &[u8; 32]) -> bool {
+        self.slots().contains(&slot_of(hashed))
+    }
+
+    /// Whether the hash of the (unhashed) Kademlia key lies in this region.
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.contains_hashed(&hash_key(key))
+    }
+
+    /// The region as the fewest prefix-aligned blocks, in key order.
+    pub fn blocks(&self) -> Vec<PrefixBlock> {
+        let mut blocks = Vec::new();
+        let mut at = u32::from(self.start);
+        let end = u32::from(self.end);
+        while at < end {
+            // The largest aligned power-of-two run starting at `at` that fits before `end`.
+            let mut size = if at == 0 {
+                u32::from(SLOTS)
+            } else {
+                1 << at.trailing_zeros()
+            };
+            while at + size > end {
+                size /= 2;
+            }
+            let len = SLOT_BITS - size.trailing_zeros();
+            let prefix = u8::try_from(at << (8 - SLOT_BITS)).expect("slot fits in a byte");
+            blocks.push(PrefixBlock { prefix, len });
+            at += size;
+        }
+        blocks
+    }
+
+    /// A random Kademlia key (the preimage) whose hash lies in this region, and its hash.
+    pub fn random_key<R: RngCore + ?Sized>(&self, rng: &mut R) -> (Vec<u8>, [u8; 32]) {
+        loop {
+            let mut preimage = vec![0u8; 32];
+            rng.fill_bytes(&mut preimage);
+            let hashed = hash_key(&preimage);
+            if self.contains_hashed(&hashed) {
+                return (preimage, hashed);
+            }
+        }
+    }
+}
+
+/// The SHA-256 hash Kademlia computes of a key before measuring XOR distance.
+pub fn hash_key(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+fn slot_of(hashed: &[u8; 32]) -> u8 {
+    hashed[0] >> (8 - SLOT_BITS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::kad::KBucketKey;
+    use proptest::prelude::*;
+    use rand::{SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn hash_matches_kademlia_key_hash() {
+        let key = b"flotilla".to_vec();
+        let kad_key = KBucketKey::new(key.clone());
+        assert_eq!(kad_key.hashed_bytes(), &hash_key(&key)[..]);
+    }
+
+    #[test]
+    fn region_sizes_match_the_table() {
+        let expected = [16u8, 12, 10, 8, 6, 5, 4, 3];
+        let sizes: Vec<u8> = Tier::all()
+            .map(|t| t.region().slots().len() as u8)
+            .collect();
+        assert_eq!(sizes, expected);
+        // Smaller tiers own strictly larger regions.
+        assert!(expected.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn regions_cover_the_space_without_overlap() {
+        let mut owner = [None; SLOTS as usize];
+        for tier in Tier::all() {
+            for slot in tier.region().slots() {
+                assert!(owner[slot as usize].is_none(), "slot {slot} owned twice");
+                owner[slot as usize] = Some(tier);
+            }
+        }
+        assert!(owner.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn blocks_are_prefix_aligned_and_tile_their_region() {
+        for tier in Tier::all() {
+            let region = tier.region();
+            let mut covered = 0u32;
+            for block in region.blocks() {
+                assert!(block.len >= 1 && block.len <= SLOT_BITS);
+                let low_bits = 8 - block.len;
+                assert_eq!(
+                    block.prefix & ((1u8 << low_bits) - 1),
+                    0,
+                    "{block} not aligned"
+                );
+                covered += 1 << (SLOT_BITS - block.len);
+            }
+            assert_eq!(covered as usize, region.slots().len());
+        }
+        assert_eq!(Tier::SMALLEST.region().blocks().len(), 1);
+        assert_eq!(Tier::SMALLEST.region().blocks()[0].to_string(), "00*");
+    }
+
+    #[test]
+    fn tier_for_request_picks_the_smallest_that_fits() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(Tier::for_request(1).unwrap().mib(), 128);
+        assert_eq!(Tier::for_request(128 * MIB).unwrap().mib(), 128);
+        assert_eq!(Tier::for_request(128 * MIB + 1).unwrap().mib(), 256);
+        assert_eq!(Tier::for_request(9000 * MIB).unwrap().mib(), 10240);
+        assert_eq!(Tier::for_request(10240 * MIB).unwrap().mib(), 10240);
+        assert_eq!(
+            Tier::for_request(10241 * MIB),
+            Err(RegionError::TooLarge {
+                requested_mib: 10241
+            })
+        );
+        assert_eq!(Tier::for_request(0), Err(RegionError::Zero));
+        assert!(Tier::from_mib(300).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_keys_land_in_their_region(seed: u64, tier_index in 0usize..8) {
+            let tier = Tier::all().nth(tier_index).unwrap();
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (preimage, hashed) = tier.region().random_key(&mut rng);
+            prop_assert_eq!(hash_key(&preimage), hashed);
+            prop_assert!(tier.region().contains_key(&preimage));
+            prop_assert_eq!(Tier::of_key(&preimage), tier);
+            prop_assert!(tier.region().blocks().iter().any(|b| b.contains(&hashed)));
+        }
+
+        #[test]
+        fn every_hashed_key_has_exactly_one_tier(hashed: [u8; 32]) {
+            let owners: Vec<Tier> =
+                Tier::all().filter(|t| t.region().contains_hashed(&hashed)).collect();
+            prop_assert_eq!(owners.len(), 1);
+            prop_assert_eq!(owners[0], Tier::of_hashed_key(&hashed));
+            let in_blocks = owners[0].region().blocks().iter().filter(|b| b.contains(&hashed)).count();
+            prop_assert_eq!(in_blocks, 1);
+        }
+
+        #[test]
+        fn requests_fit_their_tier(bytes in 1u64..=10240 * 1024 * 1024) {
+            let tier = Tier::for_request(bytes).unwrap();
+            prop_assert!(tier.bytes() >= bytes);
+            if let Some(smaller) = Tier::all().take_while(|t| *t < tier).last() {
+                prop_assert!(smaller.bytes() < bytes);
+            }
+        }
+    }
+}

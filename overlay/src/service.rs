@@ -1,0 +1,323 @@
+//! [`Overlay`]: a running peer — swarm, blockstore, bitswap and provider announcements —
+//! with the operations the node's API offers: add a file, fetch a DAG, read a file back.
+
+use crate::bitswap::{Bitswap, BitswapConfig};
+use crate::block::Block;
+use crate::blockstore::{Blockstore, StoreError, StoreStats};
+use crate::fetch::{FetchConfig, FetchError, FetchProgress, fetch_dag};
+use crate::metrics::OverlayMetrics;
+use crate::network::{Network, NetworkConfig, NetworkError, NetworkStatus};
+use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node};
+use bytes::{Bytes, BytesMut};
+use cid::Cid;
+use futures::{Stream, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::kad::RecordKey;
+use libp2p::{Multiaddr, PeerId};
+use multihash::Multihash;
+use prometheus_client::registry::Registry;
+use std::path::PathBuf;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, watch};
+
+/// Provider announcements queued before adders wait.
+const ANNOUNCE_QUEUE: usize = 4096;
+/// Provider announcements in flight at once.
+const ANNOUNCE_PARALLEL: usize = 8;
+
+/// Everything an overlay peer needs to start.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// Where blocks are kept.
+    pub store_dir: PathBuf,
+    /// Most bytes of blocks kept.
+    pub store_capacity: u64,
+    /// The swarm's settings.
+    pub network: NetworkConfig,
+    /// Bitswap's limits.
+    pub bitswap: BitswapConfig,
+    /// How fetches proceed.
+    pub fetch: FetchConfig,
+}
+
+/// Errors of the overlay.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// The network layer failed.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// The blockstore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A fetch failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A DAG could not be read.
+    #[error(transparent)]
+    Unixfs(#[from] UnixfsError),
+    /// Reading the input failed.
+    #[error("cannot read input: {0}")]
+    Input(std::io::Error),
+    /// A block the DAG needs is not in the local store.
+    #[error("block {0} is not held locally")]
+    Missing(Cid),
+}
+
+/// What `add` produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Added {
+    /// The root CID.
+    pub cid: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// Blocks in the DAG.
+    pub blocks: u64,
+}
+
+/// The overlay's status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OverlayStatus {
+    /// The network's view.
+    #[serde(flatten)]
+    pub network: NetworkStatus,
+    /// What the blockstore holds.
+    pub store: StoreStats,
+}
+
+/// A running overlay peer; clones share it.
+#[derive(Clone)]
+pub struct Overlay {
+    network: Network,
+    bitswap: Bitswap,
+    store: Blockstore,
+    announcer: mpsc::Sender<Multihash<64>>,
+    metrics: OverlayMetrics,
+    fetch: FetchConfig,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+impl Overlay {
+    /// Opens the store, starts listening, joins through the bootstrap peers and starts
+    /// serving. Fails if a listen address cannot be used or no bootstrap peer answers.
+    pub async fn start(
+        config: OverlayConfig,
+        keypair: Keypair,
+        registry: &mut Registry,
+    ) -> Result<(Overlay, tokio::task::JoinHandle<()>), OverlayError> {
+        let store = Blockstore::open(&config.store_dir, config.store_capacity)?;
+        let metrics = OverlayMetrics::new(registry);
+        let starting = Network::listen(keypair, config.network.clone(), registry).await?;
+        let listen_addrs = starting.listen_addrs();
+        let bitswap = Bitswap::start(
+            starting.control.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.bitswap,
+        );
+        let (network, task) = starting
+            .run(&config.network.bootstrap, bitswap.clone())
+            .await?;
+        let (announcer, queue) = mpsc::channel(ANNOUNCE_QUEUE);
+        tokio::spawn(announce(network.clone(), queue));
+        let overlay = Overlay {
+            network,
+            bitswap,
+            store,
+            announcer,
+            metrics,
+            fetch: config.fetch,
+            listen_addrs,
+        };
+        overlay.reannounce_stored();
+        Ok((overlay, task))
+    }
+
+    /// Our PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.network.local_peer_id()
+    }
+
+    /// The addresses we listen on, as bound at start.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// The blockstore.
+    pub fn store(&self) -> &Blockstore {
+        &self.store
+    }
+
+    /// The network handle.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The bitswap engine.
+    pub fn bitswap(&self) -> &Bitswap {
+        &self.bitswap
+    }
+
+    /// Chunks `input` into a UnixFS DAG, stores its blocks, and announces them: the root
+    /// before returning, the rest in the background.
+    pub async fn add<R: AsyncRead + Unpin>(&self, mut input: R) -> Result<Added, OverlayError> {
+        let mut builder = FileBuilder::new();
+        let mut cids = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let chunk = read_chunk(&mut input).await.map_err(OverlayError::Input)?;
+            if chunk.is_empty() {
+                break;
+            }
+            size += chunk.len() as u64;
+            for block in builder.push_chunk(chunk)? {
+                cids.push(self.put(block).await?);
+            }
+        }
+        let (rest, root) = builder.finish()?;
+        for block in rest {
+            cids.push(self.put(block).await?);
+        }
+        if let Err(e) = self.network.start_providing(provider_key(&root)).await {
+            tracing::warn!(%root, error = %e, "cannot announce the root");
+        }
+        let blocks = cids.len() as u64;
+        let announcer = self.announcer.clone();
+        tokio::spawn(async move {
+            for cid in cids.into_iter().filter(|c| *c != root) {
+                if announcer.send(*cid.hash()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Added {
+            cid: root.to_string(),
+            size,
+            blocks,
+        })
+    }
+
+    async fn put(&self, block: Block) -> Result<Cid, OverlayError> {
+        let cid = *block.cid();
+        self.store.put_async(block).await?;
+        self.bitswap.block_added(&cid);
+        Ok(cid)
+    }
+
+    /// Fetches every missing block of the DAG under `root`, reporting progress, then
+    /// announces that we hold it.
+    pub async fn fetch(
+        &self,
+        root: Cid,
+        progress: &watch::Sender<FetchProgress>,
+    ) -> Result<(), OverlayError> {
+        let started = Instant::now();
+        fetch_dag(&self.network, &self.bitswap, root, &self.fetch, progress).await?;
+        self.metrics
+            .fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let _ = self.announcer.try_send(*root.hash());
+        Ok(())
+    }
+
+    /// Reads the file under `root` from the local store, in order, as a stream of chunks.
+    /// Every block must be held; a missing one ends the stream with an error.
+    pub fn read_file(
+        &self,
+        root: Cid,
+    ) -> impl Stream<Item = Result<Bytes, OverlayError>> + Send + 'static {
+        let store = self.store.clone();
+        futures::stream::unfold(Some(vec![root]), move |stack| {
+            let store = store.clone();
+            async move {
+                let mut stack = stack?;
+                while let Some(cid) = stack.pop() {
+                    let node = match store.get_async(cid).await {
+                        Ok(Some(block)) => decode_file_node(&block),
+                        Ok(None) => return Some((Err(OverlayError::Missing(cid)), None)),
+                        Err(e) => return Some((Err(e.into()), None)),
+                    };
+                    match node {
+                        Ok(node) => {
+                            stack.extend(node.links.iter().rev());
+                            if !node.data.is_empty() {
+                                return Some((Ok(node.data), Some(stack)));
+                            }
+                        }
+                        Err(e) => return Some((Err(e.into()), None)),
+                    }
+                }
+                None
+            }
+        })
+    }
+
+    /// The overlay's status.
+    pub async fn status(&self) -> Result<OverlayStatus, OverlayError> {
+        Ok(OverlayStatus {
+            network: self.network.status().await?,
+            store: self.store.stats(),
+        })
+    }
+
+    /// Stops the network.
+    pub async fn shutdown(&self) {
+        self.network.shutdown().await;
+    }
+
+    fn reannounce_stored(&self) {
+        let store = self.store.clone();
+        let announcer = self.announcer.clone();
+        tokio::spawn(async move {
+            let held = tokio::task::spawn_blocking(move || store.list()).await;
+            for hash in held.into_iter().flatten().flatten() {
+                if announcer.send(hash).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// The Kademlia key of a provider record: the multihash, as IPFS does.
+pub fn provider_key(cid: &Cid) -> RecordKey {
+    RecordKey::new(&cid.hash().to_bytes())
+}
+
+/// Reads up to one chunk, filling it unless the input ends.
+async fn read_chunk<R: AsyncRead + Unpin>(input: &mut R) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(CHUNK_SIZE);
+    let mut filled = 0;
+    while filled < CHUNK_SIZE {
+        let n = input.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf.freeze())
+}
+
+/// Announces provider records from the queue, a few at a time.
+async fn announce(network: Network, queue: mpsc::Receiver<Multihash<64>>) {
+    let announcements = tokio_stream_from(queue).map(|hash| {
+        let network = network.clone();
+        async move {
+            if let Err(e) = network
+                .start_providing(RecordKey::new(&hash.to_bytes()))
+                .await
+            {
+                tracing::debug!(error = %e, "provider announcement failed");
+            }
+        }
+    });
+    announcements
+        .buffer_unordered(ANNOUNCE_PARALLEL)
+        .for_each(|()| async {})
+        .await;
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
