@@ -67,7 +67,7 @@ struct Inner {
 }
 
 /// Counts of what the store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreStats {
     /// Number of blocks held.
     pub blocks: u64,

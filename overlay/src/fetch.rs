@@ -45,7 +45,7 @@ impl Default for FetchConfig {
 }
 
 /// How far a fetch has come.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FetchProgress {
     /// Blocks of the DAG seen so far (held before or fetched).
     pub blocks: u64,

@@ -8,6 +8,7 @@
 use crate::bitswap::Bitswap;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
+use libp2p::metrics::{Metrics, Recorder};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -83,7 +84,7 @@ pub enum NetworkError {
 }
 
 /// What the network looks like from here.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetworkStatus {
     /// Our PeerId.
     pub peer_id: String,
@@ -154,6 +155,7 @@ impl Network {
         registry: &mut Registry,
     ) -> Result<StartingNetwork, NetworkError> {
         let mut swarm = build_swarm(keypair, &config, registry)?;
+        let metrics = Metrics::new(registry);
         let mut pending = HashMap::new();
         for addr in &config.listen {
             let id = swarm
@@ -176,6 +178,7 @@ impl Network {
             connected: HashSet::new(),
             bitswap: None,
             timeout: config.timeout,
+            metrics,
         };
         let deadline = tokio::time::sleep(config.timeout);
         tokio::pin!(deadline);
@@ -354,6 +357,7 @@ struct EventLoop {
     connected: HashSet<PeerId>,
     bitswap: Option<Bitswap>,
     timeout: Duration,
+    metrics: Metrics,
 }
 
 impl EventLoop {
@@ -458,6 +462,13 @@ impl EventLoop {
     }
 
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        match &event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.metrics.record(e),
+            _ => {}
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {

@@ -65,7 +65,7 @@ pub enum OverlayError {
 }
 
 /// What `add` produced.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Added {
     /// The root CID.
     pub cid: String,
@@ -76,7 +76,7 @@ pub struct Added {
 }
 
 /// The overlay's status.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OverlayStatus {
     /// The network's view.
     #[serde(flatten)]

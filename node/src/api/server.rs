@@ -1,0 +1,145 @@
+//! The API server: axum handlers over an [`Overlay`].
+
+use super::types::{CidQuery, ErrorBody, FetchDone, FetchEvent};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use flotilla_overlay::fetch::FetchProgress;
+use flotilla_overlay::{Cid, Overlay, OverlayError};
+use futures::TryStreamExt;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::io::StreamReader;
+
+/// How often `/v0/fetch` reports progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+struct AppState {
+    overlay: Overlay,
+    registry: Arc<Registry>,
+}
+
+/// The API's routes.
+pub fn router(overlay: Overlay, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/v0/status", get(status))
+        .route("/v0/add", post(add))
+        .route("/v0/fetch", post(fetch))
+        .route("/v0/cat", get(cat))
+        .route("/metrics", get(metrics))
+        .with_state(AppState { overlay, registry })
+}
+
+/// An error response: a status and a one-line message.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<OverlayError> for ApiError {
+    fn from(e: OverlayError) -> Self {
+        let status = match e {
+            OverlayError::Input(_) | OverlayError::Unixfs(_) => StatusCode::BAD_REQUEST,
+            OverlayError::Missing(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn parse_cid(s: &str) -> Result<Cid, ApiError> {
+    Cid::try_from(s).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid CID '{s}': {e}")))
+}
+
+async fn status(State(app): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(app.overlay.status().await?).into_response())
+}
+
+async fn add(State(app): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let added = app.overlay.add(StreamReader::new(stream)).await?;
+    tracing::info!(cid = %added.cid, size = added.size, "added");
+    Ok(Json(added).into_response())
+}
+
+async fn cat(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {
+    let cid = parse_cid(&q.cid)?;
+    if !app.overlay.store().has(&cid) {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("{cid} is not held by this node; fetch it first")));
+    }
+    let stream = app.overlay.read_file(cid).map_err(std::io::Error::other);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+}
+
+/// A running fetch, reported as NDJSON lines; dropping it (the client went away) stops
+/// the fetch.
+struct FetchStream {
+    task: Option<JoinHandle<Result<(), OverlayError>>>,
+    progress: watch::Receiver<FetchProgress>,
+    ticker: tokio::time::Interval,
+    started: Instant,
+}
+
+impl Drop for FetchStream {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn line(event: &FetchEvent) -> Bytes {
+    let mut bytes = serde_json::to_vec(event).expect("events serialize");
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+async fn fetch(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {
+    let cid = parse_cid(&q.cid)?;
+    let (tx, rx) = watch::channel(FetchProgress::default());
+    let overlay = app.overlay.clone();
+    let task = tokio::spawn(async move { overlay.fetch(cid, &tx).await });
+    let state = FetchStream {
+        task: Some(task),
+        progress: rx,
+        ticker: tokio::time::interval(PROGRESS_INTERVAL),
+        started: Instant::now(),
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        let task = st.task.as_mut()?;
+        let event = tokio::select! {
+            joined = task => {
+                st.task = None;
+                match joined {
+                    Ok(Ok(())) => FetchEvent::Done(FetchDone {
+                        progress: *st.progress.borrow(),
+                        seconds: st.started.elapsed().as_secs_f64(),
+                    }),
+                    Ok(Err(e)) => FetchEvent::Error(e.to_string()),
+                    Err(e) => FetchEvent::Error(format!("fetch task failed: {e}")),
+                }
+            }
+            _ = st.ticker.tick() => FetchEvent::Progress(*st.progress.borrow()),
+        };
+        Some((Ok::<_, std::convert::Infallible>(line(&event)), st))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.registry)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
+}

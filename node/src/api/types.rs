@@ -1,0 +1,40 @@
+//! Messages of the local HTTP API, shared by server and client.
+
+use flotilla_overlay::fetch::FetchProgress;
+use serde::{Deserialize, Serialize};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, in one line.
+    pub error: String,
+}
+
+/// How a fetch ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FetchDone {
+    /// Final counts.
+    #[serde(flatten)]
+    pub progress: FetchProgress,
+    /// Time the fetch took, in seconds.
+    pub seconds: f64,
+}
+
+/// One line of the `/v0/fetch` NDJSON stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchEvent {
+    /// Counts so far.
+    Progress(FetchProgress),
+    /// The fetch completed.
+    Done(FetchDone),
+    /// The fetch failed.
+    Error(String),
+}
+
+/// The `cid` query parameter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CidQuery {
+    /// A CID string.
+    pub cid: String,
+}

@@ -1,0 +1,82 @@
+//! The command line: every subcommand and flag of `flotilla`.
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Flotilla: a peer-to-peer Function-as-a-Service network.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Address of the node's local HTTP API [default: 127.0.0.1:4180]
+    #[arg(long, global = true, env = "FLOTILLA_API")]
+    pub api: Option<SocketAddr>,
+    /// Print results as JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a peer in the foreground (as a volunteer's background service)
+    Node(NodeArgs),
+    /// Add a file to the local node as content-addressed blocks; prints its CID
+    Add {
+        /// The file to add
+        file: PathBuf,
+    },
+    /// Fetch the file under a CID from the network and write it out
+    Get {
+        /// The CID of the file
+        cid: String,
+        /// Where to write it ('-' for stdout) [default: ./<CID>]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Show the node's status: PeerId, addresses, peers, routing table, blocks held
+    Status,
+    /// Start a local network on loopback, add a file on one node and fetch it on another
+    Demo(DemoArgs),
+}
+
+/// Flags of `flotilla node`; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config file (keys as in docs/ARCHITECTURE.md); flags override it
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the identity and blocks live [default: $FLOTILLA_DATA or ~/.flotilla]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on, TCP or QUIC, repeatable [default: /ip4/0.0.0.0/tcp/4100 and /ip4/0.0.0.0/udp/4100/quic-v1]
+    #[arg(long)]
+    pub listen: Vec<Multiaddr>,
+    /// Peer to join through, as a multiaddr ending in /p2p/<PeerId>, repeatable
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Do not discover peers on the local network with mDNS
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Most established connections [default: 256]
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+    /// Most bytes of blocks to store, e.g. 10GiB [default: 10GiB]
+    #[arg(long)]
+    pub store_capacity: Option<bytesize::ByteSize>,
+}
+
+/// Flags of `flotilla demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of nodes to start (at least 2)
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Size of the generated file to add and fetch
+    #[arg(long, default_value = "8MiB")]
+    pub size: bytesize::ByteSize,
+}

@@ -1,0 +1,137 @@
+//! The subcommands: each parses its input, talks to the node, and prints the result.
+
+use crate::api::client::ApiClient;
+use crate::cli::{Cli, Command, NodeArgs};
+use crate::config::{DEFAULT_API, NodeConfig};
+use crate::{daemon, demo, output};
+use anyhow::Context;
+use flotilla_overlay::Cid;
+use futures::{StreamExt, TryStreamExt};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::AsyncWriteExt;
+
+/// Runs the command line's subcommand.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let api = cli.api.unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
+    match cli.command {
+        Command::Node(args) => daemon::run(node_config(args, cli.api)?).await,
+        Command::Add { file } => add(&ApiClient::new(api), &file, cli.json).await,
+        Command::Get { cid, output } => get(&ApiClient::new(api), &cid, output, cli.json).await,
+        Command::Status => {
+            let status = ApiClient::new(api).status().await?;
+            if cli.json { output::json(&status) } else { output::status(&status) }
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args, cli.json).await,
+    }
+}
+
+/// Builds the node's configuration: defaults, then the file, then the flags.
+pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    if !args.bootstrap.is_empty() {
+        config.bootstrap = args.bootstrap;
+    }
+    if let Some(api) = api {
+        config.api = api;
+    }
+    if args.no_mdns {
+        config.mdns = false;
+    }
+    if let Some(n) = args.max_connections {
+        config.max_connections = n;
+    }
+    if let Some(capacity) = args.store_capacity {
+        config.store_capacity = capacity;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Parses a CID given on the command line.
+pub fn parse_cid(s: &str) -> anyhow::Result<Cid> {
+    Cid::try_from(s).map_err(|e| anyhow::anyhow!("invalid CID '{s}': {e}"))
+}
+
+async fn add(client: &ApiClient, file: &Path, json: bool) -> anyhow::Result<()> {
+    let handle = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
+    let meta = handle.metadata().await.with_context(|| format!("cannot read {}", file.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{} is not a regular file", file.display());
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let body = tokio_util::io::ReaderStream::new(handle).inspect_ok(move |chunk| {
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    });
+    let mut progress = output::Progress::new("adding", Some(meta.len()));
+    let upload = client.add(body);
+    tokio::pin!(upload);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
+    let added = loop {
+        tokio::select! {
+            result = &mut upload => break result?,
+            _ = ticker.tick() => progress.set(sent.load(Ordering::Relaxed)),
+        }
+    };
+    progress.finish();
+    if json {
+        output::json(&added);
+    } else {
+        output::line(&added.cid);
+    }
+    Ok(())
+}
+
+async fn get(client: &ApiClient, cid: &str, out: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let cid = parse_cid(cid)?;
+    let mut progress = output::Progress::new("fetching", None);
+    let done = client.fetch(&cid, |p| progress.set(p.bytes)).await?;
+    progress.finish();
+    let out = out.unwrap_or_else(|| PathBuf::from(cid.to_string()));
+    let mut body = client.cat(&cid).await?;
+    if out == Path::new("-") {
+        let mut stdout = tokio::io::stdout();
+        while let Some(chunk) = body.next().await {
+            stdout.write_all(&chunk?).await?;
+        }
+        stdout.flush().await?;
+    } else {
+        // Write beside the target and rename, so a failed get never leaves half a file.
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+        let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+        while let Some(chunk) = body.next().await {
+            file.write_all(&chunk?).await?;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        tmp.persist(&out).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if json {
+        output::json(&serde_json::json!({
+            "cid": cid.to_string(),
+            "path": out,
+            "blocks": done.progress.blocks,
+            "bytes": done.progress.bytes,
+            "fetched_blocks": done.progress.fetched_blocks,
+            "peers": done.progress.peers,
+            "seconds": done.seconds,
+        }));
+    } else if out != Path::new("-") {
+        output::line(&format!("{} -> {}", cid, out.display()));
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! `flotilla node`: starting a peer (overlay + local HTTP API) and stopping it cleanly.
+//!
+//! [`start`] returns a [`RunningNode`] that tests drive in-process; the binary calls
+//! [`run`], which also waits for SIGINT/SIGTERM.
+
+use crate::api;
+use crate::config::{ConfigError, NodeConfig};
+use crate::identity::{self, IdentityError};
+use flotilla_overlay::bitswap::BitswapConfig;
+use flotilla_overlay::fetch::FetchConfig;
+use flotilla_overlay::network::NetworkConfig;
+use flotilla_overlay::{Overlay, OverlayConfig, OverlayError};
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The identity could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The API address could not be bound.
+    #[error("cannot serve the API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The overlay could not start.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// A node running in this process.
+pub struct RunningNode {
+    overlay: Overlay,
+    api_addr: SocketAddr,
+    network_task: JoinHandle<()>,
+    api_task: JoinHandle<()>,
+    stop_api: oneshot::Sender<()>,
+}
+
+/// Starts a node: identity, API listener, overlay, then the API.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+    config.validate()?;
+    let keypair = identity::load_or_create(&config.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .map_err(|source| StartError::Api { addr: config.api, source })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Api { addr: config.api, source })?;
+    let mut registry = Registry::default();
+    let overlay_config = OverlayConfig {
+        store_dir: config.data_dir.join("blockstore"),
+        store_capacity: config.store_capacity.as_u64(),
+        network: NetworkConfig {
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            mdns: config.mdns,
+            max_connections: config.max_connections,
+            ..NetworkConfig::default()
+        },
+        bitswap: BitswapConfig::default(),
+        fetch: FetchConfig::default(),
+    };
+    let (overlay, network_task) = Overlay::start(overlay_config, keypair, &mut registry).await?;
+    let (stop_api, stopped) = oneshot::channel();
+    let app = api::server::router(overlay.clone(), Arc::new(registry));
+    let api_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    tracing::info!(peer_id = %overlay.peer_id(), api = %api_addr, "node started");
+    Ok(RunningNode { overlay, api_addr, network_task, api_task, stop_api })
+}
+
+impl RunningNode {
+    /// The node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.overlay.peer_id()
+    }
+
+    /// The addresses the node listens on.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        self.overlay.listen_addrs()
+    }
+
+    /// Its first listen address with `/p2p/<PeerId>` appended: what others bootstrap to.
+    pub fn bootstrap_addr(&self) -> Multiaddr {
+        self.listen_addrs()[0].clone().with_p2p(self.peer_id()).expect("listen addresses have no /p2p part")
+    }
+
+    /// Where its HTTP API answers.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The overlay, for in-process callers.
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
+    /// Stops the API and the network, and waits for both (at most a few seconds).
+    pub async fn stop(self) {
+        let _ = self.stop_api.send(());
+        self.overlay.shutdown().await;
+        let wait = async {
+            let _ = self.network_task.await;
+            let _ = self.api_task.await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), wait).await.is_err() {
+            tracing::warn!("node did not stop within 5 s");
+        }
+    }
+}
+
+/// Runs a node until SIGINT or SIGTERM; prints its PeerId and addresses once it is up.
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let node = start(config).await?;
+    crate::output::node_started(&node);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,14 @@
+//! The `flotilla` binary's library: the volunteer daemon, its local HTTP API, the CLI
+//! commands that talk to it, and the loopback demo.
+//!
+//! `main.rs` only parses the command line and calls [`commands::run`]; tests start nodes
+//! in-process with [`daemon::start`].
+
+pub mod api;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod identity;
+pub mod output;
