@@ -15,14 +15,20 @@ use tokio::io::AsyncWriteExt;
 
 /// Runs the command line's subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let api = cli.api.unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
+    let api = cli
+        .api
+        .unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
     match cli.command {
         Command::Node(args) => daemon::run(node_config(args, cli.api)?).await,
         Command::Add { file } => add(&ApiClient::new(api), &file, cli.json).await,
         Command::Get { cid, output } => get(&ApiClient::new(api), &cid, output, cli.json).await,
         Command::Status => {
             let status = ApiClient::new(api).status().await?;
-            if cli.json { output::json(&status) } else { output::status(&status) }
+            if cli.json {
+                output::json(&status)
+            } else {
+                output::status(&status)
+            }
             Ok(())
         }
         Command::Demo(args) => demo::run(args, cli.json).await,
@@ -66,8 +72,13 @@ pub fn parse_cid(s: &str) -> anyhow::Result<Cid> {
 }
 
 async fn add(client: &ApiClient, file: &Path, json: bool) -> anyhow::Result<()> {
-    let handle = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
-    let meta = handle.metadata().await.with_context(|| format!("cannot read {}", file.display()))?;
+    let handle = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let meta = handle
+        .metadata()
+        .await
+        .with_context(|| format!("cannot read {}", file.display()))?;
     if !meta.is_file() {
         anyhow::bail!("{} is not a regular file", file.display());
     }
@@ -95,7 +106,12 @@ async fn add(client: &ApiClient, file: &Path, json: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn get(client: &ApiClient, cid: &str, out: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+async fn get(
+    client: &ApiClient,
+    cid: &str,
+    out: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
     let cid = parse_cid(cid)?;
     let mut progress = output::Progress::new("fetching", None);
     let done = client.fetch(&cid, |p| progress.set(p.bytes)).await?;
@@ -110,15 +126,20 @@ async fn get(client: &ApiClient, cid: &str, out: Option<PathBuf>, json: bool) ->
         stdout.flush().await?;
     } else {
         // Write beside the target and rename, so a failed get never leaves half a file.
-        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("cannot write in {}", dir.display()))?;
         let mut file = tokio::fs::File::from_std(tmp.reopen()?);
         while let Some(chunk) = body.next().await {
             file.write_all(&chunk?).await?;
         }
         file.flush().await?;
         file.sync_all().await?;
-        tmp.persist(&out).with_context(|| format!("cannot write {}", out.display()))?;
+        tmp.persist(&out)
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
     if json {
         output::json(&serde_json::json!({

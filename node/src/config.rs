@@ -77,7 +77,9 @@ impl Default for NodeConfig {
             data_dir: default_data_dir(),
             listen: vec![
                 "/ip4/0.0.0.0/tcp/4100".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/4100/quic-v1".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/4100/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
             api: DEFAULT_API.parse().expect("valid socket address"),
@@ -92,13 +94,19 @@ fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLOTILLA_DATA") {
         return PathBuf::from(dir);
     }
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".flotilla"), |home| Path::new(&home).join(".flotilla"))
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".flotilla"),
+        |home| Path::new(&home).join(".flotilla"),
+    )
 }
 
 impl NodeConfig {
     /// Reads a TOML config file; keys it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             reason: e.message().to_string(),
@@ -108,10 +116,15 @@ impl NodeConfig {
     /// Checks that the settings can work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.is_empty() {
-            return Err(ConfigError::Invalid { key: "listen", reason: "at least one address is needed".into() });
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "at least one address is needed".into(),
+            });
         }
         for addr in &self.listen {
-            let transport_ok = addr.iter().any(|p| matches!(p, Protocol::Tcp(_) | Protocol::QuicV1));
+            let transport_ok = addr
+                .iter()
+                .any(|p| matches!(p, Protocol::Tcp(_) | Protocol::QuicV1));
             if !transport_ok {
                 return Err(ConfigError::Invalid {
                     key: "listen",
@@ -128,7 +141,10 @@ impl NodeConfig {
             }
         }
         if self.max_connections == 0 {
-            return Err(ConfigError::Invalid { key: "max_connections", reason: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                key: "max_connections",
+                reason: "must be at least 1".into(),
+            });
         }
         Ok(())
     }
@@ -147,7 +163,11 @@ mod tests {
     fn file_overrides_only_what_it_names() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flotilla.toml");
-        std::fs::write(&path, "api = \"127.0.0.1:9999\"\nmdns = false\nstore_capacity = \"1 GiB\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "api = \"127.0.0.1:9999\"\nmdns = false\nstore_capacity = \"1 GiB\"\n",
+        )
+        .unwrap();
         let config = NodeConfig::from_file(&path).unwrap();
         assert_eq!(config.api.port(), 9999);
         assert!(!config.mdns);
@@ -160,14 +180,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "listen = 3\n").unwrap();
-        assert!(matches!(NodeConfig::from_file(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         std::fs::write(&path, "colour = \"blue\"\n").unwrap();
-        assert!(matches!(NodeConfig::from_file(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         let mut config = NodeConfig::default();
         config.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()];
-        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "bootstrap", .. })));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid {
+                key: "bootstrap",
+                ..
+            })
+        ));
         config.bootstrap.clear();
         config.listen = vec!["/ip4/127.0.0.1".parse().unwrap()];
-        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "listen", .. })));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::Invalid { key: "listen", .. })
+        ));
     }
 }

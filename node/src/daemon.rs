@@ -55,8 +55,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let keypair = identity::load_or_create(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
-        .map_err(|source| StartError::Api { addr: config.api, source })?;
-    let api_addr = listener.local_addr().map_err(|source| StartError::Api { addr: config.api, source })?;
+        .map_err(|source| StartError::Api {
+            addr: config.api,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Api {
+        addr: config.api,
+        source,
+    })?;
     let mut registry = Registry::default();
     let overlay_config = OverlayConfig {
         store_dir: config.data_dir.join("blockstore"),
@@ -83,7 +89,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         }
     });
     tracing::info!(peer_id = %overlay.peer_id(), api = %api_addr, "node started");
-    Ok(RunningNode { overlay, api_addr, network_task, api_task, stop_api })
+    Ok(RunningNode {
+        overlay,
+        api_addr,
+        network_task,
+        api_task,
+        stop_api,
+    })
 }
 
 impl RunningNode {
@@ -99,7 +111,10 @@ impl RunningNode {
 
     /// Its first listen address with `/p2p/<PeerId>` appended: what others bootstrap to.
     pub fn bootstrap_addr(&self) -> Multiaddr {
-        self.listen_addrs()[0].clone().with_p2p(self.peer_id()).expect("listen addresses have no /p2p part")
+        self.listen_addrs()[0]
+            .clone()
+            .with_p2p(self.peer_id())
+            .expect("listen addresses have no /p2p part")
     }
 
     /// Where its HTTP API answers.
@@ -120,7 +135,10 @@ impl RunningNode {
             let _ = self.network_task.await;
             let _ = self.api_task.await;
         };
-        if tokio::time::timeout(Duration::from_secs(5), wait).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
             tracing::warn!("node did not stop within 5 s");
         }
     }

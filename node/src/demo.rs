@@ -14,7 +14,10 @@ use sha2::{Digest, Sha256};
 use std::time::Instant;
 
 /// Config of a node for a local loopback network: ephemeral ports, no mDNS.
-pub fn loopback_config(data_dir: &std::path::Path, bootstrap: Vec<libp2p::Multiaddr>) -> NodeConfig {
+pub fn loopback_config(
+    data_dir: &std::path::Path,
+    bootstrap: Vec<libp2p::Multiaddr>,
+) -> NodeConfig {
     NodeConfig {
         data_dir: data_dir.to_path_buf(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
@@ -31,7 +34,13 @@ pub async fn start_network(root: &std::path::Path, n: usize) -> anyhow::Result<V
     let bootstrap = vec![first.bootstrap_addr()];
     let mut nodes = vec![first];
     for i in 1..n {
-        nodes.push(daemon::start(loopback_config(&root.join(format!("node-{i}")), bootstrap.clone())).await?);
+        nodes.push(
+            daemon::start(loopback_config(
+                &root.join(format!("node-{i}")),
+                bootstrap.clone(),
+            ))
+            .await?,
+        );
     }
     Ok(nodes)
 }
@@ -47,9 +56,17 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let nodes = start_network(dir.path(), args.nodes).await?;
-    say(format!("started {} nodes on loopback in {:.0?}:", nodes.len(), started.elapsed()));
+    say(format!(
+        "started {} nodes on loopback in {:.0?}:",
+        nodes.len(),
+        started.elapsed()
+    ));
     for (i, node) in nodes.iter().enumerate() {
-        say(format!("  node {i}: {} at {}", node.peer_id(), node.listen_addrs()[0]));
+        say(format!(
+            "  node {i}: {} at {}",
+            node.peer_id(),
+            node.listen_addrs()[0]
+        ));
     }
     let result = exchange(&nodes, args.size.as_u64(), json).await;
     for node in nodes {
@@ -89,7 +106,11 @@ async fn exchange(nodes: &[RunningNode], size: u64, json: bool) -> anyhow::Resul
     let last = ApiClient::new(nodes[last_index].api_addr());
 
     let t = Instant::now();
-    let body = futures::stream::iter(data.chunks(1 << 20).map(|c| Ok(Bytes::copy_from_slice(c))).collect::<Vec<_>>());
+    let body = futures::stream::iter(
+        data.chunks(1 << 20)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    );
     let added = first.add(body).await?;
     let add_seconds = t.elapsed().as_secs_f64();
     say(format!(
@@ -113,7 +134,14 @@ async fn exchange(nodes: &[RunningNode], size: u64, json: bool) -> anyhow::Resul
         "node {last_index} found providers and fetched {} blocks over bitswap from {} peer(s) in {:.3} s ({mb_per_s:.0} MB/s)",
         done.progress.fetched_blocks, done.progress.peers, done.seconds
     ));
-    say(format!("node {last_index}'s copy is {}", if identical { "byte-identical" } else { "DIFFERENT" }));
+    say(format!(
+        "node {last_index}'s copy is {}",
+        if identical {
+            "byte-identical"
+        } else {
+            "DIFFERENT"
+        }
+    ));
     anyhow::ensure!(identical, "the fetched file differs from the one added");
     let status = last.status().await?;
     say(format!(

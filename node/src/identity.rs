@@ -29,9 +29,13 @@ pub enum IdentityError {
 /// none. The file is written atomically, readable by its owner only.
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = data_dir.join(IDENTITY_FILE);
-    let io = |source| IdentityError::Io { path: path.clone(), source };
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
     match fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|_| IdentityError::Corrupt(path.clone())),
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|_| IdentityError::Corrupt(path.clone())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir_all(data_dir).map_err(io)?;
             let keypair = Keypair::generate_ed25519();
@@ -70,6 +74,9 @@ mod tests {
     fn corrupt_identity_is_an_error_not_a_new_identity() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(IDENTITY_FILE), b"garbage").unwrap();
-        assert!(matches!(load_or_create(dir.path()), Err(IdentityError::Corrupt(_))));
+        assert!(matches!(
+            load_or_create(dir.path()),
+            Err(IdentityError::Corrupt(_))
+        ));
     }
 }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// Prints a value as one line of JSON.
 pub fn json<T: Serialize>(value: &T) {
-    println!("{}", serde_json::to_string(value).expect("results serialize"));
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("results serialize")
+    );
 }
 
 /// Prints a line of human-readable output.
@@ -35,7 +38,10 @@ pub fn status(status: &OverlayStatus) {
         println!("listening on:    {addr}");
     }
     println!("connected peers: {}", status.network.connected_peers.len());
-    println!("routing table:   {} peers", status.network.routing_table_size);
+    println!(
+        "routing table:   {} peers",
+        status.network.routing_table_size
+    );
     println!(
         "blocks held:     {} ({} of {})",
         status.store.blocks,
@@ -61,9 +67,17 @@ impl Progress {
         } else {
             "{msg} {bytes} {bytes_per_sec}"
         };
-        bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
         bar.set_message(label.to_string());
-        Progress { bar, started: Instant::now(), shown: false }
+        Progress {
+            bar,
+            started: Instant::now(),
+            shown: false,
+        }
     }
 
     /// Sets the bytes done so far.

@@ -1,8 +1,9 @@
 //! Fetching a whole DAG: from the peers we are connected to and from providers found in
 //! the DHT, many blocks at a time, spread over every peer that has them.
 //!
-//! A fetch is a session: its peers are those connected peers that answer HAVE for the
-//! root, plus providers of the root found by a Kademlia lookup, added as they come. Blocks
+//! A fetch is a session: its peers are first the connected peers that answer HAVE for
+//! the root (asked before any block is wanted), then providers of the root found by a
+//! Kademlia lookup, added as they come. Blocks
 //! are wanted in parallel (a bounded window), each from the session's peers in turn
 //! starting at a different one per block, so load spreads over several providers. A peer
 //! that fails a want is skipped for that block; one that sends a block matching no CID
@@ -30,6 +31,8 @@ pub struct FetchConfig {
     pub window: usize,
     /// How long one peer gets to answer one want (default 10 s).
     pub want_timeout: Duration,
+    /// How long a connected peer gets to say whether it has the root (default 1 s).
+    pub probe_timeout: Duration,
     /// How long to wait for the first peer that has the root (default 30 s).
     pub find_timeout: Duration,
 }
@@ -39,6 +42,7 @@ impl Default for FetchConfig {
         FetchConfig {
             window: 64,
             want_timeout: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(1),
             find_timeout: Duration::from_secs(30),
         }
     }
@@ -147,12 +151,11 @@ pub async fn fetch_dag(
                 continue;
             }
             if finder.is_none() {
-                finder = Some(tokio::spawn(find_peers(
+                probe_connected(network, bitswap, root, &session, config.probe_timeout).await;
+                finder = Some(tokio::spawn(find_providers(
                     network.clone(),
-                    bitswap.clone(),
                     root,
                     session.clone(),
-                    config.clone(),
                 )));
             }
             index += 1;
@@ -187,48 +190,40 @@ fn account(progress: &watch::Sender<FetchProgress>, block: &Block, fetched: bool
     });
 }
 
-/// Fills the session: connected peers that have the root, and the root's providers.
-async fn find_peers(
-    network: Network,
-    bitswap: Bitswap,
+/// Adds to the session the connected peers that say they have the root, as IPFS peers
+/// do before they search the DHT. Waits for every answer (each bounded by the probe
+/// timeout), so blocks are then spread over all of them.
+async fn probe_connected(
+    network: &Network,
+    bitswap: &Bitswap,
     root: Cid,
-    session: Arc<Session>,
-    config: FetchConfig,
+    session: &Session,
+    timeout: Duration,
 ) {
-    let probe = async {
-        let Ok(peers) = network.connected_peers().await else {
-            return;
-        };
-        let mut asks: FuturesUnordered<_> = peers
-            .into_iter()
-            .map(|peer| {
-                let bitswap = bitswap.clone();
-                async move {
-                    (
-                        peer,
-                        bitswap.want_have(peer, root, config.want_timeout).await,
-                    )
-                }
-            })
-            .collect();
-        while let Some((peer, answer)) = asks.next().await {
-            if let Ok(true) = answer {
-                session.add(peer);
-            }
-        }
+    let Ok(peers) = network.connected_peers().await else {
+        return;
     };
-    let lookup = async {
-        let Ok(mut providers) = network
-            .get_providers(RecordKey::new(&root.hash().to_bytes()))
-            .await
-        else {
-            return;
-        };
+    let mut asks: FuturesUnordered<_> = peers
+        .into_iter()
+        .map(|peer| async move { (peer, bitswap.want_have(peer, root, timeout).await) })
+        .collect();
+    while let Some((peer, answer)) = asks.next().await {
+        if let Ok(true) = answer {
+            session.add(peer);
+        }
+    }
+}
+
+/// Adds the root's providers to the session as the DHT lookup finds them.
+async fn find_providers(network: Network, root: Cid, session: Arc<Session>) {
+    if let Ok(mut providers) = network
+        .get_providers(RecordKey::new(&root.hash().to_bytes()))
+        .await
+    {
         while let Some(peer) = providers.recv().await {
             session.add(peer);
         }
-    };
-    futures::join!(probe, lookup);
+    }
     session.search_ended();
 }
 

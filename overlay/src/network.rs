@@ -8,8 +8,8 @@
 use crate::bitswap::Bitswap;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::metrics::{Metrics, Recorder};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answers at the API address.
-    #[error("no Flotilla node answering at {0} (start one with `flotilla node`, or point --api / FLOTILLA_API at it)")]
+    #[error(
+        "no Flotilla node answering at {0} (start one with `flotilla node`, or point --api / FLOTILLA_API at it)"
+    )]
     NoNode(SocketAddr),
     /// The node answered with an error.
     #[error("{0}")]
@@ -36,7 +38,10 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client of the node whose API is at `addr`.
     pub fn new(addr: SocketAddr) -> ApiClient {
-        ApiClient { addr, http: reqwest::Client::new() }
+        ApiClient {
+            addr,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// The API address.
@@ -58,24 +63,34 @@ impl ApiClient {
                 reason = format!("{reason}: {s}");
                 source = s.source();
             }
-            ClientError::Http { addr: self.addr, reason }
+            ClientError::Http {
+                addr: self.addr,
+                reason,
+            }
         }
     }
 
-    async fn check(&self, response: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, ClientError> {
+    async fn check(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<reqwest::Response, ClientError> {
         let response = response.map_err(|e| self.transport_error(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error).unwrap_or_else(|_| format!("{status}: {text}"));
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| format!("{status}: {text}"));
         Err(ClientError::Node(message))
     }
 
     /// The node's status.
     pub async fn status(&self) -> Result<OverlayStatus, ClientError> {
-        let response = self.check(self.http.get(self.url("/v0/status")).send().await).await?;
+        let response = self
+            .check(self.http.get(self.url("/v0/status")).send().await)
+            .await?;
         response.json().await.map_err(|e| self.transport_error(e))
     }
 
@@ -84,14 +99,24 @@ impl ApiClient {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
     {
-        let request = self.http.post(self.url("/v0/add")).body(reqwest::Body::wrap_stream(body));
+        let request = self
+            .http
+            .post(self.url("/v0/add"))
+            .body(reqwest::Body::wrap_stream(body));
         let response = self.check(request.send().await).await?;
         response.json().await.map_err(|e| self.transport_error(e))
     }
 
     /// Has the node fetch the DAG under `cid`, calling `on_progress` as it goes.
-    pub async fn fetch(&self, cid: &Cid, mut on_progress: impl FnMut(&FetchProgress)) -> Result<FetchDone, ClientError> {
-        let request = self.http.post(self.url("/v0/fetch")).query(&[("cid", cid.to_string())]);
+    pub async fn fetch(
+        &self,
+        cid: &Cid,
+        mut on_progress: impl FnMut(&FetchProgress),
+    ) -> Result<FetchDone, ClientError> {
+        let request = self
+            .http
+            .post(self.url("/v0/fetch"))
+            .query(&[("cid", cid.to_string())]);
         let response = self.check(request.send().await).await?;
         let mut body = response.bytes_stream();
         let mut buf = Vec::new();
@@ -99,8 +124,11 @@ impl ApiClient {
             buf.extend_from_slice(&chunk.map_err(|e| self.transport_error(e))?);
             while let Some(end) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
-                let event: FetchEvent = serde_json::from_slice(&line)
-                    .map_err(|e| ClientError::Http { addr: self.addr, reason: format!("bad progress line: {e}") })?;
+                let event: FetchEvent =
+                    serde_json::from_slice(&line).map_err(|e| ClientError::Http {
+                        addr: self.addr,
+                        reason: format!("bad progress line: {e}"),
+                    })?;
                 match event {
                     FetchEvent::Progress(p) => on_progress(&p),
                     FetchEvent::Done(done) => {
@@ -111,20 +139,33 @@ impl ApiClient {
                 }
             }
         }
-        Err(ClientError::Http { addr: self.addr, reason: "the node ended the fetch without a result".into() })
+        Err(ClientError::Http {
+            addr: self.addr,
+            reason: "the node ended the fetch without a result".into(),
+        })
     }
 
     /// The bytes of the file under `cid`, which the node must hold.
-    pub async fn cat(&self, cid: &Cid) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
-        let request = self.http.get(self.url("/v0/cat")).query(&[("cid", cid.to_string())]);
+    pub async fn cat(
+        &self,
+        cid: &Cid,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
+        let request = self
+            .http
+            .get(self.url("/v0/cat"))
+            .query(&[("cid", cid.to_string())]);
         let response = self.check(request.send().await).await?;
         let this = self.clone();
-        Ok(response.bytes_stream().map(move |r| r.map_err(|e| this.transport_error(e))))
+        Ok(response
+            .bytes_stream()
+            .map(move |r| r.map_err(|e| this.transport_error(e))))
     }
 
     /// The node's metrics in Prometheus text format.
     pub async fn metrics(&self) -> Result<String, ClientError> {
-        let response = self.check(self.http.get(self.url("/metrics")).send().await).await?;
+        let response = self
+            .check(self.http.get(self.url("/metrics")).send().await)
+            .await?;
         response.text().await.map_err(|e| self.transport_error(e))
     }
 }

@@ -59,7 +59,8 @@ impl From<OverlayError> for ApiError {
 }
 
 fn parse_cid(s: &str) -> Result<Cid, ApiError> {
-    Cid::try_from(s).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid CID '{s}': {e}")))
+    Cid::try_from(s)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid CID '{s}': {e}")))
 }
 
 async fn status(State(app): State<AppState>) -> Result<Response, ApiError> {
@@ -76,10 +77,17 @@ async fn add(State(app): State<AppState>, body: Body) -> Result<Response, ApiErr
 async fn cat(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {
     let cid = parse_cid(&q.cid)?;
     if !app.overlay.store().has(&cid) {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("{cid} is not held by this node; fetch it first")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{cid} is not held by this node; fetch it first"),
+        ));
     }
     let stream = app.overlay.read_file(cid).map_err(std::io::Error::other);
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// A running fetch, reported as NDJSON lines; dropping it (the client went away) stops
@@ -105,7 +113,10 @@ fn line(event: &FetchEvent) -> Bytes {
     Bytes::from(bytes)
 }
 
-async fn fetch(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {
+async fn fetch(
+    State(app): State<AppState>,
+    Query(q): Query<CidQuery>,
+) -> Result<Response, ApiError> {
     let cid = parse_cid(&q.cid)?;
     let (tx, rx) = watch::channel(FetchProgress::default());
     let overlay = app.overlay.clone();
@@ -134,12 +145,23 @@ async fn fetch(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result
         };
         Some((Ok::<_, std::convert::Infallible>(line(&event)), st))
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &app.registry)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }

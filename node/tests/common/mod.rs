@@ -1,0 +1,141 @@
+//! Helpers shared by the integration tests: loopback networks of real nodes, a bare
+//! libp2p peer that speaks raw bitswap, and metric lookups.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use flotilla_node::daemon::RunningNode;
+use flotilla_node::demo;
+use flotilla_overlay::Cid;
+use flotilla_overlay::fetch::FetchProgress;
+use futures::{StreamExt, TryStreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
+use rand::{RngCore, SeedableRng};
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Starts `n` nodes on loopback in a fresh temporary directory.
+pub async fn network(n: usize) -> (tempfile::TempDir, Vec<RunningNode>) {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = demo::start_network(dir.path(), n).await.unwrap();
+    (dir, nodes)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+/// Adds bytes on a node, returning the root CID.
+pub async fn add(node: &RunningNode, data: &[u8]) -> Cid {
+    let added = node.overlay().add(data).await.unwrap();
+    Cid::try_from(added.cid.as_str()).unwrap()
+}
+
+/// Fetches a DAG onto a node and reads the file back.
+pub async fn fetch(node: &RunningNode, cid: Cid) -> (Vec<u8>, FetchProgress) {
+    let (tx, rx) = watch::channel(FetchProgress::default());
+    node.overlay().fetch(cid, &tx).await.unwrap();
+    (read(node, cid).await, *rx.borrow())
+}
+
+/// Reads a file held by a node.
+pub async fn read(node: &RunningNode, cid: Cid) -> Vec<u8> {
+    let chunks: Vec<Bytes> = node.overlay().read_file(cid).try_collect().await.unwrap();
+    chunks.concat()
+}
+
+/// Polls `condition` until it holds, failing the test after 10 s.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of a metric in a node's `/metrics` text (0 if absent).
+pub async fn metric(node: &RunningNode, name: &str) -> f64 {
+    let client = flotilla_node::api::client::ApiClient::new(node.api_addr());
+    let text = client.metrics().await.unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A bare libp2p peer (TCP + noise + yamux + libp2p-stream) connected to one node, for
+/// speaking raw bitswap at it.
+pub struct RawPeer {
+    pub peer_id: PeerId,
+    pub control: libp2p_stream::Control,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawPeer {
+    /// Connects to `addr` and waits until the node has registered the connection.
+    pub async fn connect(node: &RunningNode) -> RawPeer {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let addr: Multiaddr = node.bootstrap_addr();
+        swarm.dial(addr).unwrap();
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => break,
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    panic!("cannot connect: {error}")
+                }
+                _ => {}
+            }
+        }
+        let peer_id = *swarm.local_peer_id();
+        let control = swarm.behaviour().new_control();
+        let task = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let network = node.overlay().network().clone();
+        wait_until("the node sees the raw peer", || {
+            let network = network.clone();
+            async move { network.connected_peers().await.unwrap().contains(&peer_id) }
+        })
+        .await;
+        RawPeer {
+            peer_id,
+            control,
+            task,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Moving files between real nodes on loopback: provider lookup, bitswap, restarts.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{add, fetch, metric, network, random_bytes, read};
+use flotilla_node::daemon;
+use flotilla_node::demo::loopback_config;
+use flotilla_overlay::service::provider_key;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mib_added_on_the_first_of_five_nodes_is_fetched_on_the_last() {
+    let (_dir, nodes) = network(5).await;
+    let (first, last) = (&nodes[0], &nodes[4]);
+    let data = random_bytes(10 * 1024 * 1024, 1);
+    let root = add(first, &data).await;
+
+    // The DHT knows the first node provides the root.
+    let mut providers = last
+        .overlay()
+        .network()
+        .get_providers(provider_key(&root))
+        .await
+        .unwrap();
+    let mut found = Vec::new();
+    while let Some(peer) = providers.recv().await {
+        found.push(peer);
+    }
+    assert!(
+        found.contains(&first.peer_id()),
+        "provider lookup found {found:?}"
+    );
+
+    let (fetched, progress) = fetch(last, root).await;
+    assert!(fetched == data, "fetched file differs");
+    // 40 leaves of 256 KiB and one root: every block came over bitswap.
+    assert_eq!(progress.blocks, 41);
+    assert_eq!(progress.fetched_blocks, 41);
+    assert_eq!(
+        metric(last, "flotilla_bitswap_blocks_received_total").await,
+        41.0
+    );
+    assert!(metric(first, "flotilla_bitswap_blocks_sent_total").await >= 1.0);
+    assert_eq!(
+        metric(last, "flotilla_bitswap_blocks_rejected_total").await,
+        0.0
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dag_held_by_several_peers_is_fetched_from_several() {
+    let (dir, nodes) = network(3).await;
+    let data = random_bytes(3 * 1024 * 1024, 2);
+    let root = add(&nodes[0], &data).await;
+    // Two more nodes get the file first, so three peers hold it.
+    for node in &nodes[1..3] {
+        assert!(fetch(node, root).await.0 == data);
+    }
+    let holders: Vec<_> = nodes.iter().map(|n| n.bootstrap_addr()).collect();
+    let fetcher = daemon::start(loopback_config(&dir.path().join("fetcher"), holders))
+        .await
+        .unwrap();
+    let network = fetcher.overlay().network().clone();
+    let expected: Vec<_> = nodes.iter().map(|n| n.peer_id()).collect();
+    common::wait_until("the fetcher is connected to all three holders", || {
+        let (network, expected) = (network.clone(), expected.clone());
+        async move {
+            let connected = network.connected_peers().await.unwrap();
+            expected.iter().all(|p| connected.contains(p))
+        }
+    })
+    .await;
+
+    let mut sent_before = Vec::new();
+    for node in &nodes {
+        sent_before.push(metric(node, "flotilla_bitswap_blocks_sent_total").await);
+    }
+    let (fetched, progress) = fetch(&fetcher, root).await;
+    assert!(fetched == data);
+    assert_eq!(progress.peers, 3, "peers in the session");
+    // The 13 blocks are spread over all three holders, each block started at another.
+    for (node, before) in nodes.iter().zip(sent_before) {
+        let sent = metric(node, "flotilla_bitswap_blocks_sent_total").await - before;
+        assert!(
+            sent >= 1.0,
+            "holder {} sent no block to the fetcher",
+            node.peer_id()
+        );
+    }
+    fetcher.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_peer_id_and_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(600 * 1024, 3);
+    let node = daemon::start(loopback_config(dir.path(), Vec::new()))
+        .await
+        .unwrap();
+    let peer_id = node.peer_id();
+    let root = add(&node, &data).await;
+    let blocks = node.overlay().store().stats().blocks;
+    node.stop().await;
+
+    let node = daemon::start(loopback_config(dir.path(), Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(node.peer_id(), peer_id);
+    assert_eq!(node.overlay().store().stats().blocks, blocks);
+    assert!(read(&node, root).await == data);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetching_a_cid_nobody_has_fails_with_a_reason() {
+    let (_dir, nodes) = network(2).await;
+    let root = flotilla_overlay::block::Block::encode(
+        flotilla_overlay::block::RAW,
+        bytes::Bytes::from_static(b"nobody"),
+    )
+    .unwrap()
+    .cid()
+    .to_owned();
+    let (tx, _rx) = tokio::sync::watch::channel(Default::default());
+    let err = nodes[1].overlay().fetch(root, &tx).await.unwrap_err();
+    assert!(err.to_string().contains("no peer could provide"), "{err}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
