@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Daemons log what they do; one-shot commands only warnings, unless RUST_LOG says.
     let default = match cli.command {
-        Command::Node(_) => "info",
+        Command::Node(_) => "info,libp2p_swarm=warn",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -162,7 +162,7 @@ impl Network {
                 .listen_on(addr.clone())
                 .map_err(|e| NetworkError::Listen {
                     addr: addr.clone(),
-                    reason: e.to_string(),
+                    reason: transport_failure(&e),
                 })?;
             pending.insert(id, addr.clone());
         }
@@ -187,11 +187,11 @@ impl Network {
                 event = event_loop.swarm.select_next_some() => match event {
                     SwarmEvent::NewListenAddr { listener_id, .. } => { pending.remove(&listener_id); }
                     SwarmEvent::ListenerClosed { listener_id, reason, .. } => if let Some(addr) = pending.remove(&listener_id) {
-                        let reason = reason.err().map_or("closed".to_string(), |e| e.to_string());
+                        let reason = reason.err().map_or("closed".to_string(), |e| root_cause(&e));
                         return Err(NetworkError::Listen { addr, reason });
                     },
                     SwarmEvent::ListenerError { listener_id, error } => if let Some(addr) = pending.remove(&listener_id) {
-                        return Err(NetworkError::Listen { addr, reason: error.to_string() });
+                        return Err(NetworkError::Listen { addr, reason: root_cause(&error) });
                     },
                     other => event_loop.handle_event(other),
                 },
@@ -398,7 +398,7 @@ impl EventLoop {
                         }
                         SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                             if let Some(addr) = waiting.remove(peer) {
-                                failures.push(format!("{addr}: {}", one_line(&error.to_string())));
+                                failures.push(format!("{addr}: {}", dial_failure(error)));
                             }
                         }
                         _ => {}
@@ -557,6 +557,40 @@ impl EventLoop {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Why a dial failed, in one line.
+fn dial_failure(error: &libp2p::swarm::DialError) -> String {
+    match error {
+        libp2p::swarm::DialError::Transport(attempts) => attempts
+            .iter()
+            .map(|(_, e)| transport_failure(e))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => root_cause(other),
+    }
+}
+
+/// Why a transport operation failed, in one line.
+fn transport_failure(error: &libp2p::TransportError<std::io::Error>) -> String {
+    match error {
+        libp2p::TransportError::Other(e) => root_cause(e),
+        libp2p::TransportError::MultiaddrNotSupported(addr) => {
+            format!("{addr} is not a supported address")
+        }
+    }
+}
+
+/// The innermost cause of an error, in one line: "Connection refused (os error 111)"
+/// rather than the layers of transport errors wrapped around it.
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let text = cause.to_string();
+    let text = if text.trim().is_empty() {
+        error.to_string()
+    } else {
+        text
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

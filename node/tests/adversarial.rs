@@ -1,0 +1,191 @@
+//! Peers that misbehave: forged blocks, oversize and malformed bitswap messages.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::{RawPeer, add, fetch, metric, network, random_bytes};
+use flotilla_overlay::bitswap::message::{Message, Presence, ReceivedBlock, WantEntry, WantType};
+use flotilla_overlay::bitswap::{PROTOCOL, wire};
+use flotilla_overlay::block::{Block, RAW};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use std::time::Duration;
+
+/// Makes `peer` answer every want-have with HAVE and every want-block with bytes that
+/// are not the block asked for.
+fn serve_forgeries(peer: &mut RawPeer) {
+    let mut incoming = peer.control.accept(PROTOCOL).unwrap();
+    let control = peer.control.clone();
+    tokio::spawn(async move {
+        while let Some((from, mut stream)) = incoming.next().await {
+            let mut control = control.clone();
+            tokio::spawn(async move {
+                let mut reply = control.open_stream(from, PROTOCOL).await.unwrap();
+                while let Ok(Some(frame)) =
+                    wire::read_frame(&mut stream, wire::MAX_MESSAGE_SIZE).await
+                {
+                    let msg = Message::decode(frame, 1024).unwrap();
+                    let mut answer = Message::default();
+                    for want in msg.wants.iter().filter(|w| !w.cancel) {
+                        match want.want_type {
+                            WantType::Have => answer.presences.push((want.cid, Presence::Have)),
+                            WantType::Block => {
+                                let forged = Bytes::from(format!("not {}", want.cid));
+                                let cid = *Block::encode(RAW, forged.clone()).unwrap().cid();
+                                answer.blocks.push(ReceivedBlock { cid, data: forged });
+                            }
+                        }
+                    }
+                    if !answer.is_empty()
+                        && wire::write_frame(&mut reply, &answer.encode())
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_blocks_are_rejected_and_the_fetch_completes_from_an_honest_provider() {
+    let (_dir, nodes) = network(2).await;
+    let (honest, fetcher) = (&nodes[0], &nodes[1]);
+    let data = random_bytes(2 * 1024 * 1024, 4);
+    let root = add(honest, &data).await;
+    let mut liar = RawPeer::connect(fetcher).await;
+    serve_forgeries(&mut liar);
+
+    let (fetched, _) = fetch(fetcher, root).await;
+    assert!(fetched == data, "fetched file differs");
+    let rejected = metric(fetcher, "flotilla_bitswap_blocks_rejected_total").await;
+    assert!(rejected >= 1.0, "no forged block was counted");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Writes `bytes` on a fresh bitswap stream and waits for the node to close it.
+async fn send_and_expect_close(peer: &mut RawPeer, node_peer: libp2p::PeerId, bytes: &[u8]) {
+    let mut stream = peer.control.open_stream(node_peer, PROTOCOL).await.unwrap();
+    // The node may close the stream before we finish writing; that is the point.
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.flush().await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the node kept the stream open: {closed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_and_malformed_messages_close_only_their_stream() {
+    let (_dir, nodes) = network(1).await;
+    let node = &nodes[0];
+    let root = add(node, b"still serving").await;
+    let mut peer = RawPeer::connect(node).await;
+    let mut answers = peer.control.accept(PROTOCOL).unwrap();
+
+    // A frame announcing 5 MiB, over the 4 MiB limit.
+    let mut oversize = Vec::new();
+    oversize.extend_from_slice(unsigned_varint::encode::usize(
+        5 * 1024 * 1024,
+        &mut unsigned_varint::encode::usize_buffer(),
+    ));
+    oversize.extend_from_slice(&[0u8; 1024]);
+    send_and_expect_close(&mut peer, node.peer_id(), &oversize).await;
+    // A frame of the right size that is not a protobuf message.
+    let mut garbage = Vec::new();
+    wire::write_frame(&mut garbage, &[0xff; 64]).await.unwrap();
+    send_and_expect_close(&mut peer, node.peer_id(), &garbage).await;
+    assert_eq!(
+        metric(node, "flotilla_bitswap_bad_messages_total").await,
+        2.0
+    );
+
+    // The connection survives and the node still answers a good want.
+    let mut stream = peer
+        .control
+        .open_stream(node.peer_id(), PROTOCOL)
+        .await
+        .unwrap();
+    let want = Message {
+        wants: vec![WantEntry::block(root)],
+        ..Message::default()
+    };
+    wire::write_frame(&mut stream, &want.encode())
+        .await
+        .unwrap();
+    let (from, mut inbound) = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from, node.peer_id());
+    let frame = wire::read_frame(&mut inbound, wire::MAX_MESSAGE_SIZE)
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = Message::decode(frame, 1024).unwrap();
+    assert_eq!(answer.blocks.len(), 1);
+    assert_eq!(answer.blocks[0].cid, root);
+    assert_eq!(answer.blocks[0].data, Bytes::from_static(b"still serving"));
+    assert!(
+        node.overlay()
+            .network()
+            .connected_peers()
+            .await
+            .unwrap()
+            .contains(&peer.peer_id)
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_the_wantlist_limit_gets_only_the_limit() {
+    let (_dir, nodes) = network(1).await;
+    let node = &nodes[0];
+    let mut peer = RawPeer::connect(node).await;
+    let mut stream = peer
+        .control
+        .open_stream(node.peer_id(), PROTOCOL)
+        .await
+        .unwrap();
+    // 1024 entries per message is the most accepted; send two full messages of wants for
+    // blocks the node lacks, without send-dont-have so they stay in its wantlist.
+    for round in 0..2u32 {
+        let wants = (0..1024u32)
+            .map(|i| {
+                let cid =
+                    *Block::encode(RAW, Bytes::from((round * 1024 + i).to_le_bytes().to_vec()))
+                        .unwrap()
+                        .cid();
+                WantEntry {
+                    send_dont_have: false,
+                    ..WantEntry::block(cid)
+                }
+            })
+            .collect();
+        wire::write_frame(
+            &mut stream,
+            &Message {
+                wants,
+                ..Message::default()
+            }
+            .encode(),
+        )
+        .await
+        .unwrap();
+    }
+    common::wait_until("the node has dropped the wants over its limit", || async {
+        metric(node, "flotilla_bitswap_wants_dropped_total").await == 1024.0
+    })
+    .await;
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -1,0 +1,257 @@
+//! The `flotilla` binary as a user runs it: a node's life from start to SIGTERM, and bad
+//! input answered with a one-line error and a non-zero exit.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+fn flotilla() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    cmd.env_remove("FLOTILLA_API").env_remove("RUST_LOG");
+    cmd
+}
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Asserts the command failed with exactly one line on stderr, starting `error:` and
+/// containing `expected`.
+fn assert_one_line_error(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "command succeeded; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "'{}' does not mention '{expected}'",
+        lines[0]
+    );
+}
+
+fn node_command(data_dir: &Path, api: &str) -> Command {
+    let mut cmd = flotilla();
+    // Only warnings, so stderr holds just the error line when start-up fails.
+    cmd.env("RUST_LOG", "warn");
+    cmd.args([
+        "node",
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api",
+        api,
+    ])
+    .arg("--data-dir")
+    .arg(data_dir);
+    cmd
+}
+
+/// A node started as a process; killed if the test fails before stopping it.
+struct NodeProcess {
+    child: Child,
+    api: String,
+    peer_id: String,
+}
+
+impl NodeProcess {
+    fn start(data_dir: &Path) -> NodeProcess {
+        let mut child = node_command(data_dir, "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let peer_id = first.strip_prefix("flotilla node ").unwrap().to_string();
+        let mut api = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(addr) = line.trim().strip_prefix("API on http://") {
+                api = Some(addr.to_string());
+                break;
+            }
+            assert!(line.contains("listening on /ip4/127.0.0.1/tcp/"), "{line}");
+        }
+        NodeProcess {
+            child,
+            api: api.unwrap(),
+            peer_id,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        flotilla()
+            .args(args)
+            .args(["--api", &self.api])
+            .output()
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and returns whether the node exited cleanly.
+    fn terminate(mut self) -> bool {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[test]
+fn a_node_serves_the_cli_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&dir.path().join("node"));
+
+    let status = node.cli(&["status", "--json"]);
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["peer_id"], node.peer_id.as_str());
+    assert_eq!(status["store"]["blocks"], 0);
+
+    let file = dir.path().join("input.bin");
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let added = node.cli(&["add", file.to_str().unwrap()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    assert!(cid.starts_with("bafy"), "{cid}");
+
+    let out = dir.path().join("output.bin");
+    let got = node.cli(&["get", &cid, "-o", out.to_str().unwrap(), "--json"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
+    let report: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(report["cid"], cid.as_str());
+
+    let metrics = node.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("blocks held:     4"));
+    assert!(node.terminate(), "the node did not exit cleanly on SIGTERM");
+}
+
+#[test]
+fn a_malformed_cid_is_refused() {
+    let output = flotilla()
+        .args([
+            "get",
+            "bafynotacid",
+            "--api",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "invalid CID 'bafynotacid'");
+}
+
+#[test]
+fn a_missing_file_is_refused() {
+    let output = flotilla()
+        .args(["add", "/nonexistent/flotilla-input"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "cannot open /nonexistent/flotilla-input");
+}
+
+#[test]
+fn no_running_node_is_reported() {
+    let api = format!("127.0.0.1:{}", free_port());
+    let output = flotilla().args(["status", "--api", &api]).output().unwrap();
+    assert_one_line_error(&output, &format!("no Flotilla node answering at {api}"));
+    // The environment variable is honoured when --api is absent.
+    let output = flotilla()
+        .arg("status")
+        .env("FLOTILLA_API", &api)
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, &format!("no Flotilla node answering at {api}"));
+}
+
+#[test]
+fn an_unreachable_bootstrap_peer_stops_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
+    let output = node_command(dir.path(), "127.0.0.1:0")
+        .args(["--bootstrap", &addr])
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &output,
+        &format!("none of the bootstrap peers could be reached: {addr}: Connection refused"),
+    );
+}
+
+#[test]
+fn a_port_in_use_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let output = flotilla()
+        .env("RUST_LOG", "warn")
+        .args([
+            "node",
+            "--no-mdns",
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &output,
+        &format!("cannot listen on /ip4/127.0.0.1/tcp/{port}: Address already in use"),
+    );
+    let output = node_command(dir.path(), &format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &output,
+        &format!("cannot serve the API on 127.0.0.1:{port}"),
+    );
+}
+
+#[test]
+fn a_bad_config_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &config,
+        "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmax_conections = 3\n",
+    )
+    .unwrap();
+    let output = node_command(dir.path(), "127.0.0.1:0")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "invalid config file");
+}
