@@ -189,8 +189,10 @@ mod tests {
             NodeConfig::from_file(&path),
             Err(ConfigError::Parse { .. })
         ));
-        let mut config = NodeConfig::default();
-        config.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()];
+        let mut config = NodeConfig {
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
+            ..NodeConfig::default()
+        };
         assert!(matches!(
             config.validate(),
             Err(ConfigError::Invalid {

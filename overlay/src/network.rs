@@ -294,8 +294,10 @@ fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetworkError> {
     let transport_err = |e: &dyn std::fmt::Display| NetworkError::Transport(e.to_string());
     let local_peer_id = keypair.public().to_peer_id();
-    let mut store_config = kad::store::MemoryStoreConfig::default();
-    store_config.max_provided_keys = config.max_provided_keys;
+    let store_config = kad::store::MemoryStoreConfig {
+        max_provided_keys: config.max_provided_keys,
+        ..Default::default()
+    };
     let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
     kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
     let mdns = config.mdns;
@@ -488,11 +490,9 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if info.protocols.iter().any(|p| *p == kad::PROTOCOL_NAME) {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+            })) if info.protocols.contains(&kad::PROTOCOL_NAME) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
