@@ -1,9 +1,11 @@
 //! The on-disk blockstore: one file per block, named by its multihash.
 //!
 //! Layout: `<root>/blocks/<2 hex digits>/<hex multihash>` plus `<root>/tmp/` for writes in
-//! progress. A write goes to a fresh temporary file that is then hard-linked under its
-//! final name, so a crash never leaves a partial block under a valid name, and two writers
-//! of the same block never count it twice. Every read is verified against the CID; a block
+//! progress. A write goes to a fresh temporary file that is then renamed to its final
+//! name, so a crash never leaves a partial block under a valid name; writers of the same
+//! block are serialised by a striped lock, so a block is never counted twice. (Renaming
+//! rather than linking and unlinking matters: ext4 slows inode allocation down while many
+//! inodes were recently deleted.) Every read is verified against the CID; a block
 //! that fails (a disk fault, a power cut before the kernel flushed it) is deleted and
 //! reported missing, so it is fetched again rather than served. Blocks are keyed by
 //! multihash, so a CIDv0 and a CIDv1 of the same bytes share one file, as in IPFS.
@@ -15,8 +17,8 @@ use multihash::Multihash;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Errors of the blockstore.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +66,12 @@ struct Inner {
     capacity: u64,
     blocks: AtomicU64,
     bytes: AtomicU64,
+    /// Serialises writers of the same block (striped by the digest's first byte).
+    write_locks: Vec<Mutex<()>>,
 }
+
+/// Number of write-lock stripes.
+const WRITE_STRIPES: usize = 64;
 
 /// Counts of what the store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -88,6 +95,10 @@ impl Blockstore {
             fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        for shard in 0..=255u8 {
+            let dir = blocks_dir.join(format!("{shard:02x}"));
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
         let (mut blocks, mut bytes) = (0, 0);
         for shard in fs::read_dir(&blocks_dir).map_err(io_err(&blocks_dir))? {
             let shard = shard.map_err(io_err(&blocks_dir))?.path();
@@ -104,6 +115,7 @@ impl Blockstore {
                 capacity,
                 blocks: AtomicU64::new(blocks),
                 bytes: AtomicU64::new(bytes),
+                write_locks: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
             }),
         })
     }
@@ -111,7 +123,7 @@ impl Blockstore {
     fn path_of(&self, cid: &Cid) -> PathBuf {
         let name = hex(&cid.hash().to_bytes());
         // Shard on the first digest byte (after the 2-byte multihash header).
-        let shard = name.get(4..6).unwrap_or("00");
+        let shard = format!("{:02x}", cid.hash().digest().first().copied().unwrap_or(0));
         self.inner.blocks_dir.join(shard).join(name)
     }
 
@@ -123,6 +135,11 @@ impl Blockstore {
     /// Stores a verified block. Storing a block that is already there is a no-op.
     pub fn put(&self, block: &Block) -> Result<(), StoreError> {
         let path = self.path_of(block.cid());
+        let stripe =
+            block.cid().hash().digest().first().copied().unwrap_or(0) as usize % WRITE_STRIPES;
+        let _writing = self.inner.write_locks[stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if path.exists() {
             return Ok(());
         }
@@ -139,24 +156,16 @@ impl Blockstore {
             .inner
             .tmp_dir
             .join(format!("{:016x}", rand::random::<u64>()));
-        let written = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(block.data())?;
-            let dir = path.parent().expect("block paths have a shard directory");
-            fs::create_dir_all(dir)?;
-            fs::hard_link(&tmp, &path)
-        })();
-        let _ = fs::remove_file(&tmp);
-        match written {
-            Ok(()) => {
-                self.inner.blocks.fetch_add(1, Ordering::Relaxed);
-                self.inner.bytes.fetch_add(size, Ordering::Relaxed);
-                Ok(())
-            }
-            // Another writer stored the same block first.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(StoreError::Io { path, source: e }),
+        let written = fs::File::create(&tmp)
+            .and_then(|mut file| file.write_all(block.data()))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::Io { path, source });
         }
+        self.inner.blocks.fetch_add(1, Ordering::Relaxed);
+        self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads and verifies a block; `Ok(None)` if it is absent (or was found corrupt and

@@ -229,7 +229,7 @@ pub(super) fn on_presences(inner: &Arc<Inner>, peer: PeerId, presences: &[(Cid, 
     }
 }
 
-pub(super) async fn on_blocks(inner: &Arc<Inner>, peer: PeerId, blocks: Vec<ReceivedBlock>) {
+pub(super) fn on_blocks(inner: &Arc<Inner>, peer: PeerId, blocks: Vec<ReceivedBlock>) {
     for ReceivedBlock { cid, data } in blocks {
         let mh = *cid.hash();
         let (waiters, recently_wanted) = {
@@ -249,40 +249,46 @@ pub(super) async fn on_blocks(inner: &Arc<Inner>, peer: PeerId, blocks: Vec<Rece
             }
             continue;
         }
-        let size = data.len() as u64;
-        let block = Block::from_hashed(cid, data);
-        let stored = inner
-            .store
-            .put_async(block.clone())
-            .await
-            .map_err(|e| WantError::Store(e.to_string()));
-        if stored.is_ok() {
-            inner.metrics.blocks_received.inc();
-            inner.metrics.block_bytes_received.inc_by(size);
-            super::server::block_added(inner, &cid);
+        // Store and hand over off the stream's task, so reading the next message
+        // overlaps writing this block; only wanted blocks get here, so this is bounded by
+        // the wants we have out.
+        tokio::spawn(deliver(
+            inner.clone(),
+            peer,
+            Block::from_hashed(cid, data),
+            waiters,
+        ));
+    }
+}
+
+/// Stores a wanted block, resolves its waiters, and withdraws the want from other peers.
+async fn deliver(inner: Arc<Inner>, peer: PeerId, block: Block, waiters: Vec<Waiter>) {
+    let cid = *block.cid();
+    let size = block.data().len() as u64;
+    let stored = inner
+        .store
+        .put_async(block.clone())
+        .await
+        .map_err(|e| WantError::Store(e.to_string()));
+    if stored.is_ok() {
+        inner.metrics.blocks_received.inc();
+        inner.metrics.block_bytes_received.inc_by(size);
+        super::server::block_added(&inner, &cid);
+    }
+    let mut others = HashSet::new();
+    for w in waiters {
+        if w.peer != peer {
+            others.insert(w.peer);
         }
-        let mut others = HashSet::new();
-        for w in waiters {
-            if w.peer != peer {
-                others.insert(w.peer);
-            }
-            let _ =
-                w.tx.send(stored.clone().map(|()| Answer::Block(block.clone())));
-        }
-        for other in others {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                sender::send(
-                    &inner,
-                    other,
-                    Message {
-                        wants: vec![WantEntry::cancel(cid)],
-                        ..Message::default()
-                    },
-                )
-                .await;
-            });
-        }
+        let _ =
+            w.tx.send(stored.clone().map(|()| Answer::Block(block.clone())));
+    }
+    for other in others {
+        let cancel = Message {
+            wants: vec![WantEntry::cancel(cid)],
+            ..Message::default()
+        };
+        sender::send(&inner, other, cancel).await;
     }
 }
 

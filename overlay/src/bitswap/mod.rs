@@ -209,6 +209,6 @@ async fn on_message(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
         client::on_presences(inner, peer, &msg.presences);
     }
     if !msg.blocks.is_empty() {
-        client::on_blocks(inner, peer, msg.blocks).await;
+        client::on_blocks(inner, peer, msg.blocks);
     }
 }

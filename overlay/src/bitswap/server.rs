@@ -2,8 +2,9 @@
 //!
 //! A peer's wants go into its ledger (at most `max_wants_per_peer`; more are dropped and
 //! counted) and a queue of work; one worker per peer drains the queue in order, answering
-//! want-block with the block (or DONT_HAVE if asked) and want-have with HAVE / DONT_HAVE,
-//! packing answers into messages up to the response budget. Wants we could not serve stay
+//! want-block with the block (or DONT_HAVE if asked) and want-have with HAVE / DONT_HAVE.
+//! Each block goes to the peer's sender as soon as it is read; presences go together at
+//! the end of a batch. Wants we could not serve stay
 //! in the ledger until cancelled, so a block we obtain later goes to the peers waiting
 //! for it, as bitswap peers expect.
 
@@ -121,7 +122,6 @@ fn served(inner: &Arc<Inner>, peer: &PeerId, mh: &Multihash<64>) {
 async fn work(inner: Arc<Inner>, peer: PeerId) {
     while let Some(batch) = next_batch(&inner, &peer) {
         let mut msg = Message::default();
-        let mut bytes = 0usize;
         for entry in batch {
             let mh = *entry.cid.hash();
             let block = match entry.want_type {
@@ -136,14 +136,14 @@ async fn work(inner: Arc<Inner>, peer: PeerId) {
             };
             match (entry.want_type, block) {
                 (WantType::Block, Some(block)) => {
-                    let size = block.data().len();
-                    if bytes + size > inner.config.response_budget && !msg.blocks.is_empty() {
-                        sender::send(&inner, peer, std::mem::take(&mut msg)).await;
-                        bytes = 0;
-                    }
-                    bytes += size;
+                    // Hand each block to the sender at once, so reading the next block
+                    // overlaps writing this one; the sender merges what queues up.
                     let (cid, data) = block.into_parts();
-                    msg.blocks.push(ReceivedBlock { cid, data });
+                    let reply = Message {
+                        blocks: vec![ReceivedBlock { cid, data }],
+                        ..Message::default()
+                    };
+                    sender::send(&inner, peer, reply).await;
                     served(&inner, &peer, &mh);
                 }
                 (WantType::Have, _) if inner.store.has(&entry.cid) => {
