@@ -19,7 +19,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .api
         .unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
     match cli.command {
-        Command::Node(args) => daemon::run(node_config(args, cli.api)?).await,
+        Command::Node(args) => daemon::run(node_config(args, cli.api)?, cli.json).await,
         Command::Add { file } => add(&ApiClient::new(api), &file, cli.json).await,
         Command::Get { cid, output } => get(&ApiClient::new(api), &cid, output, cli.json).await,
         Command::Status => {

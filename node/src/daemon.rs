@@ -144,10 +144,11 @@ impl RunningNode {
     }
 }
 
-/// Runs a node until SIGINT or SIGTERM; prints its PeerId and addresses once it is up.
-pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+/// Runs a node until SIGINT or SIGTERM; prints its PeerId and addresses once it is up
+/// (as one JSON line with `as_json`).
+pub async fn run(config: NodeConfig, as_json: bool) -> anyhow::Result<()> {
     let node = start(config).await?;
-    crate::output::node_started(&node);
+    crate::output::node_started(&node, as_json);
     shutdown_signal().await;
     tracing::info!("shutting down");
     node.stop().await;

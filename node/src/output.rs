@@ -23,7 +23,20 @@ pub fn line(text: &str) {
 }
 
 /// Announces a started node: its PeerId, listen addresses and API address.
-pub fn node_started(node: &RunningNode) {
+pub fn node_started(node: &RunningNode, as_json: bool) {
+    if as_json {
+        let addrs: Vec<String> = node
+            .listen_addrs()
+            .iter()
+            .map(|a| format!("{a}/p2p/{}", node.peer_id()))
+            .collect();
+        json(&serde_json::json!({
+            "peer_id": node.peer_id().to_string(),
+            "listen_addrs": addrs,
+            "api": node.api_addr().to_string(),
+        }));
+        return;
+    }
     println!("flotilla node {}", node.peer_id());
     for addr in node.listen_addrs() {
         println!("  listening on {addr}/p2p/{}", node.peer_id());

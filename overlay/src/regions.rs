@@ -310,8 +310,30 @@ mod tests {
             }
             assert_eq!(covered as usize, region.slots().len());
         }
-        assert_eq!(Tier::SMALLEST.region().blocks().len(), 1);
-        assert_eq!(Tier::SMALLEST.region().blocks()[0].to_string(), "00*");
+        // The table in docs/ARCHITECTURE.md.
+        let table: Vec<String> = Tier::all()
+            .map(|t| {
+                t.region()
+                    .blocks()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        assert_eq!(
+            table,
+            [
+                "00*",
+                "010* 0110*",
+                "0111* 1000* 10010*",
+                "10011* 1010* 10110*",
+                "10111* 1100*",
+                "1101* 111000*",
+                "111001* 11101* 111100*",
+                "111101* 11111*",
+            ]
+        );
     }
 
     #[test]
