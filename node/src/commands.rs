@@ -113,6 +113,9 @@ async fn get(
     json: bool,
 ) -> anyhow::Result<()> {
     let cid = parse_cid(cid)?;
+    if json && out.as_deref() == Some(Path::new("-")) {
+        anyhow::bail!("--json prints a report on stdout, so it needs -o FILE rather than -o -");
+    }
     let mut progress = output::Progress::new("fetching", None);
     let done = client.fetch(&cid, |p| progress.set(p.bytes)).await?;
     progress.finish();

@@ -148,6 +148,13 @@ fn a_node_serves_the_cli_and_stops_cleanly_on_sigterm() {
     let report: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(report["cid"], cid.as_str());
 
+    // A well-formed CID that no peer has.
+    let missing = "bafkreihwsnuregceqh263vgdathcprnbvatyat6h6mu7ipjhhodcdbyhoy";
+    let out_missing = dir.path().join("missing.bin");
+    let output = node.cli(&["get", missing, "-o", out_missing.to_str().unwrap()]);
+    assert_one_line_error(&output, &format!("no peer could provide {missing}"));
+    assert!(!out_missing.exists(), "a failed get left a file behind");
+
     let metrics = node.cli(&["status"]);
     assert!(String::from_utf8_lossy(&metrics.stdout).contains("blocks held:     4"));
     assert!(node.terminate(), "the node did not exit cleanly on SIGTERM");

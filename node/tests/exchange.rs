@@ -134,3 +134,22 @@ async fn fetching_a_cid_nobody_has_fails_with_a_reason() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_speaking_only_quic_exchange_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let quic = |name: &str, bootstrap| flotilla_node::config::NodeConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+        ..loopback_config(&dir.path().join(name), bootstrap)
+    };
+    let first = daemon::start(quic("a", Vec::new())).await.unwrap();
+    assert!(first.bootstrap_addr().to_string().contains("/quic-v1/p2p/"));
+    let second = daemon::start(quic("b", vec![first.bootstrap_addr()]))
+        .await
+        .unwrap();
+    let data = random_bytes(1024 * 1024 + 7, 5);
+    let root = add(&first, &data).await;
+    assert!(fetch(&second, root).await.0 == data);
+    second.stop().await;
+    first.stop().await;
+}

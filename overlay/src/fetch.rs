@@ -35,6 +35,9 @@ pub struct FetchConfig {
     pub probe_timeout: Duration,
     /// How long to wait for the first peer that has the root (default 30 s).
     pub find_timeout: Duration,
+    /// Most blocks one DAG may have (default 1 000 000, a 256 GB file in 256 KiB
+    /// chunks), so a malicious DAG cannot make a fetch track blocks without end.
+    pub max_blocks: usize,
 }
 
 impl Default for FetchConfig {
@@ -44,6 +47,7 @@ impl Default for FetchConfig {
             want_timeout: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(1),
             find_timeout: Duration::from_secs(30),
+            max_blocks: 1_000_000,
         }
     }
 }
@@ -71,6 +75,14 @@ pub enum FetchError {
         cid: Cid,
         /// What happened.
         reason: String,
+    },
+    /// The DAG has more blocks than a fetch may track.
+    #[error("{root} has more than {limit} blocks")]
+    TooManyBlocks {
+        /// The DAG's root.
+        root: Cid,
+        /// The limit.
+        limit: usize,
     },
     /// A block was not a valid node.
     #[error(transparent)]
@@ -143,11 +155,7 @@ pub async fn fetch_dag(
             let Some(cid) = queue.pop_front() else { break };
             if let Some(block) = store.get_async(cid).await? {
                 account(progress, &block, false);
-                for child in links_of(&block)? {
-                    if seen.insert(child) {
-                        queue.push_back(child);
-                    }
-                }
+                enqueue_children(&block, &mut seen, &mut queue, root, config.max_blocks)?;
                 continue;
             }
             if finder.is_none() {
@@ -170,16 +178,33 @@ pub async fn fetch_dag(
         };
         account(progress, &block, true);
         progress.send_modify(|p| p.peers = session.snapshot().len() as u64);
-        for child in links_of(&block)? {
-            if seen.insert(child) {
-                queue.push_back(child);
-            }
+        if let Err(e) = enqueue_children(&block, &mut seen, &mut queue, root, config.max_blocks) {
+            break Err(e);
         }
     };
     if let Some(finder) = finder {
         finder.abort();
     }
     result
+}
+
+/// Queues the children of `block` not seen before, refusing DAGs over the block limit.
+fn enqueue_children(
+    block: &Block,
+    seen: &mut HashSet<Cid>,
+    queue: &mut VecDeque<Cid>,
+    root: Cid,
+    limit: usize,
+) -> Result<(), FetchError> {
+    for child in links_of(block)? {
+        if seen.insert(child) {
+            if seen.len() > limit {
+                return Err(FetchError::TooManyBlocks { root, limit });
+            }
+            queue.push_back(child);
+        }
+    }
+    Ok(())
 }
 
 fn account(progress: &watch::Sender<FetchProgress>, block: &Block, fetched: bool) {
