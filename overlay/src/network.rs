@@ -307,7 +307,7 @@ fn build_swarm(
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            yamux::Config::default,
+            yamux_config,
         )
         .map_err(|e| transport_err(&e))?
         .with_quic()
@@ -351,6 +351,19 @@ fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// Yamux with stream windows capped at its own 1 MiB frame limit.
+///
+/// rust-yamux grows a busy stream's receive window up to its share of the 1 GiB connection
+/// window, but refuses frames over 1 MiB; js-libp2p peers (Helia) send a whole window in
+/// one frame, so a window over 1 MiB lets them kill the connection with one large bitswap
+/// message. With 4093 streams the share stays under 1 MiB (found by the Helia interop
+/// check, `scripts/interop/run`).
+fn yamux_config() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(4093);
+    config
 }
 
 struct EventLoop {

@@ -34,7 +34,22 @@ pub const SLOTS: u8 = 1 << SLOT_BITS;
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
+#[serde(try_from = "u32", into = "u32")]
 pub struct Tier(u32);
+
+impl TryFrom<u32> for Tier {
+    type Error = RegionError;
+
+    fn try_from(mib: u32) -> Result<Tier, RegionError> {
+        Tier::from_mib(u64::from(mib))
+    }
+}
+
+impl From<Tier> for u32 {
+    fn from(tier: Tier) -> u32 {
+        tier.0
+    }
+}
 
 /// The region table: for each tier (in MiB), the first slot it owns. Each tier's run ends
 /// where the next one starts; the last ends at [`SLOTS`].
@@ -93,6 +108,12 @@ impl Tier {
         Tier::all()
             .find(|t| u64::from(t.0) >= mib)
             .ok_or(RegionError::TooLarge { requested_mib: mib })
+    }
+
+    /// The largest tier of at most `mib` MiB: the tier an offer of that much memory goes
+    /// in, so that every request routed to the tier fits it. `None` below 128 MiB.
+    pub fn largest_within(mib: u64) -> Option<Tier> {
+        Tier::all().take_while(|t| u64::from(t.0) <= mib).last()
     }
 
     /// The memory of this tier in MiB.
@@ -352,6 +373,9 @@ mod tests {
         );
         assert_eq!(Tier::for_request(0), Err(RegionError::Zero));
         assert!(Tier::from_mib(300).is_err());
+        assert_eq!(Tier::largest_within(127), None);
+        assert_eq!(Tier::largest_within(700).unwrap().mib(), 512);
+        assert_eq!(Tier::largest_within(1 << 20).unwrap(), Tier::LARGEST);
     }
 
     proptest! {
