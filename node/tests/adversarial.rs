@@ -189,3 +189,112 @@ async fn a_peer_over_the_wantlist_limit_gets_only_the_limit() {
         node.stop().await;
     }
 }
+
+/// Makes `peer` serve `blocks` honestly in content but claiming every block is `raw`,
+/// whatever its real codec.
+fn serve_with_raw_prefixes(
+    peer: &mut RawPeer,
+    blocks: std::collections::HashMap<flotilla_overlay::Cid, Bytes>,
+) {
+    let mut incoming = peer.control.accept(PROTOCOL).unwrap();
+    let control = peer.control.clone();
+    let blocks = std::sync::Arc::new(blocks);
+    tokio::spawn(async move {
+        while let Some((from, mut stream)) = incoming.next().await {
+            let (mut control, blocks) = (control.clone(), blocks.clone());
+            tokio::spawn(async move {
+                let mut reply = control.open_stream(from, PROTOCOL).await.unwrap();
+                while let Ok(Some(frame)) =
+                    wire::read_frame(&mut stream, wire::MAX_MESSAGE_SIZE).await
+                {
+                    let msg = Message::decode(frame, 1024).unwrap();
+                    let mut answer = Message::default();
+                    for want in msg.wants.iter().filter(|w| !w.cancel) {
+                        let Some(data) = blocks.get(&want.cid) else {
+                            continue;
+                        };
+                        match want.want_type {
+                            WantType::Have => answer.presences.push((want.cid, Presence::Have)),
+                            WantType::Block => {
+                                let relabelled =
+                                    flotilla_overlay::Cid::new_v1(RAW, *want.cid.hash());
+                                answer.blocks.push(ReceivedBlock {
+                                    cid: relabelled,
+                                    data: data.clone(),
+                                });
+                            }
+                        }
+                    }
+                    if !answer.is_empty()
+                        && wire::write_frame(&mut reply, &answer.encode())
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_sent_under_another_codec_keeps_the_codec_asked_for() {
+    let (_dir, nodes) = network(1).await;
+    let fetcher = &nodes[0];
+    // A three-block file: a dag-pb root over two raw leaves, held only by the raw peer.
+    let data = random_bytes(2 * 256 * 1024 + 10, 6);
+    let mut builder = flotilla_overlay::unixfs::FileBuilder::new();
+    let mut blocks = std::collections::HashMap::new();
+    for chunk in data.chunks(256 * 1024) {
+        for b in builder.push_chunk(Bytes::copy_from_slice(chunk)).unwrap() {
+            blocks.insert(*b.cid(), b.data().clone());
+        }
+    }
+    let (rest, root) = builder.finish().unwrap();
+    for b in rest {
+        blocks.insert(*b.cid(), b.data().clone());
+    }
+    let mut peer = RawPeer::connect(fetcher).await;
+    serve_with_raw_prefixes(&mut peer, blocks);
+
+    let (fetched, progress) = fetch(fetcher, root).await;
+    assert_eq!(progress.blocks, 4, "the root's links were followed");
+    assert!(fetched == data);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_many_half_sent_streams_does_not_stop_the_node_serving() {
+    let (_dir, nodes) = network(2).await;
+    let data = random_bytes(600 * 1024, 7);
+    let root = add(&nodes[0], &data).await;
+    // Three peers with 400 half-sent streams each: more than the node serves at once
+    // from all peers together (1024), so only the per-peer limit keeps room for others.
+    let mut hogs = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut hog = RawPeer::connect(&nodes[0]).await;
+        for _ in 0..400 {
+            let Ok(mut stream) = hog.control.open_stream(nodes[0].peer_id(), PROTOCOL).await else {
+                break;
+            };
+            // Half a length prefix, then nothing. Streams past the per-peer limit are
+            // reset by the node, so writing to them may fail.
+            let _ = stream.write_all(&[0x80]).await;
+            let _ = stream.flush().await;
+            streams.push(stream);
+        }
+        hogs.push(hog);
+    }
+    assert!(
+        fetch(&nodes[1], root).await.0 == data,
+        "the node stopped serving others"
+    );
+    drop(streams);
+    for node in nodes {
+        node.stop().await;
+    }
+}

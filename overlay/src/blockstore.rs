@@ -135,15 +135,19 @@ impl Blockstore {
     /// Stores a verified block. Storing a block that is already there is a no-op.
     pub fn put(&self, block: &Block) -> Result<(), StoreError> {
         let path = self.path_of(block.cid());
-        let stripe =
-            block.cid().hash().digest().first().copied().unwrap_or(0) as usize % WRITE_STRIPES;
+        let stripe = stripe_of(block.cid());
         let _writing = self.inner.write_locks[stripe]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if path.exists() {
-            return Ok(());
-        }
         let size = block.data().len() as u64;
+        let mut replacing = None;
+        match fs::metadata(&path) {
+            // Same name and size: the block is already here (reads still verify it).
+            Ok(meta) if meta.len() == size => return Ok(()),
+            // A damaged copy (cut short by a crash, say): write the block over it.
+            Ok(meta) => replacing = Some(meta.len()),
+            Err(_) => {}
+        }
         let used = self.inner.bytes.load(Ordering::Relaxed);
         if used + size > self.inner.capacity {
             return Err(StoreError::Full {
@@ -163,7 +167,14 @@ impl Blockstore {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::Io { path, source });
         }
-        self.inner.blocks.fetch_add(1, Ordering::Relaxed);
+        match replacing {
+            Some(old_size) => {
+                self.inner.bytes.fetch_sub(old_size, Ordering::Relaxed);
+            }
+            None => {
+                self.inner.blocks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.inner.bytes.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
@@ -191,6 +202,9 @@ impl Blockstore {
     /// Removes a block if present.
     pub fn remove(&self, cid: &Cid) -> Result<(), StoreError> {
         let path = self.path_of(cid);
+        let _writing = self.inner.write_locks[stripe_of(cid)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let size = match fs::metadata(&path) {
             Ok(meta) => meta.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -263,6 +277,10 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
+fn stripe_of(cid: &Cid) -> usize {
+    cid.hash().digest().first().copied().unwrap_or(0) as usize % WRITE_STRIPES
+}
+
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -311,6 +329,18 @@ mod tests {
         fs::write(store.path_of(block.cid()), b"precioUs").unwrap();
         assert_eq!(store.get(block.cid()).unwrap(), None);
         assert!(!store.has(block.cid()));
+    }
+
+    #[test]
+    fn a_damaged_copy_is_replaced_when_the_block_is_put_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+        let block = raw(b"a block cut short by a crash");
+        store.put(&block).unwrap();
+        fs::write(store.path_of(block.cid()), b"a block cut").unwrap();
+        store.put(&block).unwrap();
+        assert_eq!(store.get(block.cid()).unwrap(), Some(block.clone()));
+        assert_eq!(store.stats().blocks, 1);
     }
 
     #[test]

@@ -18,19 +18,22 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// Settings of a fetch.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
     /// Blocks wanted at once (default 64).
     pub window: usize,
-    /// How long one peer gets to answer one want (default 10 s).
+    /// How long one peer gets to answer one want (default 30 s).
     pub want_timeout: Duration,
+    /// Most wants out to one peer at a time (default 16): with the want timeout, the
+    /// slowest link a fetch still works over (16 × 256 KiB per 30 s ≈ 1.1 Mbit/s).
+    pub per_peer_window: usize,
     /// How long a connected peer gets to say whether it has the root (default 1 s).
     pub probe_timeout: Duration,
     /// How long to wait for the first peer that has the root (default 30 s).
@@ -44,7 +47,8 @@ impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
             window: 64,
-            want_timeout: Duration::from_secs(10),
+            want_timeout: Duration::from_secs(30),
+            per_peer_window: 16,
             probe_timeout: Duration::from_secs(1),
             find_timeout: Duration::from_secs(30),
             max_blocks: 1_000_000,
@@ -76,6 +80,9 @@ pub enum FetchError {
         /// What happened.
         reason: String,
     },
+    /// A fetched block could not be stored (the store is full, say).
+    #[error("cannot store fetched blocks: {0}")]
+    Storing(String),
     /// The DAG has more blocks than a fetch may track.
     #[error("{root} has more than {limit} blocks")]
     TooManyBlocks {
@@ -100,6 +107,10 @@ struct Session {
     peers: Mutex<Vec<PeerId>>,
     searching: AtomicBool,
     changed: watch::Sender<u64>,
+    /// Wants out to each peer, at most `per_peer` at a time, so a want's timeout only
+    /// runs while few others queue before it at that peer (a slow link still works).
+    in_flight: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+    per_peer: usize,
 }
 
 impl Session {
@@ -120,6 +131,27 @@ impl Session {
 
     fn snapshot(&self) -> Vec<PeerId> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn permits(&self, peer: PeerId) -> Arc<Semaphore> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        in_flight
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer)))
+            .clone()
+    }
+
+    /// Untried peers, least busy first, rotating by `index` among equals.
+    fn candidates(&self, index: usize, tried: &HashSet<PeerId>) -> Vec<PeerId> {
+        let peers = self.snapshot();
+        let mut order: Vec<(usize, usize, PeerId)> = (0..peers.len())
+            .map(|i| peers[(index + i) % peers.len()])
+            .filter(|p| !tried.contains(p))
+            .enumerate()
+            .map(|(rank, p)| (self.per_peer - self.permits(p).available_permits(), rank, p))
+            .collect();
+        order.sort();
+        order.into_iter().map(|(_, _, p)| p).collect()
     }
 
     fn search_ended(&self) {
@@ -143,6 +175,8 @@ pub async fn fetch_dag(
         peers: Mutex::new(Vec::new()),
         searching: AtomicBool::new(true),
         changed,
+        in_flight: Mutex::new(HashMap::new()),
+        per_peer: config.per_peer_window.max(1),
     });
     let mut finder: Option<tokio::task::JoinHandle<()>> = None;
 
@@ -262,26 +296,41 @@ async fn fetch_block(
 ) -> Result<Block, FetchError> {
     let started = Instant::now();
     let mut tried = HashSet::new();
+    let mut timed_out = HashSet::new();
+    let mut second_chance = true;
     let mut changes = session.changed.subscribe();
     let mut last_error = String::from("no peer has it");
     loop {
-        let peers = session.snapshot();
-        let untried: Vec<PeerId> = (0..peers.len())
-            .map(|i| peers[(index + i) % peers.len()])
-            .filter(|p| !tried.contains(p))
-            .collect();
-        for peer in untried {
+        for peer in session.candidates(index, &tried) {
             tried.insert(peer);
+            let permits = session.permits(peer);
+            let _permit = permits
+                .acquire()
+                .await
+                .expect("session semaphores are never closed");
             match bitswap.want_block(peer, cid, config.want_timeout).await {
                 Ok(block) => return Ok(block),
+                Err(WantError::Store(reason)) => return Err(FetchError::Storing(reason)),
                 Err(e) => {
                     tracing::debug!(%peer, %cid, error = %e, "want failed");
-                    if e == WantError::BadBlock {
-                        session.remove(&peer);
+                    match e {
+                        WantError::BadBlock => session.remove(&peer),
+                        WantError::Timeout => {
+                            timed_out.insert(peer);
+                        }
+                        _ => {}
                     }
                     last_error = format!("last peer tried: {e}");
                 }
             }
+        }
+        // Peers that were only slow get one more chance before we give up on them.
+        if second_chance && !timed_out.is_empty() {
+            second_chance = false;
+            for peer in timed_out.drain() {
+                tried.remove(&peer);
+            }
+            continue;
         }
         // Every known peer failed: wait for new ones while the search goes on.
         changes.borrow_and_update();

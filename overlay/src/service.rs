@@ -220,6 +220,16 @@ impl Overlay {
         Ok(())
     }
 
+    /// Checks that `root` is held and is a UnixFS file (or a raw block), before streaming it.
+    pub async fn check_file(&self, root: Cid) -> Result<(), OverlayError> {
+        match self.store.get_async(root).await? {
+            Some(block) => decode_file_node(&block)
+                .map(|_| ())
+                .map_err(OverlayError::from),
+            None => Err(OverlayError::Missing(root)),
+        }
+    }
+
     /// Reads the file under `root` from the local store, in order, as a stream of chunks.
     /// Every block must be held; a missing one ends the stream with an error.
     pub fn read_file(

@@ -35,7 +35,35 @@ pub fn router(overlay: Overlay, registry: Arc<Registry>) -> Router {
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(refuse_browsers))
         .with_state(AppState { overlay, registry })
+}
+
+/// Refuses requests sent by web pages: a page the volunteer visits must not be able to
+/// add to or fetch through the node (browsers send `Origin` on cross-site requests), nor
+/// reach it under another host name by DNS rebinding. The CLI sends neither.
+async fn refuse_browsers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let from_browser = request.headers().contains_key(header::ORIGIN);
+    let host_ok = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_none_or(|host| {
+            let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+            matches!(name, "127.0.0.1" | "localhost" | "[::1]")
+                || name.parse::<std::net::IpAddr>().is_ok()
+        });
+    if from_browser || !host_ok {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "the node API answers local programs, not web pages".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// An error response: a status and a one-line message.

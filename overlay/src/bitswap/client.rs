@@ -9,6 +9,7 @@
 use super::message::{Message, Presence, ReceivedBlock, WantEntry, WantType};
 use super::{Inner, lock, sender};
 use crate::block::Block;
+use bytes::Bytes;
 use cid::Cid;
 use libp2p::PeerId;
 use multihash::Multihash;
@@ -48,7 +49,8 @@ pub enum WantError {
 }
 
 enum Answer {
-    Block(Block),
+    /// The block's bytes, verified to hash to the multihash asked for.
+    Block(Bytes),
     Have,
     DontHave,
 }
@@ -56,6 +58,9 @@ enum Answer {
 struct Waiter {
     id: u64,
     peer: PeerId,
+    /// The CID asked for; a block answering it gets this CID, whatever codec the sender
+    /// claimed, since only the multihash is what the bytes prove.
+    cid: Cid,
     kind: WantType,
     tx: oneshot::Sender<Result<Answer, WantError>>,
 }
@@ -108,7 +113,8 @@ impl ClientState {
     }
 }
 
-/// Removes its waiter when the want is dropped (answered, timed out or abandoned).
+/// Removes its waiter when the want is dropped (answered, timed out or abandoned), and
+/// withdraws the want from the peer if it was still unanswered.
 struct WaiterGuard<'a> {
     inner: &'a Arc<Inner>,
     mh: Multihash<64>,
@@ -117,9 +123,15 @@ struct WaiterGuard<'a> {
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
-        let mut state = lock(&self.inner.client);
-        state.take(&self.mh, |w| w.id == self.id);
-        state.remember(self.mh);
+        let pending = {
+            let mut state = lock(&self.inner.client);
+            let pending = state.take(&self.mh, |w| w.id == self.id);
+            state.remember(self.mh);
+            pending
+        };
+        for waiter in pending {
+            sender::try_send_existing(self.inner, waiter.peer, Message::cancel(waiter.cid));
+        }
     }
 }
 
@@ -141,11 +153,13 @@ async fn want(
         *count += 1;
         state.next_id += 1;
         let id = state.next_id;
-        state
-            .waiters
-            .entry(mh)
-            .or_default()
-            .push(Waiter { id, peer, kind, tx });
+        state.waiters.entry(mh).or_default().push(Waiter {
+            id,
+            peer,
+            cid,
+            kind,
+            tx,
+        });
         id
     };
     let _guard = WaiterGuard { inner, mh, id };
@@ -167,20 +181,10 @@ async fn want(
     })
     .await
     .unwrap_or(Err(WantError::Timeout));
-    if !matches!(answer, Ok(Answer::Block(_) | Answer::Have)) {
-        // Withdraw the want, so the peer does not send the block later.
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            sender::send(
-                &inner,
-                peer,
-                Message {
-                    wants: vec![WantEntry::cancel(cid)],
-                    ..Message::default()
-                },
-            )
-            .await;
-        });
+    if matches!(answer, Ok(Answer::DontHave)) {
+        // The peer keeps a want it could not serve; withdraw it, so the block does not
+        // arrive later unasked.
+        sender::try_send_existing(inner, peer, Message::cancel(cid));
     }
     answer
 }
@@ -192,7 +196,7 @@ pub(super) async fn want_block(
     timeout: Duration,
 ) -> Result<Block, WantError> {
     match want(inner, peer, cid, WantType::Block, timeout).await? {
-        Answer::Block(block) => Ok(block),
+        Answer::Block(data) => Ok(Block::from_hashed(cid, data)),
         Answer::Have | Answer::DontHave => Err(WantError::DontHave),
     }
 }
@@ -239,19 +243,20 @@ pub(super) fn on_blocks(inner: &Arc<Inner>, peer: PeerId, blocks: Vec<ReceivedBl
             state.remember(mh);
             (waiters, recent)
         };
-        if waiters.is_empty() {
-            if recently_wanted || inner.store.has(&cid) {
-                inner.metrics.blocks_duplicate.inc();
-            } else {
-                inner.metrics.blocks_rejected.inc();
-                tracing::warn!(%peer, %cid, "rejecting a block that matches no CID we asked for");
-                fail_peer(inner, &peer, WantError::BadBlock);
-            }
+        if waiters.is_empty() && inner.store.has(&cid) {
+            inner.metrics.blocks_duplicate.inc();
             continue;
         }
-        // Store and hand over off the stream's task, so reading the next message
-        // overlaps writing this block; only wanted blocks get here, so this is bounded by
-        // the wants we have out.
+        if waiters.is_empty() && !recently_wanted {
+            inner.metrics.blocks_rejected.inc();
+            tracing::warn!(%peer, %cid, "rejecting a block that matches no CID we asked for");
+            fail_peer(inner, &peer, WantError::BadBlock);
+            continue;
+        }
+        // Wanted now, or wanted a moment ago (its want timed out while it was on the
+        // way): keep it. Store and hand over off the stream's task, so reading the next
+        // message overlaps writing this block; only wanted blocks get here, so this is
+        // bounded by the wants we have out.
         tokio::spawn(deliver(
             inner.clone(),
             peer,
@@ -275,20 +280,12 @@ async fn deliver(inner: Arc<Inner>, peer: PeerId, block: Block, waiters: Vec<Wai
         inner.metrics.block_bytes_received.inc_by(size);
         super::server::block_added(&inner, &cid);
     }
-    let mut others = HashSet::new();
     for w in waiters {
         if w.peer != peer {
-            others.insert(w.peer);
+            sender::try_send_existing(&inner, w.peer, Message::cancel(w.cid));
         }
         let _ =
-            w.tx.send(stored.clone().map(|()| Answer::Block(block.clone())));
-    }
-    for other in others {
-        let cancel = Message {
-            wants: vec![WantEntry::cancel(cid)],
-            ..Message::default()
-        };
-        sender::send(&inner, other, cancel).await;
+            w.tx.send(stored.clone().map(|()| Answer::Block(block.data().clone())));
     }
 }
 

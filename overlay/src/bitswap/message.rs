@@ -23,9 +23,6 @@ pub enum MessageError {
     /// A CID or CID prefix in the message is invalid.
     #[error("malformed CID in bitswap message: {0}")]
     Cid(String),
-    /// The message holds more wantlist entries than we accept.
-    #[error("bitswap message with {0} wantlist entries is over the limit")]
-    TooManyEntries(usize),
 }
 
 /// Whether a want asks for the block or only whether the peer has it.
@@ -122,6 +119,14 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message withdrawing our want for `cid`.
+    pub fn cancel(cid: Cid) -> Message {
+        Message {
+            wants: vec![WantEntry::cancel(cid)],
+            ..Message::default()
+        }
+    }
+
     /// Whether the message carries nothing.
     pub fn is_empty(&self) -> bool {
         self.wants.is_empty() && self.blocks.is_empty() && self.presences.is_empty()
@@ -180,13 +185,12 @@ impl Message {
         .encode_to_vec()
     }
 
-    /// Decodes a protobuf message, accepting at most `max_entries` wantlist entries.
+    /// Decodes a protobuf message, keeping at most `max_entries` wantlist entries (as
+    /// boxo does: a peer's wantlist beyond our limit is cut, not refused).
     pub fn decode(bytes: Bytes, max_entries: usize) -> Result<Message, MessageError> {
         let pb = pb::Message::decode(bytes)?;
-        let (entries, full) = pb.wantlist.map(|w| (w.entries, w.full)).unwrap_or_default();
-        if entries.len() > max_entries {
-            return Err(MessageError::TooManyEntries(entries.len()));
-        }
+        let (mut entries, full) = pb.wantlist.map(|w| (w.entries, w.full)).unwrap_or_default();
+        entries.truncate(max_entries);
         let wants = entries
             .into_iter()
             .map(|e| {
@@ -432,15 +436,13 @@ mod tests {
     }
 
     #[test]
-    fn too_many_entries_is_refused() {
+    fn entries_over_the_limit_are_cut() {
         let msg = Message {
             wants: (0..5u8).map(|i| WantEntry::block(raw_cid(&[i]))).collect(),
             ..Message::default()
         };
-        assert!(matches!(
-            Message::decode(Bytes::from(msg.encode()), 4),
-            Err(MessageError::TooManyEntries(5))
-        ));
+        let decoded = Message::decode(Bytes::from(msg.encode()), 4).unwrap();
+        assert_eq!(decoded.wants, msg.wants[..4]);
     }
 
     #[test]

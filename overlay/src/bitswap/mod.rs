@@ -23,9 +23,11 @@ mod server;
 
 use crate::blockstore::Blockstore;
 use crate::metrics::OverlayMetrics;
+use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
-use message::{Message, MessageError};
+use message::Message;
+use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -53,6 +55,11 @@ pub struct BitswapConfig {
     pub outbound_queue: usize,
     /// How long an idle outbound stream is kept (default 60 s).
     pub idle_stream_timeout: Duration,
+    /// Time allowed to open a stream or write one message (default 30 s), and to receive
+    /// the rest of a message once its length has arrived.
+    pub write_timeout: Duration,
+    /// Most inbound bitswap streams one peer may have open at once (default 16).
+    pub max_inbound_streams_per_peer: usize,
 }
 
 impl Default for BitswapConfig {
@@ -64,6 +71,8 @@ impl Default for BitswapConfig {
             max_inbound_streams: 1024,
             outbound_queue: 64,
             idle_stream_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_inbound_streams_per_peer: 16,
         }
     }
 }
@@ -83,6 +92,44 @@ struct Inner {
     client: Mutex<client::ClientState>,
     server: Mutex<server::ServerState>,
     inbound_streams: Arc<Semaphore>,
+    inbound_per_peer: Mutex<HashMap<PeerId, usize>>,
+}
+
+/// A place among the inbound streams we serve: one of the global permits and one of the
+/// peer's; both are given back on drop.
+struct InboundSlot {
+    inner: Arc<Inner>,
+    peer: PeerId,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InboundSlot {
+    fn take(inner: &Arc<Inner>, peer: PeerId) -> Option<InboundSlot> {
+        let permit = inner.inbound_streams.clone().try_acquire_owned().ok()?;
+        let mut per_peer = lock(&inner.inbound_per_peer);
+        let count = per_peer.entry(peer).or_default();
+        if *count >= inner.config.max_inbound_streams_per_peer {
+            return None;
+        }
+        *count += 1;
+        Some(InboundSlot {
+            inner: inner.clone(),
+            peer,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        let mut per_peer = lock(&self.inner.inbound_per_peer);
+        if let Some(count) = per_peer.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,19 +159,20 @@ impl Bitswap {
             senders: Mutex::default(),
             client: Mutex::default(),
             server: Mutex::default(),
+            inbound_per_peer: Mutex::default(),
         });
         let accept = Arc::downgrade(&inner);
         tokio::spawn(async move {
             let mut incoming = incoming;
             while let Some((peer, stream)) = incoming.next().await {
                 let Some(inner) = accept.upgrade() else { break };
-                let Ok(permit) = inner.inbound_streams.clone().try_acquire_owned() else {
+                let Some(slot) = InboundSlot::take(&inner, peer) else {
                     tracing::debug!(%peer, "too many inbound bitswap streams; dropping one");
                     continue;
                 };
                 tokio::spawn(async move {
                     serve_inbound(&inner, peer, stream).await;
-                    drop(permit);
+                    drop(slot);
                 });
             }
         });
@@ -170,38 +218,54 @@ impl Bitswap {
     }
 }
 
-/// Reads messages from one inbound stream until it ends or misbehaves.
+/// Reads messages from one inbound stream until it ends or misbehaves. Reading and
+/// decoding (which hashes every block) run side by side, so the next message keeps
+/// arriving while the last one is checked; a bad message ends both and drops the stream.
 async fn serve_inbound(inner: &Arc<Inner>, peer: PeerId, mut stream: Stream) {
+    let (frames, mut to_decode) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let mut decoder = {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = to_decode.recv().await {
+                match Message::decode(frame, inner.config.max_wants_per_peer) {
+                    Ok(msg) => on_message(&inner, peer, msg),
+                    Err(e) => {
+                        inner.metrics.bad_messages.inc();
+                        tracing::warn!(%peer, error = %e, "closing bitswap stream: bad message");
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let max = inner.config.max_message_size;
     loop {
-        let frame = match wire::read_frame(&mut stream, inner.config.max_message_size).await {
+        let read = tokio::select! {
+            read = wire::read_frame_within(&mut stream, max, Some(inner.config.write_timeout)) => read,
+            _ = &mut decoder => return, // the decoder refused a message
+        };
+        let frame = match read {
             Ok(Some(frame)) => frame,
-            Ok(None) => return,
+            Ok(None) => break,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 inner.metrics.bad_messages.inc();
                 tracing::warn!(%peer, error = %e, "closing bitswap stream: bad frame");
-                return;
+                break;
             }
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "bitswap stream ended");
-                return;
+                break;
             }
         };
-        match Message::decode(frame, inner.config.max_wants_per_peer) {
-            Ok(msg) => on_message(inner, peer, msg).await,
-            Err(
-                e @ (MessageError::Protobuf(_)
-                | MessageError::Cid(_)
-                | MessageError::TooManyEntries(_)),
-            ) => {
-                inner.metrics.bad_messages.inc();
-                tracing::warn!(%peer, error = %e, "closing bitswap stream: bad message");
-                return;
-            }
+        if frames.send(frame).await.is_err() {
+            break; // the decoder refused a message
         }
     }
+    drop(frames);
+    let _ = decoder.await;
 }
 
-async fn on_message(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
+fn on_message(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
     if !msg.wants.is_empty() || msg.full {
         server::on_wants(inner, peer, msg.wants, msg.full);
     }

@@ -2,8 +2,10 @@
 //!
 //! Messages for a peer go through a bounded queue to its task, which opens the stream
 //! lazily (dialling if needed), merges whatever else is queued into the message up to the
-//! size budget, writes it, and retries once on a fresh stream if the write fails. A task
-//! with nothing to send for the idle timeout closes its stream and ends.
+//! size budget, writes it, and retries once on a fresh stream if the write fails. Opening
+//! and writing are bounded by the write timeout: a peer that stops reading fails its wants
+//! and loses its queue instead of holding the task forever. A task with nothing to send
+//! for the idle timeout closes its stream and ends.
 
 use super::message::Message;
 use super::{Inner, PROTOCOL, WantError, client, lock, wire};
@@ -30,6 +32,15 @@ pub(super) async fn send(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
     tracing::debug!(%peer, "could not queue a bitswap message");
 }
 
+/// Queues `msg` for `peer` only if a sender to it is already running and has room: for
+/// best-effort messages (cancels) that must neither wait nor dial a peer that is gone.
+pub(super) fn try_send_existing(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
+    let tx = lock(&inner.senders).get(&peer).cloned();
+    if let Some(tx) = tx {
+        let _ = tx.try_send(msg);
+    }
+}
+
 fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Message> {
     let mut senders = lock(&inner.senders);
     if let Some(tx) = senders.get(&peer).filter(|tx| !tx.is_closed()) {
@@ -44,27 +55,38 @@ fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Message> {
 async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Message>) {
     let mut stream: Option<Stream> = None;
     let mut held: Option<Message> = None;
+    let mut closing = false;
     loop {
-        let Some(inner) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else { break };
         let first = match held.take() {
             Some(msg) => msg,
-            None => match tokio::time::timeout(inner.config.idle_stream_timeout, rx.recv()).await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return,
-                Err(_idle) => {
-                    // Refuse new messages, then send what slipped in before we closed.
-                    rx.close();
-                    match rx.try_recv() {
-                        Ok(msg) => msg,
-                        Err(_) => break,
+            None if closing => match rx.recv().await {
+                Some(msg) => msg,
+                None => break,
+            },
+            None => {
+                match tokio::time::timeout(strong.config.idle_stream_timeout, rx.recv()).await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(_idle) => {
+                        // Refuse new messages (senders then start a fresh task), and send
+                        // what was queued before we closed.
+                        rx.close();
+                        closing = true;
+                        continue;
                     }
                 }
-            },
+            }
         };
-        let (msg, rest) = merge_queued(first, &mut rx, inner.config.response_budget);
+        let (msg, rest) = merge_queued(first, &mut rx, strong.config.response_budget);
         held = rest;
-        if !write(&inner, peer, &mut stream, &msg).await {
-            client::fail_peer(&inner, &peer, WantError::Unreachable);
+        if !write(&strong, peer, &mut stream, &msg).await {
+            client::fail_peer(&strong, &peer, WantError::Unreachable);
+            // Whatever else is queued would meet the same fate; drop it and end.
+            rx.close();
+            closing = true;
+            held = None;
+            while rx.try_recv().is_ok() {}
         }
     }
     if let Some(inner) = inner.upgrade() {
@@ -108,18 +130,31 @@ async fn write(
         return false;
     }
     for _attempt in 0..2 {
+        let timeout = inner.config.write_timeout;
         if stream.is_none() {
             let mut control = inner.control.clone();
-            match control.open_stream(peer, PROTOCOL).await {
-                Ok(s) => *stream = Some(s),
-                Err(e) => {
+            match tokio::time::timeout(timeout, control.open_stream(peer, PROTOCOL)).await {
+                Ok(Ok(s)) => *stream = Some(s),
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "cannot open a bitswap stream");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "timed out opening a bitswap stream");
                     return false;
                 }
             }
         }
         let s = stream.as_mut().expect("opened above");
-        match wire::write_frame(s, &frame).await {
+        let written = tokio::time::timeout(timeout, wire::write_frame(s, &frame))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "write timed out",
+                ))
+            });
+        match written {
             Ok(()) => {
                 for block in &msg.blocks {
                     inner.metrics.blocks_sent.inc();

@@ -13,7 +13,7 @@ use super::{Inner, lock, sender};
 use cid::Cid;
 use libp2p::PeerId;
 use multihash::Multihash;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Most queued entries a worker takes per round.
@@ -22,8 +22,18 @@ const BATCH: usize = 64;
 #[derive(Default)]
 struct Ledger {
     wants: HashMap<Multihash<64>, WantEntry>,
+    /// Wants waiting for the worker, each at most once, so never more than `wants`.
     queue: VecDeque<Multihash<64>>,
+    queued: HashSet<Multihash<64>>,
     worker_running: bool,
+}
+
+impl Ledger {
+    fn enqueue(&mut self, mh: Multihash<64>) {
+        if self.queued.insert(mh) {
+            self.queue.push_back(mh);
+        }
+    }
 }
 
 /// All peers' ledgers.
@@ -38,6 +48,7 @@ pub(super) fn on_wants(inner: &Arc<Inner>, peer: PeerId, entries: Vec<WantEntry>
     if full {
         ledger.wants.clear();
         ledger.queue.clear();
+        ledger.queued.clear();
     }
     for entry in entries {
         let mh = *entry.cid.hash();
@@ -51,9 +62,8 @@ pub(super) fn on_wants(inner: &Arc<Inner>, peer: PeerId, entries: Vec<WantEntry>
             continue;
         }
         ledger.wants.insert(mh, entry);
-        ledger.queue.push_back(mh);
+        ledger.enqueue(mh);
     }
-    ledger.queue.truncate(inner.config.max_wants_per_peer * 2);
     start_worker(inner, peer, ledger);
     if ledger.wants.is_empty() && !ledger.worker_running {
         state.ledgers.remove(&peer);
@@ -73,7 +83,7 @@ pub(super) fn block_added(inner: &Arc<Inner>, cid: &Cid) {
     let mut state = lock(&inner.server);
     for (peer, ledger) in state.ledgers.iter_mut() {
         if ledger.wants.contains_key(mh) {
-            ledger.queue.push_back(*mh);
+            ledger.enqueue(*mh);
             start_worker(inner, *peer, ledger);
         }
     }
@@ -84,6 +94,7 @@ pub(super) fn forget_peer(inner: &Arc<Inner>, peer: &PeerId) {
     if let Some(ledger) = state.ledgers.get_mut(peer) {
         ledger.wants.clear();
         ledger.queue.clear();
+        ledger.queued.clear();
         if !ledger.worker_running {
             state.ledgers.remove(peer);
         }
@@ -99,6 +110,7 @@ fn next_batch(inner: &Arc<Inner>, peer: &PeerId) -> Option<Vec<WantEntry>> {
         let Some(mh) = ledger.queue.pop_front() else {
             break;
         };
+        ledger.queued.remove(&mh);
         if let Some(entry) = ledger.wants.get(&mh) {
             batch.push(entry.clone());
         }

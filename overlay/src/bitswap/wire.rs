@@ -1,6 +1,6 @@
 //! Framing of bitswap messages on a stream: an unsigned-varint length, then the message.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::io;
 
@@ -10,8 +10,19 @@ pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 /// Reads one length-prefixed frame; `Ok(None)` at a clean end of stream.
 ///
 /// A frame announcing more than `max` bytes is an error: the caller drops the stream
-/// without reading the rest.
+/// without reading the rest. Memory grows with the bytes that actually arrive, not with
+/// the length announced.
 pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Option<Bytes>> {
+    read_frame_within(io, max, None).await
+}
+
+/// [`read_frame`], failing with `TimedOut` if the body does not arrive within
+/// `body_timeout` of its length (a peer cannot hold a reader with half a message).
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+    body_timeout: Option<std::time::Duration>,
+) -> io::Result<Option<Bytes>> {
     let len = match unsigned_varint::aio::read_usize(&mut *io).await {
         Ok(len) => len,
         Err(unsigned_varint::io::ReadError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -26,9 +37,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Res
             format!("message of {len} bytes is over the {max}-byte limit"),
         ));
     }
-    let mut buf = BytesMut::zeroed(len);
-    io.read_exact(&mut buf).await?;
-    Ok(Some(buf.freeze()))
+    let mut buf = Vec::with_capacity(len.min(256 * 1024));
+    let mut limited = (&mut *io).take(len as u64);
+    let body = limited.read_to_end(&mut buf);
+    match body_timeout {
+        Some(limit) => tokio::time::timeout(limit, body).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "message body did not arrive in time",
+            )
+        })??,
+        None => body.await?,
+    };
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "stream ended inside a message",
+        ));
+    }
+    Ok(Some(Bytes::from(buf)))
 }
 
 /// Writes one length-prefixed frame and flushes it.
