@@ -114,6 +114,28 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A raw `POST /v0/add` of five bytes with extra header lines, as a browser might send.
+fn raw_http(api: &str, extra_headers: &str) -> String {
+    raw_request(api, api, extra_headers)
+}
+
+fn raw_http_host(api: &str, host: &str) -> String {
+    raw_request(api, host, "")
+}
+
+fn raw_request(api: &str, host: &str, extra_headers: &str) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(api).unwrap();
+    write!(
+        socket,
+        "POST /v0/add HTTP/1.1\r\nHost: {host}\r\n{extra_headers}Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+    )
+    .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).unwrap();
+    response
+}
+
 #[test]
 fn a_node_serves_the_cli_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,8 +177,14 @@ fn a_node_serves_the_cli_and_stops_cleanly_on_sigterm() {
     assert_one_line_error(&output, &format!("no peer could provide {missing}"));
     assert!(!out_missing.exists(), "a failed get left a file behind");
 
+    // Web pages cannot use the API: not cross-site, not by DNS rebinding.
+    assert!(raw_http(&node.api, "Origin: http://attacker.example\r\n").starts_with("HTTP/1.1 403"));
+    assert!(raw_http_host(&node.api, "attacker.example").starts_with("HTTP/1.1 403"));
+    assert!(raw_http(&node.api, "").starts_with("HTTP/1.1 200"));
+
     let metrics = node.cli(&["status"]);
-    assert!(String::from_utf8_lossy(&metrics.stdout).contains("blocks held:     4"));
+    // The 700 000-byte file's four blocks, and the five bytes the last raw request added.
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("blocks held:     5"));
     assert!(node.terminate(), "the node did not exit cleanly on SIGTERM");
 }
 

@@ -7,6 +7,7 @@
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
+//! * [`record_store`]: Kademlia's store, our provider records apart from others';
 //! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
 //! * [`service`]: [`Overlay`], all of the above as one running peer.
 
@@ -16,6 +17,7 @@ pub mod blockstore;
 pub mod fetch;
 pub mod metrics;
 pub mod network;
+pub mod record_store;
 pub mod regions;
 pub mod service;
 pub mod unixfs;

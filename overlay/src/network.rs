@@ -6,6 +6,7 @@
 //! reply channels, and pending replies are kept by Kademlia query id.
 
 use crate::bitswap::Bitswap;
+use crate::record_store::SplitStore;
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
@@ -37,6 +38,8 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     /// Most provider records this node announces for itself.
     pub max_provided_keys: usize,
+    /// Most keys of other peers' provider records this node keeps for the DHT.
+    pub max_other_provider_keys: usize,
     /// Time allowed for startup steps (listening, reaching a bootstrap peer) and for a
     /// Kademlia query.
     pub timeout: Duration,
@@ -50,6 +53,7 @@ impl Default for NetworkConfig {
             mdns: true,
             max_connections: 256,
             max_provided_keys: 65_536,
+            max_other_provider_keys: 65_536,
             timeout: Duration::from_secs(10),
         }
     }
@@ -99,7 +103,7 @@ pub struct NetworkStatus {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    kad: kad::Behaviour<SplitStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -294,10 +298,11 @@ fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetworkError> {
     let transport_err = |e: &dyn std::fmt::Display| NetworkError::Transport(e.to_string());
     let local_peer_id = keypair.public().to_peer_id();
-    let store_config = kad::store::MemoryStoreConfig {
-        max_provided_keys: config.max_provided_keys,
-        ..Default::default()
-    };
+    let store = SplitStore::new(
+        local_peer_id,
+        config.max_provided_keys,
+        config.max_other_provider_keys,
+    );
     let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
     kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
     let mdns = config.mdns;
@@ -314,11 +319,7 @@ fn build_swarm(
         .with_bandwidth_metrics(registry)
         .with_behaviour(
             |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                let mut kad = kad::Behaviour::with_config(
-                    local_peer_id,
-                    kad::store::MemoryStore::with_config(local_peer_id, store_config),
-                    kad_config,
-                );
+                let mut kad = kad::Behaviour::with_config(local_peer_id, store, kad_config);
                 kad.set_mode(Some(kad::Mode::Server));
                 let mdns = if mdns {
                     Some(mdns::tokio::Behaviour::new(
