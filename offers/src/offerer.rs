@@ -122,6 +122,8 @@ enum State {
         holder: PeerId,
         expires_at_ms: u64,
     },
+    /// All its memory is reserved: withdrawn from its holder until some is released.
+    Full,
     Withdrawn,
 }
 
@@ -131,8 +133,46 @@ struct Slot {
     offer_id: u64,
     tier: Tier,
     memory_mib: u32,
+    in_use_mib: u32,
     seq: u64,
     state: State,
+}
+
+/// Memory set aside on one offer for one invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Reservation {
+    /// The caller's id for it; reserving again with the same id returns it unchanged.
+    pub reservation_id: u64,
+    /// The offer it was taken from.
+    pub offer_id: u64,
+    /// Memory reserved, in MiB.
+    pub mib: u32,
+    /// Until when it is held unless confirmed (`None` once confirmed).
+    pub hold_until_ms: Option<u64>,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// No such offer (or it was withdrawn).
+    #[error("no offer {0} here")]
+    UnknownOffer(u64),
+    /// The offer has less memory free than asked for.
+    #[error("offer {offer_id} has {free_mib} MiB free, {requested_mib} MiB asked")]
+    NotEnoughMemory {
+        /// The offer.
+        offer_id: u64,
+        /// Memory free on it.
+        free_mib: u32,
+        /// Memory asked for.
+        requested_mib: u32,
+    },
+    /// A reservation id was reused for a different request.
+    #[error("reservation {0} already exists for another request")]
+    Conflict(u64),
+    /// Signing the updated offer failed.
+    #[error(transparent)]
+    Offer(#[from] OfferError),
 }
 
 /// Where one offer stands, for `flotilla offers`.
@@ -150,7 +190,9 @@ pub struct SentOffer {
     pub holder: Option<String>,
     /// When it expires, once published.
     pub expires_at_ms: Option<u64>,
-    /// `idle`, `finding`, `sending`, `published` or `withdrawn`.
+    /// Memory reserved on it, in MiB.
+    pub in_use_mib: u32,
+    /// `idle`, `finding`, `sending`, `published`, `full` or `withdrawn`.
     pub state: &'static str,
 }
 
@@ -159,6 +201,7 @@ pub struct Offerer {
     keypair: Keypair,
     config: OffererConfig,
     slots: Vec<Slot>,
+    reservations: std::collections::BTreeMap<u64, Reservation>,
 }
 
 /// Cuts `memory_mib` into offers, largest tier first; what is left below the smallest
@@ -184,6 +227,7 @@ impl Offerer {
                 offer_id: first_offer_id.wrapping_add(i as u64),
                 tier,
                 memory_mib: tier.mib(),
+                in_use_mib: 0,
                 seq: 0,
                 state: State::Idle,
             })
@@ -192,6 +236,7 @@ impl Offerer {
             keypair,
             config,
             slots,
+            reservations: std::collections::BTreeMap::new(),
         }
     }
 
@@ -206,7 +251,7 @@ impl Offerer {
             addresses: self.config.addresses.clone(),
             tier: slot.tier,
             memory_mib: slot.memory_mib,
-            in_use_mib: 0,
+            in_use_mib: slot.in_use_mib,
             offer_id: slot.offer_id,
             seq: slot.seq,
             expires_at_ms,
@@ -215,14 +260,25 @@ impl Offerer {
         SignedOffer::sign(body, &self.keypair)
     }
 
-    /// Drives the timers: starts publishing idle offers, gives up on holders that did not
-    /// answer in time, refreshes offers about to expire. Call it at [`Offerer::next_wakeup`].
+    /// Drives the timers: releases reservations not confirmed in time, starts publishing
+    /// idle offers (and full ones that have memory again), gives up on holders that did
+    /// not answer in time, refreshes offers about to expire. Call it at [`Offerer::next_wakeup`].
     pub fn poll<R: RngCore + ?Sized>(
         &mut self,
         now_ms: u64,
         rng: &mut R,
     ) -> Result<Vec<Action>, OfferError> {
         let mut actions = Vec::new();
+        // Reservations not confirmed in time give their memory back.
+        let lapsed: Vec<u64> = self
+            .reservations
+            .values()
+            .filter(|r| r.hold_until_ms.is_some_and(|t| t <= now_ms))
+            .map(|r| r.reservation_id)
+            .collect();
+        for reservation_id in lapsed {
+            actions.extend(self.release(now_ms, reservation_id)?);
+        }
         for i in 0..self.slots.len() {
             let timeout = self.config.answer_timeout_ms;
             let slot = &self.slots[i];
@@ -231,6 +287,7 @@ impl Offerer {
                 State::Finding { since, .. } | State::Sending { since, .. } => {
                     now_ms >= since + timeout
                 }
+                State::Full => slot.in_use_mib < slot.memory_mib,
                 State::Published { .. } | State::Withdrawn => false,
             };
             if restart {
@@ -367,6 +424,111 @@ impl Offerer {
         Ok(actions)
     }
 
+    /// Sets `mib` MiB of offer `offer_id` aside for reservation `reservation_id`, held
+    /// for `hold_ms` unless confirmed. The offerer is the only authority on its memory, so
+    /// two schedulers racing for one offer can never oversubscribe it: whichever comes
+    /// second sees the reduced free memory. Holders get the updated offer (or, once no
+    /// memory is left, a withdrawal) in the returned actions.
+    pub fn reserve(
+        &mut self,
+        now_ms: u64,
+        offer_id: u64,
+        mib: u32,
+        reservation_id: u64,
+        hold_ms: u64,
+    ) -> Result<(Reservation, Vec<Action>), ReserveError> {
+        if let Some(existing) = self.reservations.get(&reservation_id) {
+            if existing.offer_id == offer_id && existing.mib == mib {
+                return Ok((*existing, Vec::new()));
+            }
+            return Err(ReserveError::Conflict(reservation_id));
+        }
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.offer_id == offer_id && s.state != State::Withdrawn)
+            .ok_or(ReserveError::UnknownOffer(offer_id))?;
+        let free_mib = self.slots[i].memory_mib - self.slots[i].in_use_mib;
+        if mib == 0 || mib > free_mib {
+            return Err(ReserveError::NotEnoughMemory {
+                offer_id,
+                free_mib,
+                requested_mib: mib,
+            });
+        }
+        self.slots[i].in_use_mib += mib;
+        let reservation = Reservation {
+            reservation_id,
+            offer_id,
+            mib,
+            hold_until_ms: Some(now_ms + hold_ms),
+        };
+        self.reservations.insert(reservation_id, reservation);
+        Ok((reservation, self.announce_use(now_ms, i)?))
+    }
+
+    /// Marks a reservation as in use: it no longer lapses, and lasts until released.
+    pub fn confirm(&mut self, reservation_id: u64) -> Option<Reservation> {
+        let reservation = self.reservations.get_mut(&reservation_id)?;
+        reservation.hold_until_ms = None;
+        Some(*reservation)
+    }
+
+    /// Gives a reservation's memory back to its offer (unknown ids are ignored).
+    pub fn release(&mut self, now_ms: u64, reservation_id: u64) -> Result<Vec<Action>, OfferError> {
+        let Some(reservation) = self.reservations.remove(&reservation_id) else {
+            return Ok(Vec::new());
+        };
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.offer_id == reservation.offer_id)
+        else {
+            return Ok(Vec::new());
+        };
+        self.slots[i].in_use_mib -= reservation.mib;
+        self.announce_use(now_ms, i)
+    }
+
+    /// The reservations held now.
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    /// Tells slot `i`'s holder about its memory in use: a new version of the offer, or a
+    /// withdrawal once none is free. An offer not yet with a holder carries the change
+    /// when it is published.
+    fn announce_use(&mut self, now_ms: u64, i: usize) -> Result<Vec<Action>, OfferError> {
+        let (key, holder, expires_at_ms) = match &self.slots[i].state {
+            State::Published {
+                key,
+                holder,
+                expires_at_ms,
+            }
+            | State::Sending {
+                key,
+                holder,
+                expires_at_ms,
+                ..
+            } => (key.clone(), *holder, *expires_at_ms),
+            _ => return Ok(Vec::new()),
+        };
+        if self.slots[i].in_use_mib < self.slots[i].memory_mib {
+            return Ok(vec![self.send_new_version(i, key, holder, now_ms)?]);
+        }
+        // Nothing free: withdraw it from its holder until memory comes back.
+        self.slots[i].seq += 1;
+        let withdrawal = self.sign(&self.slots[i], expires_at_ms.max(now_ms + 1), true)?;
+        let slot = &mut self.slots[i];
+        slot.state = State::Full;
+        Ok(vec![Action::Send {
+            offer_id: slot.offer_id,
+            holder,
+            key,
+            offer: Box::new(withdrawal),
+        }])
+    }
+
     /// When [`Offerer::poll`] next has something to do.
     pub fn next_wakeup(&self) -> Option<u64> {
         let timeout = self.config.answer_timeout_ms;
@@ -380,8 +542,10 @@ impl Offerer {
                 State::Published { expires_at_ms, .. } => {
                     Some(expires_at_ms.saturating_sub(self.config.refresh_margin_ms))
                 }
-                State::Withdrawn => None,
+                State::Full if s.in_use_mib < s.memory_mib => Some(0),
+                State::Full | State::Withdrawn => None,
             })
+            .chain(self.reservations.values().filter_map(|r| r.hold_until_ms))
             .min()
     }
 
@@ -399,6 +563,7 @@ impl Offerer {
                         expires_at_ms,
                         ..
                     } => (Some(holder.to_string()), Some(*expires_at_ms), "published"),
+                    State::Full => (None, None, "full"),
                     State::Withdrawn => (None, None, "withdrawn"),
                 };
                 SentOffer {
@@ -406,6 +571,7 @@ impl Offerer {
                     tier_mib: s.tier.mib(),
                     memory_mib: s.memory_mib,
                     seq: s.seq,
+                    in_use_mib: s.in_use_mib,
                     holder,
                     expires_at_ms: expires,
                     state,
@@ -563,6 +729,120 @@ mod tests {
             offerer.poll(5_003, &mut rng).unwrap()[0],
             Action::FindHolder { .. }
         ));
+    }
+
+    /// Publishes every offer of `offerer` to `holder`, returning their keys by offer id.
+    fn publish_all(
+        offerer: &mut Offerer,
+        holder: &mut Holder,
+        holder_id: PeerId,
+        rng: &mut StdRng,
+    ) -> std::collections::HashMap<u64, Vec<u8>> {
+        let mut keys = std::collections::HashMap::new();
+        for action in offerer.poll(0, rng).unwrap() {
+            let Action::FindHolder { offer_id, .. } = action else {
+                panic!()
+            };
+            let (_, key, offer) = sent(
+                &offerer
+                    .on_event(
+                        0,
+                        Event::HolderFound {
+                            offer_id,
+                            holder: holder_id,
+                        },
+                    )
+                    .unwrap(),
+            );
+            holder.receive(0, &key, offer).unwrap();
+            offerer
+                .on_event(
+                    0,
+                    Event::Delivered {
+                        offer_id,
+                        holder: holder_id,
+                    },
+                )
+                .unwrap();
+            keys.insert(offer_id, key);
+        }
+        keys
+    }
+
+    #[test]
+    fn racing_reservations_never_oversubscribe_an_offer() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut offerer = offerer(512);
+        let mut holder = Holder::new(HolderConfig::default());
+        let holder_id = PeerId::random();
+        publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
+        let offer_id = offerer.sent()[0].offer_id;
+        // Two schedulers each want 300 MiB of the same 512 MiB offer.
+        let (first, updates) = offerer.reserve(10, offer_id, 300, 1, 5_000).unwrap();
+        assert_eq!(first.mib, 300);
+        let (_, key, updated) = sent(&updates);
+        assert_eq!(updated.body.in_use_mib, 300);
+        holder.receive(10, &key, updated).unwrap();
+        assert_eq!(
+            holder.matching(10, 300).len(),
+            0,
+            "holders learn the memory is taken"
+        );
+        assert_eq!(
+            offerer.reserve(11, offer_id, 300, 2, 5_000).unwrap_err(),
+            ReserveError::NotEnoughMemory {
+                offer_id,
+                free_mib: 212,
+                requested_mib: 300
+            }
+        );
+        // Retrying the first reservation is harmless; reusing its id for another is not.
+        assert_eq!(
+            offerer.reserve(12, offer_id, 300, 1, 5_000).unwrap().0,
+            first
+        );
+        assert_eq!(
+            offerer.reserve(12, offer_id, 100, 1, 5_000).unwrap_err(),
+            ReserveError::Conflict(1)
+        );
+        assert!(offerer.reservations().map(|r| r.mib).sum::<u32>() <= 512);
+    }
+
+    #[test]
+    fn an_unconfirmed_reservation_lapses_and_a_full_offer_comes_back() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut offerer = offerer(128);
+        let mut holder = Holder::new(HolderConfig::default());
+        let holder_id = PeerId::random();
+        publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
+        let offer_id = offerer.sent()[0].offer_id;
+        // Taking all of it withdraws it from its holder.
+        let (_, actions) = offerer.reserve(100, offer_id, 128, 9, 1_000).unwrap();
+        let (_, key, withdrawal) = sent(&actions);
+        assert!(withdrawal.body.withdrawn);
+        holder.receive(100, &key, withdrawal).unwrap();
+        assert_eq!(holder.live(100).count(), 0);
+        assert_eq!(offerer.sent()[0].state, "full");
+        // Not confirmed within its hold: released, and the offer is published again.
+        assert_eq!(offerer.next_wakeup(), Some(1_100));
+        let actions = offerer.poll(1_100, &mut rng).unwrap();
+        assert_eq!(offerer.reservations().count(), 0);
+        assert!(matches!(actions.as_slice(), [Action::FindHolder { .. }]));
+        // A confirmed reservation does not lapse.
+        let mut offerer = self::offerer(256);
+        publish_all(
+            &mut offerer,
+            &mut Holder::new(HolderConfig::default()),
+            holder_id,
+            &mut rng,
+        );
+        let offer_id = offerer.sent()[0].offer_id;
+        offerer.reserve(0, offer_id, 100, 1, 1_000).unwrap();
+        offerer.confirm(1).unwrap();
+        offerer.poll(10_000, &mut rng).unwrap();
+        assert_eq!(offerer.reservations().count(), 1);
+        offerer.release(10_001, 1).unwrap();
+        assert_eq!(offerer.sent()[0].in_use_mib, 0);
     }
 
     #[test]
