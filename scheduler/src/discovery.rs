@@ -1,0 +1,372 @@
+//! Discovery (Algorithm 2): finding offers that fit a request.
+//!
+//! A request for M MiB probes the region of the smallest tier ≥ M: a random key there,
+//! the peer closest to it (a Kademlia lookup, done by the caller), that peer's offers. If
+//! none fits, another random key, up to `max_tries` probes; then the scheduler's
+//! super-trader list. Offers found by probing lie in the request's own tier (holders only
+//! keep offers sent under keys of their tier's region), so they fit unless partly in use;
+//! the fallback list holds offers of every tier, so a request is served from a larger
+//! tier only through the fallback.
+//!
+//! The machine returns a [`Step`] after every input; the caller does what it says and
+//! feeds the answer back.
+
+use flotilla_offers::offer::SignedOffer;
+use flotilla_overlay::regions::{RegionError, Tier};
+use libp2p::PeerId;
+use rand::RngCore;
+
+/// Settings of a discovery.
+#[derive(Debug, Clone, Copy)]
+pub struct DiscoveryConfig {
+    /// Region probes before falling back to the super-trader list (default 3).
+    pub max_tries: u32,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { max_tries: 3 }
+    }
+}
+
+/// What the caller must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Find the peer closest to `key`; answer with [`Discovery::on_closest`].
+    FindClosest {
+        /// A random key in the request's tier region.
+        key: Vec<u8>,
+    },
+    /// Ask `holder` for the offers it holds; answer with [`Discovery::on_offers`] or
+    /// [`Discovery::on_holder_failed`].
+    AskHolder {
+        /// The peer closest to the probed key.
+        holder: PeerId,
+    },
+    /// Probing found nothing: answer with [`Discovery::on_fallback`] and the offers of
+    /// the super-trader list that fit.
+    Fallback,
+    /// Finished; see [`Discovery::outcome`].
+    Done,
+}
+
+/// One probe of a region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Probe {
+    /// The peer found closest to the key, if any.
+    pub holder: Option<String>,
+    /// Offers it returned.
+    pub offers_seen: usize,
+    /// Of those, offers that fit the request.
+    pub offers_fitting: usize,
+}
+
+/// How a discovery went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// Memory requested, in MiB.
+    pub request_mib: u32,
+    /// The tier probed, in MiB.
+    pub tier_mib: u32,
+    /// The probes made, in order.
+    pub probes: Vec<Probe>,
+    /// Whether the super-trader list was used.
+    pub used_fallback: bool,
+    /// Messages sent: one per lookup and one per holder asked (a Kademlia lookup's own
+    /// messages are counted by the caller).
+    pub messages: u32,
+    /// Time from start to the end, in ms.
+    pub elapsed_ms: u64,
+    /// Number of offers found that fit.
+    pub found: usize,
+    /// Why nothing was found, when nothing was.
+    pub failure: Option<String>,
+}
+
+/// One discovery in progress.
+pub struct Discovery {
+    request_mib: u32,
+    tier: Tier,
+    config: DiscoveryConfig,
+    started_ms: u64,
+    tries: u32,
+    report: Report,
+    found: Vec<SignedOffer>,
+    done: bool,
+}
+
+impl Discovery {
+    /// Starts a discovery for `request_bytes` of memory; fails if no tier is that large.
+    pub fn start<R: RngCore + ?Sized>(
+        now_ms: u64,
+        request_bytes: u64,
+        config: DiscoveryConfig,
+        rng: &mut R,
+    ) -> Result<(Discovery, Step), RegionError> {
+        let tier = Tier::for_request(request_bytes)?;
+        let request_mib =
+            u32::try_from(request_bytes.div_ceil(1024 * 1024)).expect("at most the largest tier");
+        let mut discovery = Discovery {
+            request_mib,
+            tier,
+            config,
+            started_ms: now_ms,
+            tries: 0,
+            report: Report {
+                request_mib,
+                tier_mib: tier.mib(),
+                probes: Vec::new(),
+                used_fallback: false,
+                messages: 0,
+                elapsed_ms: 0,
+                found: 0,
+                failure: None,
+            },
+            found: Vec::new(),
+            done: false,
+        };
+        let step = discovery.next_probe(now_ms, rng);
+        Ok((discovery, step))
+    }
+
+    fn next_probe<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
+        if self.tries >= self.config.max_tries {
+            self.report.used_fallback = true;
+            self.report.elapsed_ms = now_ms - self.started_ms;
+            return Step::Fallback;
+        }
+        self.tries += 1;
+        self.report.messages += 1;
+        self.report.probes.push(Probe {
+            holder: None,
+            offers_seen: 0,
+            offers_fitting: 0,
+        });
+        let (key, _) = self.tier.region().random_key(rng);
+        Step::FindClosest { key }
+    }
+
+    /// The closest peer to the last key (`None` if the lookup found nobody).
+    pub fn on_closest<R: RngCore + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        holder: Option<PeerId>,
+        rng: &mut R,
+    ) -> Step {
+        if self.done {
+            return Step::Done;
+        }
+        match holder {
+            Some(holder) => {
+                if let Some(probe) = self.report.probes.last_mut() {
+                    probe.holder = Some(holder.to_string());
+                }
+                self.report.messages += 1;
+                Step::AskHolder { holder }
+            }
+            None => self.next_probe(now_ms, rng),
+        }
+    }
+
+    /// The offers the holder returned.
+    pub fn on_offers<R: RngCore + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        offers: Vec<SignedOffer>,
+        rng: &mut R,
+    ) -> Step {
+        if self.done {
+            return Step::Done;
+        }
+        let seen = offers.len();
+        let fitting = self.keep_fitting(now_ms, offers);
+        if let Some(probe) = self.report.probes.last_mut() {
+            probe.offers_seen = seen;
+            probe.offers_fitting = fitting.len();
+        }
+        if fitting.is_empty() {
+            return self.next_probe(now_ms, rng);
+        }
+        self.finish(now_ms, fitting, None)
+    }
+
+    /// The holder could not be asked (unreachable, timed out): counts as a probe.
+    pub fn on_holder_failed<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
+        if self.done {
+            return Step::Done;
+        }
+        self.next_probe(now_ms, rng)
+    }
+
+    /// The super-trader list's offers that fit.
+    pub fn on_fallback(&mut self, now_ms: u64, offers: Vec<SignedOffer>) -> Step {
+        if self.done {
+            return Step::Done;
+        }
+        let fitting = self.keep_fitting(now_ms, offers);
+        let failure = fitting.is_empty().then(|| {
+            format!(
+                "no offer with {} MiB free: {} probe(s) of the {} region and the fallback list found none",
+                self.request_mib,
+                self.report.probes.len(),
+                self.tier
+            )
+        });
+        self.finish(now_ms, fitting, failure)
+    }
+
+    fn keep_fitting(&self, now_ms: u64, offers: Vec<SignedOffer>) -> Vec<SignedOffer> {
+        offers
+            .into_iter()
+            .filter(|o| {
+                o.verify().is_ok()
+                    && !o.body.withdrawn
+                    && o.body.expires_at_ms > now_ms
+                    && o.body.free_mib() >= self.request_mib
+            })
+            .collect()
+    }
+
+    fn finish(&mut self, now_ms: u64, found: Vec<SignedOffer>, failure: Option<String>) -> Step {
+        self.done = true;
+        self.report.elapsed_ms = now_ms - self.started_ms;
+        self.report.found = found.len();
+        self.report.failure = failure;
+        self.found = found;
+        Step::Done
+    }
+
+    /// Memory requested, in MiB.
+    pub fn request_mib(&self) -> u32 {
+        self.request_mib
+    }
+
+    /// Once done: the offers found (empty if none) and the report.
+    pub fn outcome(&self) -> Option<(&[SignedOffer], &Report)> {
+        self.done.then_some((self.found.as_slice(), &self.report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::tests::offer;
+    use crate::supertraders::{SuperTraderConfig, SuperTraders};
+    use libp2p::identity::Keypair;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn key_of(step: &Step) -> Vec<u8> {
+        match step {
+            Step::FindClosest { key } => key.clone(),
+            other => panic!("expected FindClosest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_probe_that_finds_a_fitting_offer_ends_discovery() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut d, step) =
+            Discovery::start(0, 300 * MIB, DiscoveryConfig::default(), &mut rng).unwrap();
+        let key = key_of(&step);
+        assert!(
+            Tier::from_mib(512).unwrap().region().contains_key(&key),
+            "smallest tier that fits"
+        );
+        let holder = PeerId::random();
+        assert_eq!(
+            d.on_closest(1, Some(holder), &mut rng),
+            Step::AskHolder { holder }
+        );
+        let k = Keypair::generate_ed25519();
+        let step = d.on_offers(
+            2,
+            vec![offer(&k, 1, 512, 300), offer(&k, 2, 512, 0)],
+            &mut rng,
+        );
+        assert_eq!(step, Step::Done);
+        let (found, report) = d.outcome().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].body.offer_id, 2);
+        assert_eq!(
+            (report.probes.len(), report.used_fallback, report.messages),
+            (1, false, 2)
+        );
+        assert_eq!(report.probes[0].offers_seen, 2);
+        assert_eq!(report.elapsed_ms, 2);
+    }
+
+    #[test]
+    fn after_max_tries_the_fallback_list_is_used() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let config = DiscoveryConfig { max_tries: 3 };
+        let (mut d, mut step) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
+        let mut keys = Vec::new();
+        for t in 0..3 {
+            keys.push(key_of(&step));
+            // An empty holder, an unreachable one, then no holder at all.
+            step = match t {
+                0 => {
+                    d.on_closest(t, Some(PeerId::random()), &mut rng);
+                    d.on_offers(t, Vec::new(), &mut rng)
+                }
+                1 => {
+                    d.on_closest(t, Some(PeerId::random()), &mut rng);
+                    d.on_holder_failed(t, &mut rng)
+                }
+                _ => d.on_closest(t, None, &mut rng),
+            };
+        }
+        assert_eq!(step, Step::Fallback);
+        keys.dedup();
+        assert_eq!(keys.len(), 3, "each probe draws a new key");
+
+        // The fallback holds a larger tier's offer: served from a larger tier.
+        let mut list = SuperTraders::new(SuperTraderConfig::default());
+        let k = Keypair::generate_ed25519();
+        list.notify(3, vec![offer(&k, 7, 2048, 0), offer(&k, 8, 256, 200)]);
+        assert_eq!(
+            d.on_fallback(4, list.fitting(4, d.request_mib())),
+            Step::Done
+        );
+        let (found, report) = d.outcome().unwrap();
+        assert_eq!(
+            found.iter().map(|o| o.body.offer_id).collect::<Vec<_>>(),
+            [7]
+        );
+        assert!(report.used_fallback);
+        assert_eq!(report.probes.len(), 3);
+    }
+
+    #[test]
+    fn an_unsatisfiable_request_fails_with_a_reason() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let config = DiscoveryConfig { max_tries: 1 };
+        let (mut d, _) = Discovery::start(0, 4000 * MIB, config, &mut rng).unwrap();
+        assert_eq!(d.on_closest(0, None, &mut rng), Step::Fallback);
+        d.on_fallback(1, Vec::new());
+        let (found, report) = d.outcome().unwrap();
+        assert!(found.is_empty());
+        let failure = report.failure.as_deref().unwrap();
+        assert!(failure.contains("no offer with 4000 MiB free"), "{failure}");
+        assert!(Discovery::start(0, 10241 * MIB, config, &mut rng).is_err());
+    }
+
+    #[test]
+    fn forged_and_expired_offers_do_not_count() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (mut d, _) =
+            Discovery::start(0, 128 * MIB, DiscoveryConfig { max_tries: 1 }, &mut rng).unwrap();
+        d.on_closest(0, Some(PeerId::random()), &mut rng);
+        let k = Keypair::generate_ed25519();
+        let mut forged = offer(&k, 1, 128, 0);
+        forged.body.offer_id = 2;
+        let expired = offer(&k, 3, 128, 0);
+        assert_eq!(
+            d.on_offers(2_000_000, vec![forged, expired], &mut rng),
+            Step::Fallback
+        );
+    }
+}

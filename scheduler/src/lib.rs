@@ -1,0 +1,14 @@
+//! Flotilla's schedulers, as deterministic state machines handed the time and what
+//! arrived (no sockets, clock or tokio), so the same code runs in the node and in the
+//! discovery simulator.
+//!
+//! * [`discovery`]: Algorithm 2 — random keys in the region of the smallest tier that
+//!   fits a request, the closest peer's offers, up to `max_tries`, then the fallback;
+//! * [`supertraders`]: the super-trader list that offering peers feed, bounded, with a TTL;
+//! * [`placement`]: Algorithm 3 — best fit by default, worst fit and random selectable;
+//! * [`registry`]: the well-known key schedulers announce themselves under.
+
+pub mod discovery;
+pub mod placement;
+pub mod registry;
+pub mod supertraders;
