@@ -6,9 +6,11 @@
 //!   fits a request, the closest peer's offers, up to `max_tries`, then the fallback;
 //! * [`supertraders`]: the super-trader list that offering peers feed, bounded, with a TTL;
 //! * [`placement`]: Algorithm 3 — best fit by default, worst fit and random selectable;
-//! * [`registry`]: the well-known key schedulers announce themselves under.
+//! * [`registry`]: the well-known key schedulers announce themselves under;
+//! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`).
 
 pub mod discovery;
 pub mod placement;
 pub mod registry;
+pub mod sim;
 pub mod supertraders;

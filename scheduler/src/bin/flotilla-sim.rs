@@ -1,0 +1,247 @@
+//! `flotilla-sim`: sweeps the discovery simulator over utilisation, `max_tries` and the
+//! fraction of schedulers, beside the plain-random-probing baseline, and writes
+//! `results.csv` and SVG plots of success rate, probes per request and fallback share.
+#![allow(clippy::print_stdout)]
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_scheduler::sim::{Network, Outcome};
+use plotters::prelude::*;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Simulates discovery over virtual peers (no sockets) and writes CSV and SVG plots.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-sim", version)]
+struct Args {
+    /// Virtual peers
+    #[arg(long, default_value_t = 10_000)]
+    peers: usize,
+    /// Requests per configuration
+    #[arg(long, default_value_t = 1000)]
+    requests: u32,
+    /// Utilisations to sweep (share of lent memory reserved)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.1,0.3,0.5,0.7,0.9,0.95"
+    )]
+    utilisation: Vec<f64>,
+    /// Values of max_tries to sweep
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,5")]
+    max_tries: Vec<u32>,
+    /// Fractions of peers that are schedulers
+    #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1")]
+    schedulers: Vec<f64>,
+    /// Random seed (the same seed gives the same figures)
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory
+    #[arg(long, default_value = "sim-out")]
+    out: PathBuf,
+}
+
+struct Row {
+    utilisation: f64,
+    max_tries: u32,
+    schedulers: f64,
+    mode: &'static str,
+    outcome: Outcome,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.peers >= 2, "--peers must be at least 2");
+    anyhow::ensure!(
+        args.utilisation.iter().all(|u| (0.0..=1.0).contains(u)),
+        "utilisations lie in [0, 1]"
+    );
+    anyhow::ensure!(
+        args.max_tries.iter().all(|&t| t >= 1),
+        "max_tries must be at least 1"
+    );
+    anyhow::ensure!(
+        args.schedulers.iter().all(|f| *f > 0.0 && *f <= 1.0),
+        "scheduler fractions lie in (0, 1]"
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let started = Instant::now();
+    // One network per utilisation, built and swept on its own thread.
+    let mut rows: Vec<Row> = std::thread::scope(|scope| {
+        let workers: Vec<_> = args
+            .utilisation
+            .iter()
+            .enumerate()
+            .map(|(u, &utilisation)| {
+                let args = &args;
+                scope.spawn(move || sweep(args, u, utilisation, started))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("sweeps do not panic"))
+            .collect()
+    });
+    rows.sort_by(|a, b| a.utilisation.total_cmp(&b.utilisation));
+    write_csv(&args, &rows)?;
+    let fraction = args.schedulers[args.schedulers.len() / 2];
+    plot(
+        &args.out.join("success.svg"),
+        "request success rate",
+        &args,
+        &rows,
+        fraction,
+        Outcome::success_rate,
+    )?;
+    plot(
+        &args.out.join("probes.svg"),
+        "probes per request",
+        &args,
+        &rows,
+        fraction,
+        Outcome::probes_per_request,
+    )?;
+    plot(
+        &args.out.join("fallback.svg"),
+        "fallback share",
+        &args,
+        &rows,
+        fraction,
+        Outcome::fallback_share,
+    )?;
+    println!("wrote {} in {:.1?}", args.out.display(), started.elapsed());
+    Ok(())
+}
+
+/// Builds the network at one utilisation and runs every configuration on it.
+fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> {
+    let seed = args.seed.wrapping_mul(1000).wrapping_add(u as u64);
+    let network = Network::build(args.peers, utilisation, seed);
+    let mut rows = Vec::new();
+    for &max_tries in &args.max_tries {
+        let outcome = network.run_baseline(args.requests, max_tries, seed + 1);
+        rows.push(Row {
+            utilisation,
+            max_tries,
+            schedulers: 0.0,
+            mode: "baseline",
+            outcome,
+        });
+        for &fraction in &args.schedulers {
+            let schedulers = network.schedulers(fraction, seed + 2);
+            let outcome = network.run_requests(&schedulers, args.requests, max_tries, seed + 3);
+            rows.push(Row {
+                utilisation,
+                max_tries,
+                schedulers: fraction,
+                mode: "regions",
+                outcome,
+            });
+        }
+    }
+    println!(
+        "utilisation {utilisation:.2}: {} peers, {} live offers, {:.1}% reserved ({:.1?} so far)",
+        network.len(),
+        network.live_offers(),
+        100.0 * network.reserved_mib as f64 / network.lent_mib as f64,
+        started.elapsed()
+    );
+    rows
+}
+
+fn write_csv(args: &Args, rows: &[Row]) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "peers,requests,seed,utilisation,max_tries,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
+    );
+    for r in rows {
+        let o = &r.outcome;
+        writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
+            args.peers,
+            args.requests,
+            args.seed,
+            r.utilisation,
+            r.max_tries,
+            r.schedulers,
+            r.mode,
+            o.success_rate(),
+            o.probes_per_request(),
+            o.fallback_share(),
+            o.messages_per_placement()
+        )?;
+    }
+    let path = args.out.join("results.csv");
+    std::fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// One chart against utilisation: a line per max_tries with regions and fallback (at
+/// scheduler fraction `fraction`), dashed-colour lines for the baseline.
+fn plot(
+    path: &Path,
+    title: &str,
+    args: &Args,
+    rows: &[Row],
+    fraction: f64,
+    metric: fn(&Outcome) -> f64,
+) -> anyhow::Result<()> {
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (760, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let y_max = rows
+            .iter()
+            .map(|r| metric(&r.outcome))
+            .fold(1.0f64, f64::max)
+            * 1.05;
+        let caption = format!(
+            "{title} — {} peers, {:.0}% schedulers",
+            args.peers,
+            fraction * 100.0
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..1f64, 0f64..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("utilisation")
+            .y_desc(title)
+            .draw()?;
+        for (i, &max_tries) in args.max_tries.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            for (mode, filled) in [("regions", true), ("baseline", false)] {
+                let points: Vec<(f64, f64)> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.max_tries == max_tries
+                            && r.mode == mode
+                            && (mode == "baseline" || r.schedulers == fraction)
+                    })
+                    .map(|r| (r.utilisation, metric(&r.outcome)))
+                    .collect();
+                let style = ShapeStyle {
+                    color,
+                    filled,
+                    stroke_width: if filled { 2 } else { 1 },
+                };
+                chart
+                    .draw_series(LineSeries::new(points.clone(), style).point_size(3))?
+                    .label(format!("{mode}, max_tries {max_tries}"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            }
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
+}
