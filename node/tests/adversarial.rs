@@ -11,14 +11,18 @@ use flotilla_overlay::block::{Block, RAW};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use std::time::Duration;
 
-/// Makes `peer` answer every want-have with HAVE and every want-block with bytes that
-/// are not the block asked for.
-fn serve_forgeries(peer: &mut RawPeer) {
+/// Makes `peer` answer wants as `script` says: for each want-block, the block to send
+/// (`None`: stay silent); want-haves get HAVE whenever the script has a block for them.
+fn serve_scripted<F>(peer: &mut RawPeer, script: F)
+where
+    F: Fn(&WantEntry) -> Option<ReceivedBlock> + Send + Sync + 'static,
+{
     let mut incoming = peer.control.accept(PROTOCOL).unwrap();
     let control = peer.control.clone();
+    let script = std::sync::Arc::new(script);
     tokio::spawn(async move {
         while let Some((from, mut stream)) = incoming.next().await {
-            let mut control = control.clone();
+            let (mut control, script) = (control.clone(), script.clone());
             tokio::spawn(async move {
                 let mut reply = control.open_stream(from, PROTOCOL).await.unwrap();
                 while let Ok(Some(frame)) =
@@ -27,13 +31,10 @@ fn serve_forgeries(peer: &mut RawPeer) {
                     let msg = Message::decode(frame, 1024).unwrap();
                     let mut answer = Message::default();
                     for want in msg.wants.iter().filter(|w| !w.cancel) {
+                        let Some(block) = script(want) else { continue };
                         match want.want_type {
                             WantType::Have => answer.presences.push((want.cid, Presence::Have)),
-                            WantType::Block => {
-                                let forged = Bytes::from(format!("not {}", want.cid));
-                                let cid = *Block::encode(RAW, forged.clone()).unwrap().cid();
-                                answer.blocks.push(ReceivedBlock { cid, data: forged });
-                            }
+                            WantType::Block => answer.blocks.push(block),
                         }
                     }
                     if !answer.is_empty()
@@ -46,6 +47,15 @@ fn serve_forgeries(peer: &mut RawPeer) {
                 }
             });
         }
+    });
+}
+
+/// Makes `peer` claim every block and send, for each, bytes that are not the block.
+fn serve_forgeries(peer: &mut RawPeer) {
+    serve_scripted(peer, |want| {
+        let forged = Bytes::from(format!("not {}", want.cid));
+        let cid = *Block::encode(RAW, forged.clone()).unwrap().cid();
+        Some(ReceivedBlock { cid, data: forged })
     });
 }
 
@@ -196,45 +206,12 @@ fn serve_with_raw_prefixes(
     peer: &mut RawPeer,
     blocks: std::collections::HashMap<flotilla_overlay::Cid, Bytes>,
 ) {
-    let mut incoming = peer.control.accept(PROTOCOL).unwrap();
-    let control = peer.control.clone();
-    let blocks = std::sync::Arc::new(blocks);
-    tokio::spawn(async move {
-        while let Some((from, mut stream)) = incoming.next().await {
-            let (mut control, blocks) = (control.clone(), blocks.clone());
-            tokio::spawn(async move {
-                let mut reply = control.open_stream(from, PROTOCOL).await.unwrap();
-                while let Ok(Some(frame)) =
-                    wire::read_frame(&mut stream, wire::MAX_MESSAGE_SIZE).await
-                {
-                    let msg = Message::decode(frame, 1024).unwrap();
-                    let mut answer = Message::default();
-                    for want in msg.wants.iter().filter(|w| !w.cancel) {
-                        let Some(data) = blocks.get(&want.cid) else {
-                            continue;
-                        };
-                        match want.want_type {
-                            WantType::Have => answer.presences.push((want.cid, Presence::Have)),
-                            WantType::Block => {
-                                let relabelled =
-                                    flotilla_overlay::Cid::new_v1(RAW, *want.cid.hash());
-                                answer.blocks.push(ReceivedBlock {
-                                    cid: relabelled,
-                                    data: data.clone(),
-                                });
-                            }
-                        }
-                    }
-                    if !answer.is_empty()
-                        && wire::write_frame(&mut reply, &answer.encode())
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
+    serve_scripted(peer, move |want| {
+        let data = blocks.get(&want.cid)?.clone();
+        Some(ReceivedBlock {
+            cid: flotilla_overlay::Cid::new_v1(RAW, *want.cid.hash()),
+            data,
+        })
     });
 }
 

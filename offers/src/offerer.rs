@@ -731,14 +731,15 @@ mod tests {
         ));
     }
 
-    /// Publishes every offer of `offerer` to `holder`, returning their keys by offer id.
+    /// Publishes every offer of `offerer` to `holder`, returning each offer's key and
+    /// signed offer by offer id.
     fn publish_all(
         offerer: &mut Offerer,
         holder: &mut Holder,
         holder_id: PeerId,
         rng: &mut StdRng,
-    ) -> std::collections::HashMap<u64, Vec<u8>> {
-        let mut keys = std::collections::HashMap::new();
+    ) -> std::collections::HashMap<u64, (Vec<u8>, SignedOffer)> {
+        let mut published = std::collections::HashMap::new();
         for action in offerer.poll(0, rng).unwrap() {
             let Action::FindHolder { offer_id, .. } = action else {
                 panic!()
@@ -754,7 +755,7 @@ mod tests {
                     )
                     .unwrap(),
             );
-            holder.receive(0, &key, offer).unwrap();
+            holder.receive(0, &key, offer.clone()).unwrap();
             offerer
                 .on_event(
                     0,
@@ -764,9 +765,9 @@ mod tests {
                     },
                 )
                 .unwrap();
-            keys.insert(offer_id, key);
+            published.insert(offer_id, (key, offer));
         }
-        keys
+        published
     }
 
     #[test]
@@ -851,34 +852,10 @@ mod tests {
         let mut offerer = offerer(256 + 128);
         let mut holder = Holder::new(HolderConfig::default());
         let holder_id = PeerId::random();
-        let mut offers = Vec::new();
-        for action in offerer.poll(0, &mut rng).unwrap() {
-            let Action::FindHolder { offer_id, .. } = action else {
-                panic!()
-            };
-            let (_, key, offer) = sent(
-                &offerer
-                    .on_event(
-                        0,
-                        Event::HolderFound {
-                            offer_id,
-                            holder: holder_id,
-                        },
-                    )
-                    .unwrap(),
-            );
-            holder.receive(0, &key, offer.clone()).unwrap();
-            offerer
-                .on_event(
-                    0,
-                    Event::Delivered {
-                        offer_id,
-                        holder: holder_id,
-                    },
-                )
-                .unwrap();
-            offers.push((key, offer));
-        }
+        let offers: Vec<(Vec<u8>, SignedOffer)> =
+            publish_all(&mut offerer, &mut holder, holder_id, &mut rng)
+                .into_values()
+                .collect();
         assert_eq!(holder.live(1).count(), 2);
         let withdrawals = offerer.withdraw_all(1).unwrap();
         assert_eq!(withdrawals.len(), 2);
