@@ -153,3 +153,58 @@ async fn nodes_speaking_only_quic_exchange_a_file() {
     second.stop().await;
     first.stop().await;
 }
+
+/// Protobuf helpers to write a dag-pb node by hand.
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn field(tag: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(tag << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dag_with_an_inlined_identity_block_is_fetched_and_read() {
+    use flotilla_overlay::block::{Block, DAG_PB, IDENTITY, RAW};
+    let (_dir, nodes) = network(2).await;
+    // A UnixFS file node over two leaves: an identity CID carrying "inline:" in itself,
+    // and an ordinary raw block.
+    let inline = flotilla_overlay::Cid::new_v1(
+        RAW,
+        multihash::Multihash::wrap(IDENTITY, b"inline:").unwrap(),
+    );
+    let leaf = Block::encode(RAW, bytes::Bytes::from_static(b" and fetched")).unwrap();
+    let mut node = Vec::new();
+    for (cid, size) in [(inline, 7u64), (*leaf.cid(), 12)] {
+        let mut link = Vec::new();
+        field(1, &cid.to_bytes(), &mut link);
+        field(2, b"", &mut link);
+        varint(3 << 3, &mut link);
+        varint(size, &mut link);
+        field(2, &link, &mut node);
+    }
+    let mut unixfs = vec![0x08, 0x02, 0x18, 19]; // Type = File, filesize = 19
+    for size in [7u8, 12] {
+        unixfs.extend_from_slice(&[0x20, size]); // blocksizes
+    }
+    field(1, &unixfs, &mut node);
+    let root = Block::encode(DAG_PB, bytes::Bytes::from(node)).unwrap();
+    nodes[0].overlay().store().put(&root).unwrap();
+    nodes[0].overlay().store().put(&leaf).unwrap();
+
+    let (fetched, progress) = fetch(&nodes[1], *root.cid()).await;
+    assert_eq!(fetched, b"inline: and fetched");
+    assert_eq!(
+        progress.fetched_blocks, 2,
+        "the inlined block is never wanted"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -15,6 +15,8 @@ pub const RAW: u64 = 0x55;
 pub const DAG_PB: u64 = 0x70;
 /// Multihash code of sha2-256.
 pub const SHA2_256: u64 = 0x12;
+/// Multihash code of the identity "hash": the data itself, inlined in the CID.
+pub const IDENTITY: u64 = 0x00;
 /// The largest block we accept from anyone (the IPFS convention).
 pub const MAX_BLOCK_SIZE: usize = 2 * 1024 * 1024;
 
@@ -57,6 +59,12 @@ impl Block {
         if data.len() > MAX_BLOCK_SIZE {
             return Err(BlockError::TooLarge { size: data.len() });
         }
+        if cid.hash().code() == IDENTITY {
+            if cid.hash().digest() != data.as_ref() {
+                return Err(BlockError::HashMismatch(cid));
+            }
+            return Ok(Block { cid, data });
+        }
         if cid.hash().code() != SHA2_256 || cid.hash().size() != 32 {
             return Err(BlockError::UnsupportedHash(cid));
         }
@@ -64,6 +72,15 @@ impl Block {
             return Err(BlockError::HashMismatch(cid));
         }
         Ok(Block { cid, data })
+    }
+
+    /// The block an identity CID names: its data is inlined in the CID itself (as
+    /// `ipfs add --inline` makes), so it never needs fetching. `None` for other CIDs.
+    pub fn inlined(cid: &Cid) -> Option<Block> {
+        (cid.hash().code() == IDENTITY).then(|| Block {
+            cid: *cid,
+            data: Bytes::copy_from_slice(cid.hash().digest()),
+        })
     }
 
     /// Wraps bytes whose CID was computed from their hash by the caller (the bitswap
@@ -115,6 +132,17 @@ mod tests {
     }
 
     #[test]
+    fn identity_cids_carry_their_block() {
+        let cid = Cid::new_v1(RAW, Multihash::wrap(IDENTITY, b"inline").unwrap());
+        let block = Block::inlined(&cid).unwrap();
+        assert_eq!(block.data(), &Bytes::from_static(b"inline"));
+        assert!(Block::verified(cid, Bytes::from_static(b"inline")).is_ok());
+        assert!(Block::verified(cid, Bytes::from_static(b"other")).is_err());
+        let sha = Block::encode(RAW, Bytes::from_static(b"x")).unwrap();
+        assert!(Block::inlined(sha.cid()).is_none());
+    }
+
+    #[test]
     fn oversize_and_foreign_hashes_are_refused() {
         let big = Bytes::from(vec![0u8; MAX_BLOCK_SIZE + 1]);
         assert_eq!(
@@ -123,10 +151,10 @@ mod tests {
                 size: MAX_BLOCK_SIZE + 1
             }
         );
-        let identity = Cid::new_v1(RAW, Multihash::wrap(0x00, b"abc").unwrap());
+        let blake3 = Cid::new_v1(RAW, Multihash::wrap(0x1e, &[0u8; 32]).unwrap());
         assert_eq!(
-            Block::verified(identity, Bytes::from_static(b"abc")).unwrap_err(),
-            BlockError::UnsupportedHash(identity)
+            Block::verified(blake3, Bytes::from_static(b"abc")).unwrap_err(),
+            BlockError::UnsupportedHash(blake3)
         );
     }
 

@@ -8,7 +8,8 @@
 //! inodes were recently deleted.) Every read is verified against the CID; a block
 //! that fails (a disk fault, a power cut before the kernel flushed it) is deleted and
 //! reported missing, so it is fetched again rather than served. Blocks are keyed by
-//! multihash, so a CIDv0 and a CIDv1 of the same bytes share one file, as in IPFS.
+//! multihash, so a CIDv0 and a CIDv1 of the same bytes share one file, as in IPFS. Blocks
+//! of identity CIDs (data inlined in the CID) are always "held" and never written.
 
 use crate::block::{Block, BlockError};
 use bytes::Bytes;
@@ -129,11 +130,15 @@ impl Blockstore {
 
     /// Whether the store holds a block with this CID's multihash.
     pub fn has(&self, cid: &Cid) -> bool {
-        self.path_of(cid).exists()
+        Block::inlined(cid).is_some() || self.path_of(cid).exists()
     }
 
-    /// Stores a verified block. Storing a block that is already there is a no-op.
+    /// Stores a verified block. Storing a block that is already there is a no-op, and so is
+    /// storing a block an identity CID carries inline.
     pub fn put(&self, block: &Block) -> Result<(), StoreError> {
+        if Block::inlined(block.cid()).is_some() {
+            return Ok(());
+        }
         let path = self.path_of(block.cid());
         let stripe = stripe_of(block.cid());
         let _writing = self.inner.write_locks[stripe]
@@ -182,6 +187,9 @@ impl Blockstore {
     /// Reads and verifies a block; `Ok(None)` if it is absent (or was found corrupt and
     /// has been removed).
     pub fn get(&self, cid: &Cid) -> Result<Option<Block>, StoreError> {
+        if let Some(block) = Block::inlined(cid) {
+            return Ok(Some(block));
+        }
         let path = self.path_of(cid);
         let data = match fs::read(&path) {
             Ok(data) => Bytes::from(data),
@@ -317,6 +325,20 @@ mod tests {
         assert_eq!(store.list().unwrap(), vec![*block.cid().hash()]);
         store.remove(block.cid()).unwrap();
         assert!(!store.has(block.cid()));
+        assert_eq!(store.stats().blocks, 0);
+    }
+
+    #[test]
+    fn identity_blocks_are_held_without_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+        let cid = Cid::new_v1(
+            RAW,
+            Multihash::wrap(crate::block::IDENTITY, b"tiny").unwrap(),
+        );
+        assert!(store.has(&cid));
+        let block = store.get(&cid).unwrap().unwrap();
+        store.put(&block).unwrap();
         assert_eq!(store.stats().blocks, 0);
     }
 
