@@ -81,7 +81,10 @@ async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver
         let (msg, rest) = merge_queued(first, &mut rx, strong.config.response_budget);
         held = rest;
         if !write(&strong, peer, &mut stream, &msg).await {
+            // Unreachable: our wants to it fail, and its wantlist goes (a message that
+            // arrived after it disconnected must not leave a ledger behind).
             client::fail_peer(&strong, &peer, WantError::Unreachable);
+            super::server::forget_peer(&strong, &peer);
             // Whatever else is queued would meet the same fate; drop it and end.
             rx.close();
             closing = true;
