@@ -32,6 +32,34 @@ pub struct OffererConfig {
     /// How long a holder lookup or a delivery may take before trying elsewhere, in ms
     /// (default 5 s).
     pub answer_timeout_ms: u64,
+    /// How the memory is cut into offers (default [`Slicing::Largest`]).
+    pub slicing: Slicing,
+}
+
+/// How a volunteer's memory is cut into offers ("virtual nodes").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Slicing {
+    /// The largest tier that fits, again and again: 3000 MiB → 2048, 512, 256, 128. Every
+    /// volunteer can serve requests up to its whole memory, but small tiers get few offers.
+    #[default]
+    Largest,
+    /// The largest tier within half of what is left (all of it below 256 MiB): 2048 MiB →
+    /// 1024, 512, 256, 128, 128. Offers in every tier below a volunteer's memory, at the
+    /// cost of its largest offer being at most half of it.
+    Halving,
+}
+
+impl std::str::FromStr for Slicing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Slicing, String> {
+        match s {
+            "largest" => Ok(Slicing::Largest),
+            "halving" => Ok(Slicing::Halving),
+            other => Err(format!("unknown slicing '{other}' (largest, halving)")),
+        }
+    }
 }
 
 impl OffererConfig {
@@ -43,6 +71,7 @@ impl OffererConfig {
             ttl_ms: 60_000,
             refresh_margin_ms: 20_000,
             answer_timeout_ms: 5_000,
+            slicing: Slicing::Largest,
         }
     }
 }
@@ -204,12 +233,16 @@ pub struct Offerer {
     reservations: std::collections::BTreeMap<u64, Reservation>,
 }
 
-/// Cuts `memory_mib` into offers, largest tier first; what is left below the smallest
-/// tier is not offered.
-pub fn slice(memory_mib: u64) -> Vec<Tier> {
+/// Cuts `memory_mib` into offers, largest first; what is left below the smallest tier is
+/// not offered.
+pub fn slice(memory_mib: u64, slicing: Slicing) -> Vec<Tier> {
     let mut left = memory_mib;
     let mut tiers = Vec::new();
-    while let Some(tier) = Tier::largest_within(left) {
+    let budget = |left: u64| match slicing {
+        Slicing::Halving if left >= 256 => left / 2,
+        _ => left,
+    };
+    while let Some(tier) = Tier::largest_within(budget(left)) {
         tiers.push(tier);
         left -= u64::from(tier.mib());
     }
@@ -220,7 +253,7 @@ impl Offerer {
     /// An offerer for `config.memory_mib` MiB; offer ids start at `first_offer_id` (pick
     /// it at random, so ids do not repeat across restarts).
     pub fn new(keypair: Keypair, config: OffererConfig, first_offer_id: u64) -> Offerer {
-        let slots = slice(config.memory_mib)
+        let slots = slice(config.memory_mib, config.slicing)
             .into_iter()
             .enumerate()
             .map(|(i, tier)| Slot {
@@ -612,11 +645,26 @@ mod tests {
 
     #[test]
     fn memory_is_sliced_largest_tier_first() {
-        let mibs = |m| slice(m).iter().map(|t| t.mib()).collect::<Vec<_>>();
+        let mibs = |m| {
+            slice(m, Slicing::Largest)
+                .iter()
+                .map(|t| t.mib())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(mibs(2048), [2048]);
         assert_eq!(mibs(3000), [2048, 512, 256, 128]);
         assert_eq!(mibs(100), Vec::<u32>::new());
         assert_eq!(mibs(25_000), [10240, 10240, 4096, 256, 128]);
+        let halves = |m| {
+            slice(m, Slicing::Halving)
+                .iter()
+                .map(|t| t.mib())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(halves(2048), [1024, 512, 256, 128, 128]);
+        assert_eq!(halves(256), [128, 128]);
+        assert_eq!(halves(200), [128]);
+        assert_eq!(halves(10240), [4096, 2048, 2048, 1024, 512, 256, 128, 128]);
     }
 
     #[test]

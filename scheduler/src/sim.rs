@@ -15,7 +15,7 @@ use crate::discovery::{Discovery, DiscoveryConfig, Step};
 use crate::supertraders::{SuperTraderConfig, SuperTraders};
 use flotilla_offers::holder::{Holder, HolderConfig};
 use flotilla_offers::offer::SignedOffer;
-use flotilla_offers::offerer::{Action, Event, Offerer, OffererConfig};
+use flotilla_offers::offerer::{Action, Event, Offerer, OffererConfig, Slicing};
 use flotilla_overlay::regions::{Tier, hash_key};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -130,7 +130,7 @@ pub fn lookup_messages(peers: usize) -> u64 {
 impl Network {
     /// Builds `peers` peers lending memory drawn from [`LENT_MEMORY`], publishes their
     /// offers (region-keyed and baseline), and reserves memory until `utilisation`.
-    pub fn build(peers: usize, utilisation: f64, seed: u64) -> Network {
+    pub fn build(peers: usize, utilisation: f64, slicing: Slicing, seed: u64) -> Network {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut list = Vec::with_capacity(peers);
         let mut lent_mib = 0;
@@ -142,7 +142,10 @@ impl Network {
             lent_mib += memory;
             let offerer = Offerer::new(
                 keypair,
-                OffererConfig::new(memory, Vec::new()),
+                OffererConfig {
+                    slicing,
+                    ..OffererConfig::new(memory, Vec::new())
+                },
                 (i as u64) << 16,
             );
             let holder = Holder::new(HolderConfig {
@@ -447,7 +450,7 @@ mod tests {
 
     #[test]
     fn the_trie_walk_finds_the_xor_closest_peer() {
-        let network = Network::build(200, 0.0, 11);
+        let network = Network::build(200, 0.0, Slicing::Largest, 11);
         let mut rng = StdRng::seed_from_u64(12);
         for _ in 0..500 {
             let key = hash_key(&rand_bytes(&mut rng));
@@ -461,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_lightly_used_network_serves_every_request_and_a_full_one_none() {
-        let network = Network::build(300, 0.3, 1);
+        let network = Network::build(300, 0.3, Slicing::Largest, 1);
         assert!(
             network.live_offers() >= 150,
             "{} offers live",
@@ -475,7 +478,7 @@ mod tests {
         assert_eq!(outcome.successes, 200, "{outcome:?}");
         assert!(outcome.probes_per_request() <= 3.0);
 
-        let full = Network::build(100, 1.0, 4);
+        let full = Network::build(100, 1.0, Slicing::Largest, 4);
         let schedulers = full.schedulers(0.05, 5);
         let outcome = full.run_requests(&schedulers, 50, 3, 6);
         assert!(outcome.success_rate() < 0.5, "{outcome:?}");
@@ -488,7 +491,7 @@ mod tests {
     #[test]
     fn the_same_seed_gives_the_same_figures() {
         let run = || {
-            let network = Network::build(120, 0.5, 7);
+            let network = Network::build(120, 0.5, Slicing::Halving, 7);
             let schedulers = network.schedulers(0.1, 8);
             (
                 network.run_requests(&schedulers, 100, 2, 9),

@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use flotilla_offers::offerer::Slicing;
 use flotilla_scheduler::sim::{Network, Outcome};
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -34,6 +35,9 @@ struct Args {
     /// Fractions of peers that are schedulers
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1")]
     schedulers: Vec<f64>,
+    /// How volunteers slice their memory into offers: largest or halving
+    #[arg(long, default_value = "largest")]
+    slicing: Slicing,
     /// Random seed (the same seed gives the same figures)
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -118,7 +122,7 @@ fn main() -> anyhow::Result<()> {
 /// Builds the network at one utilisation and runs every configuration on it.
 fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> {
     let seed = args.seed.wrapping_mul(1000).wrapping_add(u as u64);
-    let network = Network::build(args.peers, utilisation, seed);
+    let network = Network::build(args.peers, utilisation, args.slicing, seed);
     let mut rows = Vec::new();
     for &max_tries in &args.max_tries {
         let outcome = network.run_baseline(args.requests, max_tries, seed + 1);
@@ -153,16 +157,17 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
 
 fn write_csv(args: &Args, rows: &[Row]) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "peers,requests,seed,utilisation,max_tries,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
+        "peers,requests,seed,slicing,utilisation,max_tries,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
     );
     for r in rows {
         let o = &r.outcome;
         writeln!(
             csv,
-            "{},{},{},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
+            "{},{},{},{:?},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
             args.peers,
             args.requests,
             args.seed,
+            args.slicing,
             r.utilisation,
             r.max_tries,
             r.schedulers,
