@@ -178,7 +178,8 @@ pub async fn fetch_dag(
         in_flight: Mutex::new(HashMap::new()),
         per_peer: config.per_peer_window.max(1),
     });
-    let mut finder: Option<tokio::task::JoinHandle<()>> = None;
+    // The provider search runs beside the fetch and stops with it, however it ends.
+    let mut finder: Option<AbortOnDrop> = None;
 
     let mut queue = VecDeque::from([root]);
     let mut seen = HashSet::from([root]);
@@ -194,11 +195,11 @@ pub async fn fetch_dag(
             }
             if finder.is_none() {
                 probe_connected(network, bitswap, root, &session, config.probe_timeout).await;
-                finder = Some(tokio::spawn(find_providers(
+                finder = Some(AbortOnDrop(tokio::spawn(find_providers(
                     network.clone(),
                     root,
                     session.clone(),
-                )));
+                ))));
             }
             index += 1;
             in_flight.push(fetch_block(bitswap, &session, cid, index, config));
@@ -216,10 +217,17 @@ pub async fn fetch_dag(
             break Err(e);
         }
     };
-    if let Some(finder) = finder {
-        finder.abort();
-    }
+    drop(finder);
     result
+}
+
+/// A task that is stopped when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Queues the children of `block` not seen before, refusing DAGs over the block limit.
