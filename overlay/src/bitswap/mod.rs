@@ -46,8 +46,8 @@ pub struct BitswapConfig {
     /// Most entries we keep in one peer's wantlist, and most wants we have out to one peer
     /// (default 1024).
     pub max_wants_per_peer: usize,
-    /// Bytes of blocks we put in one response message (default 2 MiB; a larger block
-    /// goes alone).
+    /// Bytes of blocks a peer's sender merges into one outgoing message (default 2 MiB; a
+    /// larger block goes alone).
     pub response_budget: usize,
     /// Most inbound bitswap streams served at once, from all peers (default 1024).
     pub max_inbound_streams: usize,
