@@ -103,10 +103,10 @@ pub struct SignedOffer {
     /// What is offered.
     pub body: OfferBody,
     /// The offerer's public key, protobuf-encoded as libp2p does.
-    #[serde(with = "serde_bytes_vec")]
+    #[serde(with = "cbor_bytes")]
     pub public_key: Vec<u8>,
     /// The signature over the tag and the CBOR body.
-    #[serde(with = "serde_bytes_vec")]
+    #[serde(with = "cbor_bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -157,15 +157,18 @@ impl SignedOffer {
     }
 }
 
-/// Byte strings as CBOR byte strings rather than arrays of numbers.
-mod serde_bytes_vec {
+/// Byte strings as CBOR byte strings rather than arrays of numbers: use with
+/// `#[serde(with = "flotilla_offers::offer::cbor_bytes")]` on a `Vec<u8>`.
+pub mod cbor_bytes {
     use serde::de::Visitor;
     use serde::{Deserializer, Serializer};
 
+    /// Writes `bytes` as a byte string.
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(bytes)
     }
 
+    /// Reads a byte string.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         d.deserialize_byte_buf(BytesVisitor)
     }

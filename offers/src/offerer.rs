@@ -165,10 +165,12 @@ struct Slot {
     in_use_mib: u32,
     seq: u64,
     state: State,
+    /// The version last signed for a holder (not a withdrawal).
+    latest: Option<SignedOffer>,
 }
 
 /// Memory set aside on one offer for one invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     /// The caller's id for it; reserving again with the same id returns it unchanged.
     pub reservation_id: u64,
@@ -263,6 +265,7 @@ impl Offerer {
                 in_use_mib: 0,
                 seq: 0,
                 state: State::Idle,
+                latest: None,
             })
             .collect();
         Offerer {
@@ -362,6 +365,7 @@ impl Offerer {
         self.slots[i].seq += 1;
         let offer = self.sign(&self.slots[i], expires_at_ms, false)?;
         let slot = &mut self.slots[i];
+        slot.latest = Some(offer.clone());
         slot.state = State::Sending {
             key: key.clone(),
             holder,
@@ -582,6 +586,17 @@ impl Offerer {
             .min()
     }
 
+    /// The signed offers that have memory free and are with a holder (or on their way to
+    /// one), as last sent: what this volunteer tells a scheduler's super-trader list.
+    pub fn current_offers(&self, now_ms: u64) -> Vec<SignedOffer> {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, State::Sending { .. } | State::Published { .. }))
+            .filter_map(|s| s.latest.clone())
+            .filter(|o| o.body.free_mib() > 0 && o.body.expires_at_ms > now_ms)
+            .collect()
+    }
+
     /// Where every offer stands.
     pub fn sent(&self) -> Vec<SentOffer> {
         self.slots
@@ -701,6 +716,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(offerer.sent()[0].state, "published");
+        // What the super-trader feed reports: the version the holder has.
+        assert_eq!(offerer.current_offers(20), vec![offer.clone()]);
+        assert!(offerer.current_offers(offer.body.expires_at_ms).is_empty());
 
         // Nothing to do until the refresh margin; then a newer version to the same holder.
         let wakeup = offerer.next_wakeup().unwrap();

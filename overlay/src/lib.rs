@@ -7,6 +7,7 @@
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
+//! * [`rpc`]: bounded request-response messages for the protocols built on the overlay;
 //! * [`record_store`]: Kademlia's store, our provider records apart from others';
 //! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
 //! * [`service`]: [`Overlay`], all of the above as one running peer.
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod network;
 pub mod record_store;
 pub mod regions;
+pub mod rpc;
 pub mod service;
 pub mod unixfs;
 

@@ -1,17 +1,20 @@
 //! The libp2p swarm and the one task that owns it.
 //!
 //! The behaviour combines connection limits, Kademlia (`/ipfs/kad/1.0.0`, server mode),
-//! identify, ping, mDNS (optional) and `libp2p-stream` (for bitswap). One event loop owns
-//! the swarm; the cloneable [`Network`] handle sends it [`Command`]s that carry their
-//! reply channels, and pending replies are kept by Kademlia query id.
+//! identify, ping, mDNS (optional), `libp2p-stream` (for bitswap) and request-response
+//! (for the offer protocols, see [`crate::rpc`]). One event loop owns the swarm; the
+//! cloneable [`Network`] handle sends it [`Command`]s that carry their reply channels, and
+//! pending replies are kept by Kademlia query id or request id.
 
 use crate::bitswap::Bitswap;
 use crate::record_store::SplitStore;
+use crate::rpc::{self, BytesCodec, InboundRequest, RpcError};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::kad::{self, GetClosestPeersError, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
 use libp2p::{
@@ -43,6 +46,10 @@ pub struct NetworkConfig {
     /// Time allowed for startup steps (listening, reaching a bootstrap peer) and for a
     /// Kademlia query.
     pub timeout: Duration,
+    /// Longest a request-response request may wait for its answer.
+    pub request_timeout: Duration,
+    /// Inbound requests queued for the application before more are dropped.
+    pub inbound_queue: usize,
 }
 
 impl Default for NetworkConfig {
@@ -55,6 +62,8 @@ impl Default for NetworkConfig {
             max_provided_keys: 65_536,
             max_other_provider_keys: 65_536,
             timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            inbound_queue: 256,
         }
     }
 }
@@ -108,6 +117,16 @@ struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
+    rpc: request_response::Behaviour<BytesCodec>,
+}
+
+/// The peers a Kademlia lookup found closest to a key.
+#[derive(Debug, Clone, Default)]
+pub struct ClosestPeers {
+    /// Closest first; never ourselves.
+    pub peers: Vec<PeerId>,
+    /// Kademlia requests the lookup sent.
+    pub requests: u32,
 }
 
 /// Requests to the event loop.
@@ -119,6 +138,16 @@ enum Command {
     StartProviding {
         key: RecordKey,
         done: oneshot::Sender<Result<(), NetworkError>>,
+    },
+    GetClosestPeers {
+        key: Vec<u8>,
+        reply: oneshot::Sender<ClosestPeers>,
+    },
+    Request {
+        peer: PeerId,
+        addresses: Vec<Multiaddr>,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -132,6 +161,7 @@ enum Command {
 enum PendingQuery {
     Providers(mpsc::Sender<PeerId>),
     Provide(oneshot::Sender<Result<(), NetworkError>>),
+    Closest(oneshot::Sender<ClosestPeers>),
 }
 
 /// A handle to the running swarm; clones share it.
@@ -147,6 +177,8 @@ pub struct StartingNetwork {
     /// The stream-protocol control bitswap is built on.
     pub control: libp2p_stream::Control,
     commands: mpsc::Receiver<Command>,
+    responses: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    inbound: Option<mpsc::Receiver<InboundRequest>>,
     handle: Network,
 }
 
@@ -176,13 +208,18 @@ impl Network {
             commands: tx,
             local_peer_id: *swarm.local_peer_id(),
         };
+        let (inbound_tx, inbound) = mpsc::channel(config.inbound_queue.max(1));
+        let (respond, responses) = mpsc::channel(256);
         let mut event_loop = EventLoop {
             swarm,
             queries: HashMap::new(),
+            requests: HashMap::new(),
             connected: HashSet::new(),
             bitswap: None,
             timeout: config.timeout,
             metrics,
+            inbound: inbound_tx,
+            respond,
         };
         let deadline = tokio::time::sleep(config.timeout);
         tokio::pin!(deadline);
@@ -209,6 +246,8 @@ impl Network {
             event_loop,
             control,
             commands,
+            responses,
+            inbound: Some(inbound),
             handle,
         })
     }
@@ -244,6 +283,53 @@ impl Network {
         rx.await.map_err(|_| NetworkError::Stopped)?
     }
 
+    /// The peers a Kademlia lookup finds closest to `key` (closest first, never
+    /// ourselves); an empty list if the lookup found nobody.
+    pub async fn closest_peers(&self, key: Vec<u8>) -> Result<ClosestPeers, NetworkError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::GetClosestPeers { key, reply }).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// The peer closest to `key` by Kademlia's XOR distance, ourselves included: the peer
+    /// responsible for the key. Also returns how many Kademlia requests the lookup sent.
+    pub async fn responsible_peer(&self, key: Vec<u8>) -> Result<(PeerId, u32), NetworkError> {
+        let target = kad::KBucketKey::new(key.clone());
+        let found = self.closest_peers(key).await?;
+        let me = self.local_peer_id;
+        let closest = found
+            .peers
+            .iter()
+            .copied()
+            .chain(std::iter::once(me))
+            .min_by_key(|p| kad::KBucketKey::from(*p).distance(&target))
+            .unwrap_or(me);
+        Ok((closest, found.requests))
+    }
+
+    /// Sends a request on [`rpc::PROTOCOL`] to `peer`, dialling `addresses` if needed,
+    /// and waits for the response (at most the configured request timeout).
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        addresses: Vec<Multiaddr>,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, RpcError> {
+        if peer == self.local_peer_id {
+            return Err(RpcError::ToSelf);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request {
+            peer,
+            addresses,
+            bytes,
+            reply,
+        })
+        .await
+        .map_err(|_| RpcError::Stopped)?;
+        rx.await.map_err(|_| RpcError::Stopped)?
+    }
+
     /// The peers we are connected to.
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
         let (reply, rx) = oneshot::channel();
@@ -275,6 +361,12 @@ impl StartingNetwork {
         *self.event_loop.swarm.local_peer_id()
     }
 
+    /// The queue of requests other peers send us on [`rpc::PROTOCOL`]; `None` after the
+    /// first call. While nobody takes it, such requests are dropped.
+    pub fn take_inbound_requests(&mut self) -> Option<mpsc::Receiver<InboundRequest>> {
+        self.inbound.take()
+    }
+
     /// Joins the network through the bootstrap peers (failing if none can be reached),
     /// then spawns the event loop. `bitswap` hears of peers that disconnect.
     pub async fn run(
@@ -286,7 +378,7 @@ impl StartingNetwork {
         if !bootstrap.is_empty() {
             self.event_loop.join(bootstrap).await?;
         }
-        let task = tokio::spawn(self.event_loop.run(self.commands));
+        let task = tokio::spawn(self.event_loop.run(self.commands, self.responses));
         Ok((self.handle, task))
     }
 }
@@ -307,6 +399,9 @@ fn build_swarm(
     kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
     let mdns = config.mdns;
     let max_connections = config.max_connections;
+    let rpc_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(64);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -345,6 +440,11 @@ fn build_swarm(
                     ping: ping::Behaviour::default(),
                     mdns: mdns.into(),
                     stream: libp2p_stream::Behaviour::new(),
+                    rpc: request_response::Behaviour::with_codec(
+                        BytesCodec,
+                        [(rpc::PROTOCOL, request_response::ProtocolSupport::Full)],
+                        rpc_config,
+                    ),
                 })
             },
         )
@@ -370,10 +470,13 @@ fn yamux_config() -> yamux::Config {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     queries: HashMap<QueryId, PendingQuery>,
+    requests: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Vec<u8>, RpcError>>)>,
     connected: HashSet<PeerId>,
     bitswap: Option<Bitswap>,
     timeout: Duration,
     metrics: Metrics,
+    inbound: mpsc::Sender<InboundRequest>,
+    respond: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
 }
 
 impl EventLoop {
@@ -433,7 +536,11 @@ impl EventLoop {
         Ok(())
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut responses: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    ) {
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_event(event),
@@ -441,14 +548,38 @@ impl EventLoop {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.handle_command(command),
                 },
+                Some((channel, bytes)) = responses.recv() => {
+                    // Fails only if the requester has gone or timed out.
+                    let _ = self.swarm.behaviour_mut().rpc.send_response(channel, bytes);
+                }
             }
         }
         tracing::info!("network stopped");
     }
 
     fn handle_command(&mut self, command: Command) {
+        if let Command::Request {
+            peer,
+            addresses,
+            bytes,
+            reply,
+        } = command
+        {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .rpc
+                .send_request_with_addresses(&peer, bytes, addresses);
+            self.requests.insert(id, (peer, reply));
+            return;
+        }
         let kad = &mut self.swarm.behaviour_mut().kad;
         match command {
+            Command::GetClosestPeers { key, reply } => {
+                let id = kad.get_closest_peers(key);
+                self.queries.insert(id, PendingQuery::Closest(reply));
+            }
+            Command::Request { .. } => {}
             Command::GetProviders { key, found } => {
                 let id = kad.get_providers(key);
                 self.queries.insert(id, PendingQuery::Providers(found));
@@ -517,13 +648,64 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.handle_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.handle_rpc(event),
             _ => {}
+        }
+    }
+
+    fn handle_rpc(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let inbound = InboundRequest {
+                    peer,
+                    bytes: request,
+                    channel,
+                    respond: self.respond.clone(),
+                };
+                if self.inbound.try_send(inbound).is_err() {
+                    // Dropping the channel tells the sender its request failed.
+                    tracing::debug!(%peer, "inbound request queue full; request dropped");
+                }
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((_, reply)) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, reply)) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Err(RpcError::from_failure(peer, error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
     fn handle_kad(&mut self, event: kad::Event) {
         let kad::Event::OutboundQueryProgressed {
-            id, result, step, ..
+            id,
+            result,
+            step,
+            stats,
         } = event
         else {
             return;
@@ -554,6 +736,18 @@ impl EventLoop {
                 }
                 if finished {
                     self.queries.remove(&id);
+                }
+            }
+            QueryResult::GetClosestPeers(result) => {
+                if let Some(PendingQuery::Closest(reply)) = self.queries.remove(&id) {
+                    let peers = match result {
+                        Ok(ok) => ok.peers,
+                        Err(GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    let _ = reply.send(ClosestPeers {
+                        peers: peers.into_iter().map(|p| p.peer_id).collect(),
+                        requests: stats.num_requests(),
+                    });
                 }
             }
             QueryResult::StartProviding(result) => {

@@ -7,6 +7,7 @@ use crate::blockstore::{Blockstore, StoreError, StoreStats};
 use crate::fetch::{FetchConfig, FetchError, FetchProgress, fetch_dag};
 use crate::metrics::OverlayMetrics;
 use crate::network::{Network, NetworkConfig, NetworkError, NetworkStatus};
+use crate::rpc::InboundRequest;
 use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node};
 use bytes::{Bytes, BytesMut};
 use cid::Cid;
@@ -17,6 +18,7 @@ use libp2p::{Multiaddr, PeerId};
 use multihash::Multihash;
 use prometheus_client::registry::Registry;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
@@ -95,6 +97,7 @@ pub struct Overlay {
     metrics: OverlayMetrics,
     fetch: FetchConfig,
     listen_addrs: Vec<Multiaddr>,
+    inbound: Arc<Mutex<Option<mpsc::Receiver<InboundRequest>>>>,
 }
 
 impl Overlay {
@@ -107,7 +110,8 @@ impl Overlay {
     ) -> Result<(Overlay, tokio::task::JoinHandle<()>), OverlayError> {
         let store = Blockstore::open(&config.store_dir, config.store_capacity)?;
         let metrics = OverlayMetrics::new(registry);
-        let starting = Network::listen(keypair, config.network.clone(), registry).await?;
+        let mut starting = Network::listen(keypair, config.network.clone(), registry).await?;
+        let inbound = starting.take_inbound_requests();
         let listen_addrs = starting.listen_addrs();
         let bitswap = Bitswap::start(
             starting.control.clone(),
@@ -128,6 +132,7 @@ impl Overlay {
             metrics,
             fetch: config.fetch,
             listen_addrs,
+            inbound: Arc::new(Mutex::new(inbound)),
         };
         overlay.reannounce_stored();
         Ok((overlay, task))
@@ -151,6 +156,12 @@ impl Overlay {
     /// The network handle.
     pub fn network(&self) -> &Network {
         &self.network
+    }
+
+    /// The queue of requests other peers send on [`crate::rpc::PROTOCOL`]; `None` after
+    /// the first call (one service answers them).
+    pub fn take_inbound_requests(&self) -> Option<mpsc::Receiver<InboundRequest>> {
+        self.inbound.lock().ok()?.take()
     }
 
     /// The bitswap engine.

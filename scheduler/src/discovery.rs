@@ -51,7 +51,7 @@ pub enum Step {
 }
 
 /// One probe of a region.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Probe {
     /// The peer found closest to the key, if any.
     pub holder: Option<String>,
@@ -62,7 +62,7 @@ pub struct Probe {
 }
 
 /// How a discovery went.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// Memory requested, in MiB.
     pub request_mib: u32,

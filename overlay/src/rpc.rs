@@ -1,0 +1,192 @@
+//! Request-response messaging for the protocols built on the overlay (offers, discovery,
+//! reservations), on libp2p's request-response behaviour.
+//!
+//! The overlay moves each request and response as one bounded byte string on its own
+//! stream; the protocol above it encodes them (as CBOR) and decides what they mean. A
+//! message over its bound is refused while it is read, so a peer cannot make us buffer
+//! more. Requests that arrive while the application's inbound queue is full are dropped,
+//! which the sender sees as a failed request; the node keeps serving.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::request_response::{self, OutboundFailure, ResponseChannel};
+use libp2p::{PeerId, StreamProtocol};
+use std::io;
+use tokio::sync::mpsc;
+
+/// The protocol the offer and discovery messages travel on.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/offers/1.0.0");
+/// Largest request accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest response accepted, in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 512 * 1024;
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be dialled.
+    #[error("cannot reach {0}")]
+    Unreachable(PeerId),
+    /// No answer came in time.
+    #[error("{0} did not answer in time")]
+    Timeout(PeerId),
+    /// The peer does not speak the protocol.
+    #[error("{0} does not speak {PROTOCOL}")]
+    Unsupported(PeerId),
+    /// The stream failed (closed, reset, or a message over its bound).
+    #[error("request to {peer} failed: {reason}")]
+    Failed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A request to ourselves, which the caller must serve locally.
+    #[error("a request to ourselves")]
+    ToSelf,
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+impl RpcError {
+    pub(crate) fn from_failure(peer: PeerId, failure: OutboundFailure) -> RpcError {
+        match failure {
+            OutboundFailure::DialFailure => RpcError::Unreachable(peer),
+            OutboundFailure::Timeout => RpcError::Timeout(peer),
+            OutboundFailure::UnsupportedProtocols => RpcError::Unsupported(peer),
+            other => RpcError::Failed {
+                peer,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A request from another peer, waiting for its response.
+pub struct InboundRequest {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// Its bytes (at most [`MAX_REQUEST_BYTES`]).
+    pub bytes: Vec<u8>,
+    pub(crate) channel: ResponseChannel<Vec<u8>>,
+    pub(crate) respond: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+}
+
+impl InboundRequest {
+    /// Sends `bytes` back as the response. Fails only if the network has stopped; a
+    /// requester that has gone away is not an error.
+    pub async fn respond(self, bytes: Vec<u8>) -> Result<(), RpcError> {
+        self.respond
+            .send((self.channel, bytes))
+            .await
+            .map_err(|_| RpcError::Stopped)
+    }
+}
+
+/// Requests and responses as byte strings, each bounded, read until the writer closes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BytesCodec;
+
+async fn read_bounded<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    io.take(limit as u64 + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message over {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+impl request_response::Codec for BytesCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_bounded(io, MAX_REQUEST_BYTES).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_bounded(io, MAX_RESPONSE_BYTES).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Vec<u8>,
+    ) -> io::Result<()> {
+        if request.len() > MAX_REQUEST_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "request over its bound",
+            ));
+        }
+        write_all(io, &request).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Vec<u8>,
+    ) -> io::Result<()> {
+        if response.len() > MAX_RESPONSE_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "response over its bound",
+            ));
+        }
+        write_all(io, &response).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+    use request_response::Codec;
+
+    #[tokio::test]
+    async fn messages_round_trip_and_oversize_ones_are_refused() {
+        let mut codec = BytesCodec;
+        let mut wire = Cursor::new(Vec::new());
+        codec
+            .write_request(&PROTOCOL, &mut wire, b"hello".to_vec())
+            .await
+            .unwrap();
+        let mut read = Cursor::new(wire.into_inner());
+        assert_eq!(
+            codec.read_request(&PROTOCOL, &mut read).await.unwrap(),
+            b"hello"
+        );
+        let mut big = Cursor::new(vec![0u8; MAX_REQUEST_BYTES + 1]);
+        let err = codec.read_request(&PROTOCOL, &mut big).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let mut sink = Cursor::new(Vec::new());
+        assert!(
+            codec
+                .write_response(&PROTOCOL, &mut sink, vec![0u8; MAX_RESPONSE_BYTES + 1])
+                .await
+                .is_err()
+        );
+    }
+}
