@@ -40,6 +40,10 @@ pub enum Command {
     },
     /// Show the node's status: PeerId, addresses, peers, routing table, blocks held
     Status,
+    /// List the offers this node makes (and their reservations) and the offers it holds
+    Offers,
+    /// Find offers for a request through a scheduler picked from the registry
+    Discover(DiscoverArgs),
     /// Start a local network on loopback, add a file on one node and fetch it on another
     Demo(DemoArgs),
 }
@@ -68,6 +72,38 @@ pub struct NodeArgs {
     /// Most bytes of blocks to store, e.g. 10GiB [default: 10GiB]
     #[arg(long)]
     pub store_capacity: Option<bytesize::ByteSize>,
+    /// Lend this much memory to others' functions, e.g. 2GiB (at least 128MiB) [default: none]
+    #[arg(long)]
+    pub offer_memory: Option<bytesize::ByteSize>,
+    /// How lent memory is cut into offers: largest or halving [default: largest]
+    #[arg(long)]
+    pub slicing: Option<flotilla_offers::offerer::Slicing>,
+    /// Be a scheduler too: run discoveries for clients
+    #[arg(long)]
+    pub scheduler: bool,
+    /// Region probes before the super-trader fallback [default: 3]
+    #[arg(long)]
+    pub max_tries: Option<u32>,
+    /// Which fitting offer to reserve: best-fit, worst-fit or random [default: best-fit]
+    #[arg(long)]
+    pub placement: Option<flotilla_scheduler::placement::Policy>,
+}
+
+/// Flags of `flotilla discover`.
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// Memory wanted, e.g. 512MiB (at most 10GiB)
+    #[arg(long)]
+    pub memory: bytesize::ByteSize,
+    /// Region probes before the fallback [default: the scheduler's]
+    #[arg(long)]
+    pub max_tries: Option<u32>,
+    /// Also reserve the best offer found, held this long unless used (e.g. 30s)
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub reserve: Option<std::time::Duration>,
+    /// Which fitting offer to reserve: best-fit, worst-fit or random [default: the scheduler's]
+    #[arg(long)]
+    pub placement: Option<flotilla_scheduler::placement::Policy>,
 }
 
 /// Flags of `flotilla demo`.

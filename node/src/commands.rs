@@ -1,7 +1,8 @@
 //! The subcommands: each parses its input, talks to the node, and prints the result.
 
 use crate::api::client::ApiClient;
-use crate::cli::{Cli, Command, NodeArgs};
+use crate::api::types::DiscoverBody;
+use crate::cli::{Cli, Command, DiscoverArgs, NodeArgs};
 use crate::config::{DEFAULT_API, NodeConfig};
 use crate::{daemon, demo, output};
 use anyhow::Context;
@@ -31,6 +32,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Offers => {
+            let view = ApiClient::new(api).offers().await?;
+            if cli.json {
+                output::json(&view)
+            } else {
+                output::offers(&view)
+            }
+            Ok(())
+        }
+        Command::Discover(args) => discover(&ApiClient::new(api), args, cli.json).await,
         Command::Demo(args) => demo::run(args, cli.json).await,
     }
 }
@@ -62,8 +73,49 @@ pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<No
     if let Some(capacity) = args.store_capacity {
         config.store_capacity = capacity;
     }
+    if let Some(memory) = args.offer_memory {
+        config.offer_memory = Some(memory);
+    }
+    if let Some(slicing) = args.slicing {
+        config.slicing = slicing;
+    }
+    if args.scheduler {
+        config.scheduler = true;
+    }
+    if let Some(n) = args.max_tries {
+        config.max_tries = n;
+    }
+    if let Some(policy) = args.placement {
+        config.placement = policy;
+    }
     config.validate()?;
     Ok(config)
+}
+
+async fn discover(client: &ApiClient, args: DiscoverArgs, json: bool) -> anyhow::Result<()> {
+    flotilla_overlay::regions::Tier::for_request(args.memory.as_u64())?;
+    if args
+        .max_tries
+        .is_some_and(|n| n > crate::market::MAX_TRIES_LIMIT)
+    {
+        anyhow::bail!("--max-tries is at most {}", crate::market::MAX_TRIES_LIMIT);
+    }
+    let body = DiscoverBody {
+        memory: args.memory.as_u64(),
+        max_tries: args.max_tries,
+        reserve_ms: args.reserve.map(|d| d.as_millis() as u64),
+        placement: args.placement,
+    };
+    let discovered = client.discover(&body).await?;
+    if json {
+        output::json(&discovered);
+    } else {
+        output::discovered(&discovered);
+    }
+    match &discovered.report.failure {
+        Some(failure) => anyhow::bail!("{failure}"),
+        None => Ok(()),
+    }
 }
 
 /// Parses a CID given on the command line.

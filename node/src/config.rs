@@ -12,12 +12,26 @@
 //! | `mdns`           | `--no-mdns` (off)  | `true`                                                    |
 //! | `max_connections`| `--max-connections`| `256`                                                     |
 //! | `store_capacity` | `--store-capacity` | `10GiB`                                                   |
+//! | `offer_memory`   | `--offer-memory`   | none (lends nothing); at least `128MiB` when set          |
+//! | `slicing`        | `--slicing`        | `largest` (or `halving`): how that memory is cut into offers |
+//! | `offer_ttl`      |                    | `60s`: how long a published offer lasts                   |
+//! | `offer_refresh_margin` |              | `20s`: how long before expiry an offer is refreshed       |
+//! | `notify_interval`|                    | `10s`: how often an offerer tells a scheduler what is free|
+//! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
+//! | `scheduler`      | `--scheduler`      | `false`                                                   |
+//! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback       |
+//! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
+//!
+//! Durations are written as `60s`, `1m 30s`, `500ms`.
 
+use flotilla_offers::offerer::Slicing;
+use flotilla_scheduler::placement::Policy;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The default address of the local HTTP API.
 pub const DEFAULT_API: &str = "127.0.0.1:4180";
@@ -69,6 +83,28 @@ pub struct NodeConfig {
     pub max_connections: u32,
     /// Most bytes of blocks stored.
     pub store_capacity: bytesize::ByteSize,
+    /// Memory lent to others' functions (`None`: this node lends nothing).
+    pub offer_memory: Option<bytesize::ByteSize>,
+    /// How the lent memory is cut into offers.
+    pub slicing: Slicing,
+    /// How long a published offer lasts.
+    #[serde(with = "duration_text")]
+    pub offer_ttl: Duration,
+    /// How long before expiry an offer is refreshed.
+    #[serde(with = "duration_text")]
+    pub offer_refresh_margin: Duration,
+    /// How often an offerer tells a random scheduler what it has free.
+    #[serde(with = "duration_text")]
+    pub notify_interval: Duration,
+    /// Time allowed for a lookup or a request to another peer.
+    #[serde(with = "duration_text")]
+    pub answer_timeout: Duration,
+    /// Whether this node is a scheduler.
+    pub scheduler: bool,
+    /// Region probes before the super-trader fallback.
+    pub max_tries: u32,
+    /// Which fitting offer a scheduler reserves.
+    pub placement: Policy,
 }
 
 impl Default for NodeConfig {
@@ -86,7 +122,31 @@ impl Default for NodeConfig {
             mdns: true,
             max_connections: 256,
             store_capacity: bytesize::ByteSize::gib(10),
+            offer_memory: None,
+            slicing: Slicing::Largest,
+            offer_ttl: Duration::from_secs(60),
+            offer_refresh_margin: Duration::from_secs(20),
+            notify_interval: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(5),
+            scheduler: false,
+            max_tries: 3,
+            placement: Policy::BestFit,
         }
+    }
+}
+
+/// Durations as human-readable text (`60s`, `1m 30s`) in the config file.
+mod duration_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -155,7 +215,68 @@ impl NodeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        if let Some(memory) = self.offer_memory
+            && memory.as_u64() < 128 * 1024 * 1024
+        {
+            return Err(ConfigError::Invalid {
+                key: "offer_memory",
+                reason: format!(
+                    "{} is less than the smallest tier (128 MiB)",
+                    memory.display().iec()
+                ),
+            });
+        }
+        if self.offer_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid {
+                key: "offer_ttl",
+                reason: "must be at least 2s".into(),
+            });
+        }
+        if self.offer_refresh_margin >= self.offer_ttl
+            || self.offer_refresh_margin < self.answer_timeout.min(self.offer_ttl / 2)
+        {
+            return Err(ConfigError::Invalid {
+                key: "offer_refresh_margin",
+                reason:
+                    "must be shorter than offer_ttl and at least answer_timeout (or half offer_ttl)"
+                        .into(),
+            });
+        }
+        let positive = [
+            ("notify_interval", self.notify_interval),
+            ("answer_timeout", self.answer_timeout),
+        ];
+        for (key, value) in positive {
+            if value < Duration::from_millis(100) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 100ms".into(),
+                });
+            }
+        }
+        if self.max_tries > crate::market::MAX_TRIES_LIMIT {
+            return Err(ConfigError::Invalid {
+                key: "max_tries",
+                reason: format!("at most {}", crate::market::MAX_TRIES_LIMIT),
+            });
+        }
         Ok(())
+    }
+
+    /// The market settings these make.
+    pub fn market(&self) -> crate::market::MarketConfig {
+        crate::market::MarketConfig {
+            offer_memory_mib: self.offer_memory.map(|m| m.as_u64() / (1024 * 1024)),
+            slicing: self.slicing,
+            offer_ttl: self.offer_ttl,
+            refresh_margin: self.offer_refresh_margin,
+            answer_timeout: self.answer_timeout,
+            notify_interval: self.notify_interval,
+            scheduler: self.scheduler,
+            max_tries: self.max_tries,
+            placement: self.placement,
+            ..crate::market::MarketConfig::default()
+        }
     }
 }
 
@@ -182,6 +303,19 @@ mod tests {
         assert!(!config.mdns);
         assert_eq!(config.store_capacity, bytesize::ByteSize::gib(1));
         assert_eq!(config.listen, NodeConfig::default().listen);
+        std::fs::write(
+            &path,
+            "offer_memory = \"2 GiB\"\nscheduler = true\noffer_ttl = \"1m 30s\"\nslicing = \"halving\"\nplacement = \"worst-fit\"\n",
+        )
+        .unwrap();
+        let config = NodeConfig::from_file(&path).unwrap();
+        config.validate().unwrap();
+        let market = config.market();
+        assert_eq!(market.offer_memory_mib, Some(2048));
+        assert!(market.scheduler);
+        assert_eq!(market.offer_ttl, Duration::from_secs(90));
+        assert_eq!(market.slicing, Slicing::Halving);
+        assert_eq!(market.placement, Policy::WorstFit);
     }
 
     #[test]
@@ -210,6 +344,34 @@ mod tests {
             })
         ));
         config.bootstrap.clear();
+        let small = NodeConfig {
+            offer_memory: Some(bytesize::ByteSize::mib(100)),
+            ..NodeConfig::default()
+        };
+        assert!(matches!(
+            small.validate(),
+            Err(ConfigError::Invalid {
+                key: "offer_memory",
+                ..
+            })
+        ));
+        let upside_down = NodeConfig {
+            offer_ttl: Duration::from_secs(10),
+            offer_refresh_margin: Duration::from_secs(20),
+            ..NodeConfig::default()
+        };
+        assert!(matches!(
+            upside_down.validate(),
+            Err(ConfigError::Invalid {
+                key: "offer_refresh_margin",
+                ..
+            })
+        ));
+        std::fs::write(&path, "offer_ttl = \"soon\"\n").unwrap();
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
         config.listen = vec!["/ip4/127.0.0.1".parse().unwrap()];
         assert!(matches!(
             config.validate(),

@@ -1,4 +1,5 @@
-//! `flotilla node`: starting a peer (overlay + local HTTP API) and stopping it cleanly.
+//! `flotilla node`: starting a peer (overlay, market, local HTTP API) and stopping it
+//! cleanly.
 //!
 //! [`start`] returns a [`RunningNode`] that tests drive in-process; the binary calls
 //! [`run`], which also waits for SIGINT/SIGTERM.
@@ -6,6 +7,7 @@
 use crate::api;
 use crate::config::{ConfigError, NodeConfig};
 use crate::identity::{self, IdentityError};
+use crate::market::Market;
 use flotilla_overlay::bitswap::BitswapConfig;
 use flotilla_overlay::fetch::FetchConfig;
 use flotilla_overlay::network::NetworkConfig;
@@ -43,6 +45,7 @@ pub enum StartError {
 /// A node running in this process.
 pub struct RunningNode {
     overlay: Overlay,
+    market: Market,
     api_addr: SocketAddr,
     network_task: JoinHandle<()>,
     api_task: JoinHandle<()>,
@@ -77,9 +80,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         bitswap: BitswapConfig::default(),
         fetch: FetchConfig::default(),
     };
-    let (overlay, network_task) = Overlay::start(overlay_config, keypair, &mut registry).await?;
+    let (overlay, network_task) =
+        Overlay::start(overlay_config, keypair.clone(), &mut registry).await?;
+    let market = Market::start(
+        &overlay,
+        keypair,
+        offer_addresses(overlay.listen_addrs()),
+        config.market(),
+        &mut registry,
+    );
     let (stop_api, stopped) = oneshot::channel();
-    let app = api::server::router(overlay.clone(), Arc::new(registry));
+    let app = api::server::router(overlay.clone(), market.clone(), Arc::new(registry));
     let api_task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async {
             let _ = stopped.await;
@@ -88,9 +99,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             tracing::error!(error = %e, "API server failed");
         }
     });
-    tracing::info!(peer_id = %overlay.peer_id(), api = %api_addr, "node started");
+    tracing::info!(
+        peer_id = %overlay.peer_id(),
+        api = %api_addr,
+        offering = market.is_offering(),
+        scheduler = market.is_scheduler(),
+        "node started"
+    );
     Ok(RunningNode {
         overlay,
+        market,
         api_addr,
         network_task,
         api_task,
@@ -127,8 +145,15 @@ impl RunningNode {
         &self.overlay
     }
 
-    /// Stops the API and the network, and waits for both (at most a few seconds).
+    /// Its part in the market, for in-process callers.
+    pub fn market(&self) -> &Market {
+        &self.market
+    }
+
+    /// Withdraws its offers, stops the API and the network, and waits for both (at most
+    /// a few seconds).
     pub async fn stop(self) {
+        self.market.stop().await;
         let _ = self.stop_api.send(());
         self.overlay.shutdown().await;
         let wait = async {
@@ -142,6 +167,39 @@ impl RunningNode {
             tracing::warn!("node did not stop within 5 s");
         }
     }
+
+    /// Stops at once, as a crash would: no withdrawals, connections dropped.
+    pub async fn kill(self) {
+        self.market.abort();
+        self.api_task.abort();
+        self.network_task.abort();
+        let _ = self.network_task.await;
+    }
+}
+
+/// The addresses put in offers: the concrete ones we listen on, routable ones first.
+fn offer_addresses(listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut addresses: Vec<Multiaddr> = listening
+        .iter()
+        .filter(|a| {
+            !a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_unspecified(),
+                Protocol::Ip6(ip) => ip.is_unspecified(),
+                _ => false,
+            })
+        })
+        .cloned()
+        .collect();
+    addresses.sort_by_key(|a| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    });
+    addresses.truncate(flotilla_offers::offer::MAX_ADDRESSES);
+    addresses
 }
 
 /// Runs a node until SIGINT or SIGTERM; prints its PeerId and addresses once it is up

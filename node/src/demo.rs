@@ -30,17 +30,22 @@ pub fn loopback_config(
 
 /// Starts `n` nodes on loopback, all bootstrapped through the first.
 pub async fn start_network(root: &std::path::Path, n: usize) -> anyhow::Result<Vec<RunningNode>> {
-    let first = daemon::start(loopback_config(&root.join("node-0"), Vec::new())).await?;
+    start_network_with(root, n, |_, config| config).await
+}
+
+/// Starts `n` nodes on loopback, all bootstrapped through the first, with node `i`'s
+/// loopback config adjusted by `adjust(i, config)` (to make it an offerer, say).
+pub async fn start_network_with(
+    root: &std::path::Path,
+    n: usize,
+    adjust: impl Fn(usize, NodeConfig) -> NodeConfig,
+) -> anyhow::Result<Vec<RunningNode>> {
+    let first = daemon::start(adjust(0, loopback_config(&root.join("node-0"), Vec::new()))).await?;
     let bootstrap = vec![first.bootstrap_addr()];
     let mut nodes = vec![first];
     for i in 1..n {
-        nodes.push(
-            daemon::start(loopback_config(
-                &root.join(format!("node-{i}")),
-                bootstrap.clone(),
-            ))
-            .await?,
-        );
+        let config = loopback_config(&root.join(format!("node-{i}")), bootstrap.clone());
+        nodes.push(daemon::start(adjust(i, config)).await?);
     }
     Ok(nodes)
 }

@@ -1,5 +1,6 @@
-//! The `flotilla` binary's library: the volunteer daemon, its local HTTP API, the CLI
-//! commands that talk to it, and the loopback demo.
+//! The `flotilla` binary's library: the volunteer daemon, its part in the resource market
+//! (offers, holders, schedulers), its local HTTP API, the CLI commands that talk to it,
+//! and the loopback demo.
 //!
 //! `main.rs` only parses the command line and calls [`commands::run`]; tests start nodes
 //! in-process with [`daemon::start`].
@@ -11,4 +12,5 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod identity;
+pub mod market;
 pub mod output;

@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 use crate::daemon::RunningNode;
+use crate::market::{Discovered, OffersView};
 use bytesize::ByteSize;
 use flotilla_overlay::OverlayStatus;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -61,6 +62,123 @@ pub fn status(status: &OverlayStatus) {
         ByteSize(status.store.bytes).display().iec(),
         ByteSize(status.store.capacity).display().iec()
     );
+}
+
+/// A PeerId shortened for tables: its last eight characters.
+fn short(peer: &str) -> &str {
+    &peer[peer.len().saturating_sub(8)..]
+}
+
+/// Seconds from now until `at_ms` (Unix ms), for expiry columns.
+fn in_seconds(at_ms: u64) -> String {
+    let now = crate::market::now_ms();
+    format!("{:.0}s", at_ms.saturating_sub(now) as f64 / 1000.0)
+}
+
+/// Prints what a node offers, reserves and holds.
+pub fn offers(view: &OffersView) {
+    let role = match (view.offer_memory_mib > 0, view.scheduler) {
+        (true, true) => "offerer and scheduler",
+        (true, false) => "offerer",
+        (false, true) => "scheduler",
+        (false, false) => "holder only",
+    };
+    println!("role: {role}");
+    if view.offer_memory_mib > 0 {
+        println!(
+            "lends {} MiB in {} offer(s):",
+            view.offer_memory_mib,
+            view.sent.len()
+        );
+        println!(
+            "  {:>20}  {:>6}  {:>6}  {:>6}  {:>4}  {:<10}  {:>8}  expires",
+            "offer", "tier", "MiB", "in use", "seq", "state", "holder"
+        );
+        for o in &view.sent {
+            println!(
+                "  {:>20}  {:>6}  {:>6}  {:>6}  {:>4}  {:<10}  {:>8}  {}",
+                o.offer_id,
+                o.tier_mib,
+                o.memory_mib,
+                o.in_use_mib,
+                o.seq,
+                o.state,
+                o.holder.as_deref().map_or("-", short),
+                o.expires_at_ms.map_or("-".into(), in_seconds),
+            );
+        }
+        for r in &view.reservations {
+            let hold = r
+                .hold_until_ms
+                .map_or("in use".into(), |t| format!("held {}", in_seconds(t)));
+            println!(
+                "  reservation {} on offer {}: {} MiB, {hold}",
+                r.reservation_id, r.offer_id, r.mib
+            );
+        }
+    }
+    println!("holds {} offer(s) for others:", view.held.len());
+    for h in &view.held {
+        println!(
+            "  {:>8}  offer {:>20}  tier {:>6}  {:>6} MiB  {:>6} free  expires {}",
+            short(&h.offer.offerer),
+            h.offer.offer_id,
+            h.offer.tier_mib,
+            h.offer.memory_mib,
+            h.offer.free_mib,
+            in_seconds(h.expires_at_ms),
+        );
+    }
+    if view.scheduler {
+        println!("super-trader list: {} offer(s)", view.super_traders);
+    }
+}
+
+/// Prints the outcome of a discovery.
+pub fn discovered(d: &Discovered) {
+    let r = &d.report;
+    println!("scheduler:  {}", d.scheduler);
+    println!(
+        "request:    {} MiB, probing the {} MiB region",
+        r.request_mib, r.tier_mib
+    );
+    println!("probes:     {}", r.probes.len());
+    for (i, p) in r.probes.iter().enumerate() {
+        match &p.holder {
+            Some(holder) => println!(
+                "  {}. asked {holder}: {} offer(s), {} fit",
+                i + 1,
+                p.offers_seen,
+                p.offers_fitting
+            ),
+            None => println!("  {}. no peer found for the key", i + 1),
+        }
+    }
+    println!(
+        "fallback:   {}",
+        if r.used_fallback { "used" } else { "not used" }
+    );
+    println!("found:      {} offer(s)", r.found);
+    for o in &d.offers {
+        println!(
+            "  {} offer {} (tier {} MiB): {} of {} MiB free",
+            o.offerer, o.offer_id, o.tier_mib, o.free_mib, o.memory_mib
+        );
+    }
+    if let Some(p) = &d.placement {
+        println!(
+            "reserved:   {} MiB of offer {} on {} (reservation {})",
+            p.reservation.mib,
+            p.reservation.offer_id,
+            p.offer.body.offerer,
+            p.reservation.reservation_id
+        );
+    }
+    println!(
+        "messages:   {} ({} of them Kademlia lookup requests)",
+        r.messages, d.lookup_requests
+    );
+    println!("time:       {} ms", r.elapsed_ms);
 }
 
 /// A progress bar that shows itself on a terminal only once a transfer has taken more

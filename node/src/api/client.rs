@@ -1,6 +1,7 @@
 //! The API client the CLI uses to talk to its node.
 
-use super::types::{ErrorBody, FetchDone, FetchEvent};
+use super::types::{DiscoverBody, ErrorBody, FetchDone, FetchEvent};
+use crate::market::{Discovered, OffersView};
 use bytes::Bytes;
 use flotilla_overlay::fetch::FetchProgress;
 use flotilla_overlay::{Added, Cid, OverlayStatus};
@@ -159,6 +160,21 @@ impl ApiClient {
         Ok(response
             .bytes_stream()
             .map(move |r| r.map_err(|e| this.transport_error(e))))
+    }
+
+    /// What the node offers, reserves and holds.
+    pub async fn offers(&self) -> Result<OffersView, ClientError> {
+        let response = self
+            .check(self.http.get(self.url("/v0/offers")).send().await)
+            .await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// Runs one discovery through a scheduler.
+    pub async fn discover(&self, body: &DiscoverBody) -> Result<Discovered, ClientError> {
+        let request = self.http.post(self.url("/v0/discover")).json(body);
+        let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
     }
 
     /// The node's metrics in Prometheus text format.

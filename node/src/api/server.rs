@@ -1,6 +1,7 @@
 //! The API server: axum handlers over an [`Overlay`].
 
-use super::types::{CidQuery, ErrorBody, FetchDone, FetchEvent};
+use super::types::{CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent};
+use crate::market::{DiscoverError, DiscoverRequest, Market, ReserveTerms};
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -24,19 +25,26 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 struct AppState {
     overlay: Overlay,
+    market: Market,
     registry: Arc<Registry>,
 }
 
 /// The API's routes.
-pub fn router(overlay: Overlay, registry: Arc<Registry>) -> Router {
+pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/v0/status", get(status))
+        .route("/v0/offers", get(offers))
+        .route("/v0/discover", post(discover))
         .route("/v0/add", post(add))
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn(refuse_browsers))
-        .with_state(AppState { overlay, registry })
+        .with_state(AppState {
+            overlay,
+            market,
+            registry,
+        })
 }
 
 /// Refuses requests sent by web pages: a page the volunteer visits must not be able to
@@ -178,6 +186,40 @@ async fn fetch(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+async fn offers(State(app): State<AppState>) -> Response {
+    Json(app.market.offers()).into_response()
+}
+
+async fn discover(
+    State(app): State<AppState>,
+    Json(body): Json<DiscoverBody>,
+) -> Result<Response, ApiError> {
+    let tier = flotilla_overlay::regions::Tier::for_request(body.memory)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let memory_mib = u32::try_from(body.memory.div_ceil(1024 * 1024)).unwrap_or(tier.mib());
+    let request = DiscoverRequest {
+        memory_mib,
+        max_tries: body.max_tries,
+        reserve: body.reserve_ms.map(|hold_ms| ReserveTerms {
+            reservation_id: rand::random::<u64>() >> 1,
+            hold_ms,
+            policy: body.placement,
+        }),
+    };
+    match app.market.discover(request).await {
+        Ok(discovered) => Ok(Json(discovered).into_response()),
+        Err(e) => {
+            let status = match e {
+                DiscoverError::Request(_) => StatusCode::BAD_REQUEST,
+                DiscoverError::NoScheduler => StatusCode::SERVICE_UNAVAILABLE,
+                DiscoverError::Refused { .. } => StatusCode::BAD_GATEWAY,
+                DiscoverError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
+            };
+            Err(ApiError(status, e.to_string()))
+        }
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {

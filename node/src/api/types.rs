@@ -38,3 +38,19 @@ pub struct CidQuery {
     /// A CID string.
     pub cid: String,
 }
+
+/// The body of `/v0/discover`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiscoverBody {
+    /// Memory wanted, in bytes.
+    pub memory: u64,
+    /// Region probes before the fallback (the scheduler's setting if absent).
+    #[serde(default)]
+    pub max_tries: Option<u32>,
+    /// Reserve the best offer found, held this long (ms) unless used.
+    #[serde(default)]
+    pub reserve_ms: Option<u64>,
+    /// Which fitting offer to reserve (the scheduler's setting if absent).
+    #[serde(default)]
+    pub placement: Option<flotilla_scheduler::placement::Policy>,
+}

@@ -49,12 +49,21 @@ pub async fn read(node: &RunningNode, cid: Cid) -> Vec<u8> {
 }
 
 /// Polls `condition` until it holds, failing the test after 10 s.
-pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+pub async fn wait_until<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    wait_until_within(what, Duration::from_secs(10), condition).await;
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub async fn wait_until_within<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,

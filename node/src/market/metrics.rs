@@ -1,0 +1,131 @@
+//! Prometheus metrics of offers and discovery, under the `flotilla_offers_` and
+//! `flotilla_discovery_` prefixes.
+//!
+//! The fallback share is `flotilla_discovery_fallback_total / flotilla_discovery_total`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
+use prometheus_client::registry::Registry;
+
+/// A label with one reason or outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
+/// The market's metrics.
+#[derive(Debug, Clone)]
+pub struct MarketMetrics {
+    /// Offer versions (new or refreshed) this node's holders accepted.
+    pub published: Counter,
+    /// Offers this node holds for others now.
+    pub held: Gauge,
+    /// Held offers that expired.
+    pub expired: Counter,
+    /// Offers this node refused to hold, by reason.
+    pub rejected: Family<ReasonLabel, Counter>,
+    /// Reservations granted on this node's offers.
+    pub reservations: Counter,
+    /// Reservations refused, by reason.
+    pub reservations_refused: Family<ReasonLabel, Counter>,
+    /// Discoveries this node ran as a scheduler.
+    pub discoveries: Counter,
+    /// Of those, discoveries that used the super-trader list.
+    pub fallbacks: Counter,
+    /// Of those, discoveries that found nothing.
+    pub discoveries_failed: Counter,
+    /// Region probes per discovery.
+    pub probes: Histogram,
+    /// Messages per discovery (lookup requests, holder questions, reservations).
+    pub messages: Histogram,
+    /// Time per discovery, in seconds.
+    pub seconds: Histogram,
+    /// Requests refused as malformed.
+    pub malformed: Counter,
+}
+
+impl MarketMetrics {
+    /// Creates the metrics and registers them under `registry`.
+    pub fn new(registry: &mut Registry) -> MarketMetrics {
+        let m = MarketMetrics {
+            published: Counter::default(),
+            held: Gauge::default(),
+            expired: Counter::default(),
+            rejected: Family::default(),
+            reservations: Counter::default(),
+            reservations_refused: Family::default(),
+            discoveries: Counter::default(),
+            fallbacks: Counter::default(),
+            discoveries_failed: Counter::default(),
+            probes: Histogram::new(linear_buckets(1.0, 1.0, 10)),
+            messages: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            malformed: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("flotilla_offers");
+        r.register(
+            "published",
+            "Offer versions accepted by this node as holder",
+            m.published.clone(),
+        );
+        r.register("held", "Offers held for others now", m.held.clone());
+        r.register("expired", "Held offers that expired", m.expired.clone());
+        r.register(
+            "rejected",
+            "Offers refused by this node as holder, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "reservations",
+            "Reservations granted on this node's offers",
+            m.reservations.clone(),
+        );
+        r.register(
+            "reservations_refused",
+            "Reservations refused, by reason",
+            m.reservations_refused.clone(),
+        );
+        r.register(
+            "malformed_requests",
+            "Requests refused as malformed",
+            m.malformed.clone(),
+        );
+        let r = registry.sub_registry_with_prefix("flotilla_discovery");
+        r.register(
+            "discoveries",
+            "Discoveries run as scheduler",
+            m.discoveries.clone(),
+        );
+        r.register(
+            "fallback",
+            "Discoveries that used the super-trader list",
+            m.fallbacks.clone(),
+        );
+        r.register(
+            "failed",
+            "Discoveries that found no fitting offer",
+            m.discoveries_failed.clone(),
+        );
+        r.register("probes", "Region probes per discovery", m.probes.clone());
+        r.register(
+            "messages",
+            "Messages sent per discovery",
+            m.messages.clone(),
+        );
+        r.register("duration_seconds", "Time per discovery", m.seconds.clone());
+        m
+    }
+
+    /// Counts a refusal in `family` under `reason`.
+    pub fn count(family: &Family<ReasonLabel, Counter>, reason: &str) {
+        family
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}

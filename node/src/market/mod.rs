@@ -1,0 +1,427 @@
+//! The resource market a node takes part in: the I/O around the offer and scheduler state
+//! machines of `flotilla-offers` and `flotilla-scheduler`.
+//!
+//! Every node holds offers for others (it may be the peer closest to an offer's key).
+//! With `offer_memory` set it is also an offerer: it publishes its offers, answers
+//! reservations, and tells a random scheduler what it has free every `notify_interval`.
+//! With `scheduler` on it announces itself in the registry, keeps a super-trader list,
+//! and runs discoveries for clients. The state machines are handed the time and return
+//! what to send; this module sends it over [`protocol`] messages and feeds the answers
+//! back. A request whose target is this node itself is served in-process by the same
+//! handler the network uses.
+//!
+//! * [`protocol`]: the messages and their bounds;
+//! * `holding`: the holder side (offers received, questions about them);
+//! * `offering`: the offerer side (publishing, reservations, the super-trader feed);
+//! * `scheduling`: the registry, the super-trader list, and discovery;
+//! * [`metrics`]: what it all counts.
+
+pub mod metrics;
+pub mod protocol;
+
+mod holding;
+mod offering;
+mod scheduling;
+
+use crate::market::metrics::MarketMetrics;
+use crate::market::protocol::{
+    ProtocolError, Request, Response, decode_request, decode_response, encode_request,
+    encode_response,
+};
+use flotilla_offers::holder::{Holder, HolderConfig};
+use flotilla_offers::offerer::{Event, Offerer, OffererConfig, Reservation, SentOffer, Slicing};
+use flotilla_overlay::Overlay;
+use flotilla_overlay::network::Network;
+use flotilla_overlay::rpc::{InboundRequest, RpcError};
+use flotilla_scheduler::placement::Policy;
+use flotilla_scheduler::supertraders::{SuperTraderConfig, SuperTraders};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use prometheus_client::registry::Registry;
+use rand::RngCore;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+pub use protocol::{DiscoverRequest, Discovered, OfferSummary, Placement, ReserveTerms};
+pub use scheduling::{DiscoverError, MAX_TRIES_LIMIT};
+
+/// Discoveries one scheduler runs at once; more are refused as busy.
+const MAX_CONCURRENT_DISCOVERIES: usize = 32;
+/// Offerer reports queued for the offerer task.
+const OFFERER_EVENTS: usize = 256;
+/// Longest a reservation may be held unused, in ms.
+pub const MAX_HOLD_MS: u64 = 10 * 60 * 1000;
+
+/// How a node takes part in the market.
+#[derive(Debug, Clone)]
+pub struct MarketConfig {
+    /// Memory this node lends, in MiB (`None`: it offers nothing).
+    pub offer_memory_mib: Option<u64>,
+    /// How that memory is cut into offers.
+    pub slicing: Slicing,
+    /// How long a published offer lasts.
+    pub offer_ttl: Duration,
+    /// How long before expiry an offer is refreshed.
+    pub refresh_margin: Duration,
+    /// Time allowed for a lookup or a request to another peer.
+    pub answer_timeout: Duration,
+    /// How often an offerer tells a scheduler what it has free.
+    pub notify_interval: Duration,
+    /// Whether this node is a scheduler.
+    pub scheduler: bool,
+    /// Region probes before the super-trader fallback.
+    pub max_tries: u32,
+    /// Which fitting offer a scheduler reserves.
+    pub placement: Policy,
+    /// Bounds of the offers held for others.
+    pub holder: HolderConfig,
+    /// Bounds of the super-trader list.
+    pub super_traders: SuperTraderConfig,
+}
+
+impl Default for MarketConfig {
+    fn default() -> Self {
+        MarketConfig {
+            offer_memory_mib: None,
+            slicing: Slicing::Largest,
+            offer_ttl: Duration::from_secs(60),
+            refresh_margin: Duration::from_secs(20),
+            answer_timeout: Duration::from_secs(5),
+            notify_interval: Duration::from_secs(10),
+            scheduler: false,
+            max_tries: 3,
+            placement: Policy::BestFit,
+            holder: HolderConfig::default(),
+            super_traders: SuperTraderConfig::default(),
+        }
+    }
+}
+
+/// Errors of a request to another peer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The request failed in transit.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The answer was not a valid response.
+    #[error("{peer} answered with a bad message: {error}")]
+    Protocol {
+        /// The peer.
+        peer: PeerId,
+        /// What was wrong.
+        error: ProtocolError,
+    },
+    /// No answer in time.
+    #[error("{0} did not answer in time")]
+    Timeout(PeerId),
+}
+
+/// Offers this node holds for another peer, as `flotilla offers` lists them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HeldOffer {
+    /// The offer.
+    #[serde(flatten)]
+    pub offer: OfferSummary,
+    /// When it expires (Unix ms).
+    pub expires_at_ms: u64,
+}
+
+/// What `flotilla offers` shows.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OffersView {
+    /// Memory this node lends, in MiB (0 if none).
+    pub offer_memory_mib: u64,
+    /// Whether this node is a scheduler.
+    pub scheduler: bool,
+    /// The offers this node makes.
+    pub sent: Vec<SentOfferView>,
+    /// Reservations on them.
+    pub reservations: Vec<Reservation>,
+    /// The offers it holds for others.
+    pub held: Vec<HeldOffer>,
+    /// Offers on its super-trader list (schedulers only).
+    pub super_traders: usize,
+}
+
+/// One offer this node makes (a [`SentOffer`] that can be read back).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SentOfferView {
+    /// The offer's id.
+    pub offer_id: u64,
+    /// Its tier, in MiB.
+    pub tier_mib: u32,
+    /// Memory it lends, in MiB.
+    pub memory_mib: u32,
+    /// Memory reserved on it, in MiB.
+    pub in_use_mib: u32,
+    /// Its latest sequence number.
+    pub seq: u64,
+    /// Its holder, once known.
+    pub holder: Option<String>,
+    /// When it expires, once published.
+    pub expires_at_ms: Option<u64>,
+    /// Where it stands.
+    pub state: String,
+}
+
+impl From<SentOffer> for SentOfferView {
+    fn from(s: SentOffer) -> Self {
+        SentOfferView {
+            offer_id: s.offer_id,
+            tier_mib: s.tier_mib,
+            memory_mib: s.memory_mib,
+            in_use_mib: s.in_use_mib,
+            seq: s.seq,
+            holder: s.holder,
+            expires_at_ms: s.expires_at_ms,
+            state: s.state.to_string(),
+        }
+    }
+}
+
+/// This node's part in the market; clones share it.
+#[derive(Clone)]
+pub struct Market {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    network: Network,
+    peer_id: PeerId,
+    config: MarketConfig,
+    metrics: MarketMetrics,
+    holder: Mutex<Holder>,
+    offerer: Option<Mutex<Offerer>>,
+    super_traders: Option<Mutex<SuperTraders>>,
+    offerer_events: mpsc::Sender<Event>,
+    wake_offerer: Notify,
+    schedulers: scheduling::SchedulerCache,
+    discoveries: Semaphore,
+    next_request_id: AtomicU64,
+    stop: watch::Sender<bool>,
+}
+
+/// The time now, as Unix milliseconds: what the state machines are handed.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the state machine consistent enough to go on.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Market {
+    /// Starts this node's part in the market on `overlay`: serves requests from other
+    /// peers, and starts offering and scheduling as configured.
+    pub fn start(
+        overlay: &Overlay,
+        keypair: Keypair,
+        addresses: Vec<Multiaddr>,
+        config: MarketConfig,
+        registry: &mut Registry,
+    ) -> Market {
+        let (offerer_events, events) = mpsc::channel(OFFERER_EVENTS);
+        let offerer = config.offer_memory_mib.map(|memory_mib| {
+            let offerer_config = OffererConfig {
+                ttl_ms: config.offer_ttl.as_millis() as u64,
+                refresh_margin_ms: config.refresh_margin.as_millis() as u64,
+                answer_timeout_ms: config.answer_timeout.as_millis() as u64,
+                slicing: config.slicing,
+                ..OffererConfig::new(memory_mib, addresses)
+            };
+            Mutex::new(Offerer::new(
+                keypair,
+                offerer_config,
+                rand::rng().next_u64() >> 1,
+            ))
+        });
+        let super_traders = config
+            .scheduler
+            .then(|| Mutex::new(SuperTraders::new(config.super_traders.clone())));
+        let (stop, _) = watch::channel(false);
+        let market = Market {
+            shared: Arc::new(Shared {
+                network: overlay.network().clone(),
+                peer_id: overlay.peer_id(),
+                holder: Mutex::new(Holder::new(config.holder.clone())),
+                offerer,
+                super_traders,
+                offerer_events,
+                wake_offerer: Notify::new(),
+                schedulers: scheduling::SchedulerCache::default(),
+                discoveries: Semaphore::new(MAX_CONCURRENT_DISCOVERIES),
+                next_request_id: AtomicU64::new(rand::rng().next_u64() >> 1),
+                metrics: MarketMetrics::new(registry),
+                config,
+                stop,
+            }),
+        };
+        if let Some(inbound) = overlay.take_inbound_requests() {
+            tokio::spawn(market.clone().serve(inbound));
+        }
+        tokio::spawn(market.clone().evict_expired_offers());
+        if market.shared.offerer.is_some() {
+            tokio::spawn(market.clone().drive_offerer(events));
+            tokio::spawn(market.clone().feed_schedulers());
+        }
+        if market.shared.config.scheduler {
+            tokio::spawn(market.clone().announce_scheduler());
+        }
+        market
+    }
+
+    /// Our PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.peer_id
+    }
+
+    /// Whether this node lends memory.
+    pub fn is_offering(&self) -> bool {
+        self.shared.offerer.is_some()
+    }
+
+    /// Whether this node is a scheduler.
+    pub fn is_scheduler(&self) -> bool {
+        self.shared.config.scheduler
+    }
+
+    /// What this node offers, reserves and holds.
+    pub fn offers(&self) -> OffersView {
+        let now = now_ms();
+        let (sent, reservations) = match &self.shared.offerer {
+            Some(offerer) => {
+                let offerer = lock(offerer);
+                (
+                    offerer.sent().into_iter().map(Into::into).collect(),
+                    offerer.reservations().copied().collect(),
+                )
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        OffersView {
+            offer_memory_mib: self.shared.config.offer_memory_mib.unwrap_or(0),
+            scheduler: self.shared.config.scheduler,
+            sent,
+            reservations,
+            held: self.held_offers(now),
+            super_traders: self
+                .shared
+                .super_traders
+                .as_ref()
+                .map_or(0, |list| lock(list).len()),
+        }
+    }
+
+    /// Stops taking part: withdraws this node's offers from their holders (waiting at
+    /// most the answer timeout) and stops the market's tasks.
+    pub async fn stop(&self) {
+        self.withdraw_all().await;
+        self.shared.stop.send_replace(true);
+    }
+
+    /// Stops the market's tasks without withdrawing anything, as a crash would.
+    pub fn abort(&self) {
+        self.shared.stop.send_replace(true);
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.shared.stop.subscribe()
+    }
+
+    /// Sends `request` to `peer` (dialling `addresses` if needed) and waits for its
+    /// answer; a request to ourselves is answered in-process.
+    fn call(
+        &self,
+        peer: PeerId,
+        addresses: Vec<Multiaddr>,
+        request: Request,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Response, CallError>> {
+        let market = self.clone();
+        async move {
+            if peer == market.shared.peer_id {
+                return Ok(market.handle(peer, request).await);
+            }
+            let id = market
+                .shared
+                .next_request_id
+                .fetch_add(1, Ordering::Relaxed);
+            let bytes = encode_request(id, request);
+            let answer = tokio::time::timeout(
+                timeout,
+                market.shared.network.request(peer, addresses, bytes),
+            )
+            .await
+            .map_err(|_| CallError::Timeout(peer))??;
+            decode_response(&answer, id).map_err(|error| CallError::Protocol { peer, error })
+        }
+        .boxed()
+    }
+
+    /// Answers requests from other peers until the node stops.
+    async fn serve(self, mut inbound: mpsc::Receiver<InboundRequest>) {
+        let mut stop = self.stopping();
+        loop {
+            let request = tokio::select! {
+                request = inbound.recv() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+                _ = stop.changed() => break,
+            };
+            let envelope = match decode_request(&request.bytes) {
+                Ok(envelope) => envelope,
+                Err(e) => {
+                    self.shared.metrics.malformed.inc();
+                    tracing::debug!(peer = %request.peer, error = %e, "malformed request refused");
+                    let refusal = Response::Refused {
+                        reason: e.to_string(),
+                    };
+                    let _ = request.respond(encode_response(0, refusal)).await;
+                    continue;
+                }
+            };
+            if matches!(envelope.request, Request::Discover(_)) {
+                // Discoveries take several round trips: run them beside the loop.
+                let market = self.clone();
+                tokio::spawn(async move {
+                    let response = market.handle(request.peer, envelope.request).await;
+                    let _ = request
+                        .respond(encode_response(envelope.id, response))
+                        .await;
+                });
+                continue;
+            }
+            let response = self.handle(request.peer, envelope.request).await;
+            let _ = request
+                .respond(encode_response(envelope.id, response))
+                .await;
+        }
+    }
+
+    /// Answers one request, from `from` (ourselves for in-process calls).
+    async fn handle(&self, from: PeerId, request: Request) -> Response {
+        match request {
+            Request::Offer { key, offer } => self.hold_offer(&key, offer),
+            Request::FindOffers { tier, min_free_mib } => self.find_offers(tier, min_free_mib),
+            Request::Notify { offers } => self.take_notification(from, offers),
+            Request::Reserve {
+                reservation_id,
+                offer_id,
+                mib,
+                hold_ms,
+            } => self.reserve(reservation_id, offer_id, mib, hold_ms),
+            Request::Release { reservation_id } => self.release(reservation_id),
+            Request::Discover(request) => self.serve_discovery(request).await,
+        }
+    }
+}

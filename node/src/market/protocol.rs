@@ -1,0 +1,370 @@
+//! The offer protocols' messages, as they travel on `/flotilla/offers/1.0.0`.
+//!
+//! Each request is one CBOR-encoded [`RequestEnvelope`] carrying an id, answered by one
+//! [`ResponseEnvelope`] with the same id. The overlay bounds every message's size while
+//! it is read; here decoding checks what the types cannot say (key length, how many offers
+//! a message carries), so a malformed message is refused before anything acts on it.
+//!
+//! | request        | sent by → to                  | answer                         |
+//! |----------------|-------------------------------|--------------------------------|
+//! | `Offer`        | offerer → holder              | `Offer` (stored, refreshed, withdrawn) or `Refused` |
+//! | `FindOffers`   | scheduler → holder            | `Offers`                       |
+//! | `Notify`       | offerer → scheduler           | `Notified`                     |
+//! | `Reserve`      | scheduler → offerer           | `Reserved` or `Refused`        |
+//! | `Release`      | scheduler → offerer           | `Released`                     |
+//! | `Discover`     | client node → scheduler       | `Discovered`, `Busy` or `Refused` |
+//!
+//! Creating, refreshing and withdrawing an offer are one message: a new signed version of
+//! the offer, newer by sequence number, withdrawn when its `withdrawn` flag is set.
+
+use flotilla_offers::offer::{SignedOffer, cbor_bytes};
+use flotilla_offers::offerer::Reservation;
+use flotilla_overlay::regions::Tier;
+use flotilla_scheduler::discovery::Report;
+use flotilla_scheduler::placement::Policy;
+use serde::{Deserialize, Serialize};
+
+/// Longest key an offer may be sent under, in bytes.
+pub const MAX_KEY_BYTES: usize = 64;
+/// Most offers one `Notify` may carry.
+pub const MAX_NOTIFY_OFFERS: usize = 16;
+/// Most offers one `Offers` answer carries.
+pub const MAX_FOUND_OFFERS: usize = 64;
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The bytes are not a message of this protocol.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A response answers another request.
+    #[error("response {got} does not answer request {expected}")]
+    WrongId {
+        /// The request's id.
+        expected: u64,
+        /// The id in the response.
+        got: u64,
+    },
+}
+
+/// A request and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    /// Chosen by the sender; the response carries it back.
+    pub id: u64,
+    /// The request.
+    pub request: Request,
+}
+
+/// A response and the id of the request it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// The request's id.
+    pub id: u64,
+    /// The response.
+    pub response: Response,
+}
+
+/// What one peer asks another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Hold this version of an offer (create, refresh or withdraw), sent under `key`.
+    Offer {
+        /// The key the offer was published under, inside its tier's region.
+        #[serde(with = "cbor_bytes")]
+        key: Vec<u8>,
+        /// The signed offer.
+        offer: SignedOffer,
+    },
+    /// Which offers of `tier` with at least `min_free_mib` free do you hold?
+    FindOffers {
+        /// The tier asked about.
+        tier: Tier,
+        /// Least free memory wanted, in MiB.
+        min_free_mib: u32,
+    },
+    /// An offerer's report of what it has free, for a scheduler's super-trader list.
+    Notify {
+        /// Its current offers (at most [`MAX_NOTIFY_OFFERS`]).
+        offers: Vec<SignedOffer>,
+    },
+    /// Set memory of one of your offers aside.
+    Reserve {
+        /// The scheduler's id for the reservation; repeating it is harmless.
+        reservation_id: u64,
+        /// The offer.
+        offer_id: u64,
+        /// Memory, in MiB.
+        mib: u32,
+        /// How long to hold it unless it is used, in ms.
+        hold_ms: u64,
+    },
+    /// Give a reservation's memory back.
+    Release {
+        /// The reservation.
+        reservation_id: u64,
+    },
+    /// Run one discovery (and possibly a reservation) for a client.
+    Discover(DiscoverRequest),
+}
+
+/// A client's discovery request to a scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoverRequest {
+    /// Memory wanted, in MiB.
+    pub memory_mib: u32,
+    /// Region probes before the fallback (the scheduler's setting if `None`).
+    pub max_tries: Option<u32>,
+    /// Reserve the best offer found, on these terms.
+    pub reserve: Option<ReserveTerms>,
+}
+
+/// How a scheduler should reserve what it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveTerms {
+    /// The reservation's id.
+    pub reservation_id: u64,
+    /// How long the offerer holds it unless used, in ms.
+    pub hold_ms: u64,
+    /// Which fitting offer to prefer (the scheduler's setting if `None`).
+    pub policy: Option<Policy>,
+}
+
+/// What a peer answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// The offer was taken: `stored`, `refreshed` or `withdrawn`.
+    Offer {
+        /// What it did.
+        outcome: String,
+    },
+    /// The request was refused, and why.
+    Refused {
+        /// Why, in one line.
+        reason: String,
+    },
+    /// Offers held that match a `FindOffers`.
+    Offers {
+        /// At most [`MAX_FOUND_OFFERS`] of them.
+        offers: Vec<SignedOffer>,
+        /// How many matched in all.
+        matched: u32,
+    },
+    /// A `Notify` was taken.
+    Notified {
+        /// Offers the list accepted.
+        accepted: u32,
+    },
+    /// Memory was reserved.
+    Reserved {
+        /// The reservation.
+        reservation: Reservation,
+    },
+    /// A reservation was released (or was not held).
+    Released,
+    /// A discovery's outcome.
+    Discovered(Box<Discovered>),
+    /// The scheduler runs as many discoveries as it allows; ask another.
+    Busy,
+}
+
+/// The outcome of a discovery run by a scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discovered {
+    /// The scheduler that ran it.
+    pub scheduler: String,
+    /// The probes, fallback, messages and time.
+    pub report: Report,
+    /// Kademlia requests the probes' lookups sent.
+    pub lookup_requests: u32,
+    /// The fitting offers found (at most [`MAX_FOUND_OFFERS`]).
+    pub offers: Vec<OfferSummary>,
+    /// The reservation made, when one was asked for and succeeded.
+    pub placement: Option<Placement>,
+}
+
+/// One offer, as a discovery reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferSummary {
+    /// The offering peer.
+    pub offerer: String,
+    /// The offer's id.
+    pub offer_id: u64,
+    /// Its tier, in MiB.
+    pub tier_mib: u32,
+    /// Memory it lends, in MiB.
+    pub memory_mib: u32,
+    /// Memory free on it, in MiB.
+    pub free_mib: u32,
+}
+
+impl From<&SignedOffer> for OfferSummary {
+    fn from(offer: &SignedOffer) -> Self {
+        OfferSummary {
+            offerer: offer.body.offerer.to_string(),
+            offer_id: offer.body.offer_id,
+            tier_mib: offer.body.tier.mib(),
+            memory_mib: offer.body.memory_mib,
+            free_mib: offer.body.free_mib(),
+        }
+    }
+}
+
+/// A reservation made for a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The offer it was taken from, as signed by its offerer (with its addresses).
+    pub offer: SignedOffer,
+    /// The reservation.
+    pub reservation: Reservation,
+}
+
+/// Encodes a request.
+pub fn encode_request(id: u64, request: Request) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), &RequestEnvelope { id, request })
+        .expect("requests always encode")
+}
+
+/// Encodes a response.
+pub fn encode_response(id: u64, response: Response) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), &ResponseEnvelope { id, response })
+        .expect("responses always encode")
+}
+
+/// Decodes and checks a request.
+pub fn decode_request(bytes: &[u8]) -> Result<RequestEnvelope, ProtocolError> {
+    let envelope: RequestEnvelope = cbor4ii::serde::from_slice(bytes)
+        .map_err(|e| ProtocolError::Malformed(one_line(&e.to_string())))?;
+    match &envelope.request {
+        Request::Offer { key, .. } if key.len() > MAX_KEY_BYTES => Err(ProtocolError::Malformed(
+            format!("key of {} bytes (at most {MAX_KEY_BYTES})", key.len()),
+        )),
+        Request::Notify { offers } if offers.len() > MAX_NOTIFY_OFFERS => {
+            Err(ProtocolError::Malformed(format!(
+                "{} offers in one notification (at most {MAX_NOTIFY_OFFERS})",
+                offers.len()
+            )))
+        }
+        _ => Ok(envelope),
+    }
+}
+
+/// Decodes a response and checks that it answers request `expected_id`.
+pub fn decode_response(bytes: &[u8], expected_id: u64) -> Result<Response, ProtocolError> {
+    let envelope: ResponseEnvelope = cbor4ii::serde::from_slice(bytes)
+        .map_err(|e| ProtocolError::Malformed(one_line(&e.to_string())))?;
+    if envelope.id != expected_id {
+        return Err(ProtocolError::WrongId {
+            expected: expected_id,
+            got: envelope.id,
+        });
+    }
+    match &envelope.response {
+        Response::Offers { offers, .. } if offers.len() > MAX_FOUND_OFFERS => {
+            Err(ProtocolError::Malformed(format!(
+                "{} offers in one answer (at most {MAX_FOUND_OFFERS})",
+                offers.len()
+            )))
+        }
+        _ => Ok(envelope.response),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let request = Request::Reserve {
+            reservation_id: 7,
+            offer_id: 9,
+            mib: 300,
+            hold_ms: 1000,
+        };
+        let decoded = decode_request(&encode_request(42, request.clone())).unwrap();
+        assert_eq!(decoded.id, 42);
+        assert_eq!(decoded.request, request);
+        let bytes = encode_response(42, Response::Released);
+        assert_eq!(decode_response(&bytes, 42).unwrap(), Response::Released);
+        assert!(matches!(
+            decode_response(&bytes, 43),
+            Err(ProtocolError::WrongId { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_and_overlong_requests_are_refused() {
+        assert!(matches!(
+            decode_request(b"\xa1\x00"),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(decode_request(&[]).is_err());
+        // A tier that does not exist is refused by the type itself.
+        let bytes = encode_request(
+            1,
+            Request::FindOffers {
+                tier: Tier::from_mib(512).unwrap(),
+                min_free_mib: 1,
+            },
+        );
+        let mut unknown = bytes.clone();
+        let at = unknown
+            .windows(11)
+            .position(|w| w == b"find_offers")
+            .unwrap();
+        unknown[at + 10] = b'z';
+        assert!(decode_request(&unknown).is_err());
+        let mut bad_tier = bytes.clone();
+        let at = bad_tier
+            .windows(3)
+            .position(|w| w == [0x19, 0x02, 0x00])
+            .unwrap();
+        bad_tier[at + 2] = 0x01; // 513 MiB is no tier
+        assert!(decode_request(&bad_tier).is_err());
+        let key = vec![0u8; MAX_KEY_BYTES + 1];
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let offer = SignedOffer::sign(
+            flotilla_offers::offer::OfferBody {
+                offerer: keypair.public().to_peer_id(),
+                addresses: Vec::new(),
+                tier: Tier::from_mib(128).unwrap(),
+                memory_mib: 128,
+                in_use_mib: 0,
+                offer_id: 1,
+                seq: 1,
+                expires_at_ms: 1,
+                withdrawn: false,
+            },
+            &keypair,
+        )
+        .unwrap();
+        let long_key = encode_request(
+            2,
+            Request::Offer {
+                key,
+                offer: offer.clone(),
+            },
+        );
+        assert!(matches!(
+            decode_request(&long_key),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let crowded = encode_request(
+            3,
+            Request::Notify {
+                offers: vec![offer; MAX_NOTIFY_OFFERS + 1],
+            },
+        );
+        assert!(matches!(
+            decode_request(&crowded),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,323 @@
+//! The scheduler side: the registry, the super-trader list, and discoveries (Algorithm 2)
+//! with placement (Algorithm 3) and reservation; and the client side that picks a
+//! scheduler at random from the registry and asks it.
+
+use super::protocol::{
+    DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, Response,
+};
+use super::{CallError, Market, lock, now_ms};
+use flotilla_offers::offer::SignedOffer;
+use flotilla_overlay::regions::{RegionError, Tier};
+use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
+use flotilla_scheduler::placement;
+use flotilla_scheduler::registry::{self, registry_key};
+use libp2p::PeerId;
+use libp2p::kad::RecordKey;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often a scheduler renews its registry record, so it outlives the peers that
+/// stored it.
+const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a registry lookup's result is reused.
+const REGISTRY_FRESH: Duration = Duration::from_secs(10);
+/// Most schedulers remembered from one lookup.
+const MAX_SCHEDULERS: usize = 64;
+/// Most probes a client may ask a discovery to make.
+pub const MAX_TRIES_LIMIT: u32 = 16;
+/// Time a client allows a scheduler for one discovery.
+const DISCOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Schedulers a client tries before giving up.
+const SCHEDULER_ATTEMPTS: usize = 3;
+const MIB: u64 = 1024 * 1024;
+
+/// Why a discovery could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    /// The request is impossible (more memory than the largest tier, say).
+    #[error(transparent)]
+    Request(#[from] RegionError),
+    /// No scheduler is registered.
+    #[error(
+        "no scheduler found in the registry (start a node with --scheduler, or wait until one has joined)"
+    )]
+    NoScheduler,
+    /// A scheduler refused the request.
+    #[error("scheduler {scheduler} refused: {reason}")]
+    Refused {
+        /// The scheduler.
+        scheduler: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// Every scheduler tried failed to answer.
+    #[error("no scheduler answered ({0})")]
+    Unanswered(String),
+}
+
+/// The last registry lookup.
+#[derive(Default)]
+pub(super) struct SchedulerCache {
+    found: Mutex<Option<(Instant, Vec<PeerId>)>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl Market {
+    /// Announces this scheduler in the registry, again every [`REANNOUNCE_INTERVAL`].
+    pub(super) async fn announce_scheduler(self) {
+        let mut stop = self.stopping();
+        let mut ticks = tokio::time::interval(REANNOUNCE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let key = RecordKey::new(&registry_key());
+            if let Err(e) = self.shared.network.start_providing(key).await {
+                tracing::warn!(error = %e, "cannot announce this scheduler");
+            }
+        }
+    }
+
+    /// The schedulers in the registry (ourselves included if we are one), looked up at
+    /// most every [`REGISTRY_FRESH`].
+    pub(super) async fn schedulers(&self) -> Vec<PeerId> {
+        let cache = &self.shared.schedulers;
+        let fresh = |found: &Option<(Instant, Vec<PeerId>)>| {
+            found
+                .as_ref()
+                .filter(|(at, peers)| at.elapsed() < REGISTRY_FRESH && !peers.is_empty())
+                .map(|(_, peers)| peers.clone())
+        };
+        if let Some(peers) = fresh(&lock(&cache.found)) {
+            return peers;
+        }
+        let _one_lookup_at_a_time = cache.refreshing.lock().await;
+        if let Some(peers) = fresh(&lock(&cache.found)) {
+            return peers;
+        }
+        let mut peers = Vec::new();
+        if self.is_scheduler() {
+            peers.push(self.peer_id());
+        }
+        let key = RecordKey::new(&registry_key());
+        if let Ok(mut found) = self.shared.network.get_providers(key).await {
+            let deadline = tokio::time::sleep(self.shared.config.answer_timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    peer = found.recv() => match peer {
+                        Some(peer) if !peers.contains(&peer) && peers.len() < MAX_SCHEDULERS => peers.push(peer),
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = &mut deadline => break,
+                }
+            }
+        }
+        *lock(&cache.found) = Some((Instant::now(), peers.clone()));
+        peers
+    }
+
+    fn forget_scheduler(&self, scheduler: &PeerId) {
+        if let Some((_, peers)) = lock(&self.shared.schedulers.found).as_mut() {
+            peers.retain(|p| p != scheduler);
+        }
+    }
+
+    /// Takes an offerer's report for the super-trader list.
+    pub(super) fn take_notification(&self, from: PeerId, offers: Vec<SignedOffer>) -> Response {
+        let Some(list) = &self.shared.super_traders else {
+            return Response::Refused {
+                reason: "this node is not a scheduler".into(),
+            };
+        };
+        // Only an offerer's own offers: nobody reports for someone else.
+        let own: Vec<SignedOffer> = offers
+            .into_iter()
+            .filter(|o| o.body.offerer == from)
+            .collect();
+        let accepted = lock(list).notify(now_ms(), own);
+        Response::Notified {
+            accepted: accepted as u32,
+        }
+    }
+
+    /// Runs one discovery for a client, and a reservation if it asks for one.
+    pub(super) async fn serve_discovery(&self, request: DiscoverRequest) -> Response {
+        if !self.is_scheduler() {
+            return Response::Refused {
+                reason: "this node is not a scheduler".into(),
+            };
+        }
+        let Ok(_slot) = self.shared.discoveries.try_acquire() else {
+            return Response::Busy;
+        };
+        match self.run_discovery(request).await {
+            Ok(discovered) => Response::Discovered(Box::new(discovered)),
+            Err(e) => Response::Refused {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    async fn run_discovery(&self, request: DiscoverRequest) -> Result<Discovered, RegionError> {
+        let started = Instant::now();
+        let mut rng = StdRng::from_os_rng();
+        let config = DiscoveryConfig {
+            max_tries: request
+                .max_tries
+                .unwrap_or(self.shared.config.max_tries)
+                .min(MAX_TRIES_LIMIT),
+        };
+        let bytes = u64::from(request.memory_mib) * MIB;
+        let tier = Tier::for_request(bytes)?;
+        let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
+        let timeout = self.shared.config.answer_timeout;
+        let mut lookup_requests = 0;
+        let mut reserve_messages = 0;
+        loop {
+            step = match step {
+                Step::FindClosest { key } => {
+                    let lookup = self.shared.network.responsible_peer(key);
+                    let holder = match tokio::time::timeout(timeout, lookup).await {
+                        Ok(Ok((holder, requests))) => {
+                            lookup_requests += requests;
+                            Some(holder)
+                        }
+                        _ => None,
+                    };
+                    discovery.on_closest(now_ms(), holder, &mut rng)
+                }
+                Step::AskHolder { holder } => {
+                    let ask = Request::FindOffers {
+                        tier,
+                        min_free_mib: discovery.request_mib(),
+                    };
+                    match self.call(holder, Vec::new(), ask, timeout).await {
+                        Ok(Response::Offers { offers, .. }) => {
+                            discovery.on_offers(now_ms(), offers, &mut rng)
+                        }
+                        _ => discovery.on_holder_failed(now_ms(), &mut rng),
+                    }
+                }
+                Step::Fallback => {
+                    let offers = self.shared.super_traders.as_ref().map_or(Vec::new(), |l| {
+                        lock(l).fitting(now_ms(), discovery.request_mib())
+                    });
+                    discovery.on_fallback(now_ms(), offers)
+                }
+                Step::Done => break,
+            };
+        }
+        let (found, report) = discovery.outcome().expect("the discovery is done");
+        let mut report = report.clone();
+        let mut placement = None;
+        if let Some(terms) = request.reserve
+            && !found.is_empty()
+        {
+            let policy = terms.policy.unwrap_or(self.shared.config.placement);
+            let ranked = placement::rank(found, report.request_mib, policy, &mut rng);
+            let mut refusals = Vec::new();
+            for offer in ranked {
+                let reserve = Request::Reserve {
+                    reservation_id: terms.reservation_id,
+                    offer_id: offer.body.offer_id,
+                    mib: report.request_mib,
+                    hold_ms: terms.hold_ms,
+                };
+                reserve_messages += 1;
+                let offerer = offer.body.offerer;
+                let addresses = offer.body.addresses.clone();
+                match self.call(offerer, addresses, reserve, timeout).await {
+                    Ok(Response::Reserved { reservation }) => {
+                        placement = Some(Placement {
+                            offer: offer.clone(),
+                            reservation,
+                        });
+                        break;
+                    }
+                    other => {
+                        if let Some(list) = &self.shared.super_traders {
+                            lock(list).remove(&offerer, offer.body.offer_id);
+                        }
+                        refusals.push(match other {
+                            Ok(Response::Refused { reason }) => reason,
+                            Ok(other) => format!("unexpected answer {other:?}"),
+                            Err(e) => e.to_string(),
+                        });
+                    }
+                }
+            }
+            if placement.is_none() {
+                report.failure = Some(format!(
+                    "found {} offer(s) with {} MiB free, but every reservation was refused ({})",
+                    found.len(),
+                    report.request_mib,
+                    refusals.join("; ")
+                ));
+            }
+        }
+        report.messages += lookup_requests + reserve_messages;
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        let metrics = &self.shared.metrics;
+        metrics.discoveries.inc();
+        if report.used_fallback {
+            metrics.fallbacks.inc();
+        }
+        if report.failure.is_some() {
+            metrics.discoveries_failed.inc();
+        }
+        metrics.probes.observe(report.probes.len() as f64);
+        metrics.messages.observe(f64::from(report.messages));
+        metrics.seconds.observe(started.elapsed().as_secs_f64());
+        Ok(Discovered {
+            scheduler: self.peer_id().to_string(),
+            offers: found
+                .iter()
+                .take(MAX_FOUND_OFFERS)
+                .map(OfferSummary::from)
+                .collect(),
+            report,
+            lookup_requests,
+            placement,
+        })
+    }
+
+    /// Runs one discovery through a scheduler picked at random from the registry, trying
+    /// another if it does not answer.
+    pub async fn discover(&self, request: DiscoverRequest) -> Result<Discovered, DiscoverError> {
+        Tier::for_request(u64::from(request.memory_mib) * MIB)?;
+        let mut rng = StdRng::from_os_rng();
+        let mut failures = Vec::new();
+        let mut failed: Option<PeerId> = None;
+        for _ in 0..SCHEDULER_ATTEMPTS {
+            let schedulers = self.schedulers().await;
+            let Some(scheduler) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
+                return Err(DiscoverError::NoScheduler);
+            };
+            let ask = Request::Discover(request.clone());
+            match self
+                .call(scheduler, Vec::new(), ask, DISCOVER_TIMEOUT)
+                .await
+            {
+                Ok(Response::Discovered(discovered)) => return Ok(*discovered),
+                Ok(Response::Refused { reason }) => {
+                    return Err(DiscoverError::Refused { scheduler, reason });
+                }
+                Ok(Response::Busy) => failures.push(format!("{scheduler} is busy")),
+                Ok(other) => failures.push(format!("{scheduler}: unexpected answer {other:?}")),
+                Err(e) => {
+                    if matches!(e, CallError::Rpc(_) | CallError::Timeout(_)) {
+                        self.forget_scheduler(&scheduler);
+                    }
+                    failures.push(e.to_string());
+                }
+            }
+            failed = Some(scheduler);
+        }
+        Err(DiscoverError::Unanswered(failures.join("; ")))
+    }
+}
