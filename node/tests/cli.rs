@@ -66,7 +66,11 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(data_dir: &Path) -> NodeProcess {
-        let mut child = node_command(data_dir, "127.0.0.1:0")
+        NodeProcess::spawn(node_command(data_dir, "127.0.0.1:0"))
+    }
+
+    fn spawn(mut command: Command) -> NodeProcess {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -289,4 +293,104 @@ fn a_bad_config_file_is_reported() {
         .output()
         .unwrap();
     assert_one_line_error(&output, "invalid config file");
+}
+
+/// Polls a CLI command's JSON output until `ready` holds (at most 10 s).
+fn poll_json(node: &NodeProcess, args: &[&str], ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let output = node.cli(args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if ready(&serde_json::from_slice(&output.stdout).unwrap()) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out polling {args:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_offering_scheduler_lists_its_offers_and_discovers_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flotilla.toml");
+    std::fs::write(&config, "notify_interval = \"200ms\"\n").unwrap();
+    let mut cmd = node_command(&dir.path().join("node"), "127.0.0.1:0");
+    cmd.args(["--offer-memory", "2GiB", "--scheduler", "--config"])
+        .arg(&config);
+    let node = NodeProcess::spawn(cmd);
+
+    // One 2 GiB offer, published (to itself: it is the only peer) and on its own
+    // super-trader list.
+    poll_json(&node, &["offers", "--json"], |v| {
+        v["sent"][0]["state"] == "published" && v["super_traders"] == 1
+    });
+    let offers = node.cli(&["offers"]);
+    let text = String::from_utf8_lossy(&offers.stdout);
+    assert!(text.contains("role: offerer and scheduler"), "{text}");
+    assert!(text.contains("lends 2048 MiB in 1 offer(s)"), "{text}");
+    assert!(text.contains("holds 1 offer(s) for others"), "{text}");
+
+    // 512 MiB: nothing in the 512 MiB region, so the fallback finds the 2 GiB offer.
+    let found = node.cli(&["discover", "--memory", "512MiB"]);
+    let text = String::from_utf8_lossy(&found.stdout);
+    assert!(
+        found.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    for expected in [
+        "probes:     3",
+        "fallback:   used",
+        "found:      1 offer(s)",
+        "time:",
+    ] {
+        assert!(text.contains(expected), "no '{expected}' in {text}");
+    }
+    // 2 GiB, reserved: probing its own region finds it at once.
+    let reserved = node.cli(&["discover", "--memory", "2GiB", "--reserve", "30s", "--json"]);
+    assert!(
+        reserved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reserved.stderr)
+    );
+    let reserved: serde_json::Value = serde_json::from_slice(&reserved.stdout).unwrap();
+    assert_eq!(reserved["report"]["probes"].as_array().unwrap().len(), 1);
+    assert_eq!(reserved["report"]["used_fallback"], false);
+    assert_eq!(reserved["placement"]["reservation"]["mib"], 2048);
+    poll_json(&node, &["offers", "--json"], |v| {
+        v["reservations"].as_array().unwrap().len() == 1 && v["sent"][0]["in_use_mib"] == 2048
+    });
+
+    // Nothing is left (once the fallback list has heard): a clear reason and a failing
+    // exit.
+    poll_json(&node, &["offers", "--json"], |v| v["super_traders"] == 0);
+    let none = node.cli(&["discover", "--memory", "1GiB"]);
+    assert_one_line_error(&none, "no offer with 1024 MiB free");
+    assert!(String::from_utf8_lossy(&none.stdout).contains("fallback:   used"));
+    let too_big = node.cli(&["discover", "--memory", "20GiB"]);
+    assert_one_line_error(
+        &too_big,
+        "20480 MiB is more than the largest tier (10240 MiB)",
+    );
+    assert!(node.terminate());
+}
+
+#[test]
+fn offering_less_than_the_smallest_tier_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = node_command(dir.path(), "127.0.0.1:0")
+        .args(["--offer-memory", "100MiB"])
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &output,
+        "invalid setting offer_memory: 100.0 MiB is less than the smallest tier",
+    );
 }

@@ -189,6 +189,15 @@ pub mod cbor_bytes {
         fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
             Ok(v)
         }
+
+        /// Formats without byte strings (JSON) write bytes as a list of numbers.
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                bytes.push(byte);
+            }
+            Ok(bytes)
+        }
     }
 }
 
@@ -225,6 +234,9 @@ pub(crate) mod tests {
         assert_eq!(decoded, offer);
         decoded.verify().unwrap();
         assert!(offer.encode().len() < MAX_OFFER_BYTES);
+        // Also through JSON, as the node's API carries it.
+        let json = serde_json::to_string(&offer).unwrap();
+        assert_eq!(serde_json::from_str::<SignedOffer>(&json).unwrap(), offer);
     }
 
     #[test]

@@ -558,6 +558,7 @@ impl Offerer {
         let withdrawal = self.sign(&self.slots[i], expires_at_ms.max(now_ms + 1), true)?;
         let slot = &mut self.slots[i];
         slot.state = State::Full;
+        slot.latest = Some(withdrawal.clone());
         Ok(vec![Action::Send {
             offer_id: slot.offer_id,
             holder,
@@ -586,14 +587,23 @@ impl Offerer {
             .min()
     }
 
-    /// The signed offers that have memory free and are with a holder (or on their way to
-    /// one), as last sent: what this volunteer tells a scheduler's super-trader list.
+    /// What this volunteer tells a scheduler's super-trader list: the signed offers that
+    /// have memory free and are with a holder (or on their way to one), as last sent, and
+    /// the withdrawals of offers now full, so lists drop them.
     pub fn current_offers(&self, now_ms: u64) -> Vec<SignedOffer> {
         self.slots
             .iter()
-            .filter(|s| matches!(s.state, State::Sending { .. } | State::Published { .. }))
-            .filter_map(|s| s.latest.clone())
-            .filter(|o| o.body.free_mib() > 0 && o.body.expires_at_ms > now_ms)
+            .filter_map(|s| {
+                let latest = s.latest.clone()?;
+                let current = match s.state {
+                    State::Sending { .. } | State::Published { .. } => {
+                        !latest.body.withdrawn && latest.body.free_mib() > 0
+                    }
+                    State::Full => latest.body.withdrawn,
+                    _ => false,
+                };
+                (current && latest.body.expires_at_ms > now_ms).then_some(latest)
+            })
             .collect()
     }
 
@@ -887,9 +897,11 @@ mod tests {
         let (_, actions) = offerer.reserve(100, offer_id, 128, 9, 1_000).unwrap();
         let (_, key, withdrawal) = sent(&actions);
         assert!(withdrawal.body.withdrawn);
-        holder.receive(100, &key, withdrawal).unwrap();
+        holder.receive(100, &key, withdrawal.clone()).unwrap();
         assert_eq!(holder.live(100).count(), 0);
         assert_eq!(offerer.sent()[0].state, "full");
+        // Schedulers hear of the withdrawal too, so their fallback lists drop the offer.
+        assert_eq!(offerer.current_offers(100), vec![withdrawal]);
         // Not confirmed within its hold: released, and the offer is published again.
         assert_eq!(offerer.next_wakeup(), Some(1_100));
         let actions = offerer.poll(1_100, &mut rng).unwrap();

@@ -467,10 +467,13 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
+/// Where the answer to one outbound request goes.
+type ReplySender = oneshot::Sender<Result<Vec<u8>, RpcError>>;
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     queries: HashMap<QueryId, PendingQuery>,
-    requests: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Vec<u8>, RpcError>>)>,
+    requests: HashMap<OutboundRequestId, (PeerId, ReplySender)>,
     connected: HashSet<PeerId>,
     bitswap: Option<Bitswap>,
     timeout: Duration,

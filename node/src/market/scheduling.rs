@@ -231,7 +231,13 @@ impl Market {
                 reserve_messages += 1;
                 let offerer = offer.body.offerer;
                 let addresses = offer.body.addresses.clone();
-                match self.call(offerer, addresses, reserve, timeout).await {
+                let answer = self.call(offerer, addresses, reserve, timeout).await;
+                // Whatever the answer, the list's copy of this offer is out of date now;
+                // its offerer's next report brings it back.
+                if let Some(list) = &self.shared.super_traders {
+                    lock(list).remove(&offerer, offer.body.offer_id);
+                }
+                match answer {
                     Ok(Response::Reserved { reservation }) => {
                         placement = Some(Placement {
                             offer: offer.clone(),
@@ -240,9 +246,6 @@ impl Market {
                         break;
                     }
                     other => {
-                        if let Some(list) = &self.shared.super_traders {
-                            lock(list).remove(&offerer, offer.body.offer_id);
-                        }
                         refusals.push(match other {
                             Ok(Response::Refused { reason }) => reason,
                             Ok(other) => format!("unexpected answer {other:?}"),
