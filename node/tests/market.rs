@@ -92,6 +92,11 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
     .await;
     let held: usize = nodes.iter().map(|n| n.market().offers().held.len()).sum();
     assert_eq!(held, total_offers, "each offer has exactly one holder");
+    let mut published = 0.0;
+    for node in offerers {
+        published += metric(node, "flotilla_offers_published_total").await;
+    }
+    assert!(published >= total_offers as f64, "{published} published");
     wait_until("both super-trader lists know every offer", || async {
         nodes[..2]
             .iter()
@@ -189,6 +194,14 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
         + metric(&nodes[1], "flotilla_discovery_discoveries_total").await;
     // 9 satisfiable, 1 unsatisfiable, 20 races; the impossible one never left its node.
     assert_eq!(discoveries, 30.0);
+    let mut probed = 0.0;
+    let mut fell_back = 0.0;
+    for scheduler in &nodes[..2] {
+        probed += metric(scheduler, "flotilla_discovery_probes_count").await;
+        fell_back += metric(scheduler, "flotilla_discovery_fallback_total").await;
+    }
+    assert_eq!(probed, 30.0);
+    assert!(fell_back >= 1.0, "the unsatisfiable request fell back");
     for node in nodes {
         node.stop().await;
     }

@@ -28,7 +28,7 @@ impl Market {
                     Accepted::Withdrawn => "withdrawn",
                 };
                 if accepted != Accepted::Withdrawn {
-                    metrics.published.inc();
+                    metrics.received.inc();
                 }
                 Response::Offer {
                     outcome: outcome.into(),

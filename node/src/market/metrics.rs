@@ -20,8 +20,10 @@ pub struct ReasonLabel {
 /// The market's metrics.
 #[derive(Debug, Clone)]
 pub struct MarketMetrics {
-    /// Offer versions (new or refreshed) this node's holders accepted.
+    /// Offer versions (new or refreshed) this node published that a holder accepted.
     pub published: Counter,
+    /// Offer versions (new or refreshed) this node accepted as holder.
+    pub received: Counter,
     /// Offers this node holds for others now.
     pub held: Gauge,
     /// Held offers that expired.
@@ -53,6 +55,7 @@ impl MarketMetrics {
     pub fn new(registry: &mut Registry) -> MarketMetrics {
         let m = MarketMetrics {
             published: Counter::default(),
+            received: Counter::default(),
             held: Gauge::default(),
             expired: Counter::default(),
             rejected: Family::default(),
@@ -69,8 +72,13 @@ impl MarketMetrics {
         let r = registry.sub_registry_with_prefix("flotilla_offers");
         r.register(
             "published",
-            "Offer versions accepted by this node as holder",
+            "Offer versions this node published that a holder accepted",
             m.published.clone(),
+        );
+        r.register(
+            "received",
+            "Offer versions this node accepted as holder",
+            m.received.clone(),
         );
         r.register("held", "Offers held for others now", m.held.clone());
         r.register("expired", "Held offers that expired", m.expired.clone());

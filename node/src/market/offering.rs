@@ -87,6 +87,7 @@ impl Market {
                     return;
                 }
                 if delivered {
+                    self.shared.metrics.published.inc();
                     Event::Delivered { offer_id, holder }
                 } else {
                     Event::DeliveryFailed { offer_id, holder }
