@@ -1,5 +1,5 @@
 //! The `flotilla` binary's library: the volunteer daemon, its part in the resource market
-//! (offers, holders, schedulers), its local HTTP API, the CLI commands that talk to it,
+//! (offers, holders, schedulers), the sandboxed Wasm executor, its local HTTP API, the CLI commands that talk to it,
 //! and the loopback demo.
 //!
 //! `main.rs` only parses the command line and calls [`commands::run`]; tests start nodes
@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod executor;
 pub mod identity;
 pub mod market;
 pub mod output;

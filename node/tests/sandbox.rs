@@ -1,0 +1,175 @@
+//! The executor's sandbox, with small WAT modules under real wasmtime: deadlines, memory
+//! limits, deep recursion, unknown imports and bad modules; after each, the executor
+//! keeps running other modules.
+#![allow(clippy::unwrap_used)]
+
+use flotilla_node::executor::{ExecError, Executor, ExecutorConfig, Job};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Writes "hello\n" on stdout, then exits with the number of its arguments.
+const HELLO: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    ;; iovec at 0: base 16, length 6
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (drop (call $args_sizes_get (i32.const 32) (i32.const 36)))
+    (call $proc_exit (i32.sub (i32.load (i32.const 32)) (i32.const 1)))))
+"#;
+
+fn executor(dir: &std::path::Path) -> Arc<Executor> {
+    Executor::new(ExecutorConfig::new(dir)).unwrap()
+}
+
+fn job(memory_bytes: u64) -> Job {
+    Job {
+        memory_bytes,
+        timeout: Some(Duration::from_secs(5)),
+        ..Job::default()
+    }
+}
+
+/// The executor still runs a well-behaved module correctly.
+fn still_serves(executor: &Executor) {
+    let wasm = wat::parse_str(HELLO).unwrap();
+    let outcome = executor
+        .run(
+            &wasm,
+            Job {
+                args: vec!["a".into(), "b".into()],
+                ..job(MIB)
+            },
+        )
+        .unwrap();
+    assert_eq!(outcome.failure, None);
+    assert_eq!(outcome.stdout, b"hello\n");
+    assert_eq!(outcome.exit_code, 2);
+}
+
+#[test]
+fn a_well_behaved_module_runs_and_its_compiled_code_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = wat::parse_str(HELLO).unwrap();
+    let first = executor(dir.path());
+    let outcome = first.run(&wasm, job(MIB)).unwrap();
+    assert_eq!(
+        (outcome.exit_code, outcome.stdout.as_slice()),
+        (0, &b"hello\n"[..])
+    );
+    assert!(outcome.timings.compiled);
+    assert!(!first.run(&wasm, job(MIB)).unwrap().timings.compiled);
+    // A new executor (a restarted node) loads it from its own disk cache.
+    drop(first);
+    let second = executor(dir.path());
+    assert!(!second.run(&wasm, job(MIB)).unwrap().timings.compiled);
+    still_serves(&second);
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    let wasm = wat::parse_str(r#"(module (func (export "_start") (loop (br 0))))"#).unwrap();
+    let outcome = executor
+        .run(
+            &wasm,
+            Job {
+                timeout: Some(Duration::from_millis(200)),
+                ..job(MIB)
+            },
+        )
+        .unwrap();
+    let failure = outcome.failure.unwrap();
+    assert!(failure.contains("deadline of 200ms"), "{failure}");
+    assert_eq!(outcome.exit_code, -1);
+    still_serves(&executor);
+}
+
+#[test]
+fn growing_memory_past_the_reservation_fails_inside_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    // Asks for 64 more pages (4 MiB); exits 3 if refused, 0 if granted.
+    let grow = r#"
+    (module
+      (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+      (memory (export "memory") 1)
+      (func (export "_start")
+        (if (i32.eq (memory.grow (i32.const 64)) (i32.const -1))
+          (then (call $proc_exit (i32.const 3))))
+        (call $proc_exit (i32.const 0))))"#;
+    let wasm = wat::parse_str(grow).unwrap();
+    let refused = executor.run(&wasm, job(2 * MIB)).unwrap();
+    assert_eq!((refused.exit_code, refused.failure), (3, None));
+    let granted = executor.run(&wasm, job(8 * MIB)).unwrap();
+    assert_eq!((granted.exit_code, granted.failure), (0, None));
+    // A module whose initial memory is over the reservation does not start.
+    let big = wat::parse_str(r#"(module (memory 64) (func (export "_start")))"#).unwrap();
+    let failure = executor.run(&big, job(MIB)).unwrap().failure.unwrap();
+    assert!(failure.starts_with("cannot instantiate"), "{failure}");
+    still_serves(&executor);
+}
+
+#[test]
+fn deep_recursion_traps_with_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    let wasm = wat::parse_str(r#"(module (func $f (call $f)) (func (export "_start") (call $f)))"#)
+        .unwrap();
+    let outcome = executor.run(&wasm, job(MIB)).unwrap();
+    let failure = outcome.failure.unwrap();
+    assert!(failure.contains("call stack exhausted"), "{failure}");
+    still_serves(&executor);
+}
+
+#[test]
+fn unknown_imports_and_bad_modules_are_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    let sneaky = wat::parse_str(
+        r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#,
+    )
+    .unwrap();
+    let err = executor.run(&sneaky, job(MIB)).unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains("launch_missiles")),
+        "{err}"
+    );
+    let library = wat::parse_str(r#"(module (func (export "add")))"#).unwrap();
+    assert!(matches!(
+        executor.run(&library, job(MIB)),
+        Err(ExecError::Refused(m)) if m.contains("_start")
+    ));
+    assert!(matches!(
+        executor.run(b"#!/bin/sh\necho hi\n", job(MIB)),
+        Err(ExecError::NotWasm(_))
+    ));
+    assert!(matches!(
+        executor.run(b"\0asm\x01\0\0\0\x99garbage", job(MIB)),
+        Err(ExecError::NotWasm(_))
+    ));
+    let huge = vec![0u8; executor.config().max_module_bytes + 1];
+    assert!(matches!(
+        executor.run(&huge, job(MIB)),
+        Err(ExecError::TooLarge { .. })
+    ));
+    let bad_input = Job {
+        inputs: vec![("../escape".into(), b"x".to_vec())],
+        ..job(MIB)
+    };
+    assert!(
+        executor
+            .run(&wat::parse_str(HELLO).unwrap(), bad_input)
+            .is_err()
+    );
+    still_serves(&executor);
+}
