@@ -15,3 +15,9 @@ pub mod executor;
 pub mod identity;
 pub mod market;
 pub mod output;
+
+/// `text` on one line, runs of whitespace (newlines included) made single spaces: how
+/// errors from deeper layers are shown.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

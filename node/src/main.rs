@@ -32,10 +32,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
-    let message = format!("{error:#}")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let message = flotilla_node::one_line(&format!("{error:#}"));
     #[allow(clippy::print_stderr)]
     {
         eprintln!("error: {message}");

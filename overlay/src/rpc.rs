@@ -102,7 +102,17 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(
     Ok(bytes)
 }
 
-async fn write_all<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+async fn write_bounded<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+    limit: usize,
+) -> io::Result<()> {
+    if bytes.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("message over {limit} bytes"),
+        ));
+    }
     io.write_all(bytes).await?;
     io.close().await
 }
@@ -134,13 +144,7 @@ impl request_response::Codec for BytesCodec {
         io: &mut T,
         request: Vec<u8>,
     ) -> io::Result<()> {
-        if request.len() > MAX_REQUEST_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "request over its bound",
-            ));
-        }
-        write_all(io, &request).await
+        write_bounded(io, &request, MAX_REQUEST_BYTES).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
@@ -149,13 +153,7 @@ impl request_response::Codec for BytesCodec {
         io: &mut T,
         response: Vec<u8>,
     ) -> io::Result<()> {
-        if response.len() > MAX_RESPONSE_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "response over its bound",
-            ));
-        }
-        write_all(io, &response).await
+        write_bounded(io, &response, MAX_RESPONSE_BYTES).await
     }
 }
 

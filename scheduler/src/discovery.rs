@@ -236,6 +236,11 @@ impl Discovery {
         Step::Done
     }
 
+    /// The tier whose region is probed.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
     /// Memory requested, in MiB.
     pub fn request_mib(&self) -> u32 {
         self.request_mib

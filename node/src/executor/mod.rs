@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod jobdir;
 
+use crate::one_line;
 use cache::{ModuleCache, module_key};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -392,8 +393,4 @@ fn start_ticker(engine: &Engine) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the epoch ticker; deadlines will not be enforced");
     }
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

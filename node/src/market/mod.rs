@@ -200,7 +200,7 @@ struct Shared {
     offerer_events: mpsc::Sender<Event>,
     wake_offerer: Notify,
     schedulers: scheduling::SchedulerCache,
-    discoveries: Semaphore,
+    discoveries: Arc<Semaphore>,
     next_request_id: AtomicU64,
     stop: watch::Sender<bool>,
 }
@@ -258,7 +258,7 @@ impl Market {
                 offerer_events,
                 wake_offerer: Notify::new(),
                 schedulers: scheduling::SchedulerCache::default(),
-                discoveries: Semaphore::new(MAX_CONCURRENT_DISCOVERIES),
+                discoveries: Arc::new(Semaphore::new(MAX_CONCURRENT_DISCOVERIES)),
                 next_request_id: AtomicU64::new(rand::rng().next_u64() >> 1),
                 metrics: MarketMetrics::new(registry),
                 config,
@@ -390,11 +390,18 @@ impl Market {
                     continue;
                 }
             };
-            if matches!(envelope.request, Request::Discover(_)) {
-                // Discoveries take several round trips: run them beside the loop.
+            if let Request::Discover(discover) = envelope.request {
+                // Discoveries take several round trips: run them beside the loop, as many
+                // as allowed; beyond that the client is told to ask another scheduler.
+                let Some(slot) = self.discovery_slot() else {
+                    let _ = request
+                        .respond(encode_response(envelope.id, Response::Busy))
+                        .await;
+                    continue;
+                };
                 let market = self.clone();
                 tokio::spawn(async move {
-                    let response = market.handle(request.peer, envelope.request).await;
+                    let response = market.serve_discovery(discover, slot).await;
                     let _ = request
                         .respond(encode_response(envelope.id, response))
                         .await;
@@ -421,7 +428,10 @@ impl Market {
                 hold_ms,
             } => self.reserve(reservation_id, offer_id, mib, hold_ms),
             Request::Release { reservation_id } => self.release(reservation_id),
-            Request::Discover(request) => self.serve_discovery(request).await,
+            Request::Discover(request) => match self.discovery_slot() {
+                Some(slot) => self.serve_discovery(request, slot).await,
+                None => Response::Busy,
+            },
         }
     }
 }

@@ -17,6 +17,7 @@
 //! Creating, refreshing and withdrawing an offer are one message: a new signed version of
 //! the offer, newer by sequence number, withdrawn when its `withdrawn` flag is set.
 
+use crate::one_line;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_offers::offerer::Reservation;
 use flotilla_overlay::regions::Tier;
@@ -270,10 +271,6 @@ pub fn decode_response(bytes: &[u8], expected_id: u64) -> Result<Response, Proto
         }
         _ => Ok(envelope.response),
     }
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// How often a scheduler renews its registry record, so it outlives the peers that
 /// stored it.
@@ -145,16 +146,23 @@ impl Market {
         }
     }
 
-    /// Runs one discovery for a client, and a reservation if it asks for one.
-    pub(super) async fn serve_discovery(&self, request: DiscoverRequest) -> Response {
+    /// A place for one more discovery, or `None` when as many run as allowed.
+    pub(super) fn discovery_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.shared.discoveries.clone().try_acquire_owned().ok()
+    }
+
+    /// Runs one discovery for a client (and a reservation if it asks for one) in the
+    /// place `_slot` holds.
+    pub(super) async fn serve_discovery(
+        &self,
+        request: DiscoverRequest,
+        _slot: OwnedSemaphorePermit,
+    ) -> Response {
         if !self.is_scheduler() {
             return Response::Refused {
                 reason: "this node is not a scheduler".into(),
             };
         }
-        let Ok(_slot) = self.shared.discoveries.try_acquire() else {
-            return Response::Busy;
-        };
         match self.run_discovery(request).await {
             Ok(discovered) => Response::Discovered(Box::new(discovered)),
             Err(e) => Response::Refused {
@@ -173,7 +181,6 @@ impl Market {
                 .min(MAX_TRIES_LIMIT),
         };
         let bytes = u64::from(request.memory_mib) * MIB;
-        let tier = Tier::for_request(bytes)?;
         let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
         let timeout = self.shared.config.answer_timeout;
         let mut lookup_requests = 0;
@@ -193,7 +200,7 @@ impl Market {
                 }
                 Step::AskHolder { holder } => {
                     let ask = Request::FindOffers {
-                        tier,
+                        tier: discovery.tier(),
                         min_free_mib: discovery.request_mib(),
                     };
                     match self.call(holder, Vec::new(), ask, timeout).await {
