@@ -44,6 +44,9 @@ pub enum Command {
     Offers,
     /// Find offers for a request through a scheduler picked from the registry
     Discover(DiscoverArgs),
+    /// Run a WebAssembly function on the network by its CID; prints its stdout and exits
+    /// with its exit status
+    Invoke(InvokeArgs),
     /// Start a local network on loopback, add a file on one node and fetch it on another
     Demo(DemoArgs),
 }
@@ -101,6 +104,40 @@ pub struct DiscoverArgs {
     /// Also reserve the best offer found, held this long unless used (e.g. 30s)
     #[arg(long, value_parser = humantime::parse_duration)]
     pub reserve: Option<std::time::Duration>,
+    /// Which fitting offer to reserve: best-fit, worst-fit or random [default: the scheduler's]
+    #[arg(long)]
+    pub placement: Option<flotilla_scheduler::placement::Policy>,
+}
+
+/// Flags of `flotilla invoke`.
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// CID of the WebAssembly module (a WASI command)
+    pub cid: String,
+    /// Memory to reserve: the function's hard limit (at most 10GiB)
+    #[arg(long, default_value = "128MiB")]
+    pub memory: bytesize::ByteSize,
+    /// File whose bytes go to the function's stdin ('-' for this command's stdin)
+    #[arg(long, conflicts_with = "stdin_cid")]
+    pub stdin: Option<PathBuf>,
+    /// CID of a file for the function's stdin
+    #[arg(long)]
+    pub stdin_cid: Option<String>,
+    /// A file for the function's directory, as NAME=CID (repeatable)
+    #[arg(long = "input", value_name = "NAME=CID")]
+    pub inputs: Vec<String>,
+    /// An argument for the function (repeatable)
+    #[arg(long = "arg", value_name = "A", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// An environment variable for the function, as K=V (repeatable)
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Deadline of the run, e.g. 30s (at most 10m) [default: the volunteer's, 30s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Region probes before the fallback [default: the scheduler's]
+    #[arg(long)]
+    pub max_tries: Option<u32>,
     /// Which fitting offer to reserve: best-fit, worst-fit or random [default: the scheduler's]
     #[arg(long)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,

@@ -4,7 +4,7 @@ use crate::api::client::ApiClient;
 use crate::api::types::DiscoverBody;
 use crate::cli::{Cli, Command, DiscoverArgs, NodeArgs};
 use crate::config::{DEFAULT_API, NodeConfig};
-use crate::{daemon, demo, output};
+use crate::{daemon, demo, invoke, output};
 use anyhow::Context;
 use flotilla_overlay::Cid;
 use futures::{StreamExt, TryStreamExt};
@@ -42,9 +42,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Discover(args) => discover(&ApiClient::new(api), args, cli.json).await,
+        Command::Invoke(args) => invoke::run(&ApiClient::new(api), args, cli.json).await,
         Command::Demo(args) => demo::run(args, cli.json).await,
     }
 }
+
+/// Ends the command with this exit status, printing nothing more: how `invoke` passes
+/// the function's own status on.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct Exit(pub u8);
 
 /// Builds the node's configuration: defaults, then the file, then the flags.
 pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {

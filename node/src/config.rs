@@ -21,6 +21,10 @@
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
 //! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback       |
 //! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
+//! | `fetch_timeout`  |                    | `30s`: how long a volunteer waits for a module or input   |
+//! | `default_deadline`|                   | `30s`: a function's deadline when the call names none     |
+//! | `max_deadline`   |                    | `10m`: the longest deadline a call may ask for            |
+//! | `max_module_size`|                    | `16MiB`: the largest module a volunteer runs              |
 //!
 //! Durations are written as `60s`, `1m 30s`, `500ms`.
 
@@ -105,6 +109,17 @@ pub struct NodeConfig {
     pub max_tries: u32,
     /// Which fitting offer a scheduler reserves.
     pub placement: Policy,
+    /// How long a volunteer waits for a call's module or one of its inputs.
+    #[serde(with = "duration_text")]
+    pub fetch_timeout: Duration,
+    /// A function's deadline when its call names none.
+    #[serde(with = "duration_text")]
+    pub default_deadline: Duration,
+    /// The longest deadline a call may ask for.
+    #[serde(with = "duration_text")]
+    pub max_deadline: Duration,
+    /// The largest module a volunteer runs.
+    pub max_module_size: bytesize::ByteSize,
 }
 
 impl Default for NodeConfig {
@@ -131,6 +146,10 @@ impl Default for NodeConfig {
             scheduler: false,
             max_tries: 3,
             placement: Policy::BestFit,
+            fetch_timeout: Duration::from_secs(30),
+            default_deadline: Duration::from_secs(30),
+            max_deadline: Duration::from_secs(600),
+            max_module_size: bytesize::ByteSize::mib(16),
         }
     }
 }
@@ -245,6 +264,8 @@ impl NodeConfig {
         let positive = [
             ("notify_interval", self.notify_interval),
             ("answer_timeout", self.answer_timeout),
+            ("fetch_timeout", self.fetch_timeout),
+            ("default_deadline", self.default_deadline),
         ];
         for (key, value) in positive {
             if value < Duration::from_millis(100) {
@@ -253,6 +274,22 @@ impl NodeConfig {
                     reason: "must be at least 100ms".into(),
                 });
             }
+        }
+        let longest = Duration::from_millis(crate::market::function::MAX_TIMEOUT_MS);
+        if self.max_deadline < self.default_deadline || self.max_deadline > longest {
+            return Err(ConfigError::Invalid {
+                key: "max_deadline",
+                reason: format!(
+                    "must be at least default_deadline and at most {}",
+                    humantime::format_duration(longest)
+                ),
+            });
+        }
+        if self.max_module_size.as_u64() < 1024 || self.max_module_size.as_u64() > 1 << 30 {
+            return Err(ConfigError::Invalid {
+                key: "max_module_size",
+                reason: "must be between 1KiB and 1GiB".into(),
+            });
         }
         if self.max_tries > crate::market::MAX_TRIES_LIMIT {
             return Err(ConfigError::Invalid {
@@ -275,7 +312,18 @@ impl NodeConfig {
             scheduler: self.scheduler,
             max_tries: self.max_tries,
             placement: self.placement,
+            fetch_timeout: self.fetch_timeout,
             ..crate::market::MarketConfig::default()
+        }
+    }
+
+    /// The executor settings these make (only offering nodes run one).
+    pub fn executor(&self) -> crate::executor::ExecutorConfig {
+        crate::executor::ExecutorConfig {
+            max_module_bytes: self.max_module_size.as_u64() as usize,
+            default_timeout: self.default_deadline,
+            max_timeout: self.max_deadline,
+            ..crate::executor::ExecutorConfig::new(&self.data_dir)
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::api;
 use crate::config::{ConfigError, NodeConfig};
+use crate::executor::{ExecError, Executor};
 use crate::identity::{self, IdentityError};
 use crate::market::Market;
 use flotilla_overlay::bitswap::BitswapConfig;
@@ -40,6 +41,9 @@ pub enum StartError {
     /// The overlay could not start.
     #[error(transparent)]
     Overlay(#[from] OverlayError),
+    /// The executor could not start.
+    #[error("cannot start the executor: {0}")]
+    Executor(#[from] ExecError),
 }
 
 /// A node running in this process.
@@ -75,6 +79,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             bootstrap: config.bootstrap.clone(),
             mdns: config.mdns,
             max_connections: config.max_connections,
+            // A call's answer can take as long as the function runs: each request is
+            // bounded by its caller's own timeout instead.
+            request_timeout: config.max_deadline * 2 + Duration::from_secs(300),
             ..NetworkConfig::default()
         },
         bitswap: BitswapConfig::default(),
@@ -82,8 +89,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     };
     let (overlay, network_task) =
         Overlay::start(overlay_config, keypair.clone(), &mut registry).await?;
+    let executor = match config.offer_memory {
+        Some(_) => Some(Executor::new(config.executor())?),
+        None => None,
+    };
     let market = Market::start(
         &overlay,
+        executor,
         keypair,
         offer_addresses(overlay.listen_addrs()),
         config.market(),

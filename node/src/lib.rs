@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod executor;
 pub mod identity;
+pub mod invoke;
 pub mod market;
 pub mod output;
 

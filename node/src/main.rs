@@ -32,6 +32,9 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
+    if let Some(exit) = error.downcast_ref::<flotilla_node::commands::Exit>() {
+        return ExitCode::from(exit.0);
+    }
     let message = flotilla_node::one_line(&format!("{error:#}"));
     #[allow(clippy::print_stderr)]
     {

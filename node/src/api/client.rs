@@ -1,6 +1,6 @@
 //! The API client the CLI uses to talk to its node.
 
-use super::types::{DiscoverBody, ErrorBody, FetchDone, FetchEvent};
+use super::types::{DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply};
 use crate::market::{Discovered, OffersView};
 use bytes::Bytes;
 use flotilla_overlay::fetch::FetchProgress;
@@ -173,6 +173,13 @@ impl ApiClient {
     /// Runs one discovery through a scheduler.
     pub async fn discover(&self, body: &DiscoverBody) -> Result<Discovered, ClientError> {
         let request = self.http.post(self.url("/v0/discover")).json(body);
+        let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// Runs a function on the network and waits for its answer.
+    pub async fn invoke(&self, body: &InvokeBody) -> Result<InvokeReply, ClientError> {
+        let request = self.http.post(self.url("/v0/invoke")).json(body);
         let response = self.check(request.send().await).await?;
         response.json().await.map_err(|e| self.transport_error(e))
     }

@@ -1,7 +1,9 @@
 //! The API server: axum handlers over an [`Overlay`].
 
-use super::types::{CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent};
-use crate::market::{DiscoverError, DiscoverRequest, Market, ReserveTerms};
+use super::types::{
+    CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply,
+};
+use crate::market::{DiscoverError, DiscoverRequest, InvokeError, Market, ReserveTerms};
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -35,6 +37,7 @@ pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Rout
         .route("/v0/status", get(status))
         .route("/v0/offers", get(offers))
         .route("/v0/discover", post(discover))
+        .route("/v0/invoke", post(invoke))
         .route("/v0/add", post(add))
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
@@ -216,6 +219,37 @@ async fn discover(
                 DiscoverError::NoScheduler => StatusCode::SERVICE_UNAVAILABLE,
                 DiscoverError::Refused { .. } => StatusCode::BAD_GATEWAY,
                 DiscoverError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
+            };
+            Err(ApiError(status, e.to_string()))
+        }
+    }
+}
+
+async fn invoke(
+    State(app): State<AppState>,
+    Json(body): Json<InvokeBody>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    match app
+        .market
+        .invoke(body.call, body.max_tries, body.placement)
+        .await
+    {
+        Ok(invocation) => Ok(Json(InvokeReply {
+            invocation,
+            total_us: started.elapsed().as_micros() as u64,
+        })
+        .into_response()),
+        Err(e) => {
+            let status = match e {
+                InvokeError::Rejected(_) => StatusCode::BAD_REQUEST,
+                InvokeError::Failed {
+                    retryable: false, ..
+                } => StatusCode::UNPROCESSABLE_ENTITY,
+                InvokeError::NoScheduler | InvokeError::Failed { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                InvokeError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
             };
             Err(ApiError(status, e.to_string()))
         }

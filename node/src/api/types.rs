@@ -54,3 +54,27 @@ pub struct DiscoverBody {
     #[serde(default)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,
 }
+
+/// The body of `/v0/invoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvokeBody {
+    /// The call.
+    #[serde(flatten)]
+    pub call: crate::market::function::FunctionCall,
+    /// Region probes before the fallback (the scheduler's setting if absent).
+    #[serde(default)]
+    pub max_tries: Option<u32>,
+    /// Which fitting offer to reserve (the scheduler's setting if absent).
+    #[serde(default)]
+    pub placement: Option<flotilla_scheduler::placement::Policy>,
+}
+
+/// The answer of `/v0/invoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvokeReply {
+    /// The invocation.
+    #[serde(flatten)]
+    pub invocation: crate::market::function::Invocation,
+    /// From the local node taking the call to the answer, in µs.
+    pub total_us: u64,
+}

@@ -33,6 +33,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+/// How the failure of a guest stopped at its deadline begins.
+pub const DEADLINE_FAILURE: &str = "stopped at its deadline";
 /// How often the epoch advances: the granularity of deadlines.
 pub const TICK: Duration = Duration::from_millis(5);
 /// The most memory a wasm32 guest can address.
@@ -357,7 +359,7 @@ impl Executor {
                     Err(e) => match e.downcast_ref::<I32Exit>() {
                         Some(exit) => (exit.0, None),
                         None if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
-                            (-1, Some(format!("stopped at its deadline of {timeout:?}")))
+                            (-1, Some(format!("{DEADLINE_FAILURE} of {timeout:?}")))
                         }
                         None => (-1, Some(one_line(&format!("trapped: {e:#}")))),
                     },

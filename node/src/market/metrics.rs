@@ -1,5 +1,5 @@
-//! Prometheus metrics of offers and discovery, under the `flotilla_offers_` and
-//! `flotilla_discovery_` prefixes.
+//! Prometheus metrics of offers, discovery and invocations, under the `flotilla_offers_`,
+//! `flotilla_discovery_` and `flotilla_invocations_` prefixes.
 //!
 //! The fallback share is `flotilla_discovery_fallback_total / flotilla_discovery_total`.
 
@@ -48,6 +48,18 @@ pub struct MarketMetrics {
     pub seconds: Histogram,
     /// Requests refused as malformed.
     pub malformed: Counter,
+    /// Calls this node placed as scheduler.
+    pub invocations: Counter,
+    /// Of those, calls that did not run (nothing fit, the call's fault, volunteers failed).
+    pub invocations_failed: Counter,
+    /// Calls placed again after a volunteer failed.
+    pub invocation_retries: Counter,
+    /// Time from taking a call to its answer, as scheduler, in seconds.
+    pub invocation_seconds: Histogram,
+    /// Calls this node ran as volunteer.
+    pub executions: Counter,
+    /// Calls this node could not run as volunteer.
+    pub executions_failed: Counter,
 }
 
 impl MarketMetrics {
@@ -68,6 +80,12 @@ impl MarketMetrics {
             messages: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             malformed: Counter::default(),
+            invocations: Counter::default(),
+            invocations_failed: Counter::default(),
+            invocation_retries: Counter::default(),
+            invocation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
+            executions: Counter::default(),
+            executions_failed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("flotilla_offers");
         r.register(
@@ -125,6 +143,29 @@ impl MarketMetrics {
             m.messages.clone(),
         );
         r.register("duration_seconds", "Time per discovery", m.seconds.clone());
+        let r = registry.sub_registry_with_prefix("flotilla_invocations");
+        r.register("placed", "Calls placed as scheduler", m.invocations.clone());
+        r.register(
+            "failed",
+            "Calls placed as scheduler that did not run",
+            m.invocations_failed.clone(),
+        );
+        r.register(
+            "retries",
+            "Calls placed again after a volunteer failed",
+            m.invocation_retries.clone(),
+        );
+        r.register(
+            "duration_seconds",
+            "Time from taking a call to its answer, as scheduler",
+            m.invocation_seconds.clone(),
+        );
+        r.register("executed", "Calls run as volunteer", m.executions.clone());
+        r.register(
+            "execution_failures",
+            "Calls that could not run here as volunteer",
+            m.executions_failed.clone(),
+        );
         m
     }
 

@@ -14,15 +14,23 @@
 //! * `holding`: the holder side (offers received, questions about them);
 //! * `offering`: the offerer side (publishing, reservations, the super-trader feed);
 //! * `scheduling`: the registry, the super-trader list, and discovery;
+//! * [`function`]: what an invocation carries; `invoking`: placing a call (scheduler)
+//!   and asking for one (client); `executing`: running one (volunteer); [`once`]: what
+//!   makes retries safe;
 //! * [`metrics`]: what it all counts.
 
+pub mod function;
 pub mod metrics;
+pub mod once;
 pub mod protocol;
 
+mod executing;
 mod holding;
+mod invoking;
 mod offering;
 mod scheduling;
 
+use crate::executor::Executor;
 use crate::market::metrics::MarketMetrics;
 use crate::market::protocol::{
     ProtocolError, Request, Response, decode_request, decode_response, encode_request,
@@ -44,13 +52,19 @@ use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+pub use executing::MAX_INPUT_BYTES;
+pub use invoking::{InvokeError, MAX_ATTEMPTS};
 pub use protocol::{DiscoverRequest, Discovered, OfferSummary, Placement, ReserveTerms};
 pub use scheduling::{DiscoverError, MAX_TRIES_LIMIT};
 
 /// Discoveries one scheduler runs at once; more are refused as busy.
 const MAX_CONCURRENT_DISCOVERIES: usize = 32;
+/// Invocations one scheduler places at once; more are refused as busy.
+const MAX_CONCURRENT_INVOCATIONS: usize = 64;
+/// Answers of finished runs remembered for retries, on each side.
+const REMEMBERED_RUNS: usize = 1024;
 /// Offerer reports queued for the offerer task.
 const OFFERER_EVENTS: usize = 256;
 /// Longest a reservation may be held unused, in ms.
@@ -71,6 +85,8 @@ pub struct MarketConfig {
     pub answer_timeout: Duration,
     /// How often an offerer tells a scheduler what it has free.
     pub notify_interval: Duration,
+    /// How long a volunteer waits for a call's module or one of its inputs to arrive.
+    pub fetch_timeout: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
     /// Region probes before the super-trader fallback.
@@ -92,6 +108,7 @@ impl Default for MarketConfig {
             refresh_margin: Duration::from_secs(20),
             answer_timeout: Duration::from_secs(5),
             notify_interval: Duration::from_secs(10),
+            fetch_timeout: Duration::from_secs(30),
             scheduler: false,
             max_tries: 3,
             placement: Policy::BestFit,
@@ -191,6 +208,11 @@ pub struct Market {
 
 struct Shared {
     network: Network,
+    overlay: Overlay,
+    executor: Option<Arc<Executor>>,
+    executions: once::Once<Response>,
+    invocations: once::Once<Response>,
+    invocations_running: Arc<Semaphore>,
     peer_id: PeerId,
     config: MarketConfig,
     metrics: MarketMetrics,
@@ -221,9 +243,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Market {
     /// Starts this node's part in the market on `overlay`: serves requests from other
-    /// peers, and starts offering and scheduling as configured.
+    /// peers, and starts offering and scheduling as configured. An offering node runs
+    /// calls on its reservations with `executor`.
     pub fn start(
         overlay: &Overlay,
+        executor: Option<Arc<Executor>>,
         keypair: Keypair,
         addresses: Vec<Multiaddr>,
         config: MarketConfig,
@@ -251,6 +275,11 @@ impl Market {
         let market = Market {
             shared: Arc::new(Shared {
                 network: overlay.network().clone(),
+                overlay: overlay.clone(),
+                executor,
+                executions: once::Once::new(REMEMBERED_RUNS),
+                invocations: once::Once::new(REMEMBERED_RUNS),
+                invocations_running: Arc::new(Semaphore::new(MAX_CONCURRENT_INVOCATIONS)),
                 peer_id: overlay.peer_id(),
                 holder: Mutex::new(Holder::new(config.holder.clone())),
                 offerer,
@@ -390,29 +419,60 @@ impl Market {
                     continue;
                 }
             };
-            if let Request::Discover(discover) = envelope.request {
-                // Discoveries take several round trips: run them beside the loop, as many
-                // as allowed; beyond that the client is told to ask another scheduler.
-                let Some(slot) = self.discovery_slot() else {
-                    let _ = request
-                        .respond(encode_response(envelope.id, Response::Busy))
-                        .await;
-                    continue;
-                };
-                let market = self.clone();
-                tokio::spawn(async move {
-                    let response = market.serve_discovery(discover, slot).await;
+            let long_running = match envelope.request {
+                // These take many round trips (or a whole run): they go on beside the loop,
+                // as many as allowed; beyond that the client is told to ask another.
+                Request::Discover(discover) => self
+                    .discovery_slot()
+                    .map(|slot| self.clone().serve_discovery_owned(discover, slot).boxed()),
+                Request::Invoke(invoke) => self
+                    .invocation_slot()
+                    .map(|slot| self.clone().serve_invocation_owned(*invoke, slot).boxed()),
+                // Bounded by the reservations it needs: no more run than memory is lent.
+                Request::Execute(execute) => {
+                    let market = self.clone();
+                    Some(async move { market.serve_execution(*execute).await }.boxed())
+                }
+                other => {
+                    let response = self.handle(request.peer, other).await;
                     let _ = request
                         .respond(encode_response(envelope.id, response))
                         .await;
-                });
-                continue;
+                    continue;
+                }
+            };
+            match long_running {
+                Some(serving) => {
+                    tokio::spawn(async move {
+                        let response = serving.await;
+                        let _ = request
+                            .respond(encode_response(envelope.id, response))
+                            .await;
+                    });
+                }
+                None => {
+                    let _ = request
+                        .respond(encode_response(envelope.id, Response::Busy))
+                        .await;
+                }
             }
-            let response = self.handle(request.peer, envelope.request).await;
-            let _ = request
-                .respond(encode_response(envelope.id, response))
-                .await;
         }
+    }
+
+    async fn serve_discovery_owned(
+        self,
+        request: DiscoverRequest,
+        slot: OwnedSemaphorePermit,
+    ) -> Response {
+        self.serve_discovery(request, slot).await
+    }
+
+    async fn serve_invocation_owned(
+        self,
+        request: protocol::InvokeRequest,
+        slot: OwnedSemaphorePermit,
+    ) -> Response {
+        self.serve_invocation(request, slot).await
     }
 
     /// Answers one request, from `from` (ourselves for in-process calls).
@@ -432,6 +492,11 @@ impl Market {
                 Some(slot) => self.serve_discovery(request, slot).await,
                 None => Response::Busy,
             },
+            Request::Invoke(request) => match self.invocation_slot() {
+                Some(slot) => self.serve_invocation(*request, slot).await,
+                None => Response::Busy,
+            },
+            Request::Execute(request) => self.serve_execution(*request).await,
         }
     }
 }

@@ -142,10 +142,16 @@ impl Market {
         match outcome {
             Ok((reservation, actions)) => {
                 metrics.reservations.inc();
+                let offer = actions.iter().find_map(|action| match action {
+                    Action::Send { offer, .. } if offer.body.offer_id == offer_id => {
+                        Some(offer.clone())
+                    }
+                    _ => None,
+                });
                 self.perform_all(Ok::<_, std::convert::Infallible>(actions));
                 // Its hold deadline is a new timer.
                 self.shared.wake_offerer.notify_one();
-                Response::Reserved { reservation }
+                Response::Reserved { reservation, offer }
             }
             Err(e) => {
                 let reason = match &e {

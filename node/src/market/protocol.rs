@@ -13,10 +13,13 @@
 //! | `Reserve`      | scheduler → offerer           | `Reserved` or `Refused`        |
 //! | `Release`      | scheduler → offerer           | `Released`                     |
 //! | `Discover`     | client node → scheduler       | `Discovered`, `Busy` or `Refused` |
+//! | `Invoke`       | client node → scheduler       | `Invoked`, `Failed`, `Busy` or `Refused` |
+//! | `Execute`      | scheduler → volunteer         | `Executed` or `Failed`         |
 //!
 //! Creating, refreshing and withdrawing an offer are one message: a new signed version of
 //! the offer, newer by sequence number, withdrawn when its `withdrawn` flag is set.
 
+use super::function::{Execution, FunctionCall, Invocation};
 use crate::one_line;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_offers::offerer::Reservation;
@@ -108,6 +111,34 @@ pub enum Request {
     },
     /// Run one discovery (and possibly a reservation) for a client.
     Discover(DiscoverRequest),
+    /// Place a client's call on a volunteer and run it.
+    Invoke(Box<InvokeRequest>),
+    /// Run a call on memory reserved here.
+    Execute(Box<ExecuteRequest>),
+}
+
+/// A client's call, for a scheduler to place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    /// The client's id for it; asking again with the same id gets the one run's answer.
+    pub invocation_id: u64,
+    /// The call.
+    pub call: FunctionCall,
+    /// Region probes before the fallback (the scheduler's setting if `None`).
+    pub max_tries: Option<u32>,
+    /// Which fitting offer to prefer (the scheduler's setting if `None`).
+    pub placement: Option<Policy>,
+}
+
+/// A call for a volunteer to run on a reservation it granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecuteRequest {
+    /// The invocation; asking again with the same id gets the one run's answer.
+    pub invocation_id: u64,
+    /// The reservation it runs on.
+    pub reservation_id: u64,
+    /// The call.
+    pub call: FunctionCall,
 }
 
 /// A client's discovery request to a scheduler.
@@ -162,13 +193,28 @@ pub enum Response {
     Reserved {
         /// The reservation.
         reservation: Reservation,
+        /// The offer's new version, signed by its offerer, with the reserved memory in
+        /// use (withdrawn when none is left), so a scheduler's list stays current.
+        #[serde(default)]
+        offer: Option<Box<SignedOffer>>,
     },
     /// A reservation was released (or was not held).
     Released,
     /// A discovery's outcome.
     Discovered(Box<Discovered>),
-    /// The scheduler runs as many discoveries as it allows; ask another.
+    /// The scheduler runs as many discoveries or invocations as it allows; ask another.
     Busy,
+    /// A call ran on a volunteer (successfully or not: see its exit status).
+    Executed(Box<Execution>),
+    /// A client's call was placed and ran.
+    Invoked(Box<Invocation>),
+    /// A call could not be placed or run.
+    Failed {
+        /// Why, in one line.
+        reason: String,
+        /// Whether trying again (elsewhere, or later) might succeed.
+        retryable: bool,
+    },
 }
 
 /// The outcome of a discovery run by a scheduler.

@@ -122,7 +122,7 @@ impl Market {
         peers
     }
 
-    fn forget_scheduler(&self, scheduler: &PeerId) {
+    pub(super) fn forget_scheduler(&self, scheduler: &PeerId) {
         if let Some((_, peers)) = lock(&self.shared.schedulers.found).as_mut() {
             peers.retain(|p| p != scheduler);
         }
@@ -163,7 +163,7 @@ impl Market {
                 reason: "this node is not a scheduler".into(),
             };
         }
-        match self.run_discovery(request).await {
+        match self.run_discovery(request, &[]).await {
             Ok(discovered) => Response::Discovered(Box::new(discovered)),
             Err(e) => Response::Refused {
                 reason: e.to_string(),
@@ -171,7 +171,13 @@ impl Market {
         }
     }
 
-    async fn run_discovery(&self, request: DiscoverRequest) -> Result<Discovered, RegionError> {
+    /// Runs one discovery, and the reservation it asks for on an offer of a peer not in
+    /// `exclude`.
+    pub(super) async fn run_discovery(
+        &self,
+        request: DiscoverRequest,
+        exclude: &[PeerId],
+    ) -> Result<Discovered, RegionError> {
         let started = Instant::now();
         let mut rng = StdRng::from_os_rng();
         let config = DiscoveryConfig {
@@ -228,7 +234,10 @@ impl Market {
             let policy = terms.policy.unwrap_or(self.shared.config.placement);
             let ranked = placement::rank(found, report.request_mib, policy, &mut rng);
             let mut refusals = Vec::new();
-            for offer in ranked {
+            for offer in ranked
+                .into_iter()
+                .filter(|o| !exclude.contains(&o.body.offerer))
+            {
                 let reserve = Request::Reserve {
                     reservation_id: terms.reservation_id,
                     offer_id: offer.body.offer_id,
@@ -239,13 +248,21 @@ impl Market {
                 let offerer = offer.body.offerer;
                 let addresses = offer.body.addresses.clone();
                 let answer = self.call(offerer, addresses, reserve, timeout).await;
-                // Whatever the answer, the list's copy of this offer is out of date now;
-                // its offerer's next report brings it back.
+                // Whatever the answer, the list's copy of this offer is out of date now:
+                // the offerer's new version replaces it, or its next report brings it back.
                 if let Some(list) = &self.shared.super_traders {
-                    lock(list).remove(&offerer, offer.body.offer_id);
+                    let mut list = lock(list);
+                    list.remove(&offerer, offer.body.offer_id);
+                    if let Ok(Response::Reserved {
+                        offer: Some(newer), ..
+                    }) = &answer
+                        && newer.body.offerer == offerer
+                    {
+                        list.notify(now_ms(), vec![(**newer).clone()]);
+                    }
                 }
                 match answer {
-                    Ok(Response::Reserved { reservation }) => {
+                    Ok(Response::Reserved { reservation, .. }) => {
                         placement = Some(Placement {
                             offer: offer.clone(),
                             reservation,

@@ -1,0 +1,296 @@
+//! Invocations end to end on a loopback network of ten real nodes (one scheduler, nine
+//! volunteers): a hundred calls of a pure function, a volunteer killed while it runs a
+//! call, a two-step pipeline through an output CID, and bad calls that must fail clearly
+//! and leave nothing reserved.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytesize::ByteSize;
+use common::wait_until;
+use flotilla_node::config::NodeConfig;
+use flotilla_node::daemon::RunningNode;
+use flotilla_node::demo;
+use flotilla_node::market::InvokeError;
+use flotilla_node::market::function::{FunctionCall, Invocation};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const VOLUNTEERS: usize = 9;
+
+fn example(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/wasm")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Node 0 schedules (and is the client); nodes 1..=9 lend 512 MiB each.
+async fn function_network() -> (tempfile::TempDir, Vec<RunningNode>) {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
+        let config = NodeConfig {
+            offer_ttl: Duration::from_secs(6),
+            offer_refresh_margin: Duration::from_secs(3),
+            answer_timeout: Duration::from_secs(1),
+            notify_interval: Duration::from_millis(300),
+            fetch_timeout: Duration::from_secs(3),
+            ..config
+        };
+        match i {
+            0 => NodeConfig {
+                scheduler: true,
+                ..config
+            },
+            _ => NodeConfig {
+                offer_memory: Some(ByteSize::mib(512)),
+                ..config
+            },
+        }
+    })
+    .await
+    .unwrap();
+    let volunteers = &nodes[1..];
+    wait_until(
+        "every volunteer's offer is on the scheduler's list",
+        || async {
+            volunteers.iter().all(|n| {
+                n.market()
+                    .offers()
+                    .sent
+                    .iter()
+                    .all(|o| o.state == "published")
+            }) && nodes[0].market().offers().super_traders == VOLUNTEERS
+        },
+    )
+    .await;
+    (dir, nodes)
+}
+
+async fn add(node: &RunningNode, bytes: &[u8]) -> String {
+    node.overlay().add(bytes).await.unwrap().cid
+}
+
+fn call(module: &str) -> FunctionCall {
+    FunctionCall {
+        module: module.to_string(),
+        memory_mib: 128,
+        timeout_ms: Some(20_000),
+        args: Vec::new(),
+        env: Vec::new(),
+        stdin: None,
+        inputs: Vec::new(),
+    }
+}
+
+async fn invoke(node: &RunningNode, call: FunctionCall) -> Result<Invocation, InvokeError> {
+    node.market().invoke(call, None, None).await
+}
+
+fn stdout(invocation: &Invocation) -> &str {
+    assert_eq!(
+        invocation.execution.stdout.cid, None,
+        "small stdout is inline"
+    );
+    std::str::from_utf8(&invocation.execution.stdout.inline).unwrap()
+}
+
+/// No volunteer holds a reservation any more.
+fn nothing_reserved(nodes: &[RunningNode]) -> bool {
+    nodes
+        .iter()
+        .all(|n| n.market().offers().reservations.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_invocations_succeed_and_a_pipeline_passes_a_cid_along() {
+    let (_dir, nodes) = function_network().await;
+    let client = &nodes[0];
+    let echo = add(client, &example("echo")).await;
+
+    let calls = (0..100).map(|i| {
+        let mut c = call(&echo);
+        c.args = vec!["call".into(), i.to_string()];
+        let market = client.market().clone();
+        async move { (i, market.invoke(c, None, None).await) }
+    });
+    let results: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+        futures::stream::iter(calls),
+        10,
+    ))
+    .await;
+    let mut volunteers_used = std::collections::HashSet::new();
+    for (i, result) in results {
+        let invocation = result.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_eq!(invocation.execution.exit_code, 0);
+        assert_eq!(stdout(&invocation), format!("call {i}\n"));
+        volunteers_used.insert(invocation.execution.volunteer.clone());
+    }
+    assert!(volunteers_used.len() > 1, "{volunteers_used:?}");
+    wait_until("every reservation is released", || async {
+        nothing_reserved(&nodes)
+    })
+    .await;
+
+    // A two-step pipeline: wordcount leaves counts.txt; its CID is sha256's stdin.
+    let words = b"the quick brown fox\njumps over the lazy dog\n";
+    let mut count = call(&add(client, &example("wordcount")).await);
+    count.args = vec!["words.txt".into()];
+    count.inputs = vec![("words.txt".into(), add(client, words).await)];
+    let counted = invoke(client, count).await.unwrap();
+    assert_eq!(counted.execution.exit_code, 0, "{counted:?}");
+    let counts = counted
+        .execution
+        .outputs
+        .iter()
+        .find(|o| o.name == "counts.txt")
+        .unwrap_or_else(|| panic!("no counts.txt in {:?}", counted.execution.outputs));
+    let mut hash = call(&add(client, &example("sha256")).await);
+    hash.stdin = Some(counts.cid.clone());
+    let hashed = invoke(client, hash).await.unwrap();
+    let report = stdout(&counted).as_bytes();
+    assert!(
+        stdout(&counted).starts_with("2 9 44"),
+        "{}",
+        stdout(&counted)
+    );
+    // counts.txt holds the same report the function printed.
+    let expected = format!("{:x}  -\n", Sha256::digest(report));
+    assert_eq!(stdout(&hashed), expected);
+    assert_eq!(counts.size, report.len() as u64);
+}
+
+/// A WASI command that sleeps for `ms` milliseconds (WASI `poll_oneoff` on a clock),
+/// then writes "done\n" on stdout.
+fn sleeper(ms: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 200) "done\n")
+          (func (export "_start")
+            ;; one clock subscription at 0: relative timeout in ns at offset 24
+            (i64.store (i32.const 24) (i64.const {ns}))
+            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+            ;; an iovec at 160 pointing at "done\n"
+            (i32.store (i32.const 160) (i32.const 200))
+            (i32.store (i32.const 164) (i32.const 5))
+            (drop (call $write (i32.const 1) (i32.const 160) (i32.const 1) (i32.const 168)))))"#,
+        ns = ms * 1_000_000
+    ))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly() {
+    let (_dir, mut nodes) = function_network().await;
+    let client_market = nodes[0].market().clone();
+    let sleeper = add(&nodes[0], &sleeper(1500)).await;
+
+    let running = tokio::spawn({
+        let market = client_market.clone();
+        let c = call(&sleeper);
+        async move { market.invoke(c, None, None).await }
+    });
+    // The volunteer running it holds a confirmed reservation (it no longer lapses).
+    let mut victim = None;
+    wait_until("a volunteer runs the call", || {
+        let found = nodes[1..].iter().position(|n| {
+            n.market()
+                .offers()
+                .reservations
+                .iter()
+                .any(|r| r.hold_until_ms.is_none())
+        });
+        victim = found.map(|i| i + 1);
+        async move { found.is_some() }
+    })
+    .await;
+    let victim = nodes.remove(victim.unwrap());
+    let victim_id = victim.peer_id().to_string();
+    victim.kill().await;
+    let invocation = running.await.unwrap().unwrap();
+    assert_eq!(stdout(&invocation), "done\n");
+    assert_ne!(invocation.execution.volunteer, victim_id);
+    assert_eq!(invocation.failed_attempts.len(), 1, "{invocation:?}");
+    assert_eq!(invocation.failed_attempts[0].volunteer, victim_id);
+
+    // Bad calls: each a clear one-line reason, and nothing left reserved.
+    let client = &nodes[0];
+    let text = add(client, b"this is not a module").await;
+    let error = invoke(client, call(&text)).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            InvokeError::Failed {
+                retryable: false,
+                ..
+            }
+        ) && error.to_string().contains("not a WebAssembly module"),
+        "{error}"
+    );
+    let echo = add(client, &example("echo")).await;
+    let mut missing = call(&echo);
+    // A CID nobody holds.
+    let nobody = flotilla_overlay::block::Block::encode(0x55, b"nobody has this".to_vec().into())
+        .unwrap()
+        .cid()
+        .to_string();
+    missing.inputs = vec![("data".into(), nobody.clone())];
+    let error = invoke(client, missing).await.unwrap_err().to_string();
+    assert!(
+        error.contains("cannot fetch the input \"data\"") && error.contains(&nobody),
+        "{error}"
+    );
+    let mut too_big = call(&echo);
+    too_big.memory_mib = 11 * 1024;
+    let error = invoke(client, too_big).await.unwrap_err();
+    assert!(
+        matches!(error, InvokeError::Rejected(_)) && error.to_string().contains("largest tier"),
+        "{error}"
+    );
+    let mut more_than_lent = call(&echo);
+    more_than_lent.memory_mib = 1024;
+    let error = invoke(client, more_than_lent)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("nothing fits"), "{error}");
+    assert!(!error.contains('\n'), "{error}");
+    assert!(nothing_reserved(&nodes));
+
+    // After all that, the network still runs calls, traps come back as failures.
+    let trap = add(
+        client,
+        &wat::parse_str(
+            r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+        )
+        .unwrap(),
+    )
+    .await;
+    let trapped = invoke(client, call(&trap)).await.unwrap();
+    assert_eq!(trapped.execution.exit_code, -1);
+    assert!(
+        trapped
+            .execution
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("unreachable"),
+        "{trapped:?}"
+    );
+    let mut exit = call(&add(client, &example("exit")).await);
+    exit.args = vec!["7".into()];
+    let exited = invoke(client, exit).await.unwrap();
+    assert_eq!(exited.execution.exit_code, 7);
+    assert_eq!(exited.execution.failure, None);
+    wait_until("every reservation is released", || async {
+        nothing_reserved(&nodes)
+    })
+    .await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
