@@ -47,7 +47,7 @@ pub enum Command {
     /// Run a WebAssembly function on the network by its CID; prints its stdout and exits
     /// with its exit status
     Invoke(InvokeArgs),
-    /// Start a local network on loopback, add a file on one node and fetch it on another
+    /// Start a local network on loopback, add an example function and invoke it by CID
     Demo(DemoArgs),
 }
 
@@ -146,10 +146,7 @@ pub struct InvokeArgs {
 /// Flags of `flotilla demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Number of nodes to start (at least 2)
-    #[arg(long, default_value_t = 4)]
+    /// Number of nodes to start: one scheduler, the rest volunteers (2 to 7)
+    #[arg(long, default_value_t = 5)]
     pub nodes: usize,
-    /// Size of the generated file to add and fetch
-    #[arg(long, default_value = "8MiB")]
-    pub size: bytesize::ByteSize,
 }

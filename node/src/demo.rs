@@ -1,17 +1,30 @@
-//! `flotilla demo`: a local network on loopback that moves a file from one node to
-//! another through provider lookup and bitswap, narrated step by step.
+//! `flotilla demo`: a local Flotilla network on loopback — one scheduler and volunteers
+//! lending different amounts of memory — that adds an example function and its input as
+//! blocks, invokes the function by CID, and prints its output and where the time went.
+//!
+//! The example modules are built into the binary from `examples/wasm`, so the demo needs
+//! no toolchain and no files.
 
 use crate::api::client::ApiClient;
+use crate::api::types::{InvokeBody, InvokeReply};
 use crate::cli::DemoArgs;
 use crate::config::NodeConfig;
 use crate::daemon::{self, RunningNode};
-use crate::output;
+use crate::market::function::FunctionCall;
+use crate::{invoke, output};
 use bytes::Bytes;
 use bytesize::ByteSize;
-use futures::StreamExt;
-use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The example function the demo runs: SHA-256 of stdin.
+const SHA256_WASM: &[u8] = include_bytes!("../../examples/wasm/sha256.wasm");
+/// A second one, with an input file and an output file: word count.
+const WORDCOUNT_WASM: &[u8] = include_bytes!("../../examples/wasm/wordcount.wasm");
+/// The text both read.
+const WORDS: &[u8] = include_bytes!("../../examples/data/words.txt");
+/// Memory the volunteers lend, in MiB: one each of several sizes.
+const LENT_MIB: [u64; 6] = [256, 512, 1024, 2048, 384, 768];
 
 /// Config of a node for a local loopback network: ephemeral ports, no mDNS.
 pub fn loopback_config(
@@ -52,7 +65,11 @@ pub async fn start_network_with(
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(args.nodes >= 2, "the demo needs at least 2 nodes");
+    anyhow::ensure!(
+        (2..=1 + LENT_MIB.len()).contains(&args.nodes),
+        "the demo runs 2 to {} nodes (one scheduler, the rest volunteers)",
+        1 + LENT_MIB.len()
+    );
     let say = |text: String| {
         if !json {
             output::line(&text);
@@ -60,20 +77,32 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
-    let nodes = start_network(dir.path(), args.nodes).await?;
+    let nodes = start_network_with(dir.path(), args.nodes, |i, config| match i {
+        0 => NodeConfig {
+            scheduler: true,
+            notify_interval: Duration::from_millis(500),
+            ..config
+        },
+        i => NodeConfig {
+            offer_memory: Some(ByteSize::mib(LENT_MIB[i - 1])),
+            notify_interval: Duration::from_millis(500),
+            ..config
+        },
+    })
+    .await?;
     say(format!(
         "started {} nodes on loopback in {:.0?}:",
         nodes.len(),
         started.elapsed()
     ));
     for (i, node) in nodes.iter().enumerate() {
-        say(format!(
-            "  node {i}: {} at {}",
-            node.peer_id(),
-            node.listen_addrs()[0]
-        ));
+        let role = match i {
+            0 => "scheduler and client".to_string(),
+            i => format!("volunteer lending {} MiB", LENT_MIB[i - 1]),
+        };
+        say(format!("  node {i}: {} ({role})", node.peer_id()));
     }
-    let result = exchange(&nodes, args.size.as_u64(), json).await;
+    let result = invoke_examples(&nodes, json).await;
     for node in nodes {
         node.stop().await;
     }
@@ -87,81 +116,133 @@ pub async fn run(args: DemoArgs, json: bool) -> anyhow::Result<()> {
 #[derive(serde::Serialize)]
 struct Report {
     nodes: usize,
-    cid: String,
-    bytes: u64,
-    blocks: u64,
-    add_seconds: f64,
-    fetch_seconds: f64,
-    fetch_mb_per_s: f64,
-    providers_used: u64,
-    identical: bool,
+    module: String,
+    input: String,
+    output: String,
+    first: InvokeReply,
+    again: InvokeReply,
+    wordcount: InvokeReply,
 }
 
-async fn exchange(nodes: &[RunningNode], size: u64, json: bool) -> anyhow::Result<Report> {
+async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Report> {
     let say = |text: String| {
         if !json {
             output::line(&text);
         }
     };
-    let mut data = vec![0u8; usize::try_from(size)?];
-    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
-    let data = Bytes::from(data);
-    let first = ApiClient::new(nodes[0].api_addr());
-    let last_index = nodes.len() - 1;
-    let last = ApiClient::new(nodes[last_index].api_addr());
-
-    let t = Instant::now();
-    let body = futures::stream::iter(
-        data.chunks(1 << 20)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect::<Vec<_>>(),
-    );
-    let added = first.add(body).await?;
-    let add_seconds = t.elapsed().as_secs_f64();
-    say(format!(
-        "node 0 added {} as {} ({} blocks) in {:.0?} and announced it in the DHT",
-        ByteSize(added.size).display().iec(),
-        added.cid,
-        added.blocks,
-        t.elapsed()
-    ));
-
-    let cid = crate::commands::parse_cid(&added.cid)?;
-    let done = last.fetch(&cid, |_| {}).await?;
-    let mut hasher = Sha256::new();
-    let mut body = last.cat(&cid).await?;
-    while let Some(chunk) = body.next().await {
-        hasher.update(&chunk?);
+    let client = ApiClient::new(nodes[0].api_addr());
+    let market = nodes[0].market();
+    let waiting = Instant::now();
+    while market.offers().super_traders < nodes.len() - 1 {
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the volunteers' offers did not reach the scheduler within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let identical = hasher.finalize() == Sha256::digest(&data);
-    let mb_per_s = done.progress.bytes as f64 / done.seconds / 1e6;
     say(format!(
-        "node {last_index} found providers and fetched {} blocks over bitswap from {} peer(s) in {:.3} s ({mb_per_s:.0} MB/s)",
-        done.progress.fetched_blocks, done.progress.peers, done.seconds
+        "every volunteer published its offers ({:.0?})",
+        waiting.elapsed()
     ));
-    say(format!(
-        "node {last_index}'s copy is {}",
-        if identical {
-            "byte-identical"
-        } else {
-            "DIFFERENT"
+
+    let add = |bytes: &'static [u8]| {
+        let client = client.clone();
+        async move {
+            let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(bytes))]);
+            anyhow::Ok(client.add(body).await?.cid)
         }
-    ));
-    anyhow::ensure!(identical, "the fetched file differs from the one added");
-    let status = last.status().await?;
+    };
+    let module = add(SHA256_WASM).await?;
+    let input = add(WORDS).await?;
     say(format!(
-        "node {last_index} now holds {} blocks and knows {} peers",
-        status.store.blocks, status.network.routing_table_size
+        "node 0 added examples/wasm/sha256.wasm as {module} ({} bytes)",
+        SHA256_WASM.len()
     ));
+    say(format!(
+        "node 0 added examples/data/words.txt as {input} ({} bytes)",
+        WORDS.len()
+    ));
+
+    let call = InvokeBody {
+        call: FunctionCall {
+            module: module.clone(),
+            memory_mib: 128,
+            timeout_ms: Some(10_000),
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: Some(input.clone()),
+            inputs: Vec::new(),
+        },
+        max_tries: None,
+        placement: None,
+    };
+    say(format!(
+        "\n$ flotilla invoke {module} --memory 128MiB --stdin-cid {input}"
+    ));
+    let first = client.invoke(&call).await?;
+    let output = String::from_utf8_lossy(&first.invocation.execution.stdout.inline).to_string();
+    let expected = format!("{:x}  -\n", Sha256::digest(WORDS));
+    anyhow::ensure!(
+        output == expected,
+        "the function printed {output:?}, expected {expected:?}"
+    );
+    narrate(&say, &first, &output);
+    say("(matches the SHA-256 computed here)".into());
+
+    say("\nthe same call again: the volunteer has the blocks and the compiled module".into());
+    let again = client.invoke(&call).await?;
+    narrate(
+        &say,
+        &again,
+        &String::from_utf8_lossy(&again.invocation.execution.stdout.inline),
+    );
+
+    let counter = add(WORDCOUNT_WASM).await?;
+    say(format!(
+        "\n$ flotilla invoke {counter} --memory 128MiB --input words.txt={input} --arg words.txt"
+    ));
+    let count_call = InvokeBody {
+        call: FunctionCall {
+            module: counter,
+            args: vec!["words.txt".into()],
+            stdin: None,
+            inputs: vec![("words.txt".into(), input.clone())],
+            ..call.call.clone()
+        },
+        ..call.clone()
+    };
+    let wordcount = client.invoke(&count_call).await?;
+    narrate(
+        &say,
+        &wordcount,
+        &String::from_utf8_lossy(&wordcount.invocation.execution.stdout.inline),
+    );
+    for file in &wordcount.invocation.execution.outputs {
+        say(format!(
+            "output file {} ({} bytes) is {} — `flotilla get` fetches it",
+            file.name, file.size, file.cid
+        ));
+    }
     Ok(Report {
         nodes: nodes.len(),
-        cid: added.cid,
-        bytes: added.size,
-        blocks: added.blocks,
-        add_seconds,
-        fetch_seconds: done.seconds,
-        fetch_mb_per_s: mb_per_s,
-        providers_used: done.progress.peers,
-        identical,
+        module,
+        input,
+        output,
+        first,
+        again,
+        wordcount,
     })
+}
+
+/// Prints what a run wrote and where its time went.
+fn narrate(say: &impl Fn(String), reply: &InvokeReply, stdout: &str) {
+    let execution = &reply.invocation.execution;
+    say(format!("{}", stdout.trim_end()));
+    say(format!(
+        "ran on volunteer {} with {} MiB, exit status {}",
+        execution.volunteer, execution.memory_mib, execution.exit_code
+    ));
+    for line in invoke::timing_lines(reply) {
+        say(format!("  {line}"));
+    }
 }
