@@ -47,6 +47,9 @@ pub enum Command {
     /// Run a WebAssembly function on the network by its CID; prints its stdout and exits
     /// with its exit status
     Invoke(InvokeArgs),
+    /// Follow a detached job
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Start a local network on loopback, add an example function and invoke it by CID
     Demo(DemoArgs),
 }
@@ -141,6 +144,27 @@ pub struct InvokeArgs {
     /// Which fitting offer to reserve: best-fit, worst-fit or random [default: the scheduler's]
     #[arg(long)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,
+    /// Return a job id at once; the job runs when an offer fits (see `flotilla job`)
+    #[arg(long)]
+    pub detach: bool,
+    /// With --detach: how long the job may wait for an offer, e.g. 30m (at most 1h)
+    #[arg(long, value_parser = humantime::parse_duration, requires = "detach")]
+    pub wait: Option<std::time::Duration>,
+}
+
+/// `flotilla job` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show where a detached job stands
+    Status {
+        /// The job id `invoke --detach` printed
+        id: String,
+    },
+    /// Print a finished job's stdout (and stderr) and exit with its exit status
+    Result {
+        /// The job id `invoke --detach` printed
+        id: String,
+    },
 }
 
 /// Flags of `flotilla demo`.

@@ -43,6 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Discover(args) => discover(&ApiClient::new(api), args, cli.json).await,
         Command::Invoke(args) => invoke::run(&ApiClient::new(api), args, cli.json).await,
+        Command::Job(command) => invoke::job(&ApiClient::new(api), command, cli.json).await,
         Command::Demo(args) => demo::run(args, cli.json).await,
     }
 }

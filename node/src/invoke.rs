@@ -1,5 +1,6 @@
 //! `flotilla invoke`: run a function on the network by its CID through the local node,
-//! print its stdout (and its stderr on stderr), and exit with its exit status.
+//! print its stdout (and its stderr on stderr), and exit with its exit status; with
+//! `--detach`, print a job id at once, which `flotilla job status|result ID` follow.
 //!
 //! A `--stdin FILE` is added to the local node first, so the volunteer fetches it by CID
 //! like every other input; stdout or stderr that came back by CID is fetched and
@@ -7,10 +8,11 @@
 //! that trapped exits 134; errors of Flotilla itself exit 1 with a one-line message.
 
 use crate::api::client::ApiClient;
-use crate::api::types::{InvokeBody, InvokeReply};
-use crate::cli::InvokeArgs;
+use crate::api::types::{InvokeBody, InvokeReply, SubmitBody, parse_job_id};
+use crate::cli::{InvokeArgs, JobCommand};
 use crate::commands::{Exit, parse_cid};
-use crate::market::function::{FunctionCall, OutputStream};
+use crate::market::function::{FunctionCall, Invocation, OutputStream};
+use crate::market::jobs::JobState;
 use crate::output;
 use anyhow::Context;
 use bytes::Bytes;
@@ -45,35 +47,109 @@ pub async fn run(client: &ApiClient, args: InvokeArgs, json: bool) -> anyhow::Re
         placement: args.placement,
     };
     body.call.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.detach {
+        let submitted = client
+            .submit(&SubmitBody {
+                invoke: body,
+                wait_ms: args.wait.map(|w| w.as_millis() as u64),
+            })
+            .await?;
+        if json {
+            output::json(&submitted);
+        } else {
+            output::line(&submitted.job_id);
+        }
+        return Ok(());
+    }
     let reply = client.invoke(&body).await?;
     if json {
         output::json(&reply);
-    } else {
-        write_stream(
-            client,
-            &reply.invocation.execution.stdout,
-            tokio::io::stdout(),
-        )
-        .await?;
-        write_stream(
-            client,
-            &reply.invocation.execution.stderr,
-            tokio::io::stderr(),
-        )
-        .await?;
+        return exit_with(&reply.invocation, false);
     }
-    let status = exit_status(&reply);
-    if let Some(failure) = &reply.invocation.execution.failure
-        && !json
+    print_result(client, &reply.invocation).await
+}
+
+/// Writes a run's stdout and stderr out and ends with its exit status.
+async fn print_result(client: &ApiClient, invocation: &Invocation) -> anyhow::Result<()> {
+    write_stream(client, &invocation.execution.stdout, tokio::io::stdout()).await?;
+    write_stream(client, &invocation.execution.stderr, tokio::io::stderr()).await?;
+    exit_with(invocation, true)
+}
+
+/// Ends with the run's exit status (saying why it failed, if it did and `say`).
+fn exit_with(invocation: &Invocation, say: bool) -> anyhow::Result<()> {
+    if let Some(failure) = &invocation.execution.failure
+        && say
     {
         #[allow(clippy::print_stderr)]
         {
             eprintln!("error: the function failed: {failure}");
         }
     }
-    match status {
+    match exit_status(invocation) {
         0 => Ok(()),
         status => Err(Exit(status).into()),
+    }
+}
+
+/// Runs `flotilla job status|result ID`.
+pub async fn job(client: &ApiClient, command: JobCommand, json: bool) -> anyhow::Result<()> {
+    let (id, want_result) = match command {
+        JobCommand::Status { id } => (id, false),
+        JobCommand::Result { id } => (id, true),
+    };
+    parse_job_id(&id).map_err(|e| anyhow::anyhow!(e))?;
+    let record = client.job(&id).await?;
+    if !want_result {
+        if json {
+            output::json(&record);
+        } else {
+            output::line(&format!(
+                "job {id}: {} after {} attempt(s), scheduler {}",
+                record.state, record.attempts, record.scheduler
+            ));
+            if let Some(error) = &record.error {
+                output::line(&format!("  {error}"));
+            }
+            if let Some(result) = &record.result {
+                let execution = &result.execution;
+                output::line(&format!(
+                    "  exit status {} on volunteer {}",
+                    execution.exit_code, execution.volunteer
+                ));
+                for (name, stream) in [("stdout", &execution.stdout), ("stderr", &execution.stderr)]
+                {
+                    if let Some(cid) = &stream.cid {
+                        output::line(&format!("  {name}: {cid} ({} bytes)", stream.size));
+                    }
+                }
+                for file in &execution.outputs {
+                    output::line(&format!(
+                        "  {}: {} ({} bytes)",
+                        file.name, file.cid, file.size
+                    ));
+                }
+            }
+        }
+        return Ok(());
+    }
+    match (record.state, &record.result) {
+        (JobState::Done, Some(result)) if json => {
+            output::json(result);
+            exit_with(result, false)
+        }
+        (JobState::Done, Some(result)) => print_result(client, result).await,
+        (JobState::Failed, _) => anyhow::bail!(
+            "job {id} failed: {}",
+            record.error.as_deref().unwrap_or("no reason given")
+        ),
+        (state, _) => anyhow::bail!(
+            "job {id} is {state}, not done yet{}",
+            record
+                .error
+                .as_deref()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        ),
     }
 }
 
@@ -141,9 +217,9 @@ pub async fn write_stream<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The status `invoke` exits with for this answer.
-pub fn exit_status(reply: &InvokeReply) -> u8 {
-    let execution = &reply.invocation.execution;
+/// The status `invoke` exits with for this run.
+pub fn exit_status(invocation: &Invocation) -> u8 {
+    let execution = &invocation.execution;
     match &execution.failure {
         Some(failure) if failure.starts_with(crate::executor::DEADLINE_FAILURE) => EXIT_DEADLINE,
         Some(_) => EXIT_TRAP,

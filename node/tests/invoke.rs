@@ -1,18 +1,19 @@
 //! Invocations end to end on a loopback network of ten real nodes (one scheduler, nine
 //! volunteers): a hundred calls of a pure function, a volunteer killed while it runs a
 //! call, a two-step pipeline through an output CID, and bad calls that must fail clearly
-//! and leave nothing reserved.
+//! and leave nothing reserved; and detached jobs that wait for an offer that fits.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use bytesize::ByteSize;
-use common::wait_until;
+use common::{wait_until, wait_until_within};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
 use flotilla_node::market::InvokeError;
 use flotilla_node::market::function::{FunctionCall, Invocation};
+use flotilla_node::market::jobs::JobState;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -290,6 +291,90 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         nothing_reserved(&nodes)
     })
     .await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let quick = |config: NodeConfig| NodeConfig {
+        offer_ttl: Duration::from_secs(6),
+        offer_refresh_margin: Duration::from_secs(3),
+        answer_timeout: Duration::from_secs(1),
+        notify_interval: Duration::from_millis(300),
+        ..config
+    };
+    let mut nodes = demo::start_network_with(dir.path(), 3, |i, config| match i {
+        0 => NodeConfig {
+            scheduler: true,
+            ..quick(config)
+        },
+        _ => NodeConfig {
+            offer_memory: Some(ByteSize::mib(256)),
+            ..quick(config)
+        },
+    })
+    .await
+    .unwrap();
+    let market = nodes[0].market().clone();
+    let echo = add(&nodes[0], &example("echo")).await;
+    let mut big = call(&echo);
+    big.memory_mib = 1024;
+    big.args = vec!["placed".into(), "at".into(), "last".into()];
+
+    // Nothing lends 1 GiB: one job waits, one with a short deadline gives up.
+    let waiting = market
+        .submit(big.clone(), None, None, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let hopeless = market
+        .submit(big.clone(), None, None, Duration::from_millis(500))
+        .await
+        .unwrap();
+    wait_until("the job is waiting for an offer", || async {
+        market.job(waiting).await.is_ok_and(|r| {
+            r.state == JobState::Waiting && r.error.as_deref().is_some_and(|e| e.contains("nothing fits"))
+        })
+    })
+    .await;
+    wait_until("the hopeless job gave up", || async {
+        market
+            .job(hopeless)
+            .await
+            .is_ok_and(|r| r.state == JobState::Failed)
+    })
+    .await;
+    let gave_up = market.job(hopeless).await.unwrap();
+    assert!(gave_up.error.unwrap().contains("gave up waiting"));
+
+    // A volunteer with 2 GiB joins: the waiting job runs on it.
+    let bootstrap = vec![nodes[0].bootstrap_addr()];
+    let config = demo::loopback_config(&dir.path().join("late"), bootstrap);
+    let late = flotilla_node::daemon::start(NodeConfig {
+        offer_memory: Some(ByteSize::gib(2)),
+        ..quick(config)
+    })
+    .await
+    .unwrap();
+    let late_id = late.peer_id().to_string();
+    nodes.push(late);
+    wait_until_within("the waiting job ran", Duration::from_secs(30), || async {
+        market
+            .job(waiting)
+            .await
+            .is_ok_and(|r| r.state == JobState::Done)
+    })
+    .await;
+    let done = market.job(waiting).await.unwrap();
+    let result = done.result.unwrap();
+    assert_eq!(result.execution.volunteer, late_id);
+    assert_eq!(stdout(&result), "placed at last\n");
+    assert!(done.attempts >= 2, "{}", done.attempts);
+    // Another node reads the same record from the peers that keep it.
+    let record = nodes[1].market().job(waiting).await.unwrap();
+    assert_eq!(record.state, JobState::Done);
     for node in nodes {
         node.stop().await;
     }

@@ -1,6 +1,9 @@
 //! The API client the CLI uses to talk to its node.
 
-use super::types::{DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply};
+use super::types::{
+    DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody, Submitted,
+};
+use crate::market::jobs::JobRecord;
 use crate::market::{Discovered, OffersView};
 use bytes::Bytes;
 use flotilla_overlay::fetch::FetchProgress;
@@ -180,6 +183,20 @@ impl ApiClient {
     /// Runs a function on the network and waits for its answer.
     pub async fn invoke(&self, body: &InvokeBody) -> Result<InvokeReply, ClientError> {
         let request = self.http.post(self.url("/v0/invoke")).json(body);
+        let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// Submits a detached job; returns its id.
+    pub async fn submit(&self, body: &SubmitBody) -> Result<Submitted, ClientError> {
+        let request = self.http.post(self.url("/v0/jobs")).json(body);
+        let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// The newest record of a job.
+    pub async fn job(&self, id: &str) -> Result<JobRecord, ClientError> {
+        let request = self.http.get(self.url(&format!("/v0/jobs/{id}")));
         let response = self.check(request.send().await).await?;
         response.json().await.map_err(|e| self.transport_error(e))
     }

@@ -1,8 +1,10 @@
 //! The API server: axum handlers over an [`Overlay`].
 
 use super::types::{
-    CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply,
+    CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody,
+    Submitted, job_id_text, parse_job_id,
 };
+use crate::market::jobs::{DEFAULT_JOB_WAIT, JobError};
 use crate::market::{DiscoverError, DiscoverRequest, InvokeError, Market, ReserveTerms};
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -38,6 +40,8 @@ pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Rout
         .route("/v0/offers", get(offers))
         .route("/v0/discover", post(discover))
         .route("/v0/invoke", post(invoke))
+        .route("/v0/jobs", post(submit))
+        .route("/v0/jobs/{id}", get(job))
         .route("/v0/add", post(add))
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
@@ -240,19 +244,50 @@ async fn invoke(
             total_us: started.elapsed().as_micros() as u64,
         })
         .into_response()),
-        Err(e) => {
-            let status = match e {
-                InvokeError::Rejected(_) => StatusCode::BAD_REQUEST,
-                InvokeError::Failed {
-                    retryable: false, ..
-                } => StatusCode::UNPROCESSABLE_ENTITY,
-                InvokeError::NoScheduler | InvokeError::Failed { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                InvokeError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
-            };
-            Err(ApiError(status, e.to_string()))
-        }
+        Err(e) => Err(invoke_error(e)),
+    }
+}
+
+fn invoke_error(e: InvokeError) -> ApiError {
+    let status = match e {
+        InvokeError::Rejected(_) => StatusCode::BAD_REQUEST,
+        InvokeError::Failed {
+            retryable: false, ..
+        } => StatusCode::UNPROCESSABLE_ENTITY,
+        InvokeError::NoScheduler | InvokeError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        InvokeError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
+    };
+    ApiError(status, e.to_string())
+}
+
+async fn submit(
+    State(app): State<AppState>,
+    Json(body): Json<SubmitBody>,
+) -> Result<Response, ApiError> {
+    let wait = body.wait_ms.map_or(DEFAULT_JOB_WAIT, Duration::from_millis);
+    let invoke = body.invoke;
+    match app
+        .market
+        .submit(invoke.call, invoke.max_tries, invoke.placement, wait)
+        .await
+    {
+        Ok(id) => Ok(Json(Submitted {
+            job_id: job_id_text(id),
+        })
+        .into_response()),
+        Err(JobError::Invoke(e)) => Err(invoke_error(e)),
+        Err(e) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+    }
+}
+
+async fn job(
+    State(app): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    match app.market.job(id).await {
+        Ok(record) => Ok(Json(record).into_response()),
+        Err(e) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
     }
 }
 

@@ -78,3 +78,34 @@ pub struct InvokeReply {
     /// From the local node taking the call to the answer, in µs.
     pub total_us: u64,
 }
+
+/// The body of `POST /v0/jobs`: a call to run as a detached job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitBody {
+    /// The call and how to place it.
+    #[serde(flatten)]
+    pub invoke: InvokeBody,
+    /// How long it may wait for an offer that fits, in ms (10 minutes if absent).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// The answer of `POST /v0/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submitted {
+    /// The job's id, 16 hex digits.
+    pub job_id: String,
+}
+
+/// A job id as the API and CLI write it: 16 hex digits.
+pub fn job_id_text(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// Parses a job id written by [`job_id_text`].
+pub fn parse_job_id(text: &str) -> Result<u64, String> {
+    u64::from_str_radix(text, 16)
+        .ok()
+        .filter(|_| !text.is_empty() && text.len() <= 16)
+        .ok_or_else(|| format!("{text:?} is not a job id (16 hex digits)"))
+}

@@ -25,7 +25,7 @@ pub const MAX_CALL_TEXT: usize = 32 * 1024;
 /// Longest deadline a call may ask for, in ms.
 pub const MAX_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 /// Most output files an answer lists.
-pub const MAX_OUTPUT_FILES: usize = 256;
+pub const MAX_OUTPUT_FILES: usize = 64;
 const MIB: u64 = 1024 * 1024;
 
 /// A function call: which module to run, with what, in how much memory.

@@ -103,7 +103,8 @@ impl Market {
             .await
     }
 
-    async fn place_and_run(&self, request: InvokeRequest) -> Response {
+    /// Places a call on a volunteer and runs it, trying another volunteer when one fails.
+    pub(super) async fn place_and_run(&self, request: InvokeRequest) -> Response {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         metrics.invocations.inc();
@@ -231,6 +232,27 @@ impl Market {
         let timeout = execution_allowance(&request.call, self.shared.config.fetch_timeout)
             * MAX_ATTEMPTS as u32
             + PLACEMENT_ALLOWANCE;
+        let ask = || Request::Invoke(Box::new(request.clone()));
+        match self.ask_a_scheduler(ask, timeout).await? {
+            Response::Invoked(invocation) => Ok(*invocation),
+            Response::Failed { reason, retryable } => {
+                Err(InvokeError::Failed { reason, retryable })
+            }
+            other => Err(InvokeError::Unanswered(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends a request to a scheduler picked at random from the registry, and to another
+    /// (at most [`SCHEDULER_ATTEMPTS`] in all) while the one asked is busy, refuses, or
+    /// does not answer; returns the first other answer.
+    pub(super) async fn ask_a_scheduler(
+        &self,
+        request: impl Fn() -> Request,
+        timeout: Duration,
+    ) -> Result<Response, InvokeError> {
+        let mut rng = StdRng::from_os_rng();
         let mut failures = Vec::new();
         let mut failed: Option<PeerId> = None;
         for _ in 0..SCHEDULER_ATTEMPTS {
@@ -238,17 +260,12 @@ impl Market {
             let Some(scheduler) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
                 return Err(InvokeError::NoScheduler);
             };
-            let ask = Request::Invoke(Box::new(request.clone()));
-            match self.call(scheduler, Vec::new(), ask, timeout).await {
-                Ok(Response::Invoked(invocation)) => return Ok(*invocation),
-                Ok(Response::Failed { reason, retryable }) => {
-                    return Err(InvokeError::Failed { reason, retryable });
-                }
+            match self.call(scheduler, Vec::new(), request(), timeout).await {
                 Ok(Response::Refused { reason }) => {
                     failures.push(format!("{scheduler} refused: {reason}"));
                 }
                 Ok(Response::Busy) => failures.push(format!("{scheduler} is busy")),
-                Ok(other) => failures.push(format!("{scheduler}: unexpected answer {other:?}")),
+                Ok(answer) => return Ok(answer),
                 Err(e) => {
                     if matches!(e, CallError::Rpc(_) | CallError::Timeout(_)) {
                         self.forget_scheduler(&scheduler);

@@ -20,6 +20,7 @@
 //! * [`metrics`]: what it all counts.
 
 pub mod function;
+pub mod jobs;
 pub mod metrics;
 pub mod once;
 pub mod protocol;
@@ -213,6 +214,9 @@ struct Shared {
     executions: once::Once<Response>,
     invocations: once::Once<Response>,
     invocations_running: Arc<Semaphore>,
+    keypair: Keypair,
+    jobs: Mutex<jobs::JobBook>,
+    jobs_held: Arc<Semaphore>,
     peer_id: PeerId,
     config: MarketConfig,
     metrics: MarketMetrics,
@@ -263,7 +267,7 @@ impl Market {
                 ..OffererConfig::new(memory_mib, addresses)
             };
             Mutex::new(Offerer::new(
-                keypair,
+                keypair.clone(),
                 offerer_config,
                 rand::rng().next_u64() >> 1,
             ))
@@ -280,6 +284,9 @@ impl Market {
                 executions: once::Once::new(REMEMBERED_RUNS),
                 invocations: once::Once::new(REMEMBERED_RUNS),
                 invocations_running: Arc::new(Semaphore::new(MAX_CONCURRENT_INVOCATIONS)),
+                keypair: keypair.clone(),
+                jobs: Mutex::new(jobs::JobBook::default()),
+                jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
                 peer_id: overlay.peer_id(),
                 holder: Mutex::new(Holder::new(config.holder.clone())),
                 offerer,
@@ -497,6 +504,11 @@ impl Market {
                 None => Response::Busy,
             },
             Request::Execute(request) => self.serve_execution(*request).await,
+            Request::Submit { request, wait_ms } => {
+                self.take_job(*request, Duration::from_millis(wait_ms))
+            }
+            Request::StoreJob(job) => self.store_job(*job),
+            Request::FindJob { job_id } => self.held_job(job_id),
         }
     }
 }

@@ -15,11 +15,15 @@
 //! | `Discover`     | client node → scheduler       | `Discovered`, `Busy` or `Refused` |
 //! | `Invoke`       | client node → scheduler       | `Invoked`, `Failed`, `Busy` or `Refused` |
 //! | `Execute`      | scheduler → volunteer         | `Executed` or `Failed`         |
+//! | `Submit`       | client node → scheduler       | `Accepted`, `Failed`, `Busy` or `Refused` |
+//! | `StoreJob`     | scheduler → peers near the job's key | `JobStored` or `Refused` |
+//! | `FindJob`      | any node → peers near the job's key  | `Job`                    |
 //!
 //! Creating, refreshing and withdrawing an offer are one message: a new signed version of
 //! the offer, newer by sequence number, withdrawn when its `withdrawn` flag is set.
 
 use super::function::{Execution, FunctionCall, Invocation};
+use super::jobs::SignedJob;
 use crate::one_line;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_offers::offerer::Reservation;
@@ -115,6 +119,20 @@ pub enum Request {
     Invoke(Box<InvokeRequest>),
     /// Run a call on memory reserved here.
     Execute(Box<ExecuteRequest>),
+    /// Take a call as a detached job, placed when an offer fits.
+    Submit {
+        /// The call; its invocation id is the job's id.
+        request: Box<InvokeRequest>,
+        /// How long it may wait for an offer, in ms.
+        wait_ms: u64,
+    },
+    /// Keep this version of a job's record.
+    StoreJob(Box<SignedJob>),
+    /// Which version of this job's record do you hold?
+    FindJob {
+        /// The job.
+        job_id: u64,
+    },
 }
 
 /// A client's call, for a scheduler to place.
@@ -208,6 +226,12 @@ pub enum Response {
     Executed(Box<Execution>),
     /// A client's call was placed and ran.
     Invoked(Box<Invocation>),
+    /// A job was taken.
+    Accepted,
+    /// A job record was kept (or a newer one is held).
+    JobStored,
+    /// The newest version of a job's record held, if any.
+    Job(Option<Box<SignedJob>>),
     /// A call could not be placed or run.
     Failed {
         /// Why, in one line.

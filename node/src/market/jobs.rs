@@ -1,0 +1,513 @@
+//! Detached jobs, for clients that go offline: a scheduler takes a call, answers with a
+//! job id at once, and places it when an offer fits (waiting, up to a deadline, while
+//! none does). Each change of the job's state is a new version of a record signed by
+//! the scheduler, kept by the scheduler and copied to the peers closest to the job's key,
+//! so anyone can read the state and result CIDs later — after the client restarted, and
+//! after the scheduler left.
+//!
+//! Every node keeps the job records it is sent in a bounded [`JobBook`]; a version
+//! replaces another only if it is newer and signed by the same scheduler.
+
+use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
+use super::protocol::{InvokeRequest, Request, Response};
+use super::{Market, lock, now_ms};
+use flotilla_scheduler::placement::Policy;
+use libp2p::PeerId;
+use libp2p::identity::{Keypair, PublicKey};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Jobs one scheduler holds (waiting or running) at once; more are refused.
+pub const MAX_JOBS: usize = 256;
+/// Job records one node keeps for others.
+pub const MAX_JOB_RECORDS: usize = 4096;
+/// How long a job record is kept after its last change.
+pub const JOB_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a job may wait for an offer when the client names no deadline.
+pub const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(600);
+/// The longest a job may wait for an offer.
+pub const MAX_JOB_WAIT: Duration = Duration::from_secs(3600);
+/// Peers besides the scheduler that keep a copy of each job record.
+pub const JOB_REPLICAS: usize = 3;
+/// Stdout or stderr up to this size is kept in the record; larger ones by CID.
+const MAX_RECORD_INLINE: usize = 4 * 1024;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Taken, and waiting for an offer that fits.
+    Waiting,
+    /// Being placed or run.
+    Running,
+    /// It ran: see the result.
+    Done,
+    /// It could not run, or waited past its deadline.
+    Failed,
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Waiting => "waiting",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        })
+    }
+}
+
+/// One version of a job's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job's id.
+    pub job_id: u64,
+    /// The version: higher is newer.
+    pub seq: u64,
+    /// The scheduler that holds the job.
+    pub scheduler: String,
+    /// Where it stands.
+    pub state: JobState,
+    /// The module it runs.
+    pub module: String,
+    /// When it was taken (Unix ms).
+    pub submitted_at_ms: u64,
+    /// Until when it may wait for an offer (Unix ms).
+    pub wait_until_ms: u64,
+    /// When this version was made (Unix ms).
+    pub updated_at_ms: u64,
+    /// Placements tried.
+    pub attempts: u32,
+    /// The latest reason it is waiting, or why it failed.
+    pub error: Option<String>,
+    /// The result, once done.
+    pub result: Option<Invocation>,
+}
+
+/// A job record signed by its scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedJob {
+    /// The scheduler's public key (protobuf encoding).
+    #[serde(with = "flotilla_offers::offer::cbor_bytes")]
+    pub public_key: Vec<u8>,
+    /// Its signature over the record's CBOR encoding.
+    #[serde(with = "flotilla_offers::offer::cbor_bytes")]
+    pub signature: Vec<u8>,
+    /// The record.
+    pub record: JobRecord,
+}
+
+/// Why a job record was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobRecordError {
+    /// The signature or key does not match the record's scheduler.
+    #[error("bad signature")]
+    BadSignature,
+    /// Another scheduler holds this job.
+    #[error("job {0:016x} belongs to another scheduler")]
+    NotTheScheduler(u64),
+    /// The book already has this version or a newer one.
+    #[error("job {0:016x} has a newer version here")]
+    Stale(u64),
+}
+
+fn record_bytes(record: &JobRecord) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), record).expect("records always encode")
+}
+
+impl SignedJob {
+    /// Signs `record` with the scheduler's key.
+    pub fn sign(record: JobRecord, keypair: &Keypair) -> SignedJob {
+        let signature = keypair
+            .sign(&record_bytes(&record))
+            .expect("ed25519 signing cannot fail");
+        SignedJob {
+            public_key: keypair.public().encode_protobuf(),
+            signature,
+            record,
+        }
+    }
+
+    /// Checks that the key is the scheduler's and signed the record.
+    pub fn verify(&self) -> Result<(), JobRecordError> {
+        let key = PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| JobRecordError::BadSignature)?;
+        if key.to_peer_id().to_string() != self.record.scheduler
+            || !key.verify(&record_bytes(&self.record), &self.signature)
+        {
+            return Err(JobRecordError::BadSignature);
+        }
+        Ok(())
+    }
+}
+
+/// The job records a node keeps: bounded, newest version per job, expiring.
+#[derive(Debug, Default)]
+pub struct JobBook {
+    records: HashMap<u64, SignedJob>,
+}
+
+impl JobBook {
+    /// Keeps `job` if it is valid and newer than the version held.
+    pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
+        job.verify()?;
+        let id = job.record.job_id;
+        if let Some(held) = self.records.get(&id) {
+            if held.record.scheduler != job.record.scheduler {
+                return Err(JobRecordError::NotTheScheduler(id));
+            }
+            if held.record.seq >= job.record.seq {
+                return Err(JobRecordError::Stale(id));
+            }
+        }
+        let ttl = JOB_RECORD_TTL.as_millis() as u64;
+        self.records
+            .retain(|_, j| j.record.updated_at_ms + ttl > now_ms);
+        if !self.records.contains_key(&id) && self.records.len() >= MAX_JOB_RECORDS {
+            let oldest = self
+                .records
+                .iter()
+                .min_by_key(|(_, j)| j.record.updated_at_ms)
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest {
+                self.records.remove(&oldest);
+            }
+        }
+        self.records.insert(id, job);
+        Ok(())
+    }
+
+    /// The newest version of job `id` held here.
+    pub fn get(&self, id: u64) -> Option<&SignedJob> {
+        self.records.get(&id)
+    }
+
+    /// How many records are held.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// The DHT key whose closest peers keep job `id`'s record.
+pub fn job_key(id: u64) -> Vec<u8> {
+    let mut key = b"/flotilla/job/".to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// Why a job could not be submitted or read.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The submission failed.
+    #[error(transparent)]
+    Invoke(#[from] super::InvokeError),
+    /// No peer has a record of the job.
+    #[error("no record of job {0:016x} found (unknown id, or every peer that kept it left)")]
+    Unknown(u64),
+}
+
+impl Market {
+    /// Takes a job for later placement, if there is room for it.
+    pub(super) fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
+        if !self.is_scheduler() {
+            return Response::Refused {
+                reason: "this node is not a scheduler".into(),
+            };
+        }
+        if let Err(e) = request.call.validate() {
+            return Response::Failed {
+                reason: e.to_string(),
+                retryable: false,
+            };
+        }
+        let Ok(slot) = self.shared.jobs_held.clone().try_acquire_owned() else {
+            return Response::Failed {
+                reason: format!("the scheduler holds {MAX_JOBS} jobs already; try later"),
+                retryable: true,
+            };
+        };
+        let now = now_ms();
+        let record = JobRecord {
+            job_id: request.invocation_id,
+            seq: 0,
+            scheduler: self.peer_id().to_string(),
+            state: JobState::Waiting,
+            module: request.call.module.clone(),
+            submitted_at_ms: now,
+            wait_until_ms: now + wait.min(MAX_JOB_WAIT).as_millis() as u64,
+            updated_at_ms: now,
+            attempts: 0,
+            error: None,
+            result: None,
+        };
+        let market = self.clone();
+        tokio::spawn(async move { market.run_job(request, record, slot).await });
+        Response::Accepted
+    }
+
+    /// Places a job, again and again while nothing fits and its deadline allows, and
+    /// publishes each change of its state.
+    async fn run_job(
+        self,
+        request: InvokeRequest,
+        mut record: JobRecord,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        self.publish_job(&mut record).await;
+        let retry_every = self
+            .shared
+            .config
+            .notify_interval
+            .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let mut stop = self.stopping();
+        loop {
+            record.state = JobState::Running;
+            record.attempts += 1;
+            self.publish_job(&mut record).await;
+            match self.place_and_run(request.clone()).await {
+                Response::Invoked(invocation) => {
+                    record.state = JobState::Done;
+                    record.error = None;
+                    record.result = Some(self.recordable(*invocation).await);
+                }
+                Response::Failed {
+                    reason,
+                    retryable: true,
+                } if now_ms() + retry_every.as_millis() as u64 <= record.wait_until_ms => {
+                    record.state = JobState::Waiting;
+                    record.error = Some(reason);
+                    self.publish_job(&mut record).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry_every) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+                Response::Failed { reason, retryable } => {
+                    record.state = JobState::Failed;
+                    record.error = Some(if retryable {
+                        format!("gave up waiting at its deadline: {reason}")
+                    } else {
+                        reason
+                    });
+                }
+                other => {
+                    record.state = JobState::Failed;
+                    record.error = Some(format!("unexpected answer {other:?}"));
+                }
+            }
+            self.publish_job(&mut record).await;
+            return;
+        }
+    }
+
+    /// The invocation as a record keeps it: stdout or stderr over a few KiB moved to
+    /// blocks, so records stay small.
+    async fn recordable(&self, mut invocation: Invocation) -> Invocation {
+        for stream in [
+            &mut invocation.execution.stdout,
+            &mut invocation.execution.stderr,
+        ] {
+            if stream.inline.len() > MAX_RECORD_INLINE {
+                debug_assert!(stream.inline.len() <= MAX_INLINE_OUTPUT);
+                if let Ok(added) = self.shared.overlay.add(&stream.inline[..]).await {
+                    *stream = OutputStream {
+                        size: stream.size,
+                        inline: Vec::new(),
+                        cid: Some(added.cid),
+                    };
+                }
+            }
+        }
+        invocation
+    }
+
+    /// Signs the next version of `record`, keeps it, and sends it to the peers closest to
+    /// the job's key (waiting at most the answer timeout).
+    async fn publish_job(&self, record: &mut JobRecord) {
+        record.seq += 1;
+        record.updated_at_ms = now_ms();
+        let signed = SignedJob::sign(record.clone(), &self.shared.keypair);
+        if let Err(e) = lock(&self.shared.jobs).put(now_ms(), signed.clone()) {
+            tracing::warn!(job = record.job_id, error = %e, "cannot keep a job record");
+        }
+        let timeout = self.shared.config.answer_timeout;
+        let closest = tokio::time::timeout(
+            timeout,
+            self.shared.network.closest_peers(job_key(record.job_id)),
+        )
+        .await;
+        let peers = match closest {
+            Ok(Ok(found)) => found.peers,
+            _ => Vec::new(),
+        };
+        let sends = peers.into_iter().take(JOB_REPLICAS).map(|peer| {
+            let request = Request::StoreJob(Box::new(signed.clone()));
+            self.call(peer, Vec::new(), request, timeout)
+        });
+        let stored = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Ok(Response::JobStored)))
+            .count();
+        tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
+    }
+
+    /// Keeps a job record another peer sent.
+    pub(super) fn store_job(&self, job: SignedJob) -> Response {
+        match lock(&self.shared.jobs).put(now_ms(), job) {
+            Ok(()) | Err(JobRecordError::Stale(_)) => Response::JobStored,
+            Err(e) => Response::Refused {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// The newest version of job `id` this node holds.
+    pub(super) fn held_job(&self, id: u64) -> Response {
+        Response::Job(lock(&self.shared.jobs).get(id).cloned().map(Box::new))
+    }
+
+    /// Submits `call` as a detached job through a scheduler picked at random; returns
+    /// its id once a scheduler has taken it.
+    pub async fn submit(
+        &self,
+        call: FunctionCall,
+        max_tries: Option<u32>,
+        placement: Option<Policy>,
+        wait: Duration,
+    ) -> Result<u64, JobError> {
+        call.validate()
+            .map_err(|e| super::InvokeError::Rejected(e.to_string()))?;
+        let job_id = rand::rng().next_u64() >> 1;
+        let request = InvokeRequest {
+            invocation_id: job_id,
+            call,
+            max_tries,
+            placement,
+        };
+        let wait_ms = wait.min(MAX_JOB_WAIT).as_millis() as u64;
+        self.ask_a_scheduler(
+            || Request::Submit {
+                request: Box::new(request.clone()),
+                wait_ms,
+            },
+            self.shared.config.answer_timeout * 4,
+        )
+        .await
+        .and_then(|response| match response {
+            Response::Accepted => Ok(job_id),
+            Response::Failed { reason, retryable } => {
+                Err(super::InvokeError::Failed { reason, retryable })
+            }
+            other => Err(super::InvokeError::Unanswered(format!(
+                "unexpected answer {other:?}"
+            ))),
+        })
+        .map_err(JobError::from)
+    }
+
+    /// The newest record of job `id`: held here, or asked of the peers closest to its key.
+    pub async fn job(&self, id: u64) -> Result<JobRecord, JobError> {
+        let mut newest: Option<JobRecord> =
+            lock(&self.shared.jobs).get(id).map(|j| j.record.clone());
+        let timeout = self.shared.config.answer_timeout;
+        let closest =
+            tokio::time::timeout(timeout, self.shared.network.closest_peers(job_key(id))).await;
+        let peers: Vec<PeerId> = match closest {
+            Ok(Ok(found)) => found.peers,
+            _ => Vec::new(),
+        };
+        let asks = peers
+            .into_iter()
+            .take(JOB_REPLICAS + 2)
+            .map(|peer| self.call(peer, Vec::new(), Request::FindJob { job_id: id }, timeout));
+        for answer in futures::future::join_all(asks).await {
+            if let Ok(Response::Job(Some(job))) = answer
+                && job.record.job_id == id
+                && job.verify().is_ok()
+                && newest
+                    .as_ref()
+                    .is_none_or(|n| n.scheduler == job.record.scheduler && n.seq < job.record.seq)
+            {
+                newest = Some(job.record);
+            }
+        }
+        newest.ok_or(JobError::Unknown(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(keypair: &Keypair, seq: u64) -> JobRecord {
+        JobRecord {
+            job_id: 7,
+            seq,
+            scheduler: keypair.public().to_peer_id().to_string(),
+            state: JobState::Waiting,
+            module: "bafk".into(),
+            submitted_at_ms: 1,
+            wait_until_ms: 2,
+            updated_at_ms: 1,
+            attempts: 0,
+            error: None,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn a_book_keeps_the_newest_version_signed_by_the_jobs_scheduler() {
+        let scheduler = Keypair::generate_ed25519();
+        let other = Keypair::generate_ed25519();
+        let mut book = JobBook::default();
+        book.put(1, SignedJob::sign(record(&scheduler, 2), &scheduler))
+            .unwrap();
+        assert_eq!(
+            book.put(1, SignedJob::sign(record(&scheduler, 1), &scheduler)),
+            Err(JobRecordError::Stale(7))
+        );
+        // Someone else's version of the same job, even newer, is refused.
+        assert_eq!(
+            book.put(1, SignedJob::sign(record(&other, 9), &other)),
+            Err(JobRecordError::NotTheScheduler(7))
+        );
+        // A record claiming a scheduler whose key did not sign it is refused.
+        let mut forged = SignedJob::sign(record(&other, 9), &other);
+        forged.record.scheduler = scheduler.public().to_peer_id().to_string();
+        assert_eq!(book.put(1, forged), Err(JobRecordError::BadSignature));
+        let mut newer = record(&scheduler, 3);
+        newer.state = JobState::Done;
+        book.put(1, SignedJob::sign(newer, &scheduler)).unwrap();
+        assert_eq!(book.get(7).unwrap().record.state, JobState::Done);
+        assert_eq!(book.len(), 1);
+    }
+
+    #[test]
+    fn records_expire_and_the_book_is_bounded() {
+        let scheduler = Keypair::generate_ed25519();
+        let mut book = JobBook::default();
+        for id in 0..(MAX_JOB_RECORDS as u64 + 10) {
+            let mut r = record(&scheduler, 1);
+            r.job_id = id;
+            r.updated_at_ms = id;
+            book.put(id, SignedJob::sign(r, &scheduler)).unwrap();
+        }
+        assert_eq!(book.len(), MAX_JOB_RECORDS);
+        assert!(book.get(0).is_none(), "the oldest went first");
+        let later = JOB_RECORD_TTL.as_millis() as u64 + MAX_JOB_RECORDS as u64 + 100;
+        let mut r = record(&scheduler, 1);
+        r.job_id = u64::MAX;
+        r.updated_at_ms = later;
+        book.put(later, SignedJob::sign(r, &scheduler)).unwrap();
+        assert_eq!(book.len(), 1, "the rest expired");
+    }
+}
