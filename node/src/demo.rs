@@ -237,7 +237,7 @@ async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Re
 /// Prints what a run wrote and where its time went.
 fn narrate(say: &impl Fn(String), reply: &InvokeReply, stdout: &str) {
     let execution = &reply.invocation.execution;
-    say(format!("{}", stdout.trim_end()));
+    say(stdout.trim_end().to_string());
     say(format!(
         "ran on volunteer {} with {} MiB, exit status {}",
         execution.volunteer, execution.memory_mib, execution.exit_code
