@@ -1,5 +1,7 @@
-//! The `flotilla` binary as a user runs it: a node's life from start to SIGTERM, and bad
-//! input answered with a one-line error and a non-zero exit.
+//! The `flotilla` binary as a user runs it: a node's life from start to SIGTERM, offers
+//! and discovery, invoking functions (exit statuses, stdin, detached jobs read back after
+//! the client node and the scheduler have gone), and bad input answered with a one-line
+//! error and a non-zero exit.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -62,6 +64,8 @@ struct NodeProcess {
     child: Child,
     api: String,
     peer_id: String,
+    /// Its first listen address, with /p2p/<PeerId>: what others bootstrap to.
+    addr: String,
 }
 
 impl NodeProcess {
@@ -79,18 +83,21 @@ impl NodeProcess {
         let first = lines.next().unwrap().unwrap();
         let peer_id = first.strip_prefix("flotilla node ").unwrap().to_string();
         let mut api = None;
+        let mut addr = None;
         for line in lines.by_ref() {
             let line = line.unwrap();
-            if let Some(addr) = line.trim().strip_prefix("API on http://") {
-                api = Some(addr.to_string());
+            if let Some(found) = line.trim().strip_prefix("API on http://") {
+                api = Some(found.to_string());
                 break;
             }
             assert!(line.contains("listening on /ip4/127.0.0.1/tcp/"), "{line}");
+            addr.get_or_insert_with(|| line.trim().trim_start_matches("listening on ").to_string());
         }
         NodeProcess {
             child,
             api: api.unwrap(),
             peer_id,
+            addr: addr.unwrap(),
         }
     }
 
@@ -393,4 +400,158 @@ fn offering_less_than_the_smallest_tier_is_refused() {
         &output,
         "invalid setting offer_memory: 100.0 MiB is less than the smallest tier",
     );
+}
+
+fn examples(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn stdout_text(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A node process joining through `bootstrap`, with quick market timings and `extra` flags.
+fn joining(
+    root: &Path,
+    name: &str,
+    bootstrap: Option<&NodeProcess>,
+    extra: &[&str],
+) -> NodeProcess {
+    let config = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        "notify_interval = \"200ms\"\nanswer_timeout = \"1s\"\nfetch_timeout = \"3s\"\n",
+    )
+    .unwrap();
+    let mut cmd = node_command(&root.join(name), "127.0.0.1:0");
+    cmd.arg("--config").arg(&config).args(extra);
+    if let Some(peer) = bootstrap {
+        cmd.args(["--bootstrap", &peer.addr]);
+    }
+    NodeProcess::spawn(cmd)
+}
+
+#[test]
+fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let scheduler = joining(root, "scheduler", None, &["--scheduler"]);
+    let volunteers: Vec<NodeProcess> = ["512MiB", "1GiB"]
+        .iter()
+        .enumerate()
+        .map(|(i, memory)| {
+            joining(
+                root,
+                &format!("volunteer-{i}"),
+                Some(&scheduler),
+                &["--offer-memory", memory],
+            )
+        })
+        .collect();
+    let client = joining(root, "client", Some(&scheduler), &[]);
+    poll_json(&scheduler, &["offers", "--json"], |v| {
+        v["super_traders"] == 2
+    });
+
+    let add =
+        |node: &NodeProcess, path: &Path| stdout_text(&node.cli(&["add", path.to_str().unwrap()]));
+    let echo = add(&client, &examples("examples/wasm/echo.wasm"));
+    let sha256 = add(&client, &examples("examples/wasm/sha256.wasm"));
+    let exit = add(&client, &examples("examples/wasm/exit.wasm"));
+
+    // stdout printed, exit status 0.
+    let said = client.cli(&["invoke", &echo, "--arg", "hello", "--arg", "--world"]);
+    assert_eq!(stdout_text(&said), "hello --world");
+    // --stdin FILE goes in as a CID; the digest is sha256sum's.
+    let words = examples("examples/data/words.txt");
+    let hashed = client.cli(&[
+        "invoke",
+        &sha256,
+        "--memory",
+        "256MiB",
+        "--stdin",
+        words.to_str().unwrap(),
+    ]);
+    let expected = format!(
+        "{:x}  -",
+        sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            std::fs::read(&words).unwrap(),
+        ))
+    );
+    assert_eq!(stdout_text(&hashed), expected);
+    // The function's exit status and stderr come through.
+    let exited = client.cli(&["invoke", &exit, "--arg", "3"]);
+    assert_eq!(exited.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&exited.stderr).contains("exiting with 3"));
+    // --json: the whole result.
+    let json = client.cli(&["invoke", &echo, "--arg", "x", "--json"]);
+    let result: serde_json::Value = serde_json::from_str(&stdout_text(&json)).unwrap();
+    assert_eq!(result["execution"]["stdout"]["inline"], "x\n");
+    assert_eq!(result["execution"]["exit_code"], 0);
+    assert!(result["total_us"].as_u64().unwrap() > 0);
+
+    // Bad input: one line, non-zero exit, nothing left reserved.
+    let not_wasm = add(&client, &words);
+    assert_one_line_error(
+        &client.cli(&["invoke", &not_wasm]),
+        "not a WebAssembly module",
+    );
+    assert_one_line_error(
+        &client.cli(&["invoke", &echo, "--memory", "11GiB"]),
+        "more than the largest tier",
+    );
+    assert_one_line_error(
+        &client.cli(&[
+            "invoke",
+            &echo,
+            "--input",
+            "data=bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+        ]),
+        "cannot fetch the input \"data\"",
+    );
+    assert_one_line_error(
+        &client.cli(&["invoke", &echo, "--input", "noequals"]),
+        "--input takes NAME=CID",
+    );
+    assert_one_line_error(&client.cli(&["invoke", "not-a-cid"]), "invalid CID");
+    for volunteer in &volunteers {
+        poll_json(volunteer, &["offers", "--json"], |v| {
+            v["reservations"].as_array().unwrap().is_empty()
+        });
+    }
+
+    // A detached job: its id at once; its result read after the client node and the
+    // scheduler have both gone, through a new node.
+    let job = stdout_text(&client.cli(&["invoke", &echo, "--detach", "--arg", "later"]));
+    assert_eq!(job.len(), 16, "{job}");
+    poll_json(&client, &["job", "status", &job, "--json"], |v| {
+        v["state"] == "done"
+    });
+    assert!(client.terminate());
+    assert!(scheduler.terminate());
+    let returning = joining(root, "returning-client", Some(&volunteers[0]), &[]);
+    let status = stdout_text(&returning.cli(&["job", "status", &job]));
+    assert!(status.contains(&format!("job {job}: done")), "{status}");
+    assert_eq!(
+        stdout_text(&returning.cli(&["job", "result", &job])),
+        "later"
+    );
+    assert_one_line_error(&returning.cli(&["job", "result", "zz"]), "not a job id");
+    assert_one_line_error(
+        &returning.cli(&["job", "status", "0000000000000001"]),
+        "no record of job",
+    );
+    assert!(returning.terminate());
+    for volunteer in volunteers {
+        assert!(volunteer.terminate());
+    }
 }
