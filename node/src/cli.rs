@@ -50,6 +50,12 @@ pub enum Command {
     /// Follow a detached job
     #[command(subcommand)]
     Job(JobCommand),
+    /// Run an execution plan: named jobs, their inputs (files, CIDs or other jobs'
+    /// outputs), in parallel where independent; prints each job's result CIDs
+    Run {
+        /// The plan (TOML; see examples/plans/)
+        plan: PathBuf,
+    },
     /// Start a local network on loopback, add an example function and invoke it by CID
     Demo(DemoArgs),
 }

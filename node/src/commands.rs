@@ -4,7 +4,7 @@ use crate::api::client::ApiClient;
 use crate::api::types::DiscoverBody;
 use crate::cli::{Cli, Command, DiscoverArgs, NodeArgs};
 use crate::config::{DEFAULT_API, NodeConfig};
-use crate::{daemon, demo, invoke, output};
+use crate::{daemon, demo, invoke, output, run_plan};
 use anyhow::Context;
 use flotilla_overlay::Cid;
 use futures::{StreamExt, TryStreamExt};
@@ -44,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Discover(args) => discover(&ApiClient::new(api), args, cli.json).await,
         Command::Invoke(args) => invoke::run(&ApiClient::new(api), args, cli.json).await,
         Command::Job(command) => invoke::job(&ApiClient::new(api), command, cli.json).await,
+        Command::Run { plan } => run_plan::run(&ApiClient::new(api), &plan, cli.json).await,
         Command::Demo(args) => demo::run(args, cli.json).await,
     }
 }

@@ -16,6 +16,8 @@ pub mod identity;
 pub mod invoke;
 pub mod market;
 pub mod output;
+pub mod plan;
+pub mod run_plan;
 
 /// `text` on one line, runs of whitespace (newlines included) made single spaces: how
 /// errors from deeper layers are shown.

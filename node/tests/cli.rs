@@ -555,3 +555,79 @@ fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_sched
         assert!(volunteer.terminate());
     }
 }
+
+#[test]
+fn a_plan_runs_its_jobs_in_dependency_order_and_bad_plans_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = joining(
+        dir.path(),
+        "node",
+        None,
+        &["--scheduler", "--offer-memory", "1GiB"],
+    );
+    poll_json(&node, &["offers", "--json"], |v| v["super_traders"] == 1);
+    let plan = examples("examples/plans/count-then-hash.toml");
+    let ran = node.cli(&["run", plan.to_str().unwrap(), "--json"]);
+    let outcomes: serde_json::Value = serde_json::from_str(&stdout_text(&ran)).unwrap();
+    for job in ["count", "hash", "shout"] {
+        assert_eq!(outcomes[job]["state"], "completed", "{outcomes}");
+    }
+    // hash read count's counts.txt by CID: its stdout is that file's digest.
+    let get = |cid: &serde_json::Value| {
+        let output = node.cli(&["get", cid.as_str().unwrap(), "-o", "-"]);
+        assert!(output.status.success());
+        output.stdout
+    };
+    let counts = get(&outcomes["count"]["cids"]["counts.txt"]);
+    assert!(String::from_utf8_lossy(&counts).starts_with("5 71 377"));
+    let digest = get(&outcomes["hash"]["cids"]["stdout"]);
+    let expected = format!(
+        "{:x}  -\n",
+        sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            &counts
+        ))
+    );
+    assert_eq!(String::from_utf8_lossy(&digest), expected);
+    let text = stdout_text(&node.cli(&["run", plan.to_str().unwrap()]));
+    assert!(text.contains("count: exit 0 on"), "{text}");
+    assert!(text.contains("counts.txt"), "{text}");
+
+    // A failing job stops the job that waits for it, and the run fails.
+    let failing = dir.path().join("failing.toml");
+    let exit = examples("examples/wasm/exit.wasm");
+    std::fs::write(
+        &failing,
+        format!(
+            "[jobs.fail]\nmodule = {{ file = {exit:?} }}\nargs = [\"2\"]\n[jobs.next]\nmodule = {{ file = {exit:?} }}\nafter = [\"fail\"]\n"
+        ),
+    )
+    .unwrap();
+    let output = node.cli(&["run", failing.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("fail: failed: exit status 2"), "{stdout}");
+    assert!(stdout.contains("next: skipped"), "{stdout}");
+    assert_one_line_error(&output, "2 of 2 jobs did not complete");
+
+    // Malformed plans: one line each, nothing run.
+    let bad = dir.path().join("bad.toml");
+    for (text, expected) in [
+        ("[jobs.a]\nmodule = 5\n", "invalid plan"),
+        ("[jobs.a\n", "invalid plan"),
+        (
+            "[jobs.a]\nmodule = { cid = \"x\" }\nafter = [\"ghost\"]\n",
+            "refers to job \"ghost\"",
+        ),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        assert_one_line_error(&node.cli(&["run", bad.to_str().unwrap()]), expected);
+    }
+    assert_one_line_error(
+        &node.cli(&["run", "/no/such/plan.toml"]),
+        "cannot read the plan",
+    );
+    poll_json(&node, &["offers", "--json"], |v| {
+        v["reservations"].as_array().unwrap().is_empty()
+    });
+    assert!(node.terminate());
+}
