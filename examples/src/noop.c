@@ -1,0 +1,2 @@
+/* noop: a WASI command that does nothing and exits 0 (for latency benchmarks). */
+int main(void) { return 0; }
