@@ -335,7 +335,10 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         .unwrap();
     wait_until("the job is waiting for an offer", || async {
         market.job(waiting).await.is_ok_and(|r| {
-            r.state == JobState::Waiting && r.error.as_deref().is_some_and(|e| e.contains("nothing fits"))
+            r.state == JobState::Waiting
+                && r.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("nothing fits"))
         })
     })
     .await;

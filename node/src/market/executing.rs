@@ -70,21 +70,24 @@ impl Market {
                 id,
                 async move {
                     let reservation_id = request.reservation_id;
-                    let response = match self.admit(&request) {
-                        Ok(mib) => match self.run_call(&request.call, mib).await {
-                            Ok(execution) => {
-                                self.shared.metrics.executions.inc();
-                                Response::Executed(Box::new(execution))
-                            }
-                            Err(failure) => {
-                                self.shared.metrics.executions_failed.inc();
-                                failure.into()
-                            }
-                        },
-                        Err(failure) => failure.into(),
+                    let outcome = match self.admit(&request) {
+                        Ok(mib) => self.run_call(&request.call, mib).await,
+                        Err(failure) => Err(failure),
                     };
-                    self.release(reservation_id);
-                    response
+                    let offer = self.release_and_tell(reservation_id);
+                    match outcome {
+                        Ok(execution) => {
+                            self.shared.metrics.executions.inc();
+                            Response::Executed {
+                                execution: Box::new(execution),
+                                offer,
+                            }
+                        }
+                        Err(failure) => {
+                            self.shared.metrics.executions_failed.inc();
+                            failure.into()
+                        }
+                    }
                 }
                 .instrument(span),
             )

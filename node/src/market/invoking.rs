@@ -13,7 +13,7 @@ use super::function::{FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{
     DiscoverRequest, ExecuteRequest, InvokeRequest, Request, ReserveTerms, Response,
 };
-use super::{CallError, Market};
+use super::{CallError, Market, lock, now_ms};
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::registry;
 use libp2p::PeerId;
@@ -158,7 +158,14 @@ impl Market {
             let addresses = placement.offer.body.addresses.clone();
             let answer = self.call(volunteer, addresses, execute, allowance).await;
             let error = match answer {
-                Ok(Response::Executed(execution)) => {
+                Ok(Response::Executed { execution, offer }) => {
+                    // The volunteer's memory is back: its offer's new version replaces
+                    // the list's copy.
+                    if let (Some(list), Some(offer)) = (&self.shared.super_traders, offer)
+                        && offer.body.offerer == volunteer
+                    {
+                        lock(list).notify(now_ms(), vec![*offer]);
+                    }
                     metrics
                         .invocation_seconds
                         .observe(started.elapsed().as_secs_f64());

@@ -4,6 +4,7 @@
 use super::metrics::MarketMetrics;
 use super::protocol::{MAX_NOTIFY_OFFERS, Request, Response};
 use super::{MAX_HOLD_MS, Market, lock, now_ms};
+use flotilla_offers::offer::SignedOffer;
 use flotilla_offers::offerer::{Action, Event};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -172,12 +173,24 @@ impl Market {
 
     /// Gives a reservation's memory back.
     pub(super) fn release(&self, reservation_id: u64) -> Response {
-        if let Some(offerer) = &self.shared.offerer {
-            let actions = lock(offerer).release(now_ms(), reservation_id);
-            self.perform_all(actions);
-            self.shared.wake_offerer.notify_one();
-        }
+        self.release_and_tell(reservation_id);
         Response::Released
+    }
+
+    /// Gives a reservation's memory back; returns the offer's new version, if one was
+    /// sent to its holder.
+    pub(super) fn release_and_tell(&self, reservation_id: u64) -> Option<Box<SignedOffer>> {
+        let offerer = self.shared.offerer.as_ref()?;
+        let actions = lock(offerer).release(now_ms(), reservation_id);
+        let newer = actions.as_ref().ok().and_then(|actions| {
+            actions.iter().find_map(|action| match action {
+                Action::Send { offer, .. } => Some(offer.clone()),
+                _ => None,
+            })
+        });
+        self.perform_all(actions);
+        self.shared.wake_offerer.notify_one();
+        newer
     }
 
     /// Every `notify_interval`, tells a random scheduler what this node has free.

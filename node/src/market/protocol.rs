@@ -223,7 +223,14 @@ pub enum Response {
     /// The scheduler runs as many discoveries or invocations as it allows; ask another.
     Busy,
     /// A call ran on a volunteer (successfully or not: see its exit status).
-    Executed(Box<Execution>),
+    Executed {
+        /// How it ran.
+        execution: Box<Execution>,
+        /// The offer's new version once the call's memory is back, signed by the
+        /// volunteer, so the scheduler's list stays current.
+        #[serde(default)]
+        offer: Option<Box<SignedOffer>>,
+    },
     /// A client's call was placed and ran.
     Invoked(Box<Invocation>),
     /// A job was taken.

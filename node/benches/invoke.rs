@@ -1,0 +1,222 @@
+//! Invocation latency and throughput on loopback networks of real nodes, and the
+//! executor's instantiation time, measured in one run:
+//!
+//! * warm invoke of a no-op function on a 5-node network (a client, a scheduler, three
+//!   volunteers): module blocks and compiled code already on the volunteers; p50, p99;
+//! * instantiation of a cached module by the executor: p50, p99;
+//! * cold invoke of a 1 MiB module that no volunteer has yet: total beside the fetch and
+//!   compile it includes;
+//! * invocations per second one volunteer sustains (a 4 GiB volunteer, 32 callers: as many as its memory holds).
+//!
+//! Prints a Markdown table; `scripts/bench invoke` records it in docs/benchmarks.md.
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use bytesize::ByteSize;
+use flotilla_node::config::NodeConfig;
+use flotilla_node::daemon::RunningNode;
+use flotilla_node::demo::start_network_with;
+use flotilla_node::executor::{Executor, ExecutorConfig, Job};
+use flotilla_node::market::function::{FunctionCall, Invocation};
+use rand::RngCore;
+use std::time::{Duration, Instant};
+
+const WARM_CALLS: usize = 300;
+const INSTANTIATIONS: usize = 2000;
+const COLD_CALLS: usize = 5;
+const THROUGHPUT_CALLS: usize = 1000;
+const CALLERS: usize = 32;
+
+fn noop() -> Vec<u8> {
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/wasm/noop.wasm"
+    ))
+    .unwrap()
+}
+
+/// A WASI command of about 1 MiB: a data segment of random bytes, and a `_start` that
+/// returns.
+fn one_mib_module() -> Vec<u8> {
+    let mut data = vec![0u8; 1 << 20];
+    rand::rng().fill_bytes(&mut data);
+    let escaped: String = data.iter().map(|b| format!("\\{b:02x}")).collect();
+    wat::parse_str(format!(
+        r#"(module (memory (export "memory") 17) (data (i32.const 0) "{escaped}") (func (export "_start")))"#
+    ))
+    .unwrap()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+fn call(module: &str) -> FunctionCall {
+    FunctionCall {
+        module: module.to_string(),
+        memory_mib: 128,
+        timeout_ms: Some(10_000),
+        args: Vec::new(),
+        env: Vec::new(),
+        stdin: None,
+        inputs: Vec::new(),
+    }
+}
+
+/// Node 0 is the client, node 1 the scheduler, the rest lend `lent` each.
+async fn network(dir: &std::path::Path, n: usize, lent: ByteSize) -> Vec<RunningNode> {
+    let nodes = start_network_with(dir, n, |i, config| {
+        let config = NodeConfig {
+            notify_interval: Duration::from_millis(200),
+            ..config
+        };
+        match i {
+            0 => config,
+            1 => NodeConfig {
+                scheduler: true,
+                ..config
+            },
+            _ => NodeConfig {
+                offer_memory: Some(lent),
+                ..config
+            },
+        }
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes[1].market().offers().super_traders < n - 2 {
+        assert!(
+            Instant::now() < deadline,
+            "offers did not reach the scheduler"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nodes
+}
+
+async fn invoke(node: &RunningNode, c: FunctionCall) -> (Invocation, f64) {
+    let started = Instant::now();
+    let invocation = node.market().invoke(c, None, None).await.unwrap();
+    assert_eq!(invocation.execution.exit_code, 0);
+    (invocation, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    println!("| measurement | result |");
+    println!("|---|---|");
+
+    // Warm invoke on five nodes.
+    let nodes = network(&dir.path().join("warm"), 5, ByteSize::gib(1)).await;
+    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    for _ in 0..20 {
+        invoke(&nodes[0], call(&module)).await;
+    }
+    let mut totals = Vec::new();
+    let mut discovery = Vec::new();
+    let mut volunteer = Vec::new();
+    for _ in 0..WARM_CALLS {
+        let (invocation, ms) = invoke(&nodes[0], call(&module)).await;
+        totals.push(ms);
+        discovery.push(invocation.discover_us as f64 / 1000.0);
+        let t = invocation.execution.timings;
+        volunteer.push(
+            (t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us) as f64 / 1000.0,
+        );
+    }
+    let (totals, discovery, volunteer) = (sorted(totals), sorted(discovery), sorted(volunteer));
+    println!(
+        "| warm invoke of a no-op, 5 nodes ({WARM_CALLS} calls) | p50 {:.2} ms, p99 {:.2} ms |",
+        percentile(&totals, 0.5),
+        percentile(&totals, 0.99)
+    );
+    println!(
+        "| … of which discovery + reservation | p50 {:.2} ms, p99 {:.2} ms |",
+        percentile(&discovery, 0.5),
+        percentile(&discovery, 0.99)
+    );
+    println!(
+        "| … of which the volunteer (fetch check, load, instantiate, run, store) | p50 {:.2} ms, p99 {:.2} ms |",
+        percentile(&volunteer, 0.5),
+        percentile(&volunteer, 0.99)
+    );
+
+    // Cold invoke of a 1 MiB module.
+    let mut cold = Vec::new();
+    for _ in 0..COLD_CALLS {
+        let big = one_mib_module();
+        let size = big.len();
+        let cid = nodes[0].overlay().add(&big[..]).await.unwrap().cid;
+        let (invocation, ms) = invoke(&nodes[0], call(&cid)).await;
+        let t = invocation.execution.timings;
+        assert!(t.compiled);
+        cold.push((
+            ms,
+            t.fetch_us as f64 / 1000.0,
+            t.load_us as f64 / 1000.0,
+            size,
+        ));
+    }
+    cold.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (total, fetch, compile, size) = cold[cold.len() / 2];
+    println!(
+        "| cold invoke of a {:.2} MiB module (median of {COLD_CALLS}) | total {total:.1} ms = fetch {fetch:.1} ms + compile {compile:.1} ms + {:.1} ms rest |",
+        size as f64 / f64::from(1 << 20),
+        total - fetch - compile
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+
+    // Instantiation of a cached module.
+    let executor = Executor::new(ExecutorConfig::new(&dir.path().join("executor"))).unwrap();
+    let wasm = noop();
+    let job = Job {
+        memory_bytes: 128 << 20,
+        ..Job::default()
+    };
+    executor.run(&wasm, job.clone()).unwrap();
+    let mut instantiate = Vec::new();
+    for _ in 0..INSTANTIATIONS {
+        let outcome = executor.run(&wasm, job.clone()).unwrap();
+        assert!(!outcome.timings.compiled);
+        instantiate.push(outcome.timings.instantiate_us as f64);
+    }
+    let instantiate = sorted(instantiate);
+    println!(
+        "| instantiation of a cached module ({INSTANTIATIONS} runs) | p50 {:.0} µs, p99 {:.0} µs |",
+        percentile(&instantiate, 0.5),
+        percentile(&instantiate, 0.99)
+    );
+
+    // Throughput of one volunteer.
+    let nodes = network(&dir.path().join("throughput"), 3, ByteSize::gib(4)).await;
+    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    invoke(&nodes[0], call(&module)).await;
+    let started = Instant::now();
+    let calls = (0..THROUGHPUT_CALLS).map(|_| {
+        let market = nodes[0].market().clone();
+        let c = call(&module);
+        async move { market.invoke(c, None, None).await }
+    });
+    let results: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+        futures::stream::iter(calls),
+        CALLERS,
+    ))
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!(
+        "| invocations per second, one 4 GiB volunteer, {CALLERS} callers | {:.0} /s ({ok} of {THROUGHPUT_CALLS} succeeded) |",
+        ok as f64 / seconds
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}
