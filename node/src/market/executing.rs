@@ -63,13 +63,14 @@ impl Market {
     /// Runs a call for a scheduler, once per invocation id.
     pub(super) async fn serve_execution(&self, request: ExecuteRequest) -> Response {
         let id = request.invocation_id;
+        let reservation_id = request.reservation_id;
         let span = tracing::info_span!("execute", invocation = id, module = %request.call.module);
-        self.shared
+        let response = self
+            .shared
             .executions
             .run(
                 id,
                 async move {
-                    let reservation_id = request.reservation_id;
                     let outcome = match self.admit(&request) {
                         Ok(mib) => self.run_call(&request.call, mib).await,
                         Err(failure) => Err(failure),
@@ -91,7 +92,11 @@ impl Market {
                 }
                 .instrument(span),
             )
-            .await
+            .await;
+        // A repeated call answered from memory does not need the reservation it came
+        // with (after a first run, its own is already released: this changes nothing).
+        self.release_and_tell(reservation_id);
+        response
     }
 
     /// Checks that the call runs on a reservation granted here, big enough for it, and

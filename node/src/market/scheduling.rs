@@ -279,12 +279,20 @@ impl Market {
                 }
             }
             if placement.is_none() {
-                report.failure = Some(format!(
-                    "found {} offer(s) with {} MiB free, but every reservation was refused ({})",
-                    found.len(),
-                    report.request_mib,
-                    refusals.join("; ")
-                ));
+                report.failure = Some(if refusals.is_empty() {
+                    format!(
+                        "found {} offer(s) with {} MiB free, all on volunteers that already failed this call",
+                        found.len(),
+                        report.request_mib
+                    )
+                } else {
+                    format!(
+                        "found {} offer(s) with {} MiB free, but every reservation was refused ({})",
+                        found.len(),
+                        report.request_mib,
+                        refusals.join("; ")
+                    )
+                });
             }
         }
         report.messages += lookup_requests + reserve_messages;
