@@ -221,7 +221,6 @@ async fn discover(
             let status = match e {
                 DiscoverError::Request(_) => StatusCode::BAD_REQUEST,
                 DiscoverError::NoScheduler => StatusCode::SERVICE_UNAVAILABLE,
-                DiscoverError::Refused { .. } => StatusCode::BAD_GATEWAY,
                 DiscoverError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
             };
             Err(ApiError(status, e.to_string()))

@@ -5,12 +5,12 @@
 use super::protocol::{
     DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, Response,
 };
-use super::{CallError, Market, lock, now_ms};
+use super::{InvokeError, Market, lock, now_ms};
 use flotilla_offers::offer::SignedOffer;
 use flotilla_overlay::regions::{RegionError, Tier};
 use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
 use flotilla_scheduler::placement;
-use flotilla_scheduler::registry::{self, registry_key};
+use flotilla_scheduler::registry::registry_key;
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
 use rand::SeedableRng;
@@ -30,8 +30,6 @@ const MAX_SCHEDULERS: usize = 64;
 pub const MAX_TRIES_LIMIT: u32 = 16;
 /// Time a client allows a scheduler for one discovery.
 const DISCOVER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Schedulers a client tries before giving up.
-const SCHEDULER_ATTEMPTS: usize = 3;
 const MIB: u64 = 1024 * 1024;
 
 /// Why a discovery could not be run.
@@ -45,16 +43,8 @@ pub enum DiscoverError {
         "no scheduler found in the registry (start a node with --scheduler, or wait until one has joined)"
     )]
     NoScheduler,
-    /// A scheduler refused the request.
-    #[error("scheduler {scheduler} refused: {reason}")]
-    Refused {
-        /// The scheduler.
-        scheduler: PeerId,
-        /// Why.
-        reason: String,
-    },
-    /// Every scheduler tried failed to answer.
-    #[error("no scheduler answered ({0})")]
+    /// No scheduler tried gave an answer (each failed, was busy, or refused).
+    #[error("{0}")]
     Unanswered(String),
 }
 
@@ -322,37 +312,17 @@ impl Market {
     }
 
     /// Runs one discovery through a scheduler picked at random from the registry, trying
-    /// another if it does not answer.
+    /// another if it does not answer, is busy or refuses.
     pub async fn discover(&self, request: DiscoverRequest) -> Result<Discovered, DiscoverError> {
         Tier::for_request(u64::from(request.memory_mib) * MIB)?;
-        let mut rng = StdRng::from_os_rng();
-        let mut failures = Vec::new();
-        let mut failed: Option<PeerId> = None;
-        for _ in 0..SCHEDULER_ATTEMPTS {
-            let schedulers = self.schedulers().await;
-            let Some(scheduler) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
-                return Err(DiscoverError::NoScheduler);
-            };
-            let ask = Request::Discover(request.clone());
-            match self
-                .call(scheduler, Vec::new(), ask, DISCOVER_TIMEOUT)
-                .await
-            {
-                Ok(Response::Discovered(discovered)) => return Ok(*discovered),
-                Ok(Response::Refused { reason }) => {
-                    return Err(DiscoverError::Refused { scheduler, reason });
-                }
-                Ok(Response::Busy) => failures.push(format!("{scheduler} is busy")),
-                Ok(other) => failures.push(format!("{scheduler}: unexpected answer {other:?}")),
-                Err(e) => {
-                    if matches!(e, CallError::Rpc(_) | CallError::Timeout(_)) {
-                        self.forget_scheduler(&scheduler);
-                    }
-                    failures.push(e.to_string());
-                }
-            }
-            failed = Some(scheduler);
+        let ask = || Request::Discover(request.clone());
+        match self.ask_a_scheduler(ask, DISCOVER_TIMEOUT).await {
+            Ok(Response::Discovered(discovered)) => Ok(*discovered),
+            Ok(other) => Err(DiscoverError::Unanswered(format!(
+                "unexpected answer {other:?}"
+            ))),
+            Err(InvokeError::NoScheduler) => Err(DiscoverError::NoScheduler),
+            Err(e) => Err(DiscoverError::Unanswered(e.to_string())),
         }
-        Err(DiscoverError::Unanswered(failures.join("; ")))
     }
 }
