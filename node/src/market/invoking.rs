@@ -78,6 +78,20 @@ impl Market {
             .ok()
     }
 
+    /// The answer to a call this node cannot take as scheduler: it is none, or the call
+    /// is out of bounds.
+    pub(super) fn refuse_call(&self, call: &FunctionCall) -> Option<Response> {
+        if !self.is_scheduler() {
+            return Some(Response::Refused {
+                reason: "this node is not a scheduler".into(),
+            });
+        }
+        call.validate().err().map(|e| Response::Failed {
+            reason: e.to_string(),
+            retryable: false,
+        })
+    }
+
     /// Places and runs a client's call (once per invocation id) in the place `_slot`
     /// holds.
     pub(super) async fn serve_invocation(
@@ -85,16 +99,8 @@ impl Market {
         request: InvokeRequest,
         _slot: OwnedSemaphorePermit,
     ) -> Response {
-        if !self.is_scheduler() {
-            return Response::Refused {
-                reason: "this node is not a scheduler".into(),
-            };
-        }
-        if let Err(e) = request.call.validate() {
-            return Response::Failed {
-                reason: e.to_string(),
-                retryable: false,
-            };
+        if let Some(refusal) = self.refuse_call(&request.call) {
+            return refusal;
         }
         let id = request.invocation_id;
         self.shared

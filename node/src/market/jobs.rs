@@ -217,16 +217,8 @@ pub enum JobError {
 impl Market {
     /// Takes a job for later placement, if there is room for it.
     pub(super) fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
-        if !self.is_scheduler() {
-            return Response::Refused {
-                reason: "this node is not a scheduler".into(),
-            };
-        }
-        if let Err(e) = request.call.validate() {
-            return Response::Failed {
-                reason: e.to_string(),
-                retryable: false,
-            };
+        if let Some(refusal) = self.refuse_call(&request.call) {
+            return refusal;
         }
         let Ok(slot) = self.shared.jobs_held.clone().try_acquire_owned() else {
             return Response::Failed {
