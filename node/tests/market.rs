@@ -275,10 +275,24 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     .await;
 
     // An offerer crashes: its offers stay with their holders until they expire.
-    let crashed = (0..nodes.len())
-        .filter(|&i| i != offerer_index && nodes[i].market().is_offering())
-        .find(|&i| holders_of(&nodes, &nodes[i]).iter().any(|&h| h != i))
-        .expect("some offerer's offer is held by another peer");
+    // Offers may be between holders for a moment (the one that left had others'
+    // offers too), so wait until some offerer's offer sits with another peer.
+    let held_elsewhere = |nodes: &[RunningNode]| {
+        (0..nodes.len())
+            .filter(|&i| i != offerer_index && nodes[i].market().is_offering())
+            .find(|&i| holders_of(nodes, &nodes[i]).iter().any(|&h| h != i))
+    };
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    let crashed = loop {
+        if let Some(found) = held_elsewhere(&nodes) {
+            break found;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "some offerer's offer is held by another peer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let crashed_id = nodes[crashed].peer_id().to_string();
     let expiries: Vec<u64> = nodes[crashed]
         .market()
