@@ -1,7 +1,7 @@
 //! The committed example functions (`examples/wasm/*.wasm`, built from `examples/src` by
 //! `scripts/build-examples`) run through the executor, with their real outputs checked:
 //! echo, sha256 (against the sha2 crate), wordcount and its counts.txt, blur and its
-//! blurred.pgm, fft and matmul in bench mode, exit statuses and noop.
+//! blurred.pgm, fft and matmul in bench mode, exit statuses, noop and sleep.
 #![allow(clippy::unwrap_used)]
 
 use flotilla_node::executor::{Executor, ExecutorConfig, Job, Outcome};
@@ -328,4 +328,19 @@ fn exit_returns_its_status_and_noop_exits_zero() {
     assert_eq!(outcome.exit_code, 0);
     assert!(outcome.stdout.is_empty() && outcome.stderr.is_empty());
     assert!(outcome.outputs.is_empty());
+}
+
+#[test]
+fn sleep_waits_at_least_its_milliseconds_and_refuses_bad_ones() {
+    let (_dir, exec) = executor();
+    let started = std::time::Instant::now();
+    let outcome = run(&exec, "sleep", job(&["50"]));
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(text(&outcome.stdout), "slept 50 ms\n");
+    for bad in ["-1", "x", "600001"] {
+        let outcome = run(&exec, "sleep", job(&[bad]));
+        assert_eq!(outcome.exit_code, 2, "{bad}");
+        assert!(text(&outcome.stderr).starts_with("sleep: MS must be"));
+    }
 }
