@@ -96,6 +96,14 @@ pub struct NodeArgs {
     /// Region probes before the super-trader fallback [default: 3]
     #[arg(long)]
     pub max_tries: Option<u32>,
+    /// Where offers are published and probes look: regions, or whole (the random-probing
+    /// baseline, for research; every peer of a network must use the same) [default: regions]
+    #[arg(long, value_name = "regions|whole")]
+    pub key_space: Option<flotilla_overlay::regions::KeySpace>,
+    /// As scheduler, do not ask the super-trader list when probing finds nothing (the
+    /// discovery fails instead)
+    #[arg(long)]
+    pub no_fallback: bool,
     /// Which fitting offer to reserve: best-fit, worst-fit or random [default: best-fit]
     #[arg(long)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,

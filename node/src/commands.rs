@@ -94,6 +94,12 @@ pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<No
     if let Some(n) = args.max_tries {
         config.max_tries = n;
     }
+    if let Some(key_space) = args.key_space {
+        config.key_space = key_space;
+    }
+    if args.no_fallback {
+        config.fallback = false;
+    }
     if let Some(policy) = args.placement {
         config.placement = policy;
     }
@@ -219,4 +225,43 @@ async fn get(
         output::line(&format!("{} -> {}", cid, out.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use flotilla_overlay::regions::KeySpace;
+
+    fn node_args(flags: &[&str]) -> NodeArgs {
+        let argv = ["flotilla", "node"].iter().chain(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Node(args) => args,
+            other => panic!("not a node command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn baseline_flags_reach_the_config() {
+        let config = node_config(node_args(&[]), None).unwrap();
+        assert_eq!(
+            (config.key_space, config.fallback),
+            (KeySpace::Regions, true)
+        );
+        let flags = ["--key-space", "whole", "--no-fallback"];
+        let config = node_config(node_args(&flags), None).unwrap();
+        assert_eq!(
+            (config.key_space, config.fallback),
+            (KeySpace::Whole, false)
+        );
+        let market = config.market();
+        assert_eq!(
+            (market.key_space, market.fallback),
+            (KeySpace::Whole, false)
+        );
+        let argv = ["flotilla", "node", "--key-space", "everywhere"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        let never = node_args(&["--no-fallback", "--max-tries", "0"]);
+        assert!(node_config(never, None).is_err());
+    }
 }

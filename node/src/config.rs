@@ -20,6 +20,8 @@
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
 //! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback       |
+//! | `key_space`      | `--key-space`      | `regions` (or `whole`: the random-probing baseline)       |
+//! | `fallback`       | `--no-fallback` (off)| `true`: ask the super-trader list when probing fails    |
 //! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
 //! | `fetch_timeout`  |                    | `30s`: how long a volunteer waits for a module or input   |
 //! | `default_deadline`|                   | `30s`: a function's deadline when the call names none     |
@@ -27,8 +29,14 @@
 //! | `max_module_size`|                    | `16MiB`: the largest module a volunteer runs              |
 //!
 //! Durations are written as `60s`, `1m 30s`, `500ms`.
+//!
+//! `key_space = "whole"` with `fallback = false` is the research baseline Flotilla is
+//! compared to: offers published under, and probes drawn from, random keys anywhere in
+//! the key space, and no super-trader list. Every peer of one network must use the same
+//! `key_space` (holders of the other kind refuse or never find the offers).
 
 use flotilla_offers::offerer::Slicing;
+use flotilla_overlay::regions::KeySpace;
 use flotilla_scheduler::placement::Policy;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
@@ -107,6 +115,11 @@ pub struct NodeConfig {
     pub scheduler: bool,
     /// Region probes before the super-trader fallback.
     pub max_tries: u32,
+    /// Where offers are published and probes look: `regions` (each tier's own region)
+    /// or `whole` (anywhere: the baseline). The same on every peer of a network.
+    pub key_space: KeySpace,
+    /// Whether a scheduler asks its super-trader list when probing found nothing.
+    pub fallback: bool,
     /// Which fitting offer a scheduler reserves.
     pub placement: Policy,
     /// How long a volunteer waits for a call's module or one of its inputs.
@@ -145,6 +158,8 @@ impl Default for NodeConfig {
             answer_timeout: Duration::from_secs(5),
             scheduler: false,
             max_tries: 3,
+            key_space: KeySpace::Regions,
+            fallback: true,
             placement: Policy::BestFit,
             fetch_timeout: Duration::from_secs(30),
             default_deadline: Duration::from_secs(30),
@@ -297,6 +312,13 @@ impl NodeConfig {
                 reason: format!("at most {}", crate::market::MAX_TRIES_LIMIT),
             });
         }
+        if self.max_tries == 0 && !self.fallback {
+            return Err(ConfigError::Invalid {
+                key: "max_tries",
+                reason: "must be at least 1 when fallback is off (nothing would ever be found)"
+                    .into(),
+            });
+        }
         Ok(())
     }
 
@@ -311,6 +333,8 @@ impl NodeConfig {
             notify_interval: self.notify_interval,
             scheduler: self.scheduler,
             max_tries: self.max_tries,
+            key_space: self.key_space,
+            fallback: self.fallback,
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
             ..crate::market::MarketConfig::default()
@@ -364,6 +388,14 @@ mod tests {
         assert_eq!(market.offer_ttl, Duration::from_secs(90));
         assert_eq!(market.slicing, Slicing::Halving);
         assert_eq!(market.placement, Policy::WorstFit);
+        assert_eq!(market.key_space, KeySpace::Regions);
+        assert!(market.fallback);
+        std::fs::write(&path, "key_space = \"whole\"\nfallback = false\n").unwrap();
+        let config = NodeConfig::from_file(&path).unwrap();
+        config.validate().unwrap();
+        let market = config.market();
+        assert_eq!(market.key_space, KeySpace::Whole);
+        assert!(!market.fallback);
     }
 
     #[test]
@@ -412,6 +444,23 @@ mod tests {
             upside_down.validate(),
             Err(ConfigError::Invalid {
                 key: "offer_refresh_margin",
+                ..
+            })
+        ));
+        std::fs::write(&path, "key_space = \"everywhere\"\n").unwrap();
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+        let never = NodeConfig {
+            max_tries: 0,
+            fallback: false,
+            ..NodeConfig::default()
+        };
+        assert!(matches!(
+            never.validate(),
+            Err(ConfigError::Invalid {
+                key: "max_tries",
                 ..
             })
         ));

@@ -236,9 +236,10 @@ pub fn timing_lines(reply: &InvokeReply) -> Vec<String> {
     let volunteer_us = t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us;
     vec![
         format!(
-            "discover + reserve {:>9.3} ms  ({} messages{})",
+            "discover + reserve {:>9.3} ms  ({} messages, {} probes{})",
             ms(inv.discover_us),
             inv.messages,
+            inv.probes,
             if inv.failed_attempts.is_empty() {
                 String::new()
             } else {

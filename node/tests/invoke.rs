@@ -126,6 +126,13 @@ async fn a_hundred_invocations_succeed_and_a_pipeline_passes_a_cid_along() {
         let invocation = result.unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(invocation.execution.exit_code, 0);
         assert_eq!(stdout(&invocation), format!("call {i}\n"));
+        // Each attempt probes at least once (3 at most before the fallback).
+        let attempts = invocation.failed_attempts.len() as u32 + 1;
+        assert!(
+            (attempts..=3 * attempts).contains(&invocation.probes),
+            "{invocation:?}"
+        );
+        assert!(invocation.messages > invocation.probes);
         volunteers_used.insert(invocation.execution.volunteer.clone());
     }
     assert!(volunteers_used.len() > 1, "{volunteers_used:?}");

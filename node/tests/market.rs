@@ -11,6 +11,8 @@ use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
 use flotilla_node::market::protocol::{self, Request, Response};
 use flotilla_node::market::{DiscoverError, DiscoverRequest, Discovered, ReserveTerms};
+use flotilla_offers::offerer::Slicing;
+use flotilla_overlay::regions::KeySpace;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -202,6 +204,118 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
     }
     assert_eq!(probed, 30.0);
     assert!(fell_back >= 1.0, "the unsatisfiable request fell back");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// The research baseline on real nodes: offers published under, and probes drawn from,
+/// random keys anywhere in the key space, and no super-trader fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_key_space_baseline_without_fallback_discovers_and_reserves() {
+    // Node 0 schedules; nodes 1–7 each lend 1 GiB cut in halves: 512, 256, 128, 128 MiB.
+    let (_dir, nodes) = market_network(8, |i, config| {
+        let config = NodeConfig {
+            key_space: KeySpace::Whole,
+            fallback: false,
+            ..config
+        };
+        if i == 0 {
+            NodeConfig {
+                scheduler: true,
+                ..config
+            }
+        } else {
+            NodeConfig {
+                slicing: Slicing::Halving,
+                ..offering(config, 1024)
+            }
+        }
+    })
+    .await;
+    let offerers = &nodes[1..];
+    wait_until("every offer is published", || async {
+        offerers.iter().all(all_published)
+    })
+    .await;
+    let total_offers: usize = offerers
+        .iter()
+        .map(|n| n.market().offers().sent.len())
+        .sum();
+    assert_eq!(total_offers, 7 * 4);
+    let held: usize = nodes.iter().map(|n| n.market().offers().held.len()).sum();
+    assert_eq!(held, total_offers, "each offer has exactly one holder");
+    for node in &nodes {
+        let wrong_region = metric(
+            node,
+            "flotilla_offers_rejected_total{reason=\"wrong_region\"}",
+        )
+        .await;
+        assert_eq!(wrong_region, 0.0, "no holder checks regions");
+    }
+
+    // 200 MiB (the 256 MiB tier): probing anywhere finds a fitting offer of any tier ≥ it,
+    // and the scheduler reserves it.
+    for (i, client) in offerers.iter().take(4).enumerate() {
+        let found = client
+            .market()
+            .discover(DiscoverRequest {
+                memory_mib: 200,
+                max_tries: Some(16),
+                reserve: Some(ReserveTerms {
+                    reservation_id: 500 + i as u64,
+                    hold_ms: 60_000,
+                    policy: None,
+                }),
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.report.failure, None, "{found:?}");
+        assert!(!found.report.used_fallback);
+        assert!((1..=16).contains(&found.report.probes.len()));
+        assert!(found.offers.iter().all(|o| o.free_mib >= 200));
+        let placement = found.placement.expect("a reservation");
+        assert_eq!(placement.reservation.mib, 200);
+        let offerer = nodes
+            .iter()
+            .find(|n| n.peer_id() == placement.offer.body.offerer)
+            .unwrap();
+        assert!(
+            offerer
+                .market()
+                .offers()
+                .reservations
+                .contains(&placement.reservation)
+        );
+    }
+
+    // More than any offer has free: probing runs out, and without the fallback the
+    // discovery fails with that reason.
+    let none = offerers[0]
+        .market()
+        .discover(DiscoverRequest {
+            memory_mib: 2000,
+            max_tries: Some(2),
+            reserve: None,
+        })
+        .await
+        .unwrap();
+    assert!(!none.report.used_fallback);
+    assert_eq!(none.report.probes.len(), 2);
+    let reason = none.report.failure.unwrap();
+    assert!(
+        reason.contains("no offer with 2000 MiB free after 2 probe(s)")
+            && reason.contains("fallback off"),
+        "{reason}"
+    );
+    assert_eq!(
+        metric(&nodes[0], "flotilla_discovery_fallback_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&nodes[0], "flotilla_discovery_failed_total").await,
+        1.0
+    );
     for node in nodes {
         node.stop().await;
     }

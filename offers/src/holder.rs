@@ -2,13 +2,15 @@
 //! is valid, and answers schedulers' questions about what it holds.
 //!
 //! An offer is accepted only if its signature verifies, the key it was sent under lies in
-//! its tier's region, it has not expired (nor expires implausibly far ahead), and its
+//! its tier's region (any key, with [`KeySpace::Whole`], the research baseline), it has
+//! not expired (nor expires implausibly far ahead), and its
 //! sequence number is newer than any version already seen. Every refusal is counted by
 //! reason. Entries are bounded per offerer and in total; a withdrawn offer leaves a
 //! tombstone (counted against its offerer) until its last expiry, so an older version
 //! cannot be replayed to bring it back.
 
 use crate::offer::{OfferError, SignedOffer};
+use flotilla_overlay::regions::{KeySpace, Tier};
 use libp2p::PeerId;
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,6 +23,10 @@ pub struct HolderConfig {
     pub max_total: usize,
     /// Furthest ahead an offer may expire, in ms (default 10 minutes).
     pub max_lifetime_ms: u64,
+    /// Which keys offers may be held under (default [`KeySpace::Regions`]: only keys in
+    /// their tier's region), and so which offers answer a probe ([`Holder::answer`]).
+    /// Offerers and schedulers must use the same.
+    pub key_space: KeySpace,
 }
 
 impl Default for HolderConfig {
@@ -29,6 +35,7 @@ impl Default for HolderConfig {
             max_per_offerer: 16,
             max_total: 10_000,
             max_lifetime_ms: 10 * 60 * 1000,
+            key_space: KeySpace::Regions,
         }
     }
 }
@@ -40,7 +47,8 @@ pub enum Rejection {
     BadSignature,
     /// The offer's fields contradict each other.
     Invalid,
-    /// The key it was sent under is outside its tier's region.
+    /// The key it was sent under is outside its tier's region (only with
+    /// [`KeySpace::Regions`]).
     WrongRegion,
     /// It has expired.
     Expired,
@@ -140,7 +148,7 @@ impl Holder {
         if body.expires_at_ms > now_ms.saturating_add(self.config.max_lifetime_ms) {
             return Err(Rejection::TooLong);
         }
-        if !body.tier.region().contains_key(key) {
+        if !self.config.key_space.admits(body.tier, key) {
             return Err(Rejection::WrongRegion);
         }
         let id = (body.offerer, body.offer_id);
@@ -213,6 +221,18 @@ impl Holder {
             .collect()
     }
 
+    /// The offers that answer a scheduler probing for `min_free_mib` MiB in `tier`'s
+    /// region: live ones with that much free, of that tier only with
+    /// [`KeySpace::Regions`] (offers of other tiers here came from keys of other regions),
+    /// of any tier with [`KeySpace::Whole`], where every holder keeps every tier.
+    pub fn answer(&self, now_ms: u64, tier: Tier, min_free_mib: u32) -> Vec<&SignedOffer> {
+        let any_tier = self.config.key_space == KeySpace::Whole;
+        self.matching(now_ms, min_free_mib)
+            .into_iter()
+            .filter(|o| any_tier || o.body.tier == tier)
+            .collect()
+    }
+
     /// Every live offer, not expired at `now_ms`.
     pub fn live(&self, now_ms: u64) -> impl Iterator<Item = &SignedOffer> {
         self.entries
@@ -241,7 +261,6 @@ impl Holder {
 mod tests {
     use super::*;
     use crate::offer::tests::body;
-    use flotilla_overlay::regions::Tier;
     use libp2p::identity::Keypair;
     use rand::SeedableRng;
 
@@ -322,6 +341,39 @@ mod tests {
             assert_eq!(holder.rejected(reason), 1, "{}", reason.as_str());
         }
         assert_eq!(holder.rejected(Rejection::Replayed), 2);
+    }
+
+    #[test]
+    fn the_whole_key_space_holds_offers_under_any_key_and_answers_any_tier() {
+        let keypair = Keypair::generate_ed25519();
+        let config = HolderConfig {
+            key_space: KeySpace::Whole,
+            ..HolderConfig::default()
+        };
+        let mut holder = Holder::new(config);
+        let mut region_holder = Holder::new(HolderConfig::default());
+        // A 512 MiB offer under a key of the 128 MiB region: refused by a region holder,
+        // held by a whole-space one.
+        let outside = key_in(Tier::SMALLEST, 6);
+        assert!(!tier512().region().contains_key(&outside));
+        let offer = SignedOffer::sign(body(&keypair, 1, 1, 10_000), &keypair).unwrap();
+        assert_eq!(
+            region_holder.receive(0, &outside, offer.clone()),
+            Err(Rejection::WrongRegion)
+        );
+        assert_eq!(holder.receive(0, &outside, offer), Ok(Accepted::Stored));
+        assert_eq!(holder.rejected(Rejection::WrongRegion), 0);
+        // A probe for 200 MiB (the 256 MiB tier) finds it: it fits, whatever its tier.
+        let tier256 = Tier::from_mib(256).unwrap();
+        assert_eq!(holder.answer(0, tier256, 200).len(), 1);
+        assert_eq!(holder.answer(0, tier256, 601).len(), 0);
+
+        // A region holder answers only the tier asked about.
+        let inside = key_in(tier512(), 7);
+        let offer = SignedOffer::sign(body(&keypair, 2, 1, 10_000), &keypair).unwrap();
+        region_holder.receive(0, &inside, offer).unwrap();
+        assert_eq!(region_holder.answer(0, tier256, 200).len(), 0);
+        assert_eq!(region_holder.answer(0, tier512(), 200).len(), 1);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! withdrawal.
 //!
 //! The volunteer's memory is sliced into offers ("virtual nodes"), largest tiers first.
-//! For each offer the machine picks a random key in its tier's region and asks the caller
-//! to find the closest peer ([`Action::FindHolder`]); it then signs the offer and asks the
+//! For each offer the machine picks a random key in its tier's region (anywhere, with
+//! [`KeySpace::Whole`], the research baseline) and asks the caller to find the closest peer ([`Action::FindHolder`]); it then signs the offer and asks the
 //! caller to send it there ([`Action::Send`]). A delivered offer is refreshed — a new
 //! version with a later expiry, to the same holder — before it expires. A holder that does
 //! not confirm in time, or a failed delivery, sends the offer to a fresh random key, so a
@@ -13,7 +13,7 @@
 //! Time is passed in as Unix milliseconds; randomness as an `RngCore`.
 
 use crate::offer::{OfferBody, OfferError, SignedOffer};
-use flotilla_overlay::regions::Tier;
+use flotilla_overlay::regions::{KeySpace, Tier};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
@@ -34,6 +34,10 @@ pub struct OffererConfig {
     pub answer_timeout_ms: u64,
     /// How the memory is cut into offers (default [`Slicing::Largest`]).
     pub slicing: Slicing,
+    /// Where offers are published: a random key in their tier's region (default
+    /// [`KeySpace::Regions`]) or anywhere ([`KeySpace::Whole`], the baseline). Holders
+    /// must use the same.
+    pub key_space: KeySpace,
 }
 
 /// How a volunteer's memory is cut into offers ("virtual nodes").
@@ -72,6 +76,7 @@ impl OffererConfig {
             refresh_margin_ms: 20_000,
             answer_timeout_ms: 5_000,
             slicing: Slicing::Largest,
+            key_space: KeySpace::Regions,
         }
     }
 }
@@ -84,7 +89,7 @@ pub enum Action {
     FindHolder {
         /// The offer concerned.
         offer_id: u64,
-        /// The key, inside the offer's tier region.
+        /// The key: inside the offer's tier region, or anywhere with [`KeySpace::Whole`].
         key: Vec<u8>,
     },
     /// Send `offer` to `holder` under `key` and report [`Event::Delivered`] or
@@ -327,7 +332,7 @@ impl Offerer {
                 State::Published { .. } | State::Withdrawn => false,
             };
             if restart {
-                let (key, _) = slot.tier.region().random_key(rng);
+                let (key, _) = self.config.key_space.random_key(slot.tier, rng);
                 let slot = &mut self.slots[i];
                 slot.state = State::Finding {
                     key: key.clone(),
@@ -744,6 +749,52 @@ mod tests {
             holder.receive(wakeup, &refresh_key, refreshed),
             Ok(Accepted::Refreshed)
         );
+    }
+
+    #[test]
+    fn the_whole_key_space_publishes_offers_under_keys_outside_their_region() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let config = OffererConfig {
+            key_space: KeySpace::Whole,
+            ..OffererConfig::new(512, Vec::new())
+        };
+        let mut offerer = Offerer::new(Keypair::generate_ed25519(), config, 100);
+        let tier = Tier::from_mib(512).unwrap();
+        let whole_holder = HolderConfig {
+            key_space: KeySpace::Whole,
+            ..HolderConfig::default()
+        };
+        let mut holder = Holder::new(whole_holder);
+        let mut region_holder = Holder::new(HolderConfig::default());
+        let mut outside = 0;
+        for round in 0..40u64 {
+            let now = round * 6_000;
+            // Each round the holder stays silent, so the offer goes to a fresh key.
+            let (offer_id, key) = find_key(&offerer.poll(now, &mut rng).unwrap());
+            let holder_id = PeerId::random();
+            let (_, sent_key, offer) = sent(
+                &offerer
+                    .on_event(
+                        now,
+                        Event::HolderFound {
+                            offer_id,
+                            holder: holder_id,
+                        },
+                    )
+                    .unwrap(),
+            );
+            assert_eq!(sent_key, key);
+            if !tier.region().contains_key(&key) {
+                outside += 1;
+                assert_eq!(
+                    region_holder.receive(now, &key, offer.clone()),
+                    Err(Rejection::WrongRegion)
+                );
+            }
+            assert!(holder.receive(now, &key, offer).is_ok());
+        }
+        // The 512 MiB region is 10/64 of the space.
+        assert!(outside >= 20, "{outside} of 40 keys outside the region");
     }
 
     #[test]

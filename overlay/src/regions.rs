@@ -20,10 +20,15 @@
 //!
 //! A random key in a region is found by drawing random preimages until the hash lands in
 //! it: at most 64/3 ≈ 21 draws are expected, for the smallest region.
+//!
+//! [`KeySpace`] says whether offers and probes use these regions at all: `Regions` (what
+//! Flotilla does) or `Whole`, the research baseline of plain random keys anywhere in the
+//! space (what Caravela compared to). Every peer of one network must use the same.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::str::FromStr;
 
 /// Number of leading bits of a hashed key that select its slot.
 pub const SLOT_BITS: u32 = 6;
@@ -268,6 +273,75 @@ impl Region {
     }
 }
 
+/// Which keys offers are published under and requests probe.
+///
+/// Every peer of one network must use the same: a `Regions` holder refuses offers sent
+/// under keys outside their tier's region, and a `Whole` scheduler's probes land on
+/// holders of any tier.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySpace {
+    /// Each tier's offers live in, and are probed in, that tier's region (Flotilla).
+    #[default]
+    Regions,
+    /// The baseline: random keys anywhere in the space, whatever the tier; holders keep
+    /// offers of every tier.
+    Whole,
+}
+
+impl KeySpace {
+    /// A random Kademlia key (the preimage) for an offer of, or a probe for, `tier`, and
+    /// its hash: inside the tier's region, or anywhere with [`KeySpace::Whole`].
+    pub fn random_key<R: RngCore + ?Sized>(self, tier: Tier, rng: &mut R) -> (Vec<u8>, [u8; 32]) {
+        match self {
+            KeySpace::Regions => tier.region().random_key(rng),
+            KeySpace::Whole => {
+                let mut preimage = vec![0u8; 32];
+                rng.fill_bytes(&mut preimage);
+                let hashed = hash_key(&preimage);
+                (preimage, hashed)
+            }
+        }
+    }
+
+    /// Whether an offer of `tier` may be held under the (unhashed) Kademlia `key`: only in
+    /// the tier's region, or anywhere with [`KeySpace::Whole`].
+    pub fn admits(self, tier: Tier, key: &[u8]) -> bool {
+        match self {
+            KeySpace::Regions => tier.region().contains_key(key),
+            KeySpace::Whole => true,
+        }
+    }
+
+    /// The name used in config files and flags: `regions` or `whole`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySpace::Regions => "regions",
+            KeySpace::Whole => "whole",
+        }
+    }
+}
+
+impl FromStr for KeySpace {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KeySpace, String> {
+        match s {
+            "regions" => Ok(KeySpace::Regions),
+            "whole" => Ok(KeySpace::Whole),
+            other => Err(format!("unknown key space '{other}' (regions, whole)")),
+        }
+    }
+}
+
+impl fmt::Display for KeySpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The SHA-256 hash Kademlia computes of a key before measuring XOR distance.
 pub fn hash_key(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
@@ -378,7 +452,47 @@ mod tests {
         assert_eq!(Tier::largest_within(1 << 20).unwrap(), Tier::LARGEST);
     }
 
+    #[test]
+    fn whole_key_space_keys_land_anywhere_and_are_admitted_anywhere() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let tier = Tier::from_mib(512).unwrap();
+        let mut owners = std::collections::BTreeSet::new();
+        for _ in 0..400 {
+            let (preimage, hashed) = KeySpace::Whole.random_key(tier, &mut rng);
+            assert_eq!(hash_key(&preimage), hashed);
+            owners.insert(Tier::of_hashed_key(&hashed));
+            for other in Tier::all() {
+                assert!(KeySpace::Whole.admits(other, &preimage));
+            }
+        }
+        // 400 uniform keys miss a region of share ≥ 3/64 with probability < 1e-8.
+        assert_eq!(owners.len(), Tier::all().len(), "{owners:?}");
+    }
+
+    #[test]
+    fn key_space_names_round_trip() {
+        for space in [KeySpace::Regions, KeySpace::Whole] {
+            assert_eq!(space.as_str().parse::<KeySpace>(), Ok(space));
+            assert_eq!(space.to_string(), space.as_str());
+        }
+        assert_eq!(KeySpace::default(), KeySpace::Regions);
+        assert!("everywhere".parse::<KeySpace>().is_err());
+    }
+
     proptest! {
+        #[test]
+        fn region_key_space_keys_stay_in_their_tier(seed: u64, tier_index in 0usize..8) {
+            let tier = Tier::all().nth(tier_index).unwrap();
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (preimage, hashed) = KeySpace::Regions.random_key(tier, &mut rng);
+            prop_assert_eq!(hash_key(&preimage), hashed);
+            prop_assert_eq!(Tier::of_key(&preimage), tier);
+            prop_assert!(KeySpace::Regions.admits(tier, &preimage));
+            for other in Tier::all().filter(|t| *t != tier) {
+                prop_assert!(!KeySpace::Regions.admits(other, &preimage));
+            }
+        }
+
         #[test]
         fn random_keys_land_in_their_region(seed: u64, tier_index in 0usize..8) {
             let tier = Tier::all().nth(tier_index).unwrap();

@@ -8,11 +8,17 @@
 //! the fallback list holds offers of every tier, so a request is served from a larger
 //! tier only through the fallback.
 //!
+//! Two settings make the research baseline Flotilla is compared to (Caravela's plain
+//! random probing): [`KeySpace::Whole`] probes random keys anywhere in the key space
+//! (holders then keep, and answer with, offers of every tier), and `fallback: false`
+//! ends a discovery that probing did not satisfy as failed instead of asking the
+//! super-trader list.
+//!
 //! The machine returns a [`Step`] after every input; the caller does what it says and
 //! feeds the answer back.
 
 use flotilla_offers::offer::SignedOffer;
-use flotilla_overlay::regions::{RegionError, Tier};
+use flotilla_overlay::regions::{KeySpace, RegionError, Tier};
 use libp2p::PeerId;
 use rand::RngCore;
 
@@ -21,11 +27,21 @@ use rand::RngCore;
 pub struct DiscoveryConfig {
     /// Region probes before falling back to the super-trader list (default 3).
     pub max_tries: u32,
+    /// Where probes draw their keys: the request's tier region (default
+    /// [`KeySpace::Regions`]) or anywhere ([`KeySpace::Whole`], the baseline).
+    pub key_space: KeySpace,
+    /// Whether the super-trader list is asked once probing found nothing (default
+    /// `true`); without it such a discovery fails.
+    pub fallback: bool,
 }
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        DiscoveryConfig { max_tries: 3 }
+        DiscoveryConfig {
+            max_tries: 3,
+            key_space: KeySpace::Regions,
+            fallback: true,
+        }
     }
 }
 
@@ -34,7 +50,7 @@ impl Default for DiscoveryConfig {
 pub enum Step {
     /// Find the peer closest to `key`; answer with [`Discovery::on_closest`].
     FindClosest {
-        /// A random key in the request's tier region.
+        /// A random key in the request's tier region (anywhere with [`KeySpace::Whole`]).
         key: Vec<u8>,
     },
     /// Ask `holder` for the offers it holds; answer with [`Discovery::on_offers`] or
@@ -44,7 +60,7 @@ pub enum Step {
         holder: PeerId,
     },
     /// Probing found nothing: answer with [`Discovery::on_fallback`] and the offers of
-    /// the super-trader list that fit.
+    /// the super-trader list that fit. Never with `fallback` off.
     Fallback,
     /// Finished; see [`Discovery::outcome`].
     Done,
@@ -131,6 +147,15 @@ impl Discovery {
 
     fn next_probe<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
         if self.tries >= self.config.max_tries {
+            if !self.config.fallback {
+                let failure = format!(
+                    "no offer with {} MiB free after {} probe(s) of {} (fallback off)",
+                    self.request_mib,
+                    self.report.probes.len(),
+                    self.probed()
+                );
+                return self.finish(now_ms, Vec::new(), Some(failure));
+            }
             self.report.used_fallback = true;
             self.report.elapsed_ms = now_ms - self.started_ms;
             return Step::Fallback;
@@ -142,8 +167,16 @@ impl Discovery {
             offers_seen: 0,
             offers_fitting: 0,
         });
-        let (key, _) = self.tier.region().random_key(rng);
+        let (key, _) = self.config.key_space.random_key(self.tier, rng);
         Step::FindClosest { key }
+    }
+
+    /// What the probes covered, for failure reasons.
+    fn probed(&self) -> String {
+        match self.config.key_space {
+            KeySpace::Regions => format!("the {} region", self.tier),
+            KeySpace::Whole => "the whole key space".to_string(),
+        }
     }
 
     /// The closest peer to the last key (`None` if the lookup found nobody).
@@ -206,10 +239,10 @@ impl Discovery {
         let fitting = self.keep_fitting(now_ms, offers);
         let failure = fitting.is_empty().then(|| {
             format!(
-                "no offer with {} MiB free: {} probe(s) of the {} region and the fallback list found none",
+                "no offer with {} MiB free: {} probe(s) of {} and the fallback list found none",
                 self.request_mib,
                 self.report.probes.len(),
-                self.tier
+                self.probed()
             )
         });
         self.finish(now_ms, fitting, failure)
@@ -306,7 +339,10 @@ mod tests {
     #[test]
     fn after_max_tries_the_fallback_list_is_used() {
         let mut rng = StdRng::seed_from_u64(2);
-        let config = DiscoveryConfig { max_tries: 3 };
+        let config = DiscoveryConfig {
+            max_tries: 3,
+            ..DiscoveryConfig::default()
+        };
         let (mut d, mut step) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
         let mut keys = Vec::new();
         for t in 0..3 {
@@ -346,9 +382,81 @@ mod tests {
     }
 
     #[test]
+    fn without_the_fallback_exhausted_probing_fails_with_a_reason() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let config = DiscoveryConfig {
+            max_tries: 2,
+            key_space: KeySpace::Whole,
+            fallback: false,
+        };
+        let (mut d, step) = Discovery::start(0, 200 * MIB, config, &mut rng).unwrap();
+        let mut keys = vec![key_of(&step)];
+        d.on_closest(1, Some(PeerId::random()), &mut rng);
+        // A holder with only a smaller offer: nothing fits, so another key.
+        let k = Keypair::generate_ed25519();
+        let step = d.on_offers(2, vec![offer(&k, 1, 128, 0)], &mut rng);
+        keys.push(key_of(&step));
+        d.on_closest(3, Some(PeerId::random()), &mut rng);
+        // The second holder fails: probing is exhausted and there is no Fallback step.
+        assert_eq!(d.on_holder_failed(4, &mut rng), Step::Done);
+        let (found, report) = d.outcome().unwrap();
+        assert!(found.is_empty());
+        assert!(!report.used_fallback);
+        assert_eq!(report.probes.len(), 2);
+        assert_eq!(report.elapsed_ms, 4);
+        let failure = report.failure.as_deref().unwrap();
+        assert_eq!(
+            failure,
+            "no offer with 200 MiB free after 2 probe(s) of the whole key space (fallback off)"
+        );
+        // Later answers change nothing.
+        assert_eq!(d.on_fallback(5, vec![offer(&k, 2, 512, 0)]), Step::Done);
+        assert!(d.outcome().unwrap().0.is_empty());
+
+        // Whole-space probes land outside the request's region (in 40 draws, almost surely).
+        let tier = Tier::from_mib(256).unwrap();
+        for _ in 0..38 {
+            keys.push(config.key_space.random_key(tier, &mut rng).0);
+        }
+        assert!(keys.iter().any(|key| !tier.region().contains_key(key)));
+    }
+
+    #[test]
+    fn whole_space_probes_accept_larger_tiers_and_region_probes_keep_their_tier() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let whole = DiscoveryConfig {
+            key_space: KeySpace::Whole,
+            fallback: false,
+            ..DiscoveryConfig::default()
+        };
+        let (mut d, _) = Discovery::start(0, 200 * MIB, whole, &mut rng).unwrap();
+        d.on_closest(0, Some(PeerId::random()), &mut rng);
+        let k = Keypair::generate_ed25519();
+        assert_eq!(
+            d.on_offers(1, vec![offer(&k, 1, 1024, 0)], &mut rng),
+            Step::Done
+        );
+        let (found, report) = d.outcome().unwrap();
+        assert_eq!((found.len(), report.failure.as_deref()), (1, None));
+
+        // Region probes draw keys only in the request's tier region.
+        let (_, step) =
+            Discovery::start(0, 200 * MIB, DiscoveryConfig::default(), &mut rng).unwrap();
+        assert!(
+            Tier::from_mib(256)
+                .unwrap()
+                .region()
+                .contains_key(&key_of(&step))
+        );
+    }
+
+    #[test]
     fn an_unsatisfiable_request_fails_with_a_reason() {
         let mut rng = StdRng::seed_from_u64(3);
-        let config = DiscoveryConfig { max_tries: 1 };
+        let config = DiscoveryConfig {
+            max_tries: 1,
+            ..DiscoveryConfig::default()
+        };
         let (mut d, _) = Discovery::start(0, 4000 * MIB, config, &mut rng).unwrap();
         assert_eq!(d.on_closest(0, None, &mut rng), Step::Fallback);
         d.on_fallback(1, Vec::new());
@@ -362,8 +470,11 @@ mod tests {
     #[test]
     fn forged_and_expired_offers_do_not_count() {
         let mut rng = StdRng::seed_from_u64(4);
-        let (mut d, _) =
-            Discovery::start(0, 128 * MIB, DiscoveryConfig { max_tries: 1 }, &mut rng).unwrap();
+        let config = DiscoveryConfig {
+            max_tries: 1,
+            ..DiscoveryConfig::default()
+        };
+        let (mut d, _) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
         d.on_closest(0, Some(PeerId::random()), &mut rng);
         let k = Keypair::generate_ed25519();
         let mut forged = offer(&k, 1, 128, 0);

@@ -353,7 +353,10 @@ impl Network {
         for _ in 0..requests {
             let mib = request_mib(&mut rng);
             let scheduler = &schedulers[rng.random_range(0..schedulers.len())];
-            let config = DiscoveryConfig { max_tries };
+            let config = DiscoveryConfig {
+                max_tries,
+                ..DiscoveryConfig::default()
+            };
             let (mut discovery, mut step) =
                 Discovery::start(NOW, mib * MIB, config, &mut rng).expect("requests fit a tier");
             loop {

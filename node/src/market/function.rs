@@ -270,6 +270,10 @@ pub struct Invocation {
     pub scheduler_us: u64,
     /// Offers probed and messages sent to place it.
     pub messages: u32,
+    /// Region probes over all its attempts (random keys looked up and their holders
+    /// asked): the hops until placement. Answers of older schedulers lack it (read as 0).
+    #[serde(default)]
+    pub probes: u32,
 }
 
 #[cfg(test)]
@@ -311,6 +315,45 @@ mod tests {
         })
         .unwrap();
         assert!(json.contains(r#""inline":"hi""#), "{json}");
+    }
+
+    #[test]
+    fn invocations_without_probes_still_decode() {
+        let stream = OutputStream {
+            size: 0,
+            inline: Vec::new(),
+            cid: None,
+        };
+        let invocation = Invocation {
+            invocation_id: 1,
+            scheduler: "s".into(),
+            execution: Execution {
+                volunteer: "v".into(),
+                exit_code: 0,
+                stdout: stream.clone(),
+                stderr: stream,
+                outputs: Vec::new(),
+                failure: None,
+                memory_mib: 128,
+                timings: ExecutionTimings::default(),
+            },
+            failed_attempts: Vec::new(),
+            discover_us: 5,
+            scheduler_us: 9,
+            messages: 12,
+            probes: 2,
+        };
+        let mut json = serde_json::to_value(&invocation).unwrap();
+        assert_eq!(json["probes"], 2);
+        json.as_object_mut().unwrap().remove("probes");
+        let old: Invocation = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            old,
+            Invocation {
+                probes: 0,
+                ..invocation
+            }
+        );
     }
 
     #[test]

@@ -43,15 +43,12 @@ impl Market {
         }
     }
 
-    /// The live offers of `tier` held here with at least `min_free_mib` free.
+    /// The live offers held here with at least `min_free_mib` free: of `tier` only, or of
+    /// any tier in the whole-key-space baseline (where holders keep every tier).
     pub(super) fn find_offers(&self, tier: Tier, min_free_mib: u32) -> Response {
         let now = now_ms();
         let holder = lock(&self.shared.holder);
-        let matching: Vec<&SignedOffer> = holder
-            .matching(now, min_free_mib)
-            .into_iter()
-            .filter(|o| o.body.tier == tier)
-            .collect();
+        let matching: Vec<&SignedOffer> = holder.answer(now, tier, min_free_mib);
         Response::Offers {
             matched: matching.len() as u32,
             offers: matching

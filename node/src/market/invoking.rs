@@ -119,6 +119,7 @@ impl Market {
         let mut tried: Vec<PeerId> = Vec::new();
         let mut discover_us = 0;
         let mut messages = 0;
+        let mut probes = 0;
         let allowance = execution_allowance(&request.call, self.shared.config.fetch_timeout);
         for _ in 0..MAX_ATTEMPTS {
             let reservation_id = rng.next_u64() >> 1;
@@ -145,6 +146,7 @@ impl Market {
                 }
             };
             messages += discovered.report.messages;
+            probes += discovered.report.probes.len() as u32;
             let Some(placement) = discovered.placement else {
                 metrics.invocations_failed.inc();
                 let why = discovered.report.failure.unwrap_or_else(|| {
@@ -183,6 +185,7 @@ impl Market {
                         discover_us,
                         scheduler_us: started.elapsed().as_micros() as u64,
                         messages: messages + 1,
+                        probes,
                     }));
                 }
                 Ok(Response::Failed {

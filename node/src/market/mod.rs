@@ -41,6 +41,7 @@ use flotilla_offers::holder::{Holder, HolderConfig};
 use flotilla_offers::offerer::{Event, Offerer, OffererConfig, Reservation, SentOffer, Slicing};
 use flotilla_overlay::Overlay;
 use flotilla_overlay::network::Network;
+use flotilla_overlay::regions::KeySpace;
 use flotilla_overlay::rpc::{InboundRequest, RpcError};
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::supertraders::{SuperTraderConfig, SuperTraders};
@@ -92,6 +93,12 @@ pub struct MarketConfig {
     pub scheduler: bool,
     /// Region probes before the super-trader fallback.
     pub max_tries: u32,
+    /// Where offers are published and probes look: tier regions, or the whole key space
+    /// (the research baseline). The same on every peer of a network; it replaces
+    /// `holder.key_space`.
+    pub key_space: KeySpace,
+    /// Whether a scheduler asks its super-trader list when probing found nothing.
+    pub fallback: bool,
     /// Which fitting offer a scheduler reserves.
     pub placement: Policy,
     /// Bounds of the offers held for others.
@@ -112,6 +119,8 @@ impl Default for MarketConfig {
             fetch_timeout: Duration::from_secs(30),
             scheduler: false,
             max_tries: 3,
+            key_space: KeySpace::Regions,
+            fallback: true,
             placement: Policy::BestFit,
             holder: HolderConfig::default(),
             super_traders: SuperTraderConfig::default(),
@@ -264,6 +273,7 @@ impl Market {
                 refresh_margin_ms: config.refresh_margin.as_millis() as u64,
                 answer_timeout_ms: config.answer_timeout.as_millis() as u64,
                 slicing: config.slicing,
+                key_space: config.key_space,
                 ..OffererConfig::new(memory_mib, addresses)
             };
             Mutex::new(Offerer::new(
@@ -288,7 +298,10 @@ impl Market {
                 jobs: Mutex::new(jobs::JobBook::default()),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
                 peer_id: overlay.peer_id(),
-                holder: Mutex::new(Holder::new(config.holder.clone())),
+                holder: Mutex::new(Holder::new(HolderConfig {
+                    key_space: config.key_space,
+                    ..config.holder.clone()
+                })),
                 offerer,
                 super_traders,
                 offerer_events,

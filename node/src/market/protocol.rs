@@ -85,7 +85,8 @@ pub enum Request {
         /// The signed offer.
         offer: SignedOffer,
     },
-    /// Which offers of `tier` with at least `min_free_mib` free do you hold?
+    /// Which offers of `tier` with at least `min_free_mib` free do you hold? (In the
+    /// whole-key-space baseline: of any tier.)
     FindOffers {
         /// The tier asked about.
         tier: Tier,

@@ -175,6 +175,8 @@ impl Market {
                 .max_tries
                 .unwrap_or(self.shared.config.max_tries)
                 .min(MAX_TRIES_LIMIT),
+            key_space: self.shared.config.key_space,
+            fallback: self.shared.config.fallback,
         };
         let bytes = u64::from(request.memory_mib) * MIB;
         let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
