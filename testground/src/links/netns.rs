@@ -1,0 +1,334 @@
+//! A network of namespaces for local runs that need shaped links or a partition.
+//!
+//! Layout (every name starts with the run's tag, so runs never collide):
+//!
+//! ```text
+//!   <tag>-n0 (10.77.1.1)  <tag>-n2 (10.77.1.2) …      <tag>-n1 (10.77.2.1)  <tag>-n3 …
+//!        eth0 ── v0 ─┐       eth0 ── v2 ─┐                eth0 ── v1 ─┐
+//!   <tag>-ctl:       br-a ──── tr-a ═══ tr-b ──── br-b ───────────────┘
+//!                (10.77.1.254/24)            (10.77.2.254/24)
+//! ```
+//!
+//! Every node sits in its own namespace with one veth, `eth0`, in 10.77.0.0/16 (shaped
+//! with `tc netem` when latency or loss is asked for). The other ends hang on bridge
+//! `br-a` (even instances) or `br-b` (odd ones) in the control namespace, and a veth pair,
+//! the trunk, joins the two bridges: taking it down splits the network, bringing it up
+//! heals it. The control namespace has an address on each bridge (and no forwarding), so
+//! the simulation, which runs there, reaches every node's API on either side of a split.
+//!
+//! [`Topology::remove`] (also on drop) kills whatever still runs in the namespaces and
+//! deletes them; nothing is made outside them.
+
+use super::{LinkError, Links, Side, run_command};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+/// The trunk's end on side A's bridge.
+const TRUNK: &str = "tr-a";
+
+/// Whether network namespaces can be made here (root, with `ip` and `tc`).
+pub fn available() -> bool {
+    let ok = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    ok("id", &["-u"])
+        && Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"))
+        && ok("ip", &["netns", "list"])
+        && ok("tc", &["-V"])
+}
+
+/// The address of instance `seq` (0-based).
+pub fn node_ip(seq: u32) -> Ipv4Addr {
+    let side = match Side::of(seq) {
+        Side::A => 1,
+        Side::B => 2,
+    };
+    let host = seq / 2 + 1;
+    Ipv4Addr::new(10, 77, side, host as u8)
+}
+
+/// Most instances one topology holds (253 per side).
+pub const MAX_NODES: u32 = 506;
+
+/// Namespaces, bridges and links of one run.
+pub struct Topology {
+    tag: String,
+    nodes: u32,
+    removed: bool,
+}
+
+fn sh(args: &[&str]) -> Result<(), LinkError> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| LinkError::Command {
+            command: format!("ip {}", args.join(" ")),
+            reason: e.to_string(),
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(LinkError::Command {
+            command: format!("ip {}", args.join(" ")),
+            reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+impl Topology {
+    /// Makes the namespaces of `nodes` instances; links get `latency_ms` of delay and
+    /// `loss_percent` of loss each way. On any failure what was made is removed.
+    pub fn create(
+        tag: &str,
+        nodes: u32,
+        latency_ms: u32,
+        loss_percent: f64,
+    ) -> Result<Topology, LinkError> {
+        if nodes > MAX_NODES {
+            return Err(LinkError::Unsupported(format!(
+                "at most {MAX_NODES} nodes in network namespaces"
+            )));
+        }
+        let mut topology = Topology {
+            tag: tag.to_string(),
+            nodes: 0,
+            removed: false,
+        };
+        topology.build_control()?;
+        for seq in 0..nodes {
+            topology.nodes = seq + 1;
+            topology.add_node(seq, latency_ms, loss_percent)?;
+        }
+        Ok(topology)
+    }
+
+    /// The control namespace, where the simulation runs.
+    pub fn control(&self) -> String {
+        format!("{}-ctl", self.tag)
+    }
+
+    /// Instance `seq`'s namespace.
+    pub fn node_namespace(&self, seq: u32) -> String {
+        format!("{}-n{seq}", self.tag)
+    }
+
+    fn build_control(&mut self) -> Result<(), LinkError> {
+        let ctl = self.control();
+        sh(&["netns", "add", &ctl])?;
+        let steps: [&[&str]; 11] = [
+            &["-n", &ctl, "link", "set", "lo", "up"],
+            &["-n", &ctl, "link", "add", "br-a", "type", "bridge"],
+            &["-n", &ctl, "link", "add", "br-b", "type", "bridge"],
+            &[
+                "-n", &ctl, "link", "add", TRUNK, "type", "veth", "peer", "name", "tr-b",
+            ],
+            &["-n", &ctl, "link", "set", TRUNK, "master", "br-a"],
+            &["-n", &ctl, "link", "set", "tr-b", "master", "br-b"],
+            &["-n", &ctl, "addr", "add", "10.77.1.254/24", "dev", "br-a"],
+            &["-n", &ctl, "addr", "add", "10.77.2.254/24", "dev", "br-b"],
+            &["-n", &ctl, "link", "set", "br-a", "up"],
+            &["-n", &ctl, "link", "set", "br-b", "up"],
+            &["-n", &ctl, "link", "set", TRUNK, "up"],
+        ];
+        for step in steps {
+            sh(step)?;
+        }
+        sh(&["-n", &ctl, "link", "set", "tr-b", "up"])?;
+        // No routing between the bridges: a split must be a split.
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ctl,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=0",
+            ])
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err(LinkError::Command {
+                command: "sysctl net.ipv4.ip_forward=0".into(),
+                reason: "failed".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn add_node(&self, seq: u32, latency_ms: u32, loss_percent: f64) -> Result<(), LinkError> {
+        let ns = self.node_namespace(seq);
+        let ctl = self.control();
+        let port = format!("v{seq}");
+        let bridge = match Side::of(seq) {
+            Side::A => "br-a",
+            Side::B => "br-b",
+        };
+        let address = format!("{}/16", node_ip(seq));
+        sh(&["netns", "add", &ns])?;
+        sh(&[
+            "-n", &ctl, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        sh(&["-n", &ctl, "link", "set", &port, "master", bridge])?;
+        sh(&["-n", &ctl, "link", "set", &port, "up"])?;
+        sh(&["-n", &ns, "link", "set", "lo", "up"])?;
+        sh(&["-n", &ns, "addr", "add", &address, "dev", "eth0"])?;
+        sh(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        if latency_ms > 0 || loss_percent > 0.0 {
+            let delay = format!("{latency_ms}ms");
+            let loss = format!("{loss_percent}%");
+            let status = Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root",
+                ])
+                .args(["netem", "delay", &delay, "loss", &loss])
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                return Err(LinkError::Command {
+                    command: format!("tc netem delay {delay} loss {loss} in {ns}"),
+                    reason: "failed".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The links handle of this topology, for the simulation inside it.
+    pub fn links(&self) -> NetnsLinks {
+        NetnsLinks {
+            control: self.control(),
+        }
+    }
+
+    /// Kills every process left in the namespaces and deletes them. Idempotent.
+    pub fn remove(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.removed = true;
+        let mut namespaces: Vec<String> = (0..self.nodes).map(|s| self.node_namespace(s)).collect();
+        namespaces.push(self.control());
+        for ns in &namespaces {
+            kill_everything_in(ns);
+        }
+        for ns in &namespaces {
+            if let Err(e) = sh(&["netns", "del", ns]) {
+                tracing::warn!(namespace = %ns, error = %e, "could not delete namespace");
+            }
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// SIGKILLs every process in namespace `ns`.
+fn kill_everything_in(ns: &str) {
+    let Ok(output) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+        if pid.parse::<u32>().is_ok_and(|p| p != std::process::id()) {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+}
+
+/// Namespaces named `<prefix>…` that are left over from runs that could not clean up
+/// (e.g. SIGKILLed), for `flotilla-plan cleanup`.
+pub fn leftovers(prefix: &str) -> Vec<String> {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Deletes namespaces by name, killing what runs in them first.
+pub fn delete(namespaces: &[String]) {
+    for ns in namespaces {
+        kill_everything_in(ns);
+        let _ = sh(&["netns", "del", ns]);
+    }
+}
+
+/// Splits and heals by taking the trunk between the two bridges down and up.
+#[derive(Debug, Clone)]
+pub struct NetnsLinks {
+    control: String,
+}
+
+impl NetnsLinks {
+    /// The links of the topology whose control namespace is `control`.
+    pub fn new(control: String) -> NetnsLinks {
+        NetnsLinks { control }
+    }
+}
+
+impl Links for NetnsLinks {
+    async fn split(&self, _side: Side, _others: &[IpAddr]) -> Result<(), LinkError> {
+        run_command("ip", &["-n", &self.control, "link", "set", TRUNK, "down"]).await
+    }
+
+    async fn heal(&self) -> Result<(), LinkError> {
+        run_command("ip", &["-n", &self.control, "link", "set", TRUNK, "up"]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_alternate_sides_with_distinct_addresses() {
+        assert_eq!(node_ip(0), Ipv4Addr::new(10, 77, 1, 1));
+        assert_eq!(node_ip(1), Ipv4Addr::new(10, 77, 2, 1));
+        assert_eq!(node_ip(4), Ipv4Addr::new(10, 77, 1, 3));
+        let all: std::collections::HashSet<_> = (0..MAX_NODES).map(node_ip).collect();
+        assert_eq!(all.len(), MAX_NODES as usize);
+    }
+
+    /// Needs root and `ip`; skipped (passing) where namespaces cannot be made.
+    #[test]
+    fn a_split_cuts_the_two_sides_apart_and_a_heal_joins_them() {
+        if !available() {
+            return;
+        }
+        let tag = format!("fltest{}", std::process::id());
+        let topology = Topology::create(&tag, 3, 0, 0.0).expect("topology");
+        // A TCP connect to a closed port is refused when the peer is reachable and
+        // times out when it is not (no ping needed).
+        let ping = |from: u32, to: u32| {
+            let script = format!("exec 3<>/dev/tcp/{}/9", node_ip(to));
+            Command::new("ip")
+                .args(["netns", "exec", &topology.node_namespace(from)])
+                .args(["timeout", "1", "bash", "-c", &script])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("refused"))
+        };
+        assert!(ping(0, 1) && ping(0, 2), "all reachable before the split");
+        let links = topology.links();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(links.split(Side::A, &[])).expect("split");
+        assert!(!ping(0, 1), "across the split");
+        assert!(ping(0, 2), "same side");
+        runtime.block_on(links.heal()).expect("heal");
+        assert!(ping(0, 1), "healed");
+        drop(topology);
+        assert!(leftovers(&tag).is_empty(), "namespaces removed");
+    }
+}

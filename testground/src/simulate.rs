@@ -1,0 +1,265 @@
+//! `flotilla-plan simulate`: a whole run on this machine. N instances of a case run as
+//! tasks of this process, sharing a [`LocalCoordinator`], each driving its own real
+//! `flotilla node` process — on loopback, or each in its own network namespace when the
+//! case needs a partition or shaped links ([`Topology`]).
+//!
+//! With namespaces, this process builds them, runs itself again inside the control
+//! namespace (so it reaches every node's API on both sides of a split), and removes them
+//! when that run ends, fails or is interrupted. Records go to `OUT/instances/NNN/`, the
+//! report (one CSV per metric, SVG plots, summary) and `params.json` to `OUT/`.
+
+use crate::coordinator::local::LocalCoordinator;
+use crate::links::netns::{self, NetnsLinks, Topology};
+use crate::links::{Links, Loopback};
+use crate::params::Params;
+use crate::report::{self, Summary};
+use crate::scenario::{Case, Instance};
+use anyhow::{Context, bail};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The environment variable that tells the re-run inside the namespaces which topology
+/// it is in.
+pub const TOPOLOGY_ENV: &str = "FLOTILLA_SIM_TOPOLOGY";
+/// The prefix of every namespace a simulation makes.
+pub const NAMESPACE_PREFIX: &str = "flsim";
+
+/// When to use network namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetnsMode {
+    /// When the case needs them (a partition, latency or loss).
+    Auto,
+    /// Always.
+    Always,
+    /// Never (a case that needs them is refused).
+    Never,
+}
+
+/// One local run.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    /// The case.
+    pub case: Case,
+    /// Instances.
+    pub nodes: u32,
+    /// Its parameters.
+    pub params: Params,
+    /// Where records and the report go.
+    pub out: PathBuf,
+    /// When to use network namespaces.
+    pub netns: NetnsMode,
+    /// The `flotilla` binary.
+    pub node_binary: PathBuf,
+}
+
+#[derive(Serialize)]
+struct RunInfo<'a> {
+    case: Case,
+    nodes: u32,
+    netns: bool,
+    started_unix_ms: u64,
+    command: Vec<String>,
+    params: &'a Params,
+}
+
+impl Simulation {
+    /// Whether this run needs network namespaces.
+    pub fn wants_namespaces(&self) -> anyhow::Result<bool> {
+        let needed = self.case == Case::Partition || self.params.shapes_links();
+        match (self.netns, needed) {
+            (NetnsMode::Never, true) => bail!(
+                "the {} case{} needs network namespaces (drop --netns never)",
+                self.case.name(),
+                if self.params.shapes_links() {
+                    " with latency or loss"
+                } else {
+                    ""
+                }
+            ),
+            (NetnsMode::Never, false) => Ok(false),
+            (NetnsMode::Always, _) | (NetnsMode::Auto, true) => {
+                if !netns::available() {
+                    bail!(
+                        "the {} case needs network namespaces: run as root on Linux with `ip` (iproute2) and `tc`",
+                        self.case.name()
+                    );
+                }
+                Ok(true)
+            }
+            (NetnsMode::Auto, false) => Ok(false),
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let fixed = self.params.fixed_instances();
+        if self.nodes <= fixed {
+            bail!(
+                "--nodes {} leaves no volunteer: {} schedulers and {} clients come first",
+                self.nodes,
+                self.params.schedulers,
+                self.params.clients
+            );
+        }
+        if self.case == Case::Partition && self.params.schedulers < 2 {
+            bail!("the partition case needs a scheduler on each side: schedulers ≥ 2");
+        }
+        if !self.node_binary.exists() {
+            bail!(
+                "no flotilla binary at {} (build it with `cargo build --release -p flotilla-node`, or pass --flotilla)",
+                self.node_binary.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs it to the end and writes the report; returns the summary.
+    pub async fn run(self) -> anyhow::Result<Summary> {
+        self.check()?;
+        if let Ok(tag) = std::env::var(TOPOLOGY_ENV) {
+            let links = NetnsLinks::new(format!("{tag}-ctl"));
+            let namespace = move |seq: u32| Some(format!("{tag}-n{seq}"));
+            return self
+                .run_instances(
+                    Arc::new(links),
+                    |seq| IpAddr::V4(netns::node_ip(seq)),
+                    namespace,
+                )
+                .await;
+        }
+        if self.wants_namespaces()? {
+            return self.run_in_namespaces().await;
+        }
+        let loopback = |_| IpAddr::V4(Ipv4Addr::LOCALHOST);
+        self.run_instances(Arc::new(Loopback), loopback, |_| None)
+            .await
+    }
+
+    /// Builds the namespaces, runs this command again inside the control one, removes
+    /// them whatever happens.
+    async fn run_in_namespaces(self) -> anyhow::Result<Summary> {
+        let tag = format!("{NAMESPACE_PREFIX}{}", std::process::id());
+        let p = &self.params;
+        let mut topology = Topology::create(&tag, self.nodes, p.latency_ms, p.loss_percent)
+            .context("building the network namespaces")?;
+        let exe = std::env::current_exe().context("finding this program")?;
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &topology.control()])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env(TOPOLOGY_ENV, &tag)
+            .kill_on_drop(true)
+            .spawn()
+            .context("running the simulation inside the namespaces")?;
+        let status = tokio::select! {
+            status = child.wait() => Some(status?),
+            () = interrupted() => {
+                // Let the inner run stop its nodes; the namespaces go either way.
+                if let Some(pid) = child.id() {
+                    let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+                }
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait()).await;
+                None
+            }
+        };
+        topology.remove();
+        match status {
+            Some(s) if s.success() => read_summary(&self.out),
+            Some(s) => bail!("the simulation inside the namespaces failed ({s})"),
+            None => bail!("interrupted; namespaces removed"),
+        }
+    }
+
+    async fn run_instances<L: Links>(
+        &self,
+        links: Arc<L>,
+        ip_of: impl Fn(u32) -> IpAddr,
+        namespace_of: impl Fn(u32) -> Option<String>,
+    ) -> anyhow::Result<Summary> {
+        let records = self.out.join("instances");
+        std::fs::create_dir_all(&records)
+            .with_context(|| format!("creating {}", records.display()))?;
+        write_json(
+            &self.out.join("params.json"),
+            &RunInfo {
+                case: self.case,
+                nodes: self.nodes,
+                netns: namespace_of(0).is_some(),
+                started_unix_ms: crate::records::unix_ms(),
+                command: std::env::args().collect(),
+                params: &self.params,
+            },
+        )?;
+        let scratch = tempfile::Builder::new()
+            .prefix("flotilla-sim-")
+            .tempdir()
+            .context("making a scratch directory")?;
+        let coordinator = LocalCoordinator::new();
+        let mut instances = tokio::task::JoinSet::new();
+        for seq in 0..self.nodes {
+            let instance = Instance {
+                seq,
+                count: self.nodes,
+                case: self.case,
+                params: self.params.clone(),
+                coordinator: coordinator.clone(),
+                links: links.clone(),
+                node_binary: self.node_binary.clone(),
+                ip: ip_of(seq),
+                netns: namespace_of(seq),
+                outputs: records.join(format!("{seq:03}")),
+                scratch: scratch.path().to_path_buf(),
+            };
+            instances.spawn(async move { (seq, instance.run().await) });
+        }
+        let outcome = tokio::select! {
+            outcome = wait_all(&mut instances) => outcome,
+            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        };
+        // Dropping the instances kills any node still running.
+        instances.shutdown().await;
+        let summary = report::write_report(&records, &self.out).context("writing the report")?;
+        outcome.map(|()| summary)
+    }
+}
+
+/// Waits for every instance; the first failure stops the run.
+async fn wait_all(
+    instances: &mut tokio::task::JoinSet<(u32, anyhow::Result<()>)>,
+) -> anyhow::Result<()> {
+    while let Some(joined) = instances.join_next().await {
+        let (seq, result) = joined.context("an instance panicked")?;
+        result.with_context(|| format!("instance {seq}"))?;
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The summary a finished run wrote.
+pub fn read_summary(out: &Path) -> anyhow::Result<Summary> {
+    let path = out.join("summary.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
+}
