@@ -11,6 +11,7 @@
 //! here ([`links::netns`]). [`simulate`] runs N instances on this machine; [`report`]
 //! turns the instances' records into one CSV per metric and SVG plots.
 
+pub mod check;
 pub mod coordinator;
 pub mod links;
 pub mod node_process;

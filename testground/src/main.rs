@@ -15,7 +15,7 @@ use flotilla_testground::links::sdk::SidecarLinks;
 use flotilla_testground::params::Params;
 use flotilla_testground::report::{self, Summary};
 use flotilla_testground::scenario::{Case, Instance};
-use flotilla_testground::simulate::{NAMESPACE_PREFIX, NetnsMode, Simulation};
+use flotilla_testground::simulate::{self, NAMESPACE_PREFIX, NetnsMode, Simulation};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -45,8 +45,20 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Remove network namespaces left by simulations that were killed
-    Cleanup,
+    /// Check that the run in DIR wrote every metric file with plausible figures
+    Check {
+        /// The run's output directory
+        dir: PathBuf,
+        /// Nodes the run had
+        #[arg(long)]
+        nodes: u64,
+    },
+    /// Remove network namespaces and node processes left by simulations that were killed
+    Cleanup {
+        /// Only those of runs started by this process id (scripts/simulate's)
+        #[arg(long)]
+        owner: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,10 +140,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_summary(&summary);
             Ok(())
         }
-        Some(Command::Cleanup) => {
-            let left = netns::leftovers(NAMESPACE_PREFIX);
+        Some(Command::Check { dir, nodes }) => {
+            let problems = flotilla_testground::check::problems(&dir, nodes);
+            if !problems.is_empty() {
+                bail!("{}: {}", dir.display(), problems.join("; "));
+            }
+            Ok(())
+        }
+        Some(Command::Cleanup { owner }) => {
+            let (namespaces, scratch) = match &owner {
+                Some(o) => (simulate::namespace_prefix(o), simulate::scratch_prefix(o)),
+                None => (NAMESPACE_PREFIX.to_string(), "flotilla-sim-".to_string()),
+            };
+            let killed = simulate::kill_processes_mentioning(&scratch);
+            let left = netns::leftovers(&namespaces);
             netns::delete(&left);
-            tracing::info!(removed = left.len(), "namespaces removed");
+            tracing::info!(killed, namespaces = left.len(), "cleaned up");
             Ok(())
         }
     }

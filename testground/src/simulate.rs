@@ -25,6 +25,51 @@ use std::sync::Arc;
 pub const TOPOLOGY_ENV: &str = "FLOTILLA_SIM_TOPOLOGY";
 /// The prefix of every namespace a simulation makes.
 pub const NAMESPACE_PREFIX: &str = "flsim";
+/// The environment variable naming the process that owns a simulation (scripts/simulate
+/// sets it to its own pid), so `flotilla-plan cleanup --owner` finds what it left.
+pub const OWNER_ENV: &str = "FLOTILLA_SIM_OWNER";
+
+/// Who owns this run: [`OWNER_ENV`], or this process.
+pub fn owner() -> String {
+    std::env::var(OWNER_ENV).unwrap_or_else(|_| std::process::id().to_string())
+}
+
+/// The prefix of the namespaces of runs owned by `owner`.
+pub fn namespace_prefix(owner: &str) -> String {
+    format!("{NAMESPACE_PREFIX}{owner}x")
+}
+
+/// The prefix of the scratch directories (node data) of runs owned by `owner`.
+pub fn scratch_prefix(owner: &str) -> String {
+    format!("flotilla-sim-{owner}-")
+}
+
+/// Kills every process whose command line mentions `marker` (nodes of a killed run).
+pub fn kill_processes_mentioning(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            killed += 1;
+        }
+    }
+    killed
+}
 
 /// When to use network namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -140,7 +185,7 @@ impl Simulation {
     /// Builds the namespaces, runs this command again inside the control one, removes
     /// them whatever happens.
     async fn run_in_namespaces(self) -> anyhow::Result<Summary> {
-        let tag = format!("{NAMESPACE_PREFIX}{}", std::process::id());
+        let tag = format!("{}{}", namespace_prefix(&owner()), std::process::id());
         let p = &self.params;
         let mut topology = Topology::create(&tag, self.nodes, p.latency_ms, p.loss_percent)
             .context("building the network namespaces")?;
@@ -193,7 +238,7 @@ impl Simulation {
             },
         )?;
         let scratch = tempfile::Builder::new()
-            .prefix("flotilla-sim-")
+            .prefix(&scratch_prefix(&owner()))
             .tempdir()
             .context("making a scratch directory")?;
         let coordinator = LocalCoordinator::new();
