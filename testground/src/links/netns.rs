@@ -123,8 +123,28 @@ impl Topology {
         sh(&["netns", "add", &ctl])?;
         let steps: [&[&str]; 11] = [
             &["-n", &ctl, "link", "set", "lo", "up"],
-            &["-n", &ctl, "link", "add", "br-a", "type", "bridge"],
-            &["-n", &ctl, "link", "add", "br-b", "type", "bridge"],
+            &[
+                "-n",
+                &ctl,
+                "link",
+                "add",
+                "br-a",
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+            ],
+            &[
+                "-n",
+                &ctl,
+                "link",
+                "add",
+                "br-b",
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+            ],
             &[
                 "-n", &ctl, "link", "add", TRUNK, "type", "veth", "peer", "name", "tr-b",
             ],
@@ -309,13 +329,16 @@ mod tests {
         let topology = Topology::create(&tag, 3, 0, 0.0).expect("topology");
         // A TCP connect to a closed port is refused when the peer is reachable and
         // times out when it is not (no ping needed).
+        // A few attempts, as a busy machine may be slow to start `ip` and `bash`.
         let ping = |from: u32, to: u32| {
             let script = format!("exec 3<>/dev/tcp/{}/9", node_ip(to));
-            Command::new("ip")
-                .args(["netns", "exec", &topology.node_namespace(from)])
-                .args(["timeout", "1", "bash", "-c", &script])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("refused"))
+            (0..5).any(|_| {
+                Command::new("ip")
+                    .args(["netns", "exec", &topology.node_namespace(from)])
+                    .args(["timeout", "2", "bash", "-c", &script])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("refused"))
+            })
         };
         assert!(ping(0, 1) && ping(0, 2), "all reachable before the split");
         let links = topology.links();

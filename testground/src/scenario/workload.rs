@@ -38,12 +38,38 @@ pub async fn wait_until_offering(node: &NodeProcess) -> anyhow::Result<()> {
     let api = ApiClient::new(node.api);
     let deadline = Instant::now() + super::BARRIER_LIMIT;
     loop {
-        let view = api.offers().await?;
-        if !view.sent.is_empty() && view.sent.iter().all(|o| o.state == "published") {
-            return Ok(());
+        // A busy machine may drop a connection; only the deadline ends the wait.
+        match api.offers().await {
+            Ok(view)
+                if !view.sent.is_empty() && view.sent.iter().all(|o| o.state == "published") =>
+            {
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => anyhow::ensure!(
+                Instant::now() < deadline,
+                "asking the node for its offers: {e}"
+            ),
         }
         anyhow::ensure!(Instant::now() < deadline, "offers not published in time");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Adds the sleep function, trying again for a while: on a machine running 50 nodes a
+/// connection to the node's API may be refused while it is busy.
+async fn add_with_retries(api: &ApiClient) -> anyhow::Result<flotilla_overlay::Added> {
+    let deadline = Instant::now() + FIRST_SCHEDULER_LIMIT;
+    loop {
+        let bytes = bytes::Bytes::from_static(SLEEP_WASM);
+        match api.add(futures::stream::iter([Ok(bytes)])).await {
+            Ok(added) => return Ok(added),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "adding the sleep function; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("adding the sleep function"),
+        }
     }
 }
 
@@ -86,11 +112,7 @@ impl Client {
         everyone: &[Announce],
     ) -> anyhow::Result<Client> {
         let api = ApiClient::new(node.api);
-        let bytes = bytes::Bytes::from_static(SLEEP_WASM);
-        let added = api
-            .add(futures::stream::iter([Ok(bytes)]))
-            .await
-            .context("adding the sleep function")?;
+        let added = add_with_retries(&api).await?;
         let lent: f64 = everyone.iter().map(|a| f64::from(a.lent_mib)).sum();
         let p = &instance.params;
         let rate = calls_per_second(p.utilisation, lent, p.call_ms) / f64::from(p.clients.max(1));
