@@ -75,23 +75,38 @@ impl Links for Loopback {
     }
 }
 
-/// Runs `program args…`, turning a failure into a [`LinkError`] with its stderr.
-pub(crate) async fn run_command(program: &str, args: &[&str]) -> Result<(), LinkError> {
-    let shown = format!("{program} {}", args.join(" "));
-    let output = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| LinkError::Command {
-            command: shown.clone(),
-            reason: e.to_string(),
-        })?;
+/// What running `program args…` came to: its failure to start, or a non-zero exit with
+/// its stderr, as a [`LinkError`].
+fn outcome(
+    program: &str,
+    args: &[&str],
+    output: std::io::Result<std::process::Output>,
+) -> Result<(), LinkError> {
+    let failed = |reason: String| LinkError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        reason,
+    };
+    let output = output.map_err(|e| failed(e.to_string()))?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(LinkError::Command {
-            command: shown,
-            reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
+        Err(failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ))
     }
+}
+
+/// Runs `program args…` to the end (for setting namespaces up and tearing them down).
+pub(crate) fn run_blocking(program: &str, args: &[&str]) -> Result<(), LinkError> {
+    let output = std::process::Command::new(program).args(args).output();
+    outcome(program, args, output)
+}
+
+/// Runs `program args…` without blocking the runtime (for changes during a run).
+pub(crate) async fn run_command(program: &str, args: &[&str]) -> Result<(), LinkError> {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await;
+    outcome(program, args, output)
 }

@@ -19,7 +19,7 @@
 //! [`Topology::remove`] (also on drop) kills whatever still runs in the namespaces and
 //! deletes them; nothing is made outside them.
 
-use super::{LinkError, Links, Side, run_command};
+use super::{LinkError, Links, Side, run_blocking, run_command};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
@@ -34,13 +34,11 @@ pub fn available() -> bool {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    ok("id", &["-u"])
-        && Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0"))
-        && ok("ip", &["netns", "list"])
-        && ok("tc", &["-V"])
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    root && ok("ip", &["netns", "list"]) && ok("tc", &["-V"])
 }
 
 /// The address of instance `seq` (0-based).
@@ -64,21 +62,7 @@ pub struct Topology {
 }
 
 fn sh(args: &[&str]) -> Result<(), LinkError> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| LinkError::Command {
-            command: format!("ip {}", args.join(" ")),
-            reason: e.to_string(),
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(LinkError::Command {
-            command: format!("ip {}", args.join(" ")),
-            reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
+    run_blocking("ip", args)
 }
 
 impl Topology {
@@ -161,22 +145,14 @@ impl Topology {
         }
         sh(&["-n", &ctl, "link", "set", "tr-b", "up"])?;
         // No routing between the bridges: a split must be a split.
-        let status = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ctl,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=0",
-            ])
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            return Err(LinkError::Command {
-                command: "sysctl net.ipv4.ip_forward=0".into(),
-                reason: "failed".into(),
-            });
-        }
+        sh(&[
+            "netns",
+            "exec",
+            &ctl,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ])?;
         Ok(())
     }
 
@@ -201,18 +177,10 @@ impl Topology {
         if latency_ms > 0 || loss_percent > 0.0 {
             let delay = format!("{latency_ms}ms");
             let loss = format!("{loss_percent}%");
-            let status = Command::new("ip")
-                .args([
-                    "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root",
-                ])
-                .args(["netem", "delay", &delay, "loss", &loss])
-                .status();
-            if !status.is_ok_and(|s| s.success()) {
-                return Err(LinkError::Command {
-                    command: format!("tc netem delay {delay} loss {loss} in {ns}"),
-                    reason: "failed".into(),
-                });
-            }
+            sh(&[
+                "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "netem",
+                "delay", &delay, "loss", &loss,
+            ])?;
         }
         Ok(())
     }
@@ -326,7 +294,8 @@ mod tests {
             return;
         }
         let tag = format!("fltest{}", std::process::id());
-        let topology = Topology::create(&tag, 3, 0, 0.0).expect("topology");
+        // 1 ms of netem delay on every link: the shaping path runs too.
+        let topology = Topology::create(&tag, 3, 1, 0.0).expect("topology");
         // A TCP connect to a closed port is refused when the peer is reachable and
         // times out when it is not (no ping needed).
         // A few attempts, as a busy machine may be slow to start `ip` and `bash`.
