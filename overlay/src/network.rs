@@ -401,7 +401,7 @@ fn build_swarm(
     let max_connections = config.max_connections;
     let rpc_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
-        .with_max_concurrent_streams(64);
+        .with_max_concurrent_streams(rpc::MAX_STREAMS_PER_CONNECTION);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(

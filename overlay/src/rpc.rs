@@ -19,6 +19,10 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/offers/1.0.0
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest response accepted, in bytes.
 pub const MAX_RESPONSE_BYTES: usize = 512 * 1024;
+/// Requests open at once on one connection, each way. A call holds its stream while its
+/// function runs, so this bounds the calls one peer has in flight through another; it
+/// matches what a scheduler takes at once (inbound: at most 512 × 64 KiB of requests).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 512;
 
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,6 +14,11 @@
 //! ends a discovery that probing did not satisfy as failed instead of asking the
 //! super-trader list.
 //!
+//! Offers of peers the caller excludes (volunteers that already failed the call) never
+//! count as found. When every offer found is refused at reservation (taken meanwhile, or
+//! its offerer gone), [`Discovery::on_refused`] excludes those offerers and goes on with
+//! the probes left, then the fallback: a stale offer costs a probe, not the request.
+//!
 //! The machine returns a [`Step`] after every input; the caller does what it says and
 //! feeds the answer back.
 
@@ -62,7 +67,8 @@ pub enum Step {
     /// Probing found nothing: answer with [`Discovery::on_fallback`] and the offers of
     /// the super-trader list that fit. Never with `fallback` off.
     Fallback,
-    /// Finished; see [`Discovery::outcome`].
+    /// Finished; see [`Discovery::outcome`]. If reserving every offer found fails,
+    /// [`Discovery::on_refused`] goes on.
     Done,
 }
 
@@ -108,8 +114,13 @@ pub struct Discovery {
     tries: u32,
     report: Report,
     found: Vec<SignedOffer>,
+    excluded: Vec<PeerId>,
     done: bool,
 }
+
+/// Most offerers one discovery excludes (tried volunteers and refusals): beyond that the
+/// oldest are forgotten.
+pub const MAX_EXCLUDED: usize = 256;
 
 impl Discovery {
     /// Starts a discovery for `request_bytes` of memory; fails if no tier is that large.
@@ -139,10 +150,50 @@ impl Discovery {
                 failure: None,
             },
             found: Vec::new(),
+            excluded: Vec::new(),
             done: false,
         };
         let step = discovery.next_probe(now_ms, rng);
         Ok((discovery, step))
+    }
+
+    /// Never counts offers of these peers as found (volunteers that already failed the
+    /// call).
+    pub fn exclude(&mut self, peers: impl IntoIterator<Item = PeerId>) {
+        for peer in peers {
+            if !self.excluded.contains(&peer) {
+                if self.excluded.len() == MAX_EXCLUDED {
+                    self.excluded.remove(0);
+                }
+                self.excluded.push(peer);
+            }
+        }
+    }
+
+    /// Every offer found was refused at reservation (by these offerers, or they could not
+    /// be reached): excludes them and goes on probing with the tries left, then the
+    /// fallback. A discovery whose fallback answer was refused ends without offers.
+    pub fn on_refused<R: RngCore + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        offerers: impl IntoIterator<Item = PeerId>,
+        rng: &mut R,
+    ) -> Step {
+        if !self.done || self.found.is_empty() {
+            return Step::Done;
+        }
+        self.exclude(offerers);
+        self.found.clear();
+        self.report.found = 0;
+        if self.report.used_fallback {
+            let failure = format!(
+                "every offer with {} MiB free was refused at reservation",
+                self.request_mib
+            );
+            return self.finish(now_ms, Vec::new(), Some(failure));
+        }
+        self.done = false;
+        self.next_probe(now_ms, rng)
     }
 
     fn next_probe<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
@@ -252,7 +303,8 @@ impl Discovery {
         offers
             .into_iter()
             .filter(|o| {
-                o.verify().is_ok()
+                !self.excluded.contains(&o.body.offerer)
+                    && o.verify().is_ok()
                     && !o.body.withdrawn
                     && o.body.expires_at_ms > now_ms
                     && o.body.free_mib() >= self.request_mib
@@ -484,5 +536,78 @@ mod tests {
             d.on_offers(2_000_000, vec![forged, expired], &mut rng),
             Step::Fallback
         );
+    }
+
+    #[test]
+    fn refused_offers_send_the_discovery_on_without_their_offerers() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let config = DiscoveryConfig {
+            max_tries: 2,
+            ..DiscoveryConfig::default()
+        };
+        let (mut d, _) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
+        let taken = Keypair::generate_ed25519();
+        let tried = Keypair::generate_ed25519();
+        let free = Keypair::generate_ed25519();
+        d.exclude([tried.public().to_peer_id()]);
+        d.on_closest(1, Some(PeerId::random()), &mut rng);
+        // The tried volunteer's offer does not count; the other one is found.
+        let step = d.on_offers(
+            2,
+            vec![offer(&tried, 1, 128, 0), offer(&taken, 2, 128, 0)],
+            &mut rng,
+        );
+        assert_eq!(step, Step::Done);
+        assert_eq!(d.outcome().unwrap().0.len(), 1);
+
+        // Its reservation is refused: the second probe goes on, and the same stale offer
+        // met again no longer counts.
+        let step = d.on_refused(3, [taken.public().to_peer_id()], &mut rng);
+        assert!(matches!(step, Step::FindClosest { .. }), "{step:?}");
+        assert!(d.outcome().is_none(), "not done while probing");
+        d.on_closest(4, Some(PeerId::random()), &mut rng);
+        assert_eq!(
+            d.on_offers(5, vec![offer(&taken, 2, 128, 0)], &mut rng),
+            Step::Fallback
+        );
+        // The fallback list still holds both stale offers and a free one.
+        let fallback = vec![
+            offer(&taken, 2, 128, 0),
+            offer(&tried, 1, 128, 0),
+            offer(&free, 3, 256, 0),
+        ];
+        assert_eq!(d.on_fallback(6, fallback), Step::Done);
+        let (found, report) = d.outcome().unwrap();
+        assert_eq!(
+            found.iter().map(|o| o.body.offer_id).collect::<Vec<_>>(),
+            [3]
+        );
+        assert_eq!((report.probes.len(), report.found), (2, 1));
+
+        // Refused too: nothing is left to ask, and the failure says why.
+        assert_eq!(
+            d.on_refused(7, [free.public().to_peer_id()], &mut rng),
+            Step::Done
+        );
+        let (found, report) = d.outcome().unwrap();
+        assert!(found.is_empty());
+        assert_eq!(
+            report.failure.as_deref(),
+            Some("every offer with 128 MiB free was refused at reservation")
+        );
+        // A refusal after the end changes nothing.
+        assert_eq!(d.on_refused(8, [], &mut rng), Step::Done);
+    }
+
+    #[test]
+    fn exclusions_are_bounded() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let (mut d, _) =
+            Discovery::start(0, 128 * MIB, DiscoveryConfig::default(), &mut rng).unwrap();
+        let first = PeerId::random();
+        d.exclude([first]);
+        d.exclude((0..MAX_EXCLUDED).map(|_| PeerId::random()));
+        assert_eq!(d.excluded.len(), MAX_EXCLUDED);
+        assert!(!d.excluded.contains(&first), "the oldest is forgotten");
     }
 }

@@ -115,7 +115,7 @@ impl Default for Params {
             key_space: "regions".into(),
             fallback: true,
             offer_tiers: vec![(512, 40), (1024, 30), (2048, 20), (4096, 10)],
-            max_in_flight: 64,
+            max_in_flight: 256,
             offer_ttl_s: 30,
             notify_interval_s: 2,
             warmup_s: 10,

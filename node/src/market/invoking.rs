@@ -72,7 +72,7 @@ impl Market {
     /// A place for one more invocation, or `None` when as many run as allowed.
     pub(super) fn invocation_slot(&self) -> Option<OwnedSemaphorePermit> {
         self.shared
-            .invocations_running
+            .invocations_taken
             .clone()
             .try_acquire_owned()
             .ok()
@@ -133,7 +133,15 @@ impl Market {
                 }),
             };
             let discovering = Instant::now();
-            let discovered = self.run_discovery(discover, &tried).await;
+            let discovered = {
+                let _placing = self
+                    .shared
+                    .placements
+                    .acquire()
+                    .await
+                    .expect("the placement bound is never closed");
+                self.run_discovery(discover, &tried).await
+            };
             discover_us += discovering.elapsed().as_micros() as u64;
             let discovered = match discovered {
                 Ok(discovered) => discovered,

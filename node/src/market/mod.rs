@@ -63,8 +63,12 @@ pub use scheduling::{DiscoverError, MAX_TRIES_LIMIT};
 
 /// Discoveries one scheduler runs at once; more are refused as busy.
 const MAX_CONCURRENT_DISCOVERIES: usize = 32;
-/// Invocations one scheduler places at once; more are refused as busy.
-const MAX_CONCURRENT_INVOCATIONS: usize = 64;
+/// Invocations one scheduler has taken at once, placing them or waiting for their
+/// volunteer's answer; more are refused as busy. One that waits costs a task and its call
+/// (at most 32 KiB of text), so a running call need not turn clients away.
+const MAX_TAKEN_INVOCATIONS: usize = 512;
+/// Invocations one scheduler places (discovers and reserves for) at once; others wait.
+const MAX_CONCURRENT_PLACEMENTS: usize = 64;
 /// Answers of finished runs remembered for retries, on each side.
 const REMEMBERED_RUNS: usize = 1024;
 /// Offerer reports queued for the offerer task.
@@ -222,7 +226,8 @@ struct Shared {
     executor: Option<Arc<Executor>>,
     executions: once::Once<Response>,
     invocations: once::Once<Response>,
-    invocations_running: Arc<Semaphore>,
+    invocations_taken: Arc<Semaphore>,
+    placements: Arc<Semaphore>,
     keypair: Keypair,
     jobs: Mutex<jobs::JobBook>,
     jobs_held: Arc<Semaphore>,
@@ -293,7 +298,8 @@ impl Market {
                 executor,
                 executions: once::Once::new(REMEMBERED_RUNS),
                 invocations: once::Once::new(REMEMBERED_RUNS),
-                invocations_running: Arc::new(Semaphore::new(MAX_CONCURRENT_INVOCATIONS)),
+                invocations_taken: Arc::new(Semaphore::new(MAX_TAKEN_INVOCATIONS)),
+                placements: Arc::new(Semaphore::new(MAX_CONCURRENT_PLACEMENTS)),
                 keypair: keypair.clone(),
                 jobs: Mutex::new(jobs::JobBook::default()),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),

@@ -3,10 +3,12 @@
 //! scheduler at random from the registry and asks it.
 
 use super::protocol::{
-    DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, Response,
+    DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, ReserveTerms,
+    Response,
 };
 use super::{InvokeError, Market, lock, now_ms};
 use flotilla_offers::offer::SignedOffer;
+use flotilla_offers::offerer::Reservation;
 use flotilla_overlay::regions::{RegionError, Tier};
 use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
 use flotilla_scheduler::placement;
@@ -31,6 +33,8 @@ pub const MAX_TRIES_LIMIT: u32 = 16;
 /// Time a client allows a scheduler for one discovery.
 const DISCOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
+/// Most refusal reasons one discovery reports.
+const MAX_REFUSALS_REPORTED: usize = 4;
 
 /// Why a discovery could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -180,9 +184,12 @@ impl Market {
         };
         let bytes = u64::from(request.memory_mib) * MIB;
         let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
+        discovery.exclude(exclude.iter().copied());
         let timeout = self.shared.config.answer_timeout;
         let mut lookup_requests = 0;
         let mut reserve_messages = 0;
+        let mut placement = None;
+        let mut refusals = Vec::new();
         loop {
             step = match step {
                 Step::FindClosest { key } => {
@@ -214,78 +221,50 @@ impl Market {
                     });
                     discovery.on_fallback(now_ms(), offers)
                 }
-                Step::Done => break,
+                Step::Done => {
+                    let (found, _) = discovery.outcome().expect("the discovery is done");
+                    let Some(terms) = &request.reserve else { break };
+                    if found.is_empty() {
+                        break;
+                    }
+                    let policy = terms.policy.unwrap_or(self.shared.config.placement);
+                    let request_mib = discovery.request_mib();
+                    let ranked = placement::rank(found, request_mib, policy, &mut rng);
+                    let mut refused_by = Vec::new();
+                    for offer in ranked {
+                        reserve_messages += 1;
+                        match self.reserve_offer(offer, terms, request_mib, timeout).await {
+                            Ok(reservation) => {
+                                placement = Some(Placement {
+                                    offer: offer.clone(),
+                                    reservation,
+                                });
+                                break;
+                            }
+                            Err(reason) => {
+                                if refusals.len() < MAX_REFUSALS_REPORTED {
+                                    refusals.push(reason);
+                                }
+                                refused_by.push(offer.body.offerer);
+                            }
+                        }
+                    }
+                    if placement.is_some() {
+                        break;
+                    }
+                    // Every offer found was stale: probe on without their offerers.
+                    discovery.on_refused(now_ms(), refused_by, &mut rng)
+                }
             };
         }
         let (found, report) = discovery.outcome().expect("the discovery is done");
         let mut report = report.clone();
-        let mut placement = None;
-        if let Some(terms) = request.reserve
-            && !found.is_empty()
-        {
-            let policy = terms.policy.unwrap_or(self.shared.config.placement);
-            let ranked = placement::rank(found, report.request_mib, policy, &mut rng);
-            let mut refusals = Vec::new();
-            for offer in ranked
-                .into_iter()
-                .filter(|o| !exclude.contains(&o.body.offerer))
-            {
-                let reserve = Request::Reserve {
-                    reservation_id: terms.reservation_id,
-                    offer_id: offer.body.offer_id,
-                    mib: report.request_mib,
-                    hold_ms: terms.hold_ms,
-                };
-                reserve_messages += 1;
-                let offerer = offer.body.offerer;
-                let addresses = offer.body.addresses.clone();
-                let answer = self.call(offerer, addresses, reserve, timeout).await;
-                // Whatever the answer, the list's copy of this offer is out of date now:
-                // the offerer's new version replaces it, or its next report brings it back.
-                if let Some(list) = &self.shared.super_traders {
-                    let mut list = lock(list);
-                    list.remove(&offerer, offer.body.offer_id);
-                    if let Ok(Response::Reserved {
-                        offer: Some(newer), ..
-                    }) = &answer
-                        && newer.body.offerer == offerer
-                    {
-                        list.notify(now_ms(), vec![(**newer).clone()]);
-                    }
-                }
-                match answer {
-                    Ok(Response::Reserved { reservation, .. }) => {
-                        placement = Some(Placement {
-                            offer: offer.clone(),
-                            reservation,
-                        });
-                        break;
-                    }
-                    other => {
-                        refusals.push(match other {
-                            Ok(Response::Refused { reason }) => reason,
-                            Ok(other) => format!("unexpected answer {other:?}"),
-                            Err(e) => e.to_string(),
-                        });
-                    }
-                }
-            }
-            if placement.is_none() {
-                report.failure = Some(if refusals.is_empty() {
-                    format!(
-                        "found {} offer(s) with {} MiB free, all on volunteers that already failed this call",
-                        found.len(),
-                        report.request_mib
-                    )
-                } else {
-                    format!(
-                        "found {} offer(s) with {} MiB free, but every reservation was refused ({})",
-                        found.len(),
-                        report.request_mib,
-                        refusals.join("; ")
-                    )
-                });
-            }
+        if request.reserve.is_some() && placement.is_none() && !refusals.is_empty() {
+            let why = report.failure.take().unwrap_or_default();
+            report.failure = Some(format!(
+                "{why}; reservations refused: {}",
+                refusals.join("; ")
+            ));
         }
         report.messages += lookup_requests + reserve_messages;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -311,6 +290,44 @@ impl Market {
             lookup_requests,
             placement,
         })
+    }
+
+    /// Reserves `mib` on `offer` for the terms asked; the refusal's reason otherwise.
+    async fn reserve_offer(
+        &self,
+        offer: &SignedOffer,
+        terms: &ReserveTerms,
+        mib: u32,
+        timeout: Duration,
+    ) -> Result<Reservation, String> {
+        let reserve = Request::Reserve {
+            reservation_id: terms.reservation_id,
+            offer_id: offer.body.offer_id,
+            mib,
+            hold_ms: terms.hold_ms,
+        };
+        let offerer = offer.body.offerer;
+        let addresses = offer.body.addresses.clone();
+        let answer = self.call(offerer, addresses, reserve, timeout).await;
+        // Whatever the answer, the list's copy of this offer is out of date now: the
+        // offerer's new version replaces it, or its next report brings it back.
+        if let Some(list) = &self.shared.super_traders {
+            let mut list = lock(list);
+            list.remove(&offerer, offer.body.offer_id);
+            if let Ok(Response::Reserved {
+                offer: Some(newer), ..
+            }) = &answer
+                && newer.body.offerer == offerer
+            {
+                list.notify(now_ms(), vec![(**newer).clone()]);
+            }
+        }
+        match answer {
+            Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
+            Ok(Response::Refused { reason }) => Err(reason),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Runs one discovery through a scheduler picked at random from the registry, trying
