@@ -95,7 +95,9 @@ impl NodeSpec {
             }
             None => Command::new(&self.binary),
         };
-        cmd.env("RUST_LOG", "warn")
+        // Researchers may ask for more of the nodes' logs (FLOTILLA_NODE_LOG=debug).
+        let log = std::env::var("FLOTILLA_NODE_LOG").unwrap_or_else(|_| "warn".to_string());
+        cmd.env("RUST_LOG", log)
             .arg("node")
             .arg("--config")
             .arg(config)

@@ -17,7 +17,11 @@
 //! the simulation, which runs there, reaches every node's API on either side of a split.
 //!
 //! [`Topology::remove`] (also on drop) kills whatever still runs in the namespaces and
-//! deletes them; nothing is made outside them.
+//! deletes them; nothing is made outside them. One setting outside them may change: the
+//! kernel keeps a single ARP table for all namespaces (1024 entries by default), and a DHT
+//! of N nodes needs about N² entries, so [`Topology::create`] raises the table's limits
+//! when they are too low for the run (never lowers them). Without this, a 50-node run
+//! loses a random few nodes to "neighbour table overflow".
 
 use super::{LinkError, Links, Side, run_blocking, run_command};
 use std::net::{IpAddr, Ipv4Addr};
@@ -65,6 +69,38 @@ fn sh(args: &[&str]) -> Result<(), LinkError> {
     run_blocking("ip", args)
 }
 
+/// Where the kernel's ARP table limits live (shared by every namespace).
+const NEIGHBOUR_LIMITS: &str = "/proc/sys/net/ipv4/neigh/default";
+
+/// The ARP table limits (`gc_thresh2`, `gc_thresh3`: where the kernel starts pruning, and
+/// the hard limit) a run of `nodes` needs: each namespace may know every other node.
+pub fn neighbour_limits_for(nodes: u32) -> (u64, u64) {
+    let entries = u64::from(nodes + 1).pow(2);
+    (entries + 512, 2 * entries + 1024)
+}
+
+/// Raises the shared ARP table's limits to what `nodes` need, if they are lower.
+fn ensure_neighbour_capacity(nodes: u32) -> Result<(), LinkError> {
+    let (soft, hard) = neighbour_limits_for(nodes);
+    // The hard limit first, so the soft one never exceeds it.
+    for (name, wanted) in [("gc_thresh3", hard), ("gc_thresh2", soft)] {
+        let path = format!("{NEIGHBOUR_LIMITS}/{name}");
+        let current: u64 = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or_else(|| LinkError::Unsupported(format!("cannot read {path}")))?;
+        if current < wanted {
+            std::fs::write(&path, wanted.to_string()).map_err(|e| {
+                LinkError::Unsupported(format!(
+                    "{nodes} nodes need {wanted} ARP entries ({path} is {current}): {e}"
+                ))
+            })?;
+            tracing::info!(%path, from = current, to = wanted, "raised the shared ARP table's limit");
+        }
+    }
+    Ok(())
+}
+
 impl Topology {
     /// Makes the namespaces of `nodes` instances; links get `latency_ms` of delay and
     /// `loss_percent` of loss each way. On any failure what was made is removed.
@@ -79,6 +115,7 @@ impl Topology {
                 "at most {MAX_NODES} nodes in network namespaces"
             )));
         }
+        ensure_neighbour_capacity(nodes)?;
         let mut topology = Topology {
             tag: tag.to_string(),
             nodes: 0,
@@ -144,7 +181,10 @@ impl Topology {
             sh(step)?;
         }
         sh(&["-n", &ctl, "link", "set", "tr-b", "up"])?;
-        // No routing between the bridges: a split must be a split.
+        // No routing between the bridges: a split must be a split. And each bridge
+        // answers ARP only for its own address: otherwise a node may learn the other
+        // bridge's hardware address for its side's gateway, and lose the control
+        // namespace (its API's client) when the network splits.
         sh(&[
             "netns",
             "exec",
@@ -152,6 +192,8 @@ impl Topology {
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=0",
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
         ])?;
         Ok(())
     }
@@ -287,6 +329,19 @@ mod tests {
         assert_eq!(all.len(), MAX_NODES as usize);
     }
 
+    #[test]
+    fn the_arp_table_limits_grow_with_the_square_of_the_nodes() {
+        // 50 nodes, each knowing the other 49 and the control namespace: 2550 entries,
+        // more than the kernel's default hard limit of 1024.
+        let (soft, hard) = neighbour_limits_for(50);
+        assert!(
+            soft >= 51 * 51 && hard > soft && hard >= 1024,
+            "{soft} {hard}"
+        );
+        let (_, hard_at_most) = neighbour_limits_for(MAX_NODES);
+        assert!(hard_at_most < 1 << 20, "bounded: {hard_at_most}");
+    }
+
     /// Needs root and `ip`; skipped (passing) where namespaces cannot be made.
     #[test]
     fn a_split_cuts_the_two_sides_apart_and_a_heal_joins_them() {
@@ -295,6 +350,15 @@ mod tests {
         }
         let tag = format!("fltest{}", std::process::id());
         let topology = Topology::create(&tag, 3, 0, 0.0).expect("topology");
+        let hard: u64 = std::fs::read_to_string(format!("{NEIGHBOUR_LIMITS}/gc_thresh3"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            hard >= neighbour_limits_for(3).1,
+            "the ARP table fits the run"
+        );
         // A TCP connect to a closed port is refused when the peer is reachable and
         // times out when it is not (no ping needed).
         // A few attempts, as a busy machine may be slow to start `ip` and `bash`.
