@@ -72,14 +72,22 @@ fn sh(args: &[&str]) -> Result<(), LinkError> {
 /// Where the kernel's ARP table limits live (shared by every namespace).
 const NEIGHBOUR_LIMITS: &str = "/proc/sys/net/ipv4/neigh/default";
 
+/// The ARP entries a run of `nodes` needs at most: each namespace, the control one
+/// included, may know every other.
+pub fn neighbours_needed(nodes: u32) -> u64 {
+    u64::from(nodes + 1).pow(2)
+}
+
 /// The ARP table limits (`gc_thresh2`, `gc_thresh3`: where the kernel starts pruning, and
-/// the hard limit) a run of `nodes` needs: each namespace may know every other node.
+/// the hard limit) a run of `nodes` asks for, with room for the host's own entries.
 pub fn neighbour_limits_for(nodes: u32) -> (u64, u64) {
-    let entries = u64::from(nodes + 1).pow(2);
+    let entries = neighbours_needed(nodes);
     (entries + 512, 2 * entries + 1024)
 }
 
-/// Raises the shared ARP table's limits to what `nodes` need, if they are lower.
+/// Raises the shared ARP table's limits to what `nodes` ask for, if they are lower. Where
+/// they cannot be written (a read-only `/proc/sys`), a hard limit that still holds every
+/// entry the run needs is enough; a smaller one is an error.
 fn ensure_neighbour_capacity(nodes: u32) -> Result<(), LinkError> {
     let (soft, hard) = neighbour_limits_for(nodes);
     // The hard limit first, so the soft one never exceeds it.
@@ -89,13 +97,22 @@ fn ensure_neighbour_capacity(nodes: u32) -> Result<(), LinkError> {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .ok_or_else(|| LinkError::Unsupported(format!("cannot read {path}")))?;
-        if current < wanted {
-            std::fs::write(&path, wanted.to_string()).map_err(|e| {
-                LinkError::Unsupported(format!(
-                    "{nodes} nodes need {wanted} ARP entries ({path} is {current}): {e}"
-                ))
-            })?;
-            tracing::info!(%path, from = current, to = wanted, "raised the shared ARP table's limit");
+        if current >= wanted {
+            continue;
+        }
+        match std::fs::write(&path, wanted.to_string()) {
+            Ok(()) => {
+                tracing::info!(%path, from = current, to = wanted, "raised the shared ARP table's limit");
+            }
+            Err(e) if name == "gc_thresh2" || current >= neighbours_needed(nodes) => {
+                tracing::warn!(%path, current, wanted, error = %e, "cannot raise the shared ARP table's limit");
+            }
+            Err(e) => {
+                return Err(LinkError::Unsupported(format!(
+                    "{nodes} nodes need {} ARP entries and {path} is {current}: {e}",
+                    neighbours_needed(nodes)
+                )));
+            }
         }
     }
     Ok(())
