@@ -84,6 +84,13 @@ fn main() {
     let native = native_dir(&root);
     let data = tempfile::tempdir().unwrap();
     let exec = Executor::new(ExecutorConfig::new(data.path())).unwrap();
+    // The same executor with no epoch checks in the compiled code: what the deadline in
+    // wasm code costs (the node never runs this way).
+    let unchecked = Executor::new(ExecutorConfig {
+        interruptible: false,
+        ..ExecutorConfig::new(&data.path().join("unchecked"))
+    })
+    .unwrap();
     let job = |arg: &str| Job {
         memory_bytes: 512 << 20,
         timeout: Some(Duration::from_secs(300)),
@@ -91,9 +98,12 @@ fn main() {
         ..Job::default()
     };
 
-    println!("| kernel | native (ms) | wasm (ms) | wasm / native |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| kernel | native (ms) | wasm (ms) | wasm / native | wasm without epoch checks (ms) | … / native |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     let mut log_ratios = 0.0;
+    let mut log_unchecked = 0.0;
     for kernel in &KERNELS {
         let mut native_times = Vec::new();
         let mut native_out = Vec::new();
@@ -109,23 +119,29 @@ fn main() {
         }
 
         let wasm = std::fs::read(root.join(format!("examples/wasm/{}.wasm", kernel.name))).unwrap();
-        let warm = exec.run(&wasm, job("1")).unwrap();
-        assert!(warm.timings.compiled, "the warm-up compiles the module");
-        let mut wasm_times = Vec::new();
-        let mut wasm_out = Vec::new();
-        for _ in 0..RUNS {
-            let started = Instant::now();
-            let outcome = exec.run(&wasm, job(kernel.arg)).unwrap();
-            wasm_times.push(started.elapsed());
-            assert!(
-                outcome.exit_code == 0 && outcome.failure.is_none(),
-                "wasm {} failed: {:?}",
-                kernel.name,
-                outcome.failure
-            );
-            assert!(!outcome.timings.compiled, "compiling is excluded");
-            wasm_out = outcome.stdout;
-        }
+        let time_wasm = |exec: &Executor| {
+            let warm = exec.run(&wasm, job("1")).unwrap();
+            assert!(warm.timings.compiled, "the warm-up compiles the module");
+            let mut times = Vec::new();
+            let mut out = Vec::new();
+            for _ in 0..RUNS {
+                let started = Instant::now();
+                let outcome = exec.run(&wasm, job(kernel.arg)).unwrap();
+                times.push(started.elapsed());
+                assert!(
+                    outcome.exit_code == 0 && outcome.failure.is_none(),
+                    "wasm {} failed: {:?}",
+                    kernel.name,
+                    outcome.failure
+                );
+                assert!(!outcome.timings.compiled, "compiling is excluded");
+                out = outcome.stdout;
+            }
+            (median(times), out)
+        };
+        let (w, wasm_out) = time_wasm(&exec);
+        let (u, unchecked_out) = time_wasm(&unchecked);
+        assert_eq!(wasm_out, unchecked_out, "{}", kernel.name);
         let checksum = String::from_utf8_lossy(&native_out).trim_end().to_string();
         assert_eq!(
             native_out,
@@ -134,18 +150,22 @@ fn main() {
             kernel.name,
             String::from_utf8_lossy(&wasm_out).trim_end()
         );
-        let (n, w) = (median(native_times), median(wasm_times));
+        let n = median(native_times);
         let ratio = w.as_secs_f64() / n.as_secs_f64();
+        let unchecked_ratio = u.as_secs_f64() / n.as_secs_f64();
         log_ratios += ratio.ln();
+        log_unchecked += unchecked_ratio.ln();
         eprintln!("{}: {checksum} (both)", kernel.name);
         println!(
-            "| {} ({}) | {:.0} | {:.0} | {ratio:.2} |",
+            "| {} ({}) | {:.0} | {:.0} | {ratio:.2} | {:.0} | {unchecked_ratio:.2} |",
             kernel.name,
             kernel.what,
             n.as_secs_f64() * 1e3,
-            w.as_secs_f64() * 1e3
+            w.as_secs_f64() * 1e3,
+            u.as_secs_f64() * 1e3
         );
     }
     let mean = (log_ratios / KERNELS.len() as f64).exp();
-    println!("| geometric mean | | | {mean:.2} |");
+    let unchecked_mean = (log_unchecked / KERNELS.len() as f64).exp();
+    println!("| geometric mean | | | {mean:.2} | | {unchecked_mean:.2} |");
 }

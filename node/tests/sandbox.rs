@@ -173,3 +173,117 @@ fn unknown_imports_and_bad_modules_are_refused_before_running() {
     );
     still_serves(&executor);
 }
+
+/// Sleeps `ns` nanoseconds in `poll_oneoff` on the monotonic clock, then exits 0.
+fn sleeper(ns: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            ;; one relative clock subscription at 0: clock 1 (monotonic), timeout at 24
+            (i32.store (i32.const 16) (i32.const 1))
+            (i64.store (i32.const 24) (i64.const {ns}))
+            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#
+    ))
+    .unwrap()
+}
+
+/// Runs `wasm` with a 200 ms deadline and checks that it was stopped there, not an hour
+/// later (the bound is only there so that a regression fails instead of hanging).
+fn stopped_at_200ms(executor: &Executor, wasm: &[u8]) {
+    let started = std::time::Instant::now();
+    let outcome = executor
+        .run(
+            wasm,
+            Job {
+                timeout: Some(Duration::from_millis(200)),
+                ..job(MIB)
+            },
+        )
+        .unwrap();
+    let failure = outcome.failure.unwrap();
+    assert!(failure.contains("deadline of 200ms"), "{failure}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_guest_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    stopped_at_200ms(&executor, &sleeper(3_600_000_000_000));
+    // The same sleep in the module's start function, which runs while it is instantiated.
+    let in_start = wat::parse_str(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func $sleep
+            (i32.store (i32.const 16) (i32.const 1))
+            (i64.store (i32.const 24) (i64.const 3600000000000))
+            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))))
+          (start $sleep)
+          (func (export "_start")))"#,
+    )
+    .unwrap();
+    stopped_at_200ms(&executor, &in_start);
+    // A sleep that ends before the deadline still sleeps, and the guest goes on.
+    let short = executor.run(&sleeper(20_000_000), job(MIB)).unwrap();
+    assert_eq!((short.exit_code, short.failure), (0, None));
+    still_serves(&executor);
+}
+
+#[test]
+fn a_guest_filling_its_directory_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    // Creates the file "big" in its directory (fd 3) and writes 64 KiB to it forever.
+    let writer = wat::parse_str(
+        r#"(module
+          (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 2)
+          (data (i32.const 0) "big")
+          (func (export "_start")
+            (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 3)
+                              (i32.const 1) (i64.const 0x1fffffff) (i64.const 0x1fffffff)
+                              (i32.const 0) (i32.const 8)))
+            ;; an iovec at 16: 64 KiB from 65536
+            (i32.store (i32.const 16) (i32.const 65536))
+            (i32.store (i32.const 20) (i32.const 65536))
+            (loop
+              (drop (call $write (i32.load (i32.const 8)) (i32.const 16) (i32.const 1) (i32.const 24)))
+              (br 0))))"#,
+    )
+    .unwrap();
+    let outcome = executor.run(&writer, job(MIB)).unwrap();
+    let failure = outcome.failure.unwrap();
+    assert!(
+        failure.contains("wrote more than 1048576 bytes"),
+        "{failure}"
+    );
+    // Makes directories "aaa", "baa", … as fast as it can.
+    let mkdirs = wat::parse_str(
+        r#"(module
+          (import "wasi_snapshot_preview1" "path_create_directory" (func $mkdir (param i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start") (local $i i32)
+            (loop
+              (i32.store8 (i32.const 100) (i32.add (i32.const 97) (i32.rem_u (local.get $i) (i32.const 26))))
+              (i32.store8 (i32.const 101) (i32.add (i32.const 97) (i32.rem_u (i32.div_u (local.get $i) (i32.const 26)) (i32.const 26))))
+              (i32.store8 (i32.const 102) (i32.add (i32.const 97) (i32.rem_u (i32.div_u (local.get $i) (i32.const 676)) (i32.const 26))))
+              (drop (call $mkdir (i32.const 3) (i32.const 100) (i32.const 3)))
+              (local.set $i (i32.add (local.get $i) (i32.const 1)))
+              (br 0))))"#,
+    )
+    .unwrap();
+    let outcome = executor.run(&mkdirs, job(MIB)).unwrap();
+    let failure = outcome.failure.unwrap();
+    assert!(
+        failure.contains("wrote more than 1024 files and directories"),
+        "{failure}"
+    );
+    // Nothing is left behind in the executor's work directory.
+    let left = std::fs::read_dir(dir.path().join("jobs")).unwrap().count();
+    assert_eq!(left, 0);
+    still_serves(&executor);
+}

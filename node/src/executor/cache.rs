@@ -16,6 +16,8 @@ use wasmtime::{Engine, Module};
 
 /// Compiled modules kept in memory.
 const IN_MEMORY: usize = 64;
+/// Compiled modules kept on disk; the least recently written go first.
+const ON_DISK: usize = 512;
 
 /// The key of a module: the SHA-256 of its bytes, hex.
 pub fn module_key(wasm: &[u8]) -> String {
@@ -36,6 +38,13 @@ impl ModuleCache {
     /// A cache in `dir` (created if missing) for modules compiled by `engine`.
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<ModuleCache> {
         std::fs::create_dir_all(dir)?;
+        // Temporary files a crash left half written (nothing writes before `open`).
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&path)?;
+            }
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(ModuleCache {
@@ -76,14 +85,44 @@ impl ModuleCache {
         self.remember(key, module.clone());
         let path = self.path(key);
         let written = module.serialize().and_then(|bytes| {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)?;
+            // A temporary file of its own, so two threads caching the same module never
+            // write into one file; the rename makes the whole file appear at once.
+            let mut tmp = tempfile::Builder::new()
+                .suffix(".tmp")
+                .tempfile_in(&self.dir)?;
+            std::io::Write::write_all(&mut tmp, &bytes)?;
+            tmp.persist(&path).map_err(|e| e.error)?;
             Ok(())
         });
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled module");
         }
+        if let Err(e) = self.prune(ON_DISK) {
+            tracing::warn!(error = %e, "cannot prune the compiled-module cache");
+        }
+    }
+
+    /// Removes the oldest compiled files until at most `keep` remain.
+    fn prune(&self, keep: usize) -> std::io::Result<()> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.path().extension().is_some_and(|e| e == "cwasm") {
+                files.push((entry.metadata()?.modified()?, entry.path()));
+            }
+        }
+        if files.len() <= keep {
+            return Ok(());
+        }
+        files.sort();
+        for (_, path) in &files[..files.len() - keep] {
+            match std::fs::remove_file(path) {
+                // Another thread pruning at the same time removed it first.
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn remember(&self, key: &str, module: Module) {
@@ -113,4 +152,34 @@ fn load(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // compatibility hash (wasmtime checks the version and configuration again); nothing
     // a peer sends is ever written there.
     unsafe { Module::deserialize_file(engine, path) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_keeps_the_newest_modules_and_loads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let cache = ModuleCache::open(dir.path(), &engine).unwrap();
+        let keys: Vec<String> = (0..3)
+            .map(|i| {
+                let wat = format!("(module (func (export \"f{i}\")))");
+                let wasm = wat::parse_str(&wat).unwrap();
+                let key = module_key(&wasm);
+                cache.put(&key, &Module::new(&engine, &wasm).unwrap());
+                key
+            })
+            .collect();
+        cache.prune(2).unwrap();
+        let on_disk = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(on_disk, 2, "no temporary files are left either");
+        std::fs::write(dir.path().join("left-by-a-crash.tmp"), b"half").unwrap();
+        // A fresh cache (empty memory) loads what the disk kept.
+        let reopened = ModuleCache::open(dir.path(), &engine).unwrap();
+        let kept = keys.iter().filter(|k| reopened.get(&engine, k).is_some());
+        assert_eq!(kept.count(), 2);
+        assert!(!dir.path().join("left-by-a-crash.tmp").exists());
+    }
 }
