@@ -498,6 +498,15 @@ fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_sched
     assert_eq!(result["execution"]["stdout"]["inline"], "x\n");
     assert_eq!(result["execution"]["exit_code"], 0);
     assert!(result["total_us"].as_u64().unwrap() > 0);
+    // Stdout over 16 KiB comes back by CID, and invoke prints all of it.
+    let lines = |n: usize| -> String { (0..n).map(|i| format!("line {i}\n")).collect() };
+    let big = root.join("big.txt");
+    std::fs::write(&big, lines(5000)).unwrap();
+    let copied = client.cli(&["invoke", &echo, "--stdin", big.to_str().unwrap(), "--json"]);
+    let result: serde_json::Value = serde_json::from_str(&stdout_text(&copied)).unwrap();
+    assert!(result["execution"]["stdout"]["cid"].is_string(), "{result}");
+    let printed = client.cli(&["invoke", &echo, "--stdin", big.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(printed.stdout).unwrap(), lines(5000));
 
     // Bad input: one line, non-zero exit, nothing left reserved.
     let not_wasm = add(&client, &words);
@@ -536,6 +545,32 @@ fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_sched
     poll_json(&client, &["job", "status", &job, "--json"], |v| {
         v["state"] == "done"
     });
+    // One whose stdout (10 KiB) is too large for its record: the scheduler keeps it as a
+    // block, and the peers that keep the record take a copy of it.
+    let blocks = |node: &NodeProcess| {
+        let status = stdout_text(&node.cli(&["status", "--json"]));
+        serde_json::from_str::<serde_json::Value>(&status).unwrap()["store"]["blocks"]
+            .as_u64()
+            .unwrap()
+    };
+    let before: Vec<u64> = volunteers.iter().map(blocks).collect();
+    let medium = root.join("medium.txt");
+    std::fs::write(&medium, lines(1200)).unwrap();
+    let long_job = stdout_text(&client.cli(&[
+        "invoke",
+        &echo,
+        "--detach",
+        "--stdin",
+        medium.to_str().unwrap(),
+    ]));
+    poll_json(&client, &["job", "status", &long_job, "--json"], |v| {
+        v["state"] == "done" && v["result"]["execution"]["stdout"]["cid"].is_string()
+    });
+    for (volunteer, before) in volunteers.iter().zip(before) {
+        poll_json(volunteer, &["status", "--json"], |v| {
+            v["store"]["blocks"].as_u64().unwrap() > before
+        });
+    }
     assert!(client.terminate());
     assert!(scheduler.terminate());
     let returning = joining(root, "returning-client", Some(&volunteers[0]), &[]);
@@ -545,6 +580,8 @@ fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_sched
         stdout_text(&returning.cli(&["job", "result", &job])),
         "later"
     );
+    let long_result = returning.cli(&["job", "result", &long_job]);
+    assert_eq!(String::from_utf8(long_result.stdout).unwrap(), lines(1200));
     assert_one_line_error(&returning.cli(&["job", "result", "zz"]), "not a job id");
     assert_one_line_error(
         &returning.cli(&["job", "status", "0000000000000001"]),

@@ -14,6 +14,7 @@ use flotilla_node::demo;
 use flotilla_node::market::InvokeError;
 use flotilla_node::market::function::{FunctionCall, Invocation};
 use flotilla_node::market::jobs::JobState;
+use flotilla_node::market::protocol::{self, ExecuteRequest, Request, Response};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -195,7 +196,8 @@ fn sleeper(ms: u64) -> Vec<u8> {
 async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly() {
     let (_dir, mut nodes) = function_network().await;
     let client_market = nodes[0].market().clone();
-    let sleeper = add(&nodes[0], &sleeper(1500)).await;
+    // Long enough that the checks below run while the call does, even on a loaded machine.
+    let sleeper = add(&nodes[0], &sleeper(4000)).await;
 
     let running = tokio::spawn({
         let market = client_market.clone();
@@ -218,6 +220,64 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
     .await;
     let victim = nodes.remove(victim.unwrap());
     let victim_id = victim.peer_id().to_string();
+    // While the call runs, its reservation can neither be released by another peer's
+    // Release nor carry a second call.
+    let running_reservation = victim
+        .market()
+        .offers()
+        .reservations
+        .iter()
+        .find(|r| r.hold_until_ms.is_none())
+        .unwrap()
+        .reservation_id;
+    let ask = |id: u64, request: Request| {
+        let network = nodes[0].overlay().network().clone();
+        let to = victim.peer_id();
+        async move {
+            let answer = network
+                .request(to, Vec::new(), protocol::encode_request(id, request))
+                .await
+                .unwrap();
+            protocol::decode_response(&answer, id).unwrap()
+        }
+    };
+    let release = Request::Release {
+        reservation_id: running_reservation,
+    };
+    let refused = ask(1, release).await;
+    assert!(
+        matches!(&refused, Response::Refused { reason } if reason.contains("running a call")),
+        "{refused:?}"
+    );
+    let second = Request::Execute(Box::new(ExecuteRequest {
+        invocation_id: 42,
+        reservation_id: running_reservation,
+        call: call(&sleeper),
+    }));
+    let refused = ask(2, second).await;
+    assert!(
+        matches!(&refused, Response::Failed { reason, .. } if reason.contains("in use")),
+        "{refused:?}"
+    );
+    let made_up = Request::Execute(Box::new(ExecuteRequest {
+        invocation_id: 43,
+        reservation_id: 7,
+        call: call(&sleeper),
+    }));
+    let refused = ask(3, made_up).await;
+    assert!(
+        matches!(&refused, Response::Failed { reason, .. } if reason.contains("no reservation 7")),
+        "{refused:?}"
+    );
+    assert!(
+        victim
+            .market()
+            .offers()
+            .reservations
+            .iter()
+            .any(|r| r.reservation_id == running_reservation),
+        "the running call keeps its reservation"
+    );
     victim.kill().await;
     let invocation = running.await.unwrap().unwrap();
     assert_eq!(stdout(&invocation), "done\n");

@@ -534,10 +534,12 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
         1.0
     );
 
-    // The node keeps serving: a discovery through it still works.
-    wait_until("the offer is published", || async {
-        all_published(&nodes[1])
-    })
+    // The node keeps serving: a discovery through it still works (its probes may miss
+    // the offer's holder, so the offer must be on its list for the fallback too).
+    wait_until(
+        "the offer is published and on the scheduler's list",
+        || async { all_published(&nodes[1]) && nodes[1].market().offers().super_traders == 1 },
+    )
     .await;
     let found = discover(&nodes[0], 200, None).await;
     assert_eq!(found.report.failure, None, "{found:?}");

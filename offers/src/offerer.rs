@@ -156,8 +156,13 @@ enum State {
         holder: PeerId,
         expires_at_ms: u64,
     },
-    /// All its memory is reserved: withdrawn from its holder until some is released.
-    Full,
+    /// All its memory is reserved: withdrawn from its holder until some is released, when
+    /// a new version goes to the same holder under the same key at once.
+    Full {
+        key: Vec<u8>,
+        holder: PeerId,
+        expires_at_ms: u64,
+    },
     Withdrawn,
 }
 
@@ -328,7 +333,7 @@ impl Offerer {
                 State::Finding { since, .. } | State::Sending { since, .. } => {
                     now_ms >= since + timeout
                 }
-                State::Full => slot.in_use_mib < slot.memory_mib,
+                State::Full { .. } => slot.in_use_mib < slot.memory_mib,
                 State::Published { .. } | State::Withdrawn => false,
             };
             if restart {
@@ -532,14 +537,25 @@ impl Offerer {
         self.announce_use(now_ms, i)
     }
 
+    /// The newest signed version of offer `offer_id`, sent to its holder or not: what a
+    /// scheduler that just reserved on it, or whose call released it, should list.
+    pub fn latest(&self, offer_id: u64) -> Option<&SignedOffer> {
+        self.slots
+            .iter()
+            .find(|s| s.offer_id == offer_id)?
+            .latest
+            .as_ref()
+    }
+
     /// The reservations held now.
     pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
         self.reservations.values()
     }
 
     /// Tells slot `i`'s holder about its memory in use: a new version of the offer, or a
-    /// withdrawal once none is free. An offer not yet with a holder carries the change
-    /// when it is published.
+    /// withdrawal once none is free. An offer not yet with a holder gets a new version
+    /// too, sent nowhere but kept as its [`Offerer::latest`] (schedulers learn of it with
+    /// the answer to a reservation or a call), and carries the change when published.
     fn announce_use(&mut self, now_ms: u64, i: usize) -> Result<Vec<Action>, OfferError> {
         let (key, holder, expires_at_ms) = match &self.slots[i].state {
             State::Published {
@@ -552,17 +568,33 @@ impl Offerer {
                 holder,
                 expires_at_ms,
                 ..
+            }
+            | State::Full {
+                key,
+                holder,
+                expires_at_ms,
             } => (key.clone(), *holder, *expires_at_ms),
-            _ => return Ok(Vec::new()),
+            State::Idle | State::Finding { .. } => {
+                self.slots[i].seq += 1;
+                let offer = self.sign(&self.slots[i], now_ms + self.config.ttl_ms, false)?;
+                self.slots[i].latest = Some(offer);
+                return Ok(Vec::new());
+            }
+            State::Withdrawn => return Ok(Vec::new()),
         };
         if self.slots[i].in_use_mib < self.slots[i].memory_mib {
             return Ok(vec![self.send_new_version(i, key, holder, now_ms)?]);
         }
         // Nothing free: withdraw it from its holder until memory comes back.
         self.slots[i].seq += 1;
-        let withdrawal = self.sign(&self.slots[i], expires_at_ms.max(now_ms + 1), true)?;
+        let expires_at_ms = expires_at_ms.max(now_ms + 1);
+        let withdrawal = self.sign(&self.slots[i], expires_at_ms, true)?;
         let slot = &mut self.slots[i];
-        slot.state = State::Full;
+        slot.state = State::Full {
+            key: key.clone(),
+            holder,
+            expires_at_ms,
+        };
         slot.latest = Some(withdrawal.clone());
         Ok(vec![Action::Send {
             offer_id: slot.offer_id,
@@ -585,8 +617,8 @@ impl Offerer {
                 State::Published { expires_at_ms, .. } => {
                     Some(expires_at_ms.saturating_sub(self.config.refresh_margin_ms))
                 }
-                State::Full if s.in_use_mib < s.memory_mib => Some(0),
-                State::Full | State::Withdrawn => None,
+                State::Full { .. } if s.in_use_mib < s.memory_mib => Some(0),
+                State::Full { .. } | State::Withdrawn => None,
             })
             .chain(self.reservations.values().filter_map(|r| r.hold_until_ms))
             .min()
@@ -604,7 +636,7 @@ impl Offerer {
                     State::Sending { .. } | State::Published { .. } => {
                         !latest.body.withdrawn && latest.body.free_mib() > 0
                     }
-                    State::Full => latest.body.withdrawn,
+                    State::Full { .. } => latest.body.withdrawn,
                     _ => false,
                 };
                 (current && latest.body.expires_at_ms > now_ms).then_some(latest)
@@ -626,7 +658,7 @@ impl Offerer {
                         expires_at_ms,
                         ..
                     } => (Some(holder.to_string()), Some(*expires_at_ms), "published"),
-                    State::Full => (None, None, "full"),
+                    State::Full { .. } => (None, None, "full"),
                     State::Withdrawn => (None, None, "withdrawn"),
                 };
                 SentOffer {
@@ -952,12 +984,19 @@ mod tests {
         assert_eq!(holder.live(100).count(), 0);
         assert_eq!(offerer.sent()[0].state, "full");
         // Schedulers hear of the withdrawal too, so their fallback lists drop the offer.
-        assert_eq!(offerer.current_offers(100), vec![withdrawal]);
-        // Not confirmed within its hold: released, and the offer is published again.
+        assert_eq!(offerer.current_offers(100), vec![withdrawal.clone()]);
+        // Not confirmed within its hold: released, and a new version goes at once to the
+        // same holder under the same key (no new lookup), which takes it back.
         assert_eq!(offerer.next_wakeup(), Some(1_100));
         let actions = offerer.poll(1_100, &mut rng).unwrap();
         assert_eq!(offerer.reservations().count(), 0);
-        assert!(matches!(actions.as_slice(), [Action::FindHolder { .. }]));
+        let (to, again, back) = sent(&actions);
+        assert_eq!((to, &again), (holder_id, &key));
+        assert!(!back.body.withdrawn && back.body.free_mib() == 128);
+        assert!(back.body.seq > withdrawal.body.seq);
+        holder.receive(1_100, &key, back.clone()).unwrap();
+        assert_eq!(holder.live(1_100).count(), 1);
+        assert_eq!(offerer.current_offers(1_100), vec![back]);
         // A confirmed reservation does not lapse.
         let mut offerer = self::offerer(256);
         publish_all(
@@ -973,6 +1012,23 @@ mod tests {
         assert_eq!(offerer.reservations().count(), 1);
         offerer.release(10_001, 1).unwrap();
         assert_eq!(offerer.sent()[0].in_use_mib, 0);
+    }
+
+    #[test]
+    fn the_latest_version_follows_reservations_even_before_an_offer_has_a_holder() {
+        let mut offerer = offerer(512);
+        let offer_id = offerer.sent()[0].offer_id;
+        assert!(offerer.latest(offer_id).is_none(), "nothing signed yet");
+        // Not yet with a holder: nothing is sent, but a new version is signed.
+        let (_, actions) = offerer.reserve(10, offer_id, 128, 1, 1_000).unwrap();
+        assert!(actions.is_empty());
+        let reserved = offerer.latest(offer_id).unwrap().clone();
+        reserved.verify().unwrap();
+        assert_eq!(reserved.body.in_use_mib, 128);
+        offerer.release(20, 1).unwrap();
+        let released = offerer.latest(offer_id).unwrap();
+        assert_eq!(released.body.in_use_mib, 0);
+        assert!(released.body.seq > reserved.body.seq);
     }
 
     #[test]

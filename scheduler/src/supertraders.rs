@@ -119,9 +119,17 @@ impl SuperTraders {
             .collect()
     }
 
-    /// Forgets an offer (its offerer refused a reservation, say).
-    pub fn remove(&mut self, offerer: &PeerId, offer_id: u64) {
-        self.entries.remove(&(*offerer, offer_id));
+    /// Forgets an offer's version `seq` (its offerer refused a reservation on it, say),
+    /// keeping a newer one that arrived meanwhile.
+    pub fn remove(&mut self, offerer: &PeerId, offer_id: u64, seq: u64) {
+        let id = (*offerer, offer_id);
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.offer.body.seq <= seq)
+        {
+            self.entries.remove(&id);
+        }
     }
 
     /// Offers in the list (valid or not yet evicted).
@@ -185,7 +193,15 @@ mod tests {
         gone.seq = 2;
         gone.withdrawn = true;
         list.notify(1, vec![SignedOffer::sign(gone, &a).unwrap()]);
-        list.remove(&a.public().to_peer_id(), 2);
+        let offerer = a.public().to_peer_id();
+        // A refusal of version 1 of offer 2 forgets it, unless a newer version arrived
+        // meanwhile (with another call's answer).
+        let mut newer = offer(&a, 2, 512, 128).body;
+        newer.seq = 2;
+        list.notify(2, vec![SignedOffer::sign(newer, &a).unwrap()]);
+        list.remove(&offerer, 2, 1);
+        assert_eq!(list.len(), 1, "the newer version stays");
+        list.remove(&offerer, 2, 2);
         assert!(list.is_empty());
     }
 }

@@ -22,9 +22,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-/// Most bytes of stdin and inputs one call may bring.
+/// Most bytes of stdin and inputs one call may bring (and never more than it reserved).
 pub const MAX_INPUT_BYTES: u64 = 256 * 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
+
+/// Why a bounded fetch stopped.
+#[derive(Debug)]
+pub(super) enum Fetched {
+    /// Nobody provided it in time.
+    TimedOut,
+    /// More arrived than allowed.
+    TooLarge,
+    /// The fetch failed.
+    Failed(flotilla_overlay::OverlayError),
+}
 
 /// Why a call could not run here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,17 +76,31 @@ impl Market {
         let id = request.invocation_id;
         let reservation_id = request.reservation_id;
         let span = tracing::info_span!("execute", invocation = id, module = %request.call.module);
+        // A call on no reservation of ours is refused without a place among the
+        // remembered answers, so made-up calls cannot push out real ones; a retry of a
+        // known run still gets its answer.
+        if !self.shared.executions.knows(id) && !self.holds_reservation(reservation_id) {
+            self.shared.metrics.executions_failed.inc();
+            return Failure::of_volunteer(format!(
+                "no reservation {reservation_id} here (it lapsed or was released)"
+            ))
+            .into();
+        }
         let response = self
             .shared
             .executions
             .run(
                 id,
                 async move {
-                    let outcome = match self.admit(&request) {
-                        Ok(mib) => self.run_call(&request.call, mib).await,
-                        Err(failure) => Err(failure),
+                    // Only an admitted call releases its reservation: one refused (for
+                    // a reservation another call runs on, say) leaves it alone.
+                    let (outcome, offer) = match self.admit(&request) {
+                        Ok(mib) => {
+                            let outcome = self.run_call(&request.call, mib).await;
+                            (outcome, self.release_and_tell(reservation_id))
+                        }
+                        Err(failure) => (Err(failure), None),
                     };
-                    let offer = self.release_and_tell(reservation_id);
                     match outcome {
                         Ok(execution) => {
                             self.shared.metrics.executions.inc();
@@ -94,9 +119,18 @@ impl Market {
             )
             .await;
         // A repeated call answered from memory does not need the reservation it came
-        // with (after a first run, its own is already released: this changes nothing).
-        self.release_and_tell(reservation_id);
+        // with (after a first run, its own is already released: this changes nothing),
+        // unless another call runs on it.
+        self.release_unless_running(reservation_id);
         response
+    }
+
+    /// Whether this node holds reservation `id`.
+    fn holds_reservation(&self, id: u64) -> bool {
+        self.shared
+            .offerer
+            .as_ref()
+            .is_some_and(|o| lock(o).reservations().any(|r| r.reservation_id == id))
     }
 
     /// Checks that the call runs on a reservation granted here, big enough for it, and
@@ -122,6 +156,12 @@ impl Market {
                     request.reservation_id
                 ))
             })?;
+        if reservation.hold_until_ms.is_none() {
+            return Err(Failure::of_volunteer(format!(
+                "reservation {} is in use by another call",
+                request.reservation_id
+            )));
+        }
         if reservation.mib < request.call.memory_mib {
             return Err(Failure::of_volunteer(format!(
                 "reservation {} holds {} MiB, the call asks for {} MiB",
@@ -152,7 +192,8 @@ impl Market {
         let module = self
             .fetch_bytes("module", module_cid, max_module, "the module limit")
             .await?;
-        let mut budget = MAX_INPUT_BYTES;
+        // Stdin and inputs are held in memory here: no more than the call reserved.
+        let mut budget = MAX_INPUT_BYTES.min(u64::from(mib) * MIB);
         let stdin = match &call.stdin {
             Some(cid) => {
                 let cid = parse_cid("stdin", cid).map_err(invalid)?;
@@ -241,41 +282,23 @@ impl Market {
                 "the {what} ({cid}) is larger than {limit} ({max} bytes)"
             ))
         };
-        let overlay = &self.shared.overlay;
-        let (progress, mut watching) = watch::channel(FetchProgress::default());
         let timeout = self.shared.config.fetch_timeout;
-        // Blocks carry a little framing beyond the file's bytes.
-        let max_fetched = max + max / 8 + MIB;
-        let fetched = tokio::time::timeout(timeout, async {
-            let fetch = overlay.fetch(cid, &progress);
-            tokio::pin!(fetch);
-            loop {
-                tokio::select! {
-                    done = &mut fetch => return Some(done),
-                    Ok(()) = watching.changed() => {
-                        if watching.borrow().bytes > max_fetched {
-                            return None;
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-        match fetched {
-            Err(_) => {
+        match self.fetch_at_most(cid, max).await {
+            Err(Fetched::TimedOut) => {
                 return Err(Failure::of_call(format!(
                     "cannot fetch the {what} ({cid}): no peer provided it within {timeout:?}"
                 )));
             }
-            Ok(None) => return Err(too_large()),
-            Ok(Some(Err(e))) => {
+            Err(Fetched::TooLarge) => return Err(too_large()),
+            Err(Fetched::Failed(e)) => {
                 return Err(Failure::of_call(format!(
                     "cannot fetch the {what} ({cid}): {}",
                     one_line(&e.to_string())
                 )));
             }
-            Ok(Some(Ok(()))) => {}
+            Ok(()) => {}
         }
+        let overlay = &self.shared.overlay;
         let mut bytes = Vec::new();
         let mut file = std::pin::pin!(overlay.read_file(cid));
         while let Some(chunk) = futures::StreamExt::next(&mut file).await {
@@ -291,6 +314,35 @@ impl Market {
             bytes.extend_from_slice(&chunk);
         }
         Ok(bytes)
+    }
+
+    /// Fetches the file under `cid` (unless held already) within `fetch_timeout`, giving
+    /// up once more than a file of `max` bytes would take has arrived.
+    pub(super) async fn fetch_at_most(&self, cid: Cid, max: u64) -> Result<(), Fetched> {
+        let (progress, mut watching) = watch::channel(FetchProgress::default());
+        // Blocks carry a little framing beyond the file's bytes.
+        let max_fetched = max + max / 8 + MIB;
+        let fetched = tokio::time::timeout(self.shared.config.fetch_timeout, async {
+            let fetch = self.shared.overlay.fetch(cid, &progress);
+            tokio::pin!(fetch);
+            loop {
+                tokio::select! {
+                    done = &mut fetch => return Some(done),
+                    Ok(()) = watching.changed() => {
+                        if watching.borrow().bytes > max_fetched {
+                            return None;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        match fetched {
+            Err(_) => Err(Fetched::TimedOut),
+            Ok(None) => Err(Fetched::TooLarge),
+            Ok(Some(Err(e))) => Err(Fetched::Failed(e)),
+            Ok(Some(Ok(()))) => Ok(()),
+        }
     }
 
     /// Stdout or stderr as the answer carries it: inline when small, by CID when large.

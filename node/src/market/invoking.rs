@@ -9,7 +9,7 @@
 //! client that retries through another scheduler, or a scheduler that asks a volunteer
 //! again, gets the one run's answer.
 
-use super::function::{FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
+use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{
     DiscoverRequest, ExecuteRequest, InvokeRequest, Request, ReserveTerms, Response,
 };
@@ -185,10 +185,15 @@ impl Market {
                     metrics
                         .invocation_seconds
                         .observe(started.elapsed().as_secs_f64());
+                    // The peer that answered ran it, whatever its answer claims.
+                    let execution = Execution {
+                        volunteer: volunteer.to_string(),
+                        ..*execution
+                    };
                     return Response::Invoked(Box::new(Invocation {
                         invocation_id: request.invocation_id,
                         scheduler: self.peer_id().to_string(),
-                        execution: *execution,
+                        execution,
                         failed_attempts,
                         discover_us,
                         scheduler_us: started.elapsed().as_micros() as u64,

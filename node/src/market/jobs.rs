@@ -24,6 +24,8 @@ use tokio::sync::OwnedSemaphorePermit;
 pub const MAX_JOBS: usize = 256;
 /// Job records one node keeps for others.
 pub const MAX_JOB_RECORDS: usize = 4096;
+/// Most job records a node keeps of one scheduler.
+pub const MAX_JOB_RECORDS_PER_SCHEDULER: usize = 1024;
 /// How long a job record is kept after its last change.
 pub const JOB_RECORD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a job may wait for an offer when the client names no deadline.
@@ -32,6 +34,8 @@ pub const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(600);
 pub const MAX_JOB_WAIT: Duration = Duration::from_secs(3600);
 /// Peers besides the scheduler that keep a copy of each job record.
 pub const JOB_REPLICAS: usize = 3;
+/// Most copies of job results' stdout or stderr a node fetches at once.
+pub const MAX_RESULT_COPIES: usize = 8;
 /// Stdout or stderr up to this size is kept in the record; larger ones by CID.
 const MAX_RECORD_INLINE: usize = 4 * 1024;
 
@@ -144,10 +148,14 @@ impl SignedJob {
     }
 }
 
-/// The job records a node keeps: bounded, newest version per job, expiring.
+/// The job records a node keeps: bounded (in all, and per scheduler), newest version per
+/// job, expiring. Ages are this node's own clock — when a version arrived — never the
+/// time a scheduler wrote in its record, so a record dated in the future cannot outlive
+/// the others or push them out.
 #[derive(Debug, Default)]
 pub struct JobBook {
-    records: HashMap<u64, SignedJob>,
+    /// Each job's newest version, and when it arrived here (Unix ms).
+    records: HashMap<u64, (u64, SignedJob)>,
 }
 
 impl JobBook {
@@ -155,7 +163,7 @@ impl JobBook {
     pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
         job.verify()?;
         let id = job.record.job_id;
-        if let Some(held) = self.records.get(&id) {
+        if let Some((_, held)) = self.records.get(&id) {
             if held.record.scheduler != job.record.scheduler {
                 return Err(JobRecordError::NotTheScheduler(id));
             }
@@ -165,24 +173,44 @@ impl JobBook {
         }
         let ttl = JOB_RECORD_TTL.as_millis() as u64;
         self.records
-            .retain(|_, j| j.record.updated_at_ms + ttl > now_ms);
-        if !self.records.contains_key(&id) && self.records.len() >= MAX_JOB_RECORDS {
-            let oldest = self
+            .retain(|_, (kept_at, _)| *kept_at + ttl > now_ms);
+        if !self.records.contains_key(&id) {
+            let scheduler = &job.record.scheduler;
+            let of_scheduler = |j: &SignedJob| &j.record.scheduler == scheduler;
+            let theirs = self
                 .records
-                .iter()
-                .min_by_key(|(_, j)| j.record.updated_at_ms)
-                .map(|(id, _)| *id);
-            if let Some(oldest) = oldest {
-                self.records.remove(&oldest);
+                .values()
+                .filter(|(_, j)| of_scheduler(j))
+                .count();
+            // A scheduler at its quota makes room among its own records; otherwise a
+            // full book drops its oldest.
+            let victim = if theirs >= MAX_JOB_RECORDS_PER_SCHEDULER {
+                self.oldest(|j| of_scheduler(j))
+            } else if self.records.len() >= MAX_JOB_RECORDS {
+                self.oldest(|_| true)
+            } else {
+                None
+            };
+            if let Some(victim) = victim {
+                self.records.remove(&victim);
             }
         }
-        self.records.insert(id, job);
+        self.records.insert(id, (now_ms, job));
         Ok(())
+    }
+
+    /// The id of the record that arrived first among those `pick` chooses.
+    fn oldest(&self, pick: impl Fn(&SignedJob) -> bool) -> Option<u64> {
+        self.records
+            .iter()
+            .filter(|(_, (_, j))| pick(j))
+            .min_by_key(|(_, (kept_at, _))| *kept_at)
+            .map(|(id, _)| *id)
     }
 
     /// The newest version of job `id` held here.
     pub fn get(&self, id: u64) -> Option<&SignedJob> {
-        self.records.get(&id)
+        self.records.get(&id).map(|(_, job)| job)
     }
 
     /// How many records are held.
@@ -349,16 +377,57 @@ impl Market {
             .into_iter()
             .filter(|r| matches!(r, Ok(Response::JobStored)))
             .count();
-        tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
+        if stored == 0 {
+            // Only this scheduler keeps it now: `job status` fails once it leaves.
+            tracing::warn!(job = record.job_id, state = %record.state, "no peer kept the job record");
+        } else {
+            tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
+        }
     }
 
-    /// Keeps a job record another peer sent.
+    /// Keeps a job record another peer sent, and a copy of its result's stdout and stderr
+    /// when they are blocks of the scheduler's: the record outlives the scheduler, so
+    /// must what `job result` prints.
     pub(super) fn store_job(&self, job: SignedJob) -> Response {
-        match lock(&self.shared.jobs).put(now_ms(), job) {
-            Ok(()) | Err(JobRecordError::Stale(_)) => Response::JobStored,
+        let streams: Vec<String> = job
+            .record
+            .result
+            .iter()
+            .flat_map(|r| [&r.execution.stdout, &r.execution.stderr])
+            .filter(|s| s.size <= MAX_INLINE_OUTPUT as u64)
+            .filter_map(|s| s.cid.clone())
+            .collect();
+        let kept = lock(&self.shared.jobs).put(now_ms(), job);
+        match kept {
+            Ok(()) => {
+                self.copy_result_streams(streams);
+                Response::JobStored
+            }
+            Err(JobRecordError::Stale(_)) => Response::JobStored,
             Err(e) => Response::Refused {
                 reason: e.to_string(),
             },
+        }
+    }
+
+    /// Fetches the blocks of `cids` in the background, each given up once more than
+    /// [`MAX_INLINE_OUTPUT`] bytes' worth arrived (a record's sizes are the scheduler's
+    /// word); skipped when [`MAX_RESULT_COPIES`] fetches already run.
+    fn copy_result_streams(&self, cids: Vec<String>) {
+        for cid in cids {
+            let Ok(cid) = cid.parse::<cid::Cid>() else {
+                continue;
+            };
+            let Ok(permit) = self.shared.result_copies.clone().try_acquire_owned() else {
+                tracing::debug!(%cid, "too many result copies running; not copying");
+                continue;
+            };
+            let market = self.clone();
+            tokio::spawn(async move {
+                let fetched = market.fetch_at_most(cid, MAX_INLINE_OUTPUT as u64).await;
+                tracing::debug!(%cid, ?fetched, "copied a job result's stream");
+                drop(permit);
+            });
         }
     }
 
@@ -485,21 +554,36 @@ mod tests {
 
     #[test]
     fn records_expire_and_the_book_is_bounded() {
-        let scheduler = Keypair::generate_ed25519();
+        let schedulers: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
         let mut book = JobBook::default();
-        for id in 0..(MAX_JOB_RECORDS as u64 + 10) {
-            let mut r = record(&scheduler, 1);
+        // Five schedulers' worth: each at its quota, the book over its bound.
+        let per = MAX_JOB_RECORDS_PER_SCHEDULER as u64;
+        for id in 0..5 * per {
+            let scheduler = &schedulers[(id / per) as usize];
+            let mut r = record(scheduler, 1);
             r.job_id = id;
-            r.updated_at_ms = id;
-            book.put(id, SignedJob::sign(r, &scheduler)).unwrap();
+            // Records dated in the future do not count: arrival does.
+            r.updated_at_ms = u64::MAX - id;
+            book.put(id, SignedJob::sign(r, scheduler)).unwrap();
         }
         assert_eq!(book.len(), MAX_JOB_RECORDS);
         assert!(book.get(0).is_none(), "the oldest went first");
-        let later = JOB_RECORD_TTL.as_millis() as u64 + MAX_JOB_RECORDS as u64 + 100;
-        let mut r = record(&scheduler, 1);
+        assert!(book.get(5 * per - 1).is_some());
+        // One scheduler flooding the book pushes out only its own records.
+        for id in 5 * per..6 * per {
+            let mut r = record(&schedulers[4], 1);
+            r.job_id = id;
+            book.put(id, SignedJob::sign(r, &schedulers[4])).unwrap();
+        }
+        assert!(
+            book.get(2 * per).is_some(),
+            "another scheduler's record stays"
+        );
+        assert!(book.get(4 * per).is_none());
+        let later = JOB_RECORD_TTL.as_millis() as u64 + 6 * per + 100;
+        let mut r = record(&schedulers[0], 1);
         r.job_id = u64::MAX;
-        r.updated_at_ms = later;
-        book.put(later, SignedJob::sign(r, &scheduler)).unwrap();
+        book.put(later, SignedJob::sign(r, &schedulers[0])).unwrap();
         assert_eq!(book.len(), 1, "the rest expired");
     }
 }

@@ -231,6 +231,8 @@ struct Shared {
     keypair: Keypair,
     jobs: Mutex<jobs::JobBook>,
     jobs_held: Arc<Semaphore>,
+    /// Copies of job results' stdout and stderr being fetched (see `jobs`).
+    result_copies: Arc<Semaphore>,
     peer_id: PeerId,
     config: MarketConfig,
     metrics: MarketMetrics,
@@ -303,6 +305,7 @@ impl Market {
                 keypair: keypair.clone(),
                 jobs: Mutex::new(jobs::JobBook::default()),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
+                result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
                 peer_id: overlay.peer_id(),
                 holder: Mutex::new(Holder::new(HolderConfig {
                     key_space: config.key_space,

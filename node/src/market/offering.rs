@@ -11,6 +11,9 @@ use rand::rngs::StdRng;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Most reservations held at once: each may become a guest, and the executor runs at most
+/// this many.
+const MAX_RESERVATIONS: usize = crate::executor::POOL_SLOTS as usize;
 /// How long the offerer task waits when nothing is due.
 const IDLE_WAIT: Duration = Duration::from_secs(3600);
 /// Pause before reporting a holder lookup that failed at once (the network stopping, say),
@@ -139,16 +142,26 @@ impl Market {
             };
         };
         let hold_ms = hold_ms.clamp(1, MAX_HOLD_MS);
-        let outcome = lock(offerer).reserve(now_ms(), offer_id, mib, reservation_id, hold_ms);
+        let mut offerer = lock(offerer);
+        // Every reservation may become a running guest: no more than the executor runs.
+        let known = offerer
+            .reservations()
+            .any(|r| r.reservation_id == reservation_id);
+        if !known && offerer.reservations().count() >= MAX_RESERVATIONS {
+            drop(offerer);
+            MarketMetrics::count(&metrics.reservations_refused, "busy");
+            return Response::Refused {
+                reason: format!("busy: {MAX_RESERVATIONS} calls are reserved here"),
+            };
+        }
+        let outcome = offerer.reserve(now_ms(), offer_id, mib, reservation_id, hold_ms);
+        // The version this reservation made, sent to the holder or not: the scheduler's
+        // list takes it in place of the one it reserved on.
+        let offer = offerer.latest(offer_id).cloned().map(Box::new);
+        drop(offerer);
         match outcome {
             Ok((reservation, actions)) => {
                 metrics.reservations.inc();
-                let offer = actions.iter().find_map(|action| match action {
-                    Action::Send { offer, .. } if offer.body.offer_id == offer_id => {
-                        Some(offer.clone())
-                    }
-                    _ => None,
-                });
                 self.perform_all(Ok::<_, std::convert::Infallible>(actions));
                 // Its hold deadline is a new timer.
                 self.shared.wake_offerer.notify_one();
@@ -171,26 +184,59 @@ impl Market {
         }
     }
 
-    /// Gives a reservation's memory back.
+    /// Gives a reservation's memory back for a scheduler that did not use it; one that a
+    /// call runs on is released by that call when it ends, and only then.
     pub(super) fn release(&self, reservation_id: u64) -> Response {
-        self.release_and_tell(reservation_id);
-        Response::Released
+        if self.release_unless_running(reservation_id) {
+            Response::Released
+        } else {
+            Response::Refused {
+                reason: format!(
+                    "reservation {reservation_id} is running a call; it is released when the call ends"
+                ),
+            }
+        }
     }
 
-    /// Gives a reservation's memory back; returns the offer's new version, if one was
-    /// sent to its holder.
+    /// Releases a reservation no call runs on; `false` (and nothing done) if one does.
+    pub(super) fn release_unless_running(&self, reservation_id: u64) -> bool {
+        let Some(offerer) = &self.shared.offerer else {
+            return true;
+        };
+        let mut offerer = lock(offerer);
+        let running = offerer
+            .reservations()
+            .any(|r| r.reservation_id == reservation_id && r.hold_until_ms.is_none());
+        if running {
+            return false;
+        }
+        // Checked and released under one lock: no call is admitted on it in between.
+        let actions = offerer.release(now_ms(), reservation_id);
+        drop(offerer);
+        self.announce_release(actions);
+        true
+    }
+
+    /// Gives a reservation's memory back; returns the offer's new version (sent to its
+    /// holder or not), for the scheduler whose call it was.
     pub(super) fn release_and_tell(&self, reservation_id: u64) -> Option<Box<SignedOffer>> {
         let offerer = self.shared.offerer.as_ref()?;
-        let actions = lock(offerer).release(now_ms(), reservation_id);
-        let newer = actions.as_ref().ok().and_then(|actions| {
-            actions.iter().find_map(|action| match action {
-                Action::Send { offer, .. } => Some(offer.clone()),
-                _ => None,
-            })
-        });
+        let mut offerer = lock(offerer);
+        let offer_id = offerer
+            .reservations()
+            .find(|r| r.reservation_id == reservation_id)?
+            .offer_id;
+        let actions = offerer.release(now_ms(), reservation_id);
+        let newer = offerer.latest(offer_id).cloned().map(Box::new);
+        drop(offerer);
+        self.announce_release(actions);
+        newer
+    }
+
+    /// Sends what a release changed to the offer's holder.
+    fn announce_release(&self, actions: Result<Vec<Action>, flotilla_offers::offer::OfferError>) {
         self.perform_all(actions);
         self.shared.wake_offerer.notify_one();
-        newer
     }
 
     /// Every `notify_interval`, tells a random scheduler what this node has free.

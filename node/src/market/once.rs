@@ -37,6 +37,11 @@ impl<T: Clone + Send + Sync + 'static> Once<T> {
         self.capacity
     }
 
+    /// Whether run `id` was started (and is going, or its answer remembered).
+    pub fn knows(&self, id: u64) -> bool {
+        super::lock(&self.runs).by_id.contains_key(&id)
+    }
+
     /// The answer of run `id`: `run`'s, if no run of `id` was started before; otherwise
     /// the first run's (waiting for it if it is still going).
     pub async fn run<F: Future<Output = T>>(&self, id: u64, run: F) -> T {
@@ -123,6 +128,7 @@ mod tests {
         assert_eq!(once.run(1, async { "third" }).await, "first");
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(once.answer(1), Some("first"));
+        assert!(once.knows(1) && !once.knows(2));
     }
 
     #[tokio::test]

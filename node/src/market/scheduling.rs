@@ -309,17 +309,18 @@ impl Market {
         let offerer = offer.body.offerer;
         let addresses = offer.body.addresses.clone();
         let answer = self.call(offerer, addresses, reserve, timeout).await;
-        // Whatever the answer, the list's copy of this offer is out of date now: the
-        // offerer's new version replaces it, or its next report brings it back.
+        // Whatever the answer, the version reserved on is out of date now: the offerer's
+        // new version replaces it, or its next report brings it back. A newer version that
+        // arrived meanwhile (with another call's answer) stays.
         if let Some(list) = &self.shared.super_traders {
             let mut list = lock(list);
-            list.remove(&offerer, offer.body.offer_id);
-            if let Ok(Response::Reserved {
-                offer: Some(newer), ..
-            }) = &answer
-                && newer.body.offerer == offerer
-            {
-                list.notify(now_ms(), vec![(**newer).clone()]);
+            match &answer {
+                Ok(Response::Reserved {
+                    offer: Some(newer), ..
+                }) if newer.body.offerer == offerer => {
+                    list.notify(now_ms(), vec![(**newer).clone()]);
+                }
+                _ => list.remove(&offerer, offer.body.offer_id, offer.body.seq),
             }
         }
         match answer {
