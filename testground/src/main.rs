@@ -11,8 +11,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flotilla_testground::coordinator::sdk::SdkCoordinator;
 use flotilla_testground::links::netns;
-use flotilla_testground::links::sdk::SidecarLinks;
+use flotilla_testground::links::sdk::{SHAPED_STATE, Shapes, SidecarLinks};
 use flotilla_testground::params::Params;
+use flotilla_testground::records::{PARAMS_FILE, RunInfo, unix_ms};
 use flotilla_testground::report::{self, Summary};
 use flotilla_testground::scenario::{Case, Instance};
 use flotilla_testground::simulate::{self, NAMESPACE_PREFIX, NetnsMode, Simulation};
@@ -41,7 +42,7 @@ enum Command {
     Report {
         /// Where the instances' records are (searched recursively)
         dir: PathBuf,
-        /// Where the report goes [default: DIR]
+        /// Where the report goes (not DIR itself) [default: DIR/report]
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -53,7 +54,8 @@ enum Command {
         #[arg(long)]
         nodes: u64,
     },
-    /// Remove network namespaces and node processes left by simulations that were killed
+    /// Remove network namespaces, node processes and scratch directories left by
+    /// simulations that were killed, and put the ARP limits back once no run is left
     Cleanup {
         /// Only those of runs started by this process id (scripts/simulate's)
         #[arg(long)]
@@ -74,7 +76,8 @@ struct SimulateArgs {
     /// Share of lent memory kept reserved, 0–1
     #[arg(long)]
     utilisation: Option<f64>,
-    /// Share of volunteers replaced per minute, 0–1 (churn case)
+    /// Share of volunteers replaced per minute, 0–60 (churn case; above 1, each volunteer
+    /// more than once a minute on average)
     #[arg(long)]
     churn: Option<f64>,
     /// Plain random probing over the whole key space, without regions or fallback
@@ -135,7 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Report { dir, out }) => {
-            let out = out.unwrap_or_else(|| dir.clone());
+            let out = out.unwrap_or_else(|| dir.join("report"));
             let summary = report::write_report(&dir, &out)?;
             print_summary(&summary);
             Ok(())
@@ -150,12 +153,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Cleanup { owner }) => {
             let (namespaces, scratch) = match &owner {
                 Some(o) => (simulate::namespace_prefix(o), simulate::scratch_prefix(o)),
-                None => (NAMESPACE_PREFIX.to_string(), "flotilla-sim-".to_string()),
+                None => (
+                    NAMESPACE_PREFIX.to_string(),
+                    simulate::SCRATCH_PREFIX.to_string(),
+                ),
             };
             let killed = simulate::kill_processes_mentioning(&scratch);
             let left = netns::leftovers(&namespaces);
             netns::delete(&left);
-            tracing::info!(killed, namespaces = left.len(), "cleaned up");
+            netns::restore_limits_if_unused();
+            let dirs = simulate::remove_dirs_starting_with(&std::env::temp_dir(), &scratch);
+            tracing::info!(killed, namespaces = left.len(), dirs, "cleaned up");
             Ok(())
         }
     }
@@ -233,19 +241,39 @@ async fn play_testground(
     let ip = run
         .data_network_ip()?
         .context("no address on the test's data network")?;
-    let links = SidecarLinks::new(client.clone(), params.latency_ms, params.loss_percent);
+    let shapes = Shapes {
+        latency_ms: params.latency_ms,
+        loss_percent: params.loss_percent,
+        instances: run.test_instance_count,
+    };
+    let links = SidecarLinks::new(client.clone(), shapes);
     if params.shapes_links() {
         links
-            .configure("links-shaped", Vec::new())
+            .configure(SHAPED_STATE, &[])
             .await
             .context("shaping the links")?;
     }
     let node_binary = std::env::var_os("FLOTILLA_BIN")
         .map(PathBuf::from)
         .map_or_else(|| beside_this_program("flotilla"), Ok)?;
+    let seq = u32::try_from(client.global_seq().saturating_sub(1))?;
+    let count = u32::try_from(run.test_instance_count)?;
+    if seq == 0 {
+        // The run's parameters, for `flotilla-plan report` to carry into the report.
+        std::fs::create_dir_all(&run.test_outputs_path)?;
+        RunInfo {
+            case,
+            nodes: count,
+            netns: false,
+            started_unix_ms: unix_ms(),
+            command: std::env::args().collect(),
+            params: params.clone(),
+        }
+        .write(&run.test_outputs_path.join(PARAMS_FILE))?;
+    }
     let instance = Instance {
-        seq: u32::try_from(client.global_seq().saturating_sub(1))?,
-        count: u32::try_from(run.test_instance_count)?,
+        seq,
+        count,
         case,
         params,
         coordinator: SdkCoordinator::new(client.clone()),

@@ -17,6 +17,50 @@ pub const RESOURCES_FILE: &str = "resources.csv";
 /// The file an instance writes membership and network events to.
 pub const EVENTS_FILE: &str = "events.csv";
 
+/// The file holding a run's [`RunInfo`]: `flotilla-plan simulate` writes it into its output
+/// directory, instance 0 of a Testground run into its outputs (and `flotilla-plan report`
+/// copies it into the report).
+pub const PARAMS_FILE: &str = "params.json";
+
+/// What a run was: its case, size and parameters, and the command that ran it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The case.
+    pub case: crate::scenario::Case,
+    /// Instances in the run.
+    pub nodes: u32,
+    /// Whether its nodes ran in network namespaces.
+    pub netns: bool,
+    /// When it started, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The command line that ran it.
+    pub command: Vec<String>,
+    /// Its parameters.
+    pub params: crate::params::Params,
+}
+
+impl RunInfo {
+    /// Writes it as pretty JSON to `path`.
+    pub fn write(&self, path: &Path) -> Result<(), RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| io(e.into()))?;
+        std::fs::write(path, text + "\n").map_err(io)
+    }
+
+    /// Reads what [`RunInfo::write`] wrote.
+    pub fn read(path: &Path) -> Result<RunInfo, RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        serde_json::from_str(&text).map_err(|e| io(e.into()))
+    }
+}
+
 /// One invocation made by a client instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvocationRow {
@@ -157,6 +201,25 @@ pub fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_info_written_is_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(PARAMS_FILE);
+        let info = RunInfo {
+            case: crate::scenario::Case::Churn,
+            nodes: 6,
+            netns: false,
+            started_unix_ms: 5,
+            command: vec!["flotilla-plan".into(), "simulate".into()],
+            params: crate::params::Params::default(),
+        };
+        info.write(&path).expect("write");
+        assert_eq!(RunInfo::read(&path).expect("read"), info);
+        std::fs::write(&path, "{}").expect("overwrite");
+        let err = RunInfo::read(&path).expect_err("not a run");
+        assert!(err.to_string().contains(PARAMS_FILE), "{err}");
+    }
 
     #[test]
     fn rows_written_are_read_back() {

@@ -6,12 +6,14 @@
 //! With namespaces, this process builds them, runs itself again inside the control
 //! namespace (so it reaches every node's API on both sides of a split), and removes them
 //! when that run ends, fails or is interrupted. Records go to `OUT/instances/NNN/`, the
-//! report (one CSV per metric, SVG plots, summary) and `params.json` to `OUT/`.
+//! report (one CSV per metric, SVG plots, summary) and `params.json` to `OUT/`. The report
+//! is written however the run ends; [`COMPLETE_FILE`] only when every instance finished.
 
 use crate::coordinator::local::LocalCoordinator;
 use crate::links::netns::{self, NetnsLinks, Topology};
 use crate::links::{Links, Loopback};
 use crate::params::Params;
+use crate::records::{PARAMS_FILE, RunInfo};
 use crate::report::{self, Summary};
 use crate::scenario::{Case, Instance};
 use anyhow::{Context, bail};
@@ -19,12 +21,24 @@ use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// The file a run writes into its output directory once every instance has finished (not
+/// when one failed or the run was interrupted): `{"complete": true, "finished_unix_ms": …}`.
+pub const COMPLETE_FILE: &str = "complete.json";
+
+/// Whether the run in `out` finished ([`COMPLETE_FILE`] is there and says so).
+pub fn is_complete(out: &Path) -> bool {
+    std::fs::read_to_string(out.join(COMPLETE_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["complete"] == true)
+}
 
 /// The environment variable that tells the re-run inside the namespaces which topology
 /// it is in.
 pub const TOPOLOGY_ENV: &str = "FLOTILLA_SIM_TOPOLOGY";
-/// The prefix of every namespace a simulation makes.
-pub const NAMESPACE_PREFIX: &str = "flsim";
+pub use crate::links::netns::NAMESPACE_PREFIX;
 /// The environment variable naming the process that owns a simulation (scripts/simulate
 /// sets it to its own pid), so `flotilla-plan cleanup --owner` finds what it left.
 pub const OWNER_ENV: &str = "FLOTILLA_SIM_OWNER";
@@ -39,9 +53,39 @@ pub fn namespace_prefix(owner: &str) -> String {
     format!("{NAMESPACE_PREFIX}{owner}x")
 }
 
+/// The prefix of every simulation's scratch directory (node data), in the temporary
+/// directory.
+pub const SCRATCH_PREFIX: &str = "flotilla-sim-";
+
 /// The prefix of the scratch directories (node data) of runs owned by `owner`.
 pub fn scratch_prefix(owner: &str) -> String {
-    format!("flotilla-sim-{owner}-")
+    format!("{SCRATCH_PREFIX}{owner}-")
+}
+
+/// Removes the directories in `parent` whose names start with `prefix` (the scratch
+/// directories of killed runs, see [`scratch_prefix`]); returns how many went.
+pub fn remove_dirs_starting_with(parent: &Path, prefix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let named = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(prefix));
+        // Not following links: only real directories go.
+        if !named || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a scratch directory");
+            }
+        }
+    }
+    removed
 }
 
 /// Kills every process whose command line mentions `marker` (nodes of a killed run).
@@ -100,16 +144,6 @@ pub struct Simulation {
     pub node_binary: PathBuf,
 }
 
-#[derive(Serialize)]
-struct RunInfo<'a> {
-    case: Case,
-    nodes: u32,
-    netns: bool,
-    started_unix_ms: u64,
-    command: Vec<String>,
-    params: &'a Params,
-}
-
 impl Simulation {
     /// Whether this run needs network namespaces.
     pub fn wants_namespaces(&self) -> anyhow::Result<bool> {
@@ -160,9 +194,18 @@ impl Simulation {
         Ok(())
     }
 
-    /// Runs it to the end and writes the report; returns the summary.
+    /// Runs it to the end and writes the report; returns the summary. SIGINT and SIGTERM
+    /// are caught from the start, so an interrupted run stops its nodes and removes its
+    /// namespaces.
     pub async fn run(self) -> anyhow::Result<Summary> {
+        let mut interrupts = Interrupts::new().context("listening for SIGINT and SIGTERM")?;
         self.check()?;
+        let marker = self.out.join(COMPLETE_FILE);
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", marker.display())),
+        }
         if let Ok(tag) = std::env::var(TOPOLOGY_ENV) {
             let links = NetnsLinks::new(format!("{tag}-ctl"));
             let namespace = move |seq: u32| Some(format!("{tag}-n{seq}"));
@@ -171,24 +214,31 @@ impl Simulation {
                     Arc::new(links),
                     |seq| IpAddr::V4(netns::node_ip(seq)),
                     namespace,
+                    &mut interrupts,
                 )
                 .await;
         }
         if self.wants_namespaces()? {
-            return self.run_in_namespaces().await;
+            return self.run_in_namespaces(&mut interrupts).await;
         }
         let loopback = |_| IpAddr::V4(Ipv4Addr::LOCALHOST);
-        self.run_instances(Arc::new(Loopback), loopback, |_| None)
+        self.run_instances(Arc::new(Loopback), loopback, |_| None, &mut interrupts)
             .await
     }
 
     /// Builds the namespaces, runs this command again inside the control one, removes
     /// them whatever happens.
-    async fn run_in_namespaces(self) -> anyhow::Result<Summary> {
+    async fn run_in_namespaces(self, interrupts: &mut Interrupts) -> anyhow::Result<Summary> {
         let tag = format!("{}{}", namespace_prefix(&owner()), std::process::id());
         let p = &self.params;
+        // Building takes a while at 50 nodes; a signal meanwhile waits in `interrupts`
+        // and ends the run here, or at the latest once the run inside has started.
         let mut topology = Topology::create(&tag, self.nodes, p.latency_ms, p.loss_percent)
             .context("building the network namespaces")?;
+        if interrupts.take() {
+            topology.remove();
+            bail!("interrupted; namespaces removed");
+        }
         let exe = std::env::current_exe().context("finding this program")?;
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", &topology.control()])
@@ -200,7 +250,7 @@ impl Simulation {
             .context("running the simulation inside the namespaces")?;
         let status = tokio::select! {
             status = child.wait() => Some(status?),
-            () = interrupted() => {
+            () = interrupts.recv() => {
                 // Let the inner run stop its nodes; the namespaces go either way.
                 if let Some(pid) = child.id() {
                     let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
@@ -222,21 +272,20 @@ impl Simulation {
         links: Arc<L>,
         ip_of: impl Fn(u32) -> IpAddr,
         namespace_of: impl Fn(u32) -> Option<String>,
+        interrupts: &mut Interrupts,
     ) -> anyhow::Result<Summary> {
         let records = self.out.join("instances");
         std::fs::create_dir_all(&records)
             .with_context(|| format!("creating {}", records.display()))?;
-        write_json(
-            &self.out.join("params.json"),
-            &RunInfo {
-                case: self.case,
-                nodes: self.nodes,
-                netns: namespace_of(0).is_some(),
-                started_unix_ms: crate::records::unix_ms(),
-                command: std::env::args().collect(),
-                params: &self.params,
-            },
-        )?;
+        let info = RunInfo {
+            case: self.case,
+            nodes: self.nodes,
+            netns: namespace_of(0).is_some(),
+            started_unix_ms: crate::records::unix_ms(),
+            command: std::env::args().collect(),
+            params: self.params.clone(),
+        };
+        info.write(&self.out.join(PARAMS_FILE))?;
         let scratch = tempfile::Builder::new()
             .prefix(&scratch_prefix(&owner()))
             .tempdir()
@@ -261,12 +310,17 @@ impl Simulation {
         }
         let outcome = tokio::select! {
             outcome = wait_all(&mut instances) => outcome,
-            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+            () = interrupts.recv() => Err(anyhow::anyhow!("interrupted")),
         };
         // Dropping the instances kills any node still running.
         instances.shutdown().await;
         let summary = report::write_report(&records, &self.out).context("writing the report")?;
-        outcome.map(|()| summary)
+        outcome?;
+        write_json(
+            &self.out.join(COMPLETE_FILE),
+            &serde_json::json!({ "complete": true, "finished_unix_ms": crate::records::unix_ms() }),
+        )?;
+        Ok(summary)
     }
 }
 
@@ -281,18 +335,35 @@ async fn wait_all(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn interrupted() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGINT and SIGTERM, caught from when it is made: one that comes before anyone waits
+/// is kept until [`Interrupts::recv`] or [`Interrupts::take`].
+pub struct Interrupts {
+    int: Signal,
+    term: Signal,
+}
+
+impl Interrupts {
+    /// Starts catching both signals (they no longer end the process).
+    pub fn new() -> std::io::Result<Interrupts> {
+        Ok(Interrupts {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (at once for one already caught).
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    }
+
+    /// Whether a signal caught so far has been noticed and not yet waited for; takes it.
+    /// Best effort: one that came a moment ago may only be seen by the next `recv`.
+    pub fn take(&mut self) -> bool {
+        use futures::FutureExt;
+        self.recv().now_or_never().is_some()
     }
 }
 

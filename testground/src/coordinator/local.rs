@@ -196,6 +196,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_barrier_with_target_zero_opens_at_once() {
+        let coordinator = LocalCoordinator::new();
+        tokio::time::timeout(Duration::from_millis(100), coordinator.barrier("never", 0))
+            .await
+            .expect("a target of 0 is reached before anyone signals")
+            .expect("barrier");
+    }
+
+    #[tokio::test]
     async fn waiting_for_more_than_was_published_times_out() {
         let coordinator = LocalCoordinator::new();
         publish_as(&coordinator, "t", &1u8).await.expect("publish");

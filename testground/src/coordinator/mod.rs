@@ -49,7 +49,8 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     /// Adds one to `state`'s counter and returns its new value (1 for the first).
     fn signal(&self, state: &str) -> impl Future<Output = Result<u64, CoordError>> + Send;
 
-    /// Waits until `state`'s counter reaches `target`.
+    /// Waits until `state`'s counter reaches `target`. A target of 0 is reached at once
+    /// (the Testground SDK would read 0 as "every instance"; neither coordinator does).
     fn barrier(
         &self,
         state: &str,

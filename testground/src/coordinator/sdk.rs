@@ -38,6 +38,11 @@ impl Coordinator for SdkCoordinator {
     }
 
     async fn barrier(&self, state: &str, target: u64) -> Result<(), CoordError> {
+        // The SDK turns a target of 0 into the instance count; here 0 is reached at once,
+        // as in the local coordinator.
+        if target == 0 {
+            return Ok(());
+        }
         self.client
             .barrier(state.to_string(), target)
             .await

@@ -21,14 +21,22 @@
 //! kernel keeps a single ARP table for all namespaces (1024 entries by default), and a DHT
 //! of N nodes needs about N² entries, so [`Topology::create`] raises the table's limits
 //! when they are too low for the run (never lowers them). Without this, a 50-node run
-//! loses a random few nodes to "neighbour table overflow".
+//! loses a random few nodes to "neighbour table overflow". The first run to raise them
+//! saves the values it found ([`ArpLimits`]); they are put back when the last topology
+//! (any namespace named [`NAMESPACE_PREFIX`]…) is removed, by [`Topology::remove`] or by
+//! `flotilla-plan cleanup` after a run that was killed.
 
 use super::{LinkError, Links, Side, run_blocking, run_command};
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// The trunk's end on side A's bridge.
 const TRUNK: &str = "tr-a";
+
+/// The prefix every topology's tag starts with (simulations add their owner and process
+/// id), so the last one removed knows it is the last.
+pub const NAMESPACE_PREFIX: &str = "flsim";
 
 /// Whether network namespaces can be made here (root, with `ip` and `tc`).
 pub fn available() -> bool {
@@ -85,37 +93,146 @@ pub fn neighbour_limits_for(nodes: u32) -> (u64, u64) {
     (entries + 512, 2 * entries + 1024)
 }
 
-/// Raises the shared ARP table's limits to what `nodes` ask for, if they are lower. Where
-/// they cannot be written (a read-only `/proc/sys`), a hard limit that still holds every
-/// entry the run needs is enough; a smaller one is an error.
-fn ensure_neighbour_capacity(nodes: u32) -> Result<(), LinkError> {
-    let (soft, hard) = neighbour_limits_for(nodes);
-    // The hard limit first, so the soft one never exceeds it.
-    for (name, wanted) in [("gc_thresh3", hard), ("gc_thresh2", soft)] {
-        let path = format!("{NEIGHBOUR_LIMITS}/{name}");
-        let current: u64 = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .ok_or_else(|| LinkError::Unsupported(format!("cannot read {path}")))?;
-        if current >= wanted {
-            continue;
-        }
-        match std::fs::write(&path, wanted.to_string()) {
-            Ok(()) => {
-                tracing::info!(%path, from = current, to = wanted, "raised the shared ARP table's limit");
-            }
-            Err(e) if name == "gc_thresh2" || current >= neighbours_needed(nodes) => {
-                tracing::warn!(%path, current, wanted, error = %e, "cannot raise the shared ARP table's limit");
-            }
-            Err(e) => {
-                return Err(LinkError::Unsupported(format!(
-                    "{nodes} nodes need {} ARP entries and {path} is {current}: {e}",
-                    neighbours_needed(nodes)
-                )));
-            }
+/// The shared ARP table's limits `gc_thresh2` and `gc_thresh3`, and the file that keeps
+/// the values they had before a run raised them.
+#[derive(Debug, Clone)]
+pub struct ArpLimits {
+    /// Where `gc_thresh2` and `gc_thresh3` are.
+    pub dir: PathBuf,
+    /// Where the values found before the first raise are kept.
+    pub saved: PathBuf,
+}
+
+/// The limits as they were before any run raised them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedLimits {
+    gc_thresh2: u64,
+    gc_thresh3: u64,
+}
+
+impl ArpLimits {
+    /// This machine's limits; the old values are kept in the temporary directory.
+    pub fn system() -> ArpLimits {
+        ArpLimits {
+            dir: PathBuf::from(NEIGHBOUR_LIMITS),
+            saved: std::env::temp_dir().join("flotilla-netns-arp-limits.json"),
         }
     }
-    Ok(())
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The current value of `name`.
+    pub fn read(&self, name: &str) -> Result<u64, LinkError> {
+        let path = self.path(name);
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or_else(|| LinkError::Unsupported(format!("cannot read {}", path.display())))
+    }
+
+    /// Keeps the current values, unless values are kept already (an earlier run raised
+    /// them and has not put them back).
+    fn save(&self) -> Result<(), LinkError> {
+        let saved = SavedLimits {
+            gc_thresh2: self.read("gc_thresh2")?,
+            gc_thresh3: self.read("gc_thresh3")?,
+        };
+        let failed = |reason: String| LinkError::Command {
+            command: format!("saving the ARP limits to {}", self.saved.display()),
+            reason,
+        };
+        let text = serde_json::to_string(&saved).map_err(|e| failed(e.to_string()))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.saved);
+        match file {
+            Ok(mut file) => std::io::Write::write_all(&mut file, text.as_bytes())
+                .map_err(|e| failed(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    /// Raises the limits to what `nodes` ask for, if they are lower, keeping the old
+    /// values first. Where they cannot be written (a read-only `/proc/sys`), a hard limit
+    /// that still holds every entry the run needs is enough; a smaller one is an error.
+    pub fn raise(&self, nodes: u32) -> Result<(), LinkError> {
+        let (soft, hard) = neighbour_limits_for(nodes);
+        if self.read("gc_thresh3")? < hard || self.read("gc_thresh2")? < soft {
+            self.save()?;
+        }
+        // The hard limit first, so the soft one never exceeds it.
+        for (name, wanted) in [("gc_thresh3", hard), ("gc_thresh2", soft)] {
+            let current = self.read(name)?;
+            if current >= wanted {
+                continue;
+            }
+            let path = self.path(name).display().to_string();
+            match std::fs::write(self.path(name), wanted.to_string()) {
+                Ok(()) => {
+                    tracing::info!(%path, from = current, to = wanted, "raised the shared ARP table's limit");
+                }
+                Err(e) if name == "gc_thresh2" || current >= neighbours_needed(nodes) => {
+                    tracing::warn!(%path, current, wanted, error = %e, "cannot raise the shared ARP table's limit");
+                }
+                Err(e) => {
+                    return Err(LinkError::Unsupported(format!(
+                        "{nodes} nodes need {} ARP entries and {path} is {current}: {e}",
+                        neighbours_needed(nodes)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the values kept by the first raise, if any, and forgets them; returns
+    /// whether there were any.
+    pub fn restore(&self) -> Result<bool, LinkError> {
+        let text = match std::fs::read_to_string(&self.saved) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(LinkError::Unsupported(format!(
+                    "{}: {e}",
+                    self.saved.display()
+                )));
+            }
+        };
+        let saved: SavedLimits = serde_json::from_str(&text)
+            .map_err(|e| LinkError::Unsupported(format!("{}: {e}", self.saved.display())))?;
+        // Lowering: the soft limit first, so it never exceeds the hard one.
+        for (name, value) in [
+            ("gc_thresh2", saved.gc_thresh2),
+            ("gc_thresh3", saved.gc_thresh3),
+        ] {
+            std::fs::write(self.path(name), value.to_string()).map_err(|e| LinkError::Command {
+                command: format!("restoring {}", self.path(name).display()),
+                reason: e.to_string(),
+            })?;
+        }
+        let _ = std::fs::remove_file(&self.saved);
+        tracing::info!(
+            gc_thresh2 = saved.gc_thresh2,
+            gc_thresh3 = saved.gc_thresh3,
+            "restored the shared ARP table's limits"
+        );
+        Ok(true)
+    }
+}
+
+/// Puts the ARP limits back as they were before the first run raised them, once no
+/// topology is left (no namespace named [`NAMESPACE_PREFIX`]…).
+pub fn restore_limits_if_unused() {
+    if !leftovers(NAMESPACE_PREFIX).is_empty() {
+        return;
+    }
+    if let Err(e) = ArpLimits::system().restore() {
+        tracing::warn!(error = %e, "cannot restore the shared ARP table's limits");
+    }
 }
 
 impl Topology {
@@ -132,17 +249,27 @@ impl Topology {
                 "at most {MAX_NODES} nodes in network namespaces"
             )));
         }
-        ensure_neighbour_capacity(nodes)?;
+        if !tag.starts_with(NAMESPACE_PREFIX) {
+            return Err(LinkError::Unsupported(format!(
+                "a topology's tag starts with {NAMESPACE_PREFIX}, not {tag}"
+            )));
+        }
         let mut topology = Topology {
             tag: tag.to_string(),
             nodes: 0,
             removed: false,
         };
+        // The control namespace first: while it exists, no other run's removal puts the
+        // limits back under this one.
         topology.build_control()?;
+        let limits = ArpLimits::system();
+        limits.raise(nodes)?;
         for seq in 0..nodes {
             topology.nodes = seq + 1;
             topology.add_node(seq, latency_ms, loss_percent)?;
         }
+        // Again, in case another run put them back while these namespaces were made.
+        limits.raise(nodes)?;
         Ok(topology)
     }
 
@@ -267,6 +394,7 @@ impl Topology {
                 tracing::warn!(namespace = %ns, error = %e, "could not delete namespace");
             }
         }
+        restore_limits_if_unused();
     }
 }
 
@@ -359,13 +487,89 @@ mod tests {
         assert!(hard_at_most < 1 << 20, "bounded: {hard_at_most}");
     }
 
-    /// Needs root and `ip`; skipped (passing) where namespaces cannot be made.
+    /// Whether namespaces can be made here; says so on stderr when not (the test then
+    /// passes without checking anything).
+    fn namespaces_or_skip(test: &str) -> bool {
+        let ok = available();
+        if !ok {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("{test}: skipped: needs root with `ip` and `tc` (network namespaces)");
+            }
+        }
+        ok
+    }
+
+    /// Limits in a directory of their own, kept beside them.
+    fn fake_limits(soft: u64, hard: u64) -> (tempfile::TempDir, ArpLimits) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("gc_thresh2"), format!("{soft}\n")).expect("write");
+        std::fs::write(dir.path().join("gc_thresh3"), format!("{hard}\n")).expect("write");
+        let limits = ArpLimits {
+            dir: dir.path().to_path_buf(),
+            saved: dir.path().join("saved.json"),
+        };
+        (dir, limits)
+    }
+
+    #[test]
+    fn raised_limits_are_put_back_as_the_first_raise_found_them() {
+        let (_dir, limits) = fake_limits(512, 1024);
+        limits.raise(50).expect("raise");
+        let (soft, hard) = neighbour_limits_for(50);
+        assert_eq!(
+            (
+                limits.read("gc_thresh2").unwrap(),
+                limits.read("gc_thresh3").unwrap()
+            ),
+            (soft, hard)
+        );
+        // A second run, bigger: the values kept are still the first ones.
+        limits.raise(100).expect("raise again");
+        assert_eq!(
+            limits.read("gc_thresh3").unwrap(),
+            neighbour_limits_for(100).1
+        );
+        assert!(
+            limits.restore().expect("restore"),
+            "there was something to put back"
+        );
+        assert_eq!(
+            (
+                limits.read("gc_thresh2").unwrap(),
+                limits.read("gc_thresh3").unwrap()
+            ),
+            (512, 1024)
+        );
+        assert!(!limits.saved.exists(), "forgotten once put back");
+        assert!(
+            !limits.restore().expect("restore again"),
+            "nothing left to put back"
+        );
+    }
+
+    #[test]
+    fn limits_high_enough_are_neither_raised_nor_touched_on_restore() {
+        let (_dir, limits) = fake_limits(1 << 20, 1 << 21);
+        limits.raise(50).expect("raise");
+        assert!(!limits.saved.exists(), "nothing raised, nothing kept");
+        assert!(!limits.restore().expect("restore"));
+        assert_eq!(limits.read("gc_thresh3").unwrap(), 1 << 21);
+    }
+
+    #[test]
+    fn a_tag_outside_the_prefix_is_refused() {
+        let err = Topology::create("other", 2, 0, 0.0).err().expect("refused");
+        assert!(err.to_string().contains(NAMESPACE_PREFIX), "{err}");
+    }
+
+    /// Needs root and `ip`; skipped (passing, saying so) where namespaces cannot be made.
     #[test]
     fn a_split_cuts_the_two_sides_apart_and_a_heal_joins_them() {
-        if !available() {
+        if !namespaces_or_skip("a_split_cuts_the_two_sides_apart_and_a_heal_joins_them") {
             return;
         }
-        let tag = format!("fltest{}", std::process::id());
+        let tag = format!("{NAMESPACE_PREFIX}test{}p", std::process::id());
         let topology = Topology::create(&tag, 3, 0, 0.0).expect("topology");
         let hard: u64 = std::fs::read_to_string(format!("{NEIGHBOUR_LIMITS}/gc_thresh3"))
             .unwrap()
@@ -408,10 +612,10 @@ mod tests {
     /// the error names netem; either way nothing is left behind.
     #[test]
     fn shaped_links_are_made_or_refused_naming_netem() {
-        if !available() {
+        if !namespaces_or_skip("shaped_links_are_made_or_refused_naming_netem") {
             return;
         }
-        let tag = format!("fltest{}s", std::process::id());
+        let tag = format!("{NAMESPACE_PREFIX}test{}s", std::process::id());
         match Topology::create(&tag, 2, 1, 0.5) {
             Ok(topology) => drop(topology),
             Err(e) => assert!(e.to_string().contains("netem"), "{e}"),

@@ -1,10 +1,12 @@
-//! Finding every instance's record files under a run's directory and merging their rows.
+//! Finding every instance's record files (and the run's `params.json`) under a run's
+//! directory and merging their rows.
 
 use std::path::{Path, PathBuf};
 
 use super::ReportError;
 use crate::records::{
-    EVENTS_FILE, EventRow, INVOCATIONS_FILE, InvocationRow, RESOURCES_FILE, ResourceRow, read_rows,
+    EVENTS_FILE, EventRow, INVOCATIONS_FILE, InvocationRow, PARAMS_FILE, RESOURCES_FILE,
+    ResourceRow, read_rows,
 };
 
 /// The rows of all instances, each kind sorted by time (then instance).
@@ -16,6 +18,8 @@ pub(super) struct Records {
     pub resources: Vec<ResourceRow>,
     /// Every event.
     pub events: Vec<EventRow>,
+    /// The first `params.json` found (in name order), if any.
+    pub run_info: Option<PathBuf>,
 }
 
 impl Records {
@@ -27,7 +31,11 @@ impl Records {
         collect_files(dir, skip.as_deref(), &mut files)?;
         let mut records = Records::default();
         for file in &files {
-            records.read_file(file)?;
+            if file.file_name().is_some_and(|n| n == PARAMS_FILE) {
+                records.run_info.get_or_insert_with(|| file.clone());
+            } else {
+                records.read_file(file)?;
+            }
         }
         records.sort_by_time();
         Ok(records)
@@ -74,7 +82,7 @@ impl Records {
 
 /// Whether `name` is one of the record files an instance writes.
 fn is_record_file(name: &str) -> bool {
-    [INVOCATIONS_FILE, RESOURCES_FILE, EVENTS_FILE].contains(&name)
+    [INVOCATIONS_FILE, RESOURCES_FILE, EVENTS_FILE, PARAMS_FILE].contains(&name)
 }
 
 /// Pushes every record file under `dir` onto `files`, in name order so merges are

@@ -18,7 +18,7 @@ pub use summary::Summary;
 
 use std::path::{Path, PathBuf};
 
-use crate::records::RecordError;
+use crate::records::{PARAMS_FILE, RecordError};
 
 /// Every file [`write_report`] writes into its output directory.
 pub const METRIC_FILES: &[&str] = &[
@@ -70,6 +70,10 @@ pub enum ReportError {
         /// Why.
         source: serde_json::Error,
     },
+    /// The report was to go into the records' own directory, where its `events.csv`
+    /// would stand for an instance's.
+    #[error("{}: a report cannot go into the directory of the records it reads; write it elsewhere (e.g. DIR/report)", .0.display())]
+    SameDir(PathBuf),
     /// A plot could not be drawn.
     #[error("{}: cannot draw: {message}", path.display())]
     Plot {
@@ -91,13 +95,26 @@ impl ReportError {
 }
 
 /// Merges the records of every instance found under `records_dir` (at any depth) and writes
-/// the [`METRIC_FILES`] into `out_dir`, creating it if needed; returns the summary.
+/// the [`METRIC_FILES`] into `out_dir`, creating it if needed; returns the summary. The
+/// run's `params.json` (written by instance 0 of a Testground run), if one is found among
+/// the records, is copied beside them.
 ///
 /// Kinds of record missing altogether are fine (no invocations: zero requests). When
-/// `out_dir` is inside `records_dir` it is skipped, so a report can be written again.
+/// `out_dir` is inside `records_dir` it is skipped, so a report can be written again;
+/// `out_dir` being `records_dir` itself is refused ([`ReportError::SameDir`]).
 pub fn write_report(records_dir: &Path, out_dir: &Path) -> Result<Summary, ReportError> {
+    let records_at = records_dir
+        .canonicalize()
+        .map_err(ReportError::io(records_dir))?;
+    if out_dir.canonicalize().is_ok_and(|out| out == records_at) {
+        return Err(ReportError::SameDir(out_dir.to_path_buf()));
+    }
     std::fs::create_dir_all(out_dir).map_err(ReportError::io(out_dir))?;
     let records = load::Records::load(records_dir, out_dir)?;
+    if let Some(info) = &records.run_info {
+        let to = out_dir.join(PARAMS_FILE);
+        std::fs::copy(info, &to).map_err(ReportError::io(&to))?;
+    }
     let tables = tables::Tables::from_records(&records);
     tables.write(out_dir)?;
     let summary = Summary::from_records(&records, &tables.bandwidth);

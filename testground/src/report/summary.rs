@@ -18,7 +18,7 @@ pub(super) const SUMMARY_CSV: &str = "summary.csv";
 
 /// The run in numbers. Means and percentiles are 0 when there is nothing to take them over;
 /// percentiles are nearest-rank.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// Invocations sent.
     pub requests: u64,
@@ -67,6 +67,10 @@ pub struct Summary {
     pub splits: u64,
     /// `heal` events.
     pub heals: u64,
+    /// `split-failed` and `heal-failed` events: a change of the network that did not
+    /// happen (or not in time) on some instance.
+    #[serde(default)]
+    pub link_failures: u64,
     /// From the first row to the last of any kind, seconds.
     pub duration_s: f64,
 }
@@ -110,6 +114,7 @@ impl Summary {
             crashes: event_count("crash") as u64,
             splits: event_count("split") as u64,
             heals: event_count("heal") as u64,
+            link_failures: (event_count("split-failed") + event_count("heal-failed")) as u64,
             duration_s: records.last_ms().saturating_sub(records.t0()) as f64 / 1000.0,
         }
     }

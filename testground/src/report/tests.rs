@@ -315,6 +315,60 @@ fn a_report_inside_the_records_dir_is_not_read_back() {
 }
 
 #[test]
+fn a_report_into_the_records_own_dir_is_refused_and_writes_nothing() {
+    let run = tempfile::tempdir().expect("temp dir");
+    two_instance_run(run.path());
+    let err = write_report(run.path(), run.path()).expect_err("same directory");
+    assert!(matches!(err, ReportError::SameDir(_)), "{err}");
+    // The same directory by another name is refused too.
+    let other_name = run.path().join("instances").join("..");
+    let err = write_report(run.path(), &other_name).expect_err("same directory");
+    assert!(err.to_string().contains("e.g. DIR/report"), "{err}");
+    assert!(!run.path().join("summary.json").exists());
+}
+
+#[test]
+fn the_runs_params_are_carried_into_the_report() {
+    let run = tempfile::tempdir().expect("temp dir");
+    two_instance_run(run.path());
+    // Instance 0 of a Testground run writes them into its outputs.
+    let first = run.path().join("outputs").join("single").join("0");
+    std::fs::create_dir_all(&first).expect("instance dir");
+    std::fs::write(first.join("params.json"), "{\"case\":\"churn\"}").expect("params");
+    let out = run.path().join("report");
+    write_report(run.path(), &out).expect("report");
+    assert_eq!(
+        std::fs::read_to_string(out.join("params.json")).expect("carried"),
+        "{\"case\":\"churn\"}"
+    );
+    // Written again, the report's own copy is not taken for the run's.
+    std::fs::write(first.join("params.json"), "{\"case\":\"partition\"}").expect("params");
+    write_report(run.path(), &out).expect("report again");
+    assert!(
+        std::fs::read_to_string(out.join("params.json"))
+            .expect("carried")
+            .contains("partition")
+    );
+}
+
+#[test]
+fn failed_splits_and_heals_are_counted() {
+    let run = tempfile::tempdir().expect("temp dir");
+    let events = [
+        event(1_000, 0, "split-failed"),
+        event(1_000, 3, "split-failed"),
+        event(2_000, 0, "heal"),
+        event(2_000, 1, "heal-failed"),
+    ];
+    write_rows(&run.path().join("instances"), EVENTS_FILE, &events);
+    let summary = write_report(run.path(), &run.path().join("report")).expect("report");
+    assert_eq!(
+        (summary.splits, summary.heals, summary.link_failures),
+        (0, 1, 3)
+    );
+}
+
+#[test]
 fn malformed_csv_is_an_error_naming_the_file() {
     let run = tempfile::tempdir().expect("temp dir");
     two_instance_run(run.path());

@@ -61,6 +61,18 @@ impl Sessions {
     }
 }
 
+/// The random numbers of volunteer `seq`'s sessions.
+fn session_rng(params: &crate::params::Params, seq: u32) -> rand::rngs::StdRng {
+    super::rng_for(params.seed, seq, 3)
+}
+
+/// How long volunteer `seq`'s first node stays in a run of `params` (from the start of
+/// the workload): fixed by the seed, like every later session.
+pub fn first_session(params: &crate::params::Params, seq: u32) -> Duration {
+    let sessions = Sessions::new(params.churn_per_min, params.session_shape);
+    sessions.draw_residual(&mut session_rng(params, seq))
+}
+
 /// Runs a volunteer's sessions until `end`; returns the node running then.
 pub(crate) async fn churn<C: Coordinator, L: Links>(
     instance: &Instance<C, L>,
@@ -72,7 +84,7 @@ pub(crate) async fn churn<C: Coordinator, L: Links>(
 ) -> anyhow::Result<NodeProcess> {
     let p = &instance.params;
     let sessions = Sessions::new(p.churn_per_min, p.session_shape);
-    let mut rng = instance.rng(3);
+    let mut rng = session_rng(p, instance.seq);
     let mut session = sessions.draw_residual(&mut rng);
     let mut generation = 0;
     loop {
@@ -127,6 +139,42 @@ mod tests {
             *draws.last().expect("draws") > 20.0 * 300.0,
             "a few very long sessions"
         );
+    }
+
+    /// The volunteers of a run of `nodes` (2 schedulers and 2 clients first) whose first
+    /// node leaves within `window` at `per_min`, with the default seed and session shape.
+    fn leaving_within(nodes: u32, per_min: f64, window: Duration) -> Vec<u32> {
+        let params = crate::params::Params {
+            churn_per_min: per_min,
+            ..crate::params::Params::default()
+        };
+        (params.fixed_instances()..nodes)
+            .filter(|&seq| first_session(&params, seq) < window)
+            .collect()
+    }
+
+    #[test]
+    fn the_seeded_smoke_and_test_runs_are_sure_to_churn() {
+        // scripts/smoke and the plan test: 8 nodes at 6 a minute, 8–10 s of workload.
+        // Sessions are heavy-tailed, so a short run may well see no departure at all; with
+        // the default seed two volunteers leave within 5 s.
+        assert_eq!(leaving_within(8, 6.0, Duration::from_secs(5)), [6, 7]);
+        // The plan test of 20 nodes at 20% a minute for 60 s: three leave in time.
+        assert_eq!(
+            leaving_within(20, 0.2, Duration::from_secs(30)),
+            [7, 14, 17]
+        );
+        // Other seeds draw other sessions.
+        let reseeded = crate::params::Params {
+            churn_per_min: 6.0,
+            seed: 2,
+            ..crate::params::Params::default()
+        };
+        let default = crate::params::Params {
+            churn_per_min: 6.0,
+            ..crate::params::Params::default()
+        };
+        assert_ne!(first_session(&reseeded, 6), first_session(&default, 6));
     }
 
     #[test]

@@ -168,12 +168,7 @@ impl<C: Coordinator, L: Links> Instance<C, L> {
     }
 
     fn rng(&self, stream: u64) -> StdRng {
-        StdRng::seed_from_u64(
-            self.params
-                .seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(u64::from(self.seq) * 7919 + stream),
-        )
+        rng_for(self.params.seed, self.seq, stream)
     }
 
     /// Memory this instance lends (0 unless a volunteer): drawn from the tier mix.
@@ -328,6 +323,14 @@ async fn sample_forever(seq: u32, mut current: watch::Receiver<Option<Current>>,
             tracing::warn!(error = %e, "cannot record a sample");
         }
     }
+}
+
+/// The random numbers of instance `seq` for one purpose (`stream`) in a run of `seed`.
+pub(crate) fn rng_for(seed: u64, seq: u32, stream: u64) -> StdRng {
+    StdRng::seed_from_u64(
+        seed.wrapping_mul(1_000_003)
+            .wrapping_add(u64::from(seq) * 7919 + stream),
+    )
 }
 
 /// A value drawn from `value:weight` pairs.
