@@ -5,8 +5,11 @@
 //! so anyone can read the state and result CIDs later — after the client restarted, and
 //! after the scheduler left.
 //!
-//! Every node keeps the job records it is sent in a bounded [`JobBook`]; a version
-//! replaces another only if it is newer and signed by the same scheduler.
+//! A job's id is derived from the scheduler that took it and the client's nonce
+//! ([`job_id`]), so a record under that id verifies only when signed by that scheduler:
+//! no other peer can plant a record for someone else's job, even at a replica that has
+//! none yet. Every node keeps the job records it is sent in a bounded [`JobBook`]; a
+//! version replaces another only if it is newer.
 
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
@@ -16,6 +19,7 @@ use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -67,8 +71,10 @@ impl std::fmt::Display for JobState {
 /// One version of a job's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
-    /// The job's id.
+    /// The job's id: [`job_id`] of the scheduler and the nonce.
     pub job_id: u64,
+    /// The client's nonce (the call's invocation id), from which the id is derived.
+    pub nonce: u64,
     /// The version: higher is newer.
     pub seq: u64,
     /// The scheduler that holds the job.
@@ -110,12 +116,26 @@ pub enum JobRecordError {
     /// The signature or key does not match the record's scheduler.
     #[error("bad signature")]
     BadSignature,
-    /// Another scheduler holds this job.
-    #[error("job {0:016x} belongs to another scheduler")]
-    NotTheScheduler(u64),
+    /// The job id is not derived from the record's scheduler and nonce.
+    #[error("job {0:016x} is not an id of this record's scheduler")]
+    ForeignId(u64),
     /// The book already has this version or a newer one.
     #[error("job {0:016x} has a newer version here")]
     Stale(u64),
+}
+
+/// The id of the job a scheduler takes for a client's nonce: 63 bits of
+/// SHA-256(domain ‖ scheduler's peer id ‖ nonce). Finding another scheduler key that
+/// yields a given id takes about 2^63 tries.
+pub fn job_id(scheduler: &PeerId, nonce: u64) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(b"flotilla/job-id/v1\0")
+        .chain_update(scheduler.to_bytes())
+        .chain_update(nonce.to_be_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) >> 1
 }
 
 fn record_bytes(record: &JobRecord) -> Vec<u8> {
@@ -135,14 +155,19 @@ impl SignedJob {
         }
     }
 
-    /// Checks that the key is the scheduler's and signed the record.
+    /// Checks that the key is the scheduler's, signed the record, and that the job id
+    /// is the scheduler's for the record's nonce.
     pub fn verify(&self) -> Result<(), JobRecordError> {
         let key = PublicKey::try_decode_protobuf(&self.public_key)
             .map_err(|_| JobRecordError::BadSignature)?;
-        if key.to_peer_id().to_string() != self.record.scheduler
+        let scheduler = key.to_peer_id();
+        if scheduler.to_string() != self.record.scheduler
             || !key.verify(&record_bytes(&self.record), &self.signature)
         {
             return Err(JobRecordError::BadSignature);
+        }
+        if job_id(&scheduler, self.record.nonce) != self.record.job_id {
+            return Err(JobRecordError::ForeignId(self.record.job_id));
         }
         Ok(())
     }
@@ -163,13 +188,11 @@ impl JobBook {
     pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
         job.verify()?;
         let id = job.record.job_id;
-        if let Some((_, held)) = self.records.get(&id) {
-            if held.record.scheduler != job.record.scheduler {
-                return Err(JobRecordError::NotTheScheduler(id));
-            }
-            if held.record.seq >= job.record.seq {
-                return Err(JobRecordError::Stale(id));
-            }
+        // Verified ids are the scheduler's own, so a held record of this id is too.
+        if let Some((_, held)) = self.records.get(&id)
+            && held.record.seq >= job.record.seq
+        {
+            return Err(JobRecordError::Stale(id));
         }
         let ttl = JOB_RECORD_TTL.as_millis() as u64;
         self.records
@@ -243,8 +266,14 @@ pub enum JobError {
 }
 
 impl Market {
-    /// Takes a job for later placement, if there is room for it.
+    /// Takes a job for later placement, if there is room for it, and answers with its
+    /// id. A nonce this scheduler already took a job for (a client's retry) is answered
+    /// with that job's id and not run again.
     pub(super) fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
+        let job_id = job_id(&self.peer_id(), request.invocation_id);
+        if lock(&self.shared.jobs).get(job_id).is_some() {
+            return Response::Accepted { job_id };
+        }
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }
@@ -256,7 +285,8 @@ impl Market {
         };
         let now = now_ms();
         let record = JobRecord {
-            job_id: request.invocation_id,
+            job_id,
+            nonce: request.invocation_id,
             seq: 0,
             scheduler: self.peer_id().to_string(),
             state: JobState::Waiting,
@@ -269,8 +299,13 @@ impl Market {
             result: None,
         };
         let market = self.clone();
+        // Kept before answering, so that a retry of the same nonce finds it.
+        let first = SignedJob::sign(record.clone(), &self.shared.keypair);
+        if let Err(e) = lock(&self.shared.jobs).put(now, first) {
+            tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
+        }
         tokio::spawn(async move { market.run_job(request, record, slot).await });
-        Response::Accepted
+        Response::Accepted { job_id }
     }
 
     /// Places a job, again and again while nothing fits and its deadline allows, and
@@ -447,9 +482,9 @@ impl Market {
     ) -> Result<u64, JobError> {
         call.validate()
             .map_err(|e| super::InvokeError::Rejected(e.to_string()))?;
-        let job_id = rand::rng().next_u64() >> 1;
+        let nonce = rand::rng().next_u64() >> 1;
         let request = InvokeRequest {
-            invocation_id: job_id,
+            invocation_id: nonce,
             call,
             max_tries,
             placement,
@@ -464,7 +499,7 @@ impl Market {
         )
         .await
         .and_then(|response| match response {
-            Response::Accepted => Ok(job_id),
+            Response::Accepted { job_id } => Ok(job_id),
             Response::Failed { reason, retryable } => {
                 Err(super::InvokeError::Failed { reason, retryable })
             }
@@ -509,11 +544,13 @@ impl Market {
 mod tests {
     use super::*;
 
-    fn record(keypair: &Keypair, seq: u64) -> JobRecord {
+    fn record(keypair: &Keypair, nonce: u64, seq: u64) -> JobRecord {
+        let scheduler = keypair.public().to_peer_id();
         JobRecord {
-            job_id: 7,
+            job_id: job_id(&scheduler, nonce),
+            nonce,
             seq,
-            scheduler: keypair.public().to_peer_id().to_string(),
+            scheduler: scheduler.to_string(),
             state: JobState::Waiting,
             module: "bafk".into(),
             submitted_at_ms: 1,
@@ -526,63 +563,84 @@ mod tests {
     }
 
     #[test]
+    fn job_ids_depend_on_the_scheduler_and_the_nonce() {
+        let a = Keypair::generate_ed25519().public().to_peer_id();
+        let b = Keypair::generate_ed25519().public().to_peer_id();
+        assert_eq!(job_id(&a, 1), job_id(&a, 1));
+        assert_ne!(job_id(&a, 1), job_id(&a, 2));
+        assert_ne!(job_id(&a, 1), job_id(&b, 1));
+        assert!(job_id(&a, u64::MAX) <= i64::MAX as u64);
+    }
+
+    #[test]
     fn a_book_keeps_the_newest_version_signed_by_the_jobs_scheduler() {
         let scheduler = Keypair::generate_ed25519();
         let other = Keypair::generate_ed25519();
         let mut book = JobBook::default();
-        book.put(1, SignedJob::sign(record(&scheduler, 2), &scheduler))
+        let id = job_id(&scheduler.public().to_peer_id(), 7);
+        book.put(1, SignedJob::sign(record(&scheduler, 7, 2), &scheduler))
             .unwrap();
         assert_eq!(
-            book.put(1, SignedJob::sign(record(&scheduler, 1), &scheduler)),
-            Err(JobRecordError::Stale(7))
+            book.put(1, SignedJob::sign(record(&scheduler, 7, 1), &scheduler)),
+            Err(JobRecordError::Stale(id))
         );
-        // Someone else's version of the same job, even newer, is refused.
+        // Another peer's record under this job's id, even newer and validly signed, is
+        // refused: the id is not one of its own.
+        let mut planted = record(&other, 7, 9);
+        planted.job_id = id;
         assert_eq!(
-            book.put(1, SignedJob::sign(record(&other, 9), &other)),
-            Err(JobRecordError::NotTheScheduler(7))
+            book.put(1, SignedJob::sign(planted.clone(), &other)),
+            Err(JobRecordError::ForeignId(id))
+        );
+        // Even at a node that holds no record of the job yet.
+        assert_eq!(
+            JobBook::default().put(1, SignedJob::sign(planted, &other)),
+            Err(JobRecordError::ForeignId(id))
         );
         // A record claiming a scheduler whose key did not sign it is refused.
-        let mut forged = SignedJob::sign(record(&other, 9), &other);
+        let mut forged = SignedJob::sign(record(&other, 7, 9), &other);
         forged.record.scheduler = scheduler.public().to_peer_id().to_string();
         assert_eq!(book.put(1, forged), Err(JobRecordError::BadSignature));
-        let mut newer = record(&scheduler, 3);
+        let mut newer = record(&scheduler, 7, 3);
         newer.state = JobState::Done;
         book.put(1, SignedJob::sign(newer, &scheduler)).unwrap();
-        assert_eq!(book.get(7).unwrap().record.state, JobState::Done);
+        assert_eq!(book.get(id).unwrap().record.state, JobState::Done);
         assert_eq!(book.len(), 1);
     }
 
     #[test]
     fn records_expire_and_the_book_is_bounded() {
         let schedulers: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
+        let id_of =
+            |scheduler: &Keypair, nonce: u64| job_id(&scheduler.public().to_peer_id(), nonce);
         let mut book = JobBook::default();
         // Five schedulers' worth: each at its quota, the book over its bound.
         let per = MAX_JOB_RECORDS_PER_SCHEDULER as u64;
-        for id in 0..5 * per {
-            let scheduler = &schedulers[(id / per) as usize];
-            let mut r = record(scheduler, 1);
-            r.job_id = id;
+        for nonce in 0..5 * per {
+            let scheduler = &schedulers[(nonce / per) as usize];
+            let mut r = record(scheduler, nonce, 1);
             // Records dated in the future do not count: arrival does.
-            r.updated_at_ms = u64::MAX - id;
-            book.put(id, SignedJob::sign(r, scheduler)).unwrap();
+            r.updated_at_ms = u64::MAX - nonce;
+            book.put(nonce, SignedJob::sign(r, scheduler)).unwrap();
         }
         assert_eq!(book.len(), MAX_JOB_RECORDS);
-        assert!(book.get(0).is_none(), "the oldest went first");
-        assert!(book.get(5 * per - 1).is_some());
+        assert!(
+            book.get(id_of(&schedulers[0], 0)).is_none(),
+            "the oldest went first"
+        );
+        assert!(book.get(id_of(&schedulers[4], 5 * per - 1)).is_some());
         // One scheduler flooding the book pushes out only its own records.
-        for id in 5 * per..6 * per {
-            let mut r = record(&schedulers[4], 1);
-            r.job_id = id;
-            book.put(id, SignedJob::sign(r, &schedulers[4])).unwrap();
+        for nonce in 5 * per..6 * per {
+            let r = record(&schedulers[4], nonce, 1);
+            book.put(nonce, SignedJob::sign(r, &schedulers[4])).unwrap();
         }
         assert!(
-            book.get(2 * per).is_some(),
+            book.get(id_of(&schedulers[2], 2 * per)).is_some(),
             "another scheduler's record stays"
         );
-        assert!(book.get(4 * per).is_none());
+        assert!(book.get(id_of(&schedulers[4], 4 * per)).is_none());
         let later = JOB_RECORD_TTL.as_millis() as u64 + 6 * per + 100;
-        let mut r = record(&schedulers[0], 1);
-        r.job_id = u64::MAX;
+        let r = record(&schedulers[0], u64::MAX, 1);
         book.put(later, SignedJob::sign(r, &schedulers[0])).unwrap();
         assert_eq!(book.len(), 1, "the rest expired");
     }

@@ -122,7 +122,8 @@ pub enum Request {
     Execute(Box<ExecuteRequest>),
     /// Take a call as a detached job, placed when an offer fits.
     Submit {
-        /// The call; its invocation id is the job's id.
+        /// The call; its invocation id is the client's nonce, from which the scheduler
+        /// derives the job's id.
         request: Box<InvokeRequest>,
         /// How long it may wait for an offer, in ms.
         wait_ms: u64,
@@ -234,8 +235,11 @@ pub enum Response {
     },
     /// A client's call was placed and ran.
     Invoked(Box<Invocation>),
-    /// A job was taken.
-    Accepted,
+    /// A job was taken, under this id.
+    Accepted {
+        /// The job's id ([`super::jobs::job_id`] of the scheduler and the nonce).
+        job_id: u64,
+    },
     /// A job record was kept (or a newer one is held).
     JobStored,
     /// The newest version of a job's record held, if any.
