@@ -13,8 +13,8 @@ use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
 use flotilla_node::market::InvokeError;
 use flotilla_node::market::function::{FunctionCall, Invocation};
-use flotilla_node::market::jobs::JobState;
-use flotilla_node::market::protocol::{self, ExecuteRequest, Request, Response};
+use flotilla_node::market::jobs::{self, JobState};
+use flotilla_node::market::protocol::{self, ExecuteRequest, InvokeRequest, Request, Response};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -418,6 +418,44 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
     .await;
     let gave_up = market.job(hopeless).await.unwrap();
     assert!(gave_up.error.unwrap().contains("gave up waiting"));
+
+    // The scheduler derives a job's id from its own peer id and the client's nonce; a
+    // client's retry of the same nonce gets the same job back, not a second one.
+    let submit_nonce = |id: u64| {
+        let network = nodes[1].overlay().network().clone();
+        let to = nodes[0].peer_id();
+        let request = Request::Submit {
+            request: Box::new(InvokeRequest {
+                invocation_id: 99,
+                call: big.clone(),
+                max_tries: None,
+                placement: None,
+            }),
+            wait_ms: 120_000,
+        };
+        async move {
+            let answer = network
+                .request(to, Vec::new(), protocol::encode_request(id, request))
+                .await
+                .unwrap();
+            protocol::decode_response(&answer, id).unwrap()
+        }
+    };
+    let expected = jobs::job_id(&nodes[0].peer_id(), 99);
+    wait_until("only the waiting job is held", || async {
+        market.jobs_held() == 1
+    })
+    .await;
+    for attempt in 1..=2 {
+        let answer = submit_nonce(attempt).await;
+        assert!(
+            matches!(answer, Response::Accepted { job_id } if job_id == expected),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(market.jobs_held(), 2, "the retry took no second job");
+    let retried = market.job(expected).await.unwrap();
+    assert_eq!(retried.nonce, 99);
 
     // A volunteer with 2 GiB joins: the waiting job runs on it.
     let bootstrap = vec![nodes[0].bootstrap_addr()];

@@ -466,6 +466,11 @@ impl Market {
         }
     }
 
+    /// How many detached jobs this node holds as scheduler (waiting or running).
+    pub fn jobs_held(&self) -> usize {
+        MAX_JOBS - self.shared.jobs_held.available_permits()
+    }
+
     /// The newest version of job `id` this node holds.
     pub(super) fn held_job(&self, id: u64) -> Response {
         Response::Job(lock(&self.shared.jobs).get(id).cloned().map(Box::new))
