@@ -483,6 +483,58 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
     // Another node reads the same record from the peers that keep it.
     let record = nodes[1].market().job(waiting).await.unwrap();
     assert_eq!(record.state, JobState::Done);
+
+    // A job's output file outlives the volunteer that made it: the scheduler and the
+    // peers keeping the record copy the result's blocks.
+    let words = b"one two three\n";
+    let mut count = call(&add(&nodes[0], &example("wordcount")).await);
+    count.memory_mib = 1024;
+    count.args = vec!["words.txt".into()];
+    count.inputs = vec![("words.txt".into(), add(&nodes[0], words).await)];
+    let counting = market
+        .submit(count, None, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    wait_until_within("the counting job ran", Duration::from_secs(30), || async {
+        market
+            .job(counting)
+            .await
+            .is_ok_and(|r| r.state == JobState::Done)
+    })
+    .await;
+    let result = market.job(counting).await.unwrap().result.unwrap();
+    assert_eq!(result.execution.volunteer, late_id);
+    let counts = result
+        .execution
+        .outputs
+        .iter()
+        .find(|o| o.name == "counts.txt")
+        .expect("wordcount leaves counts.txt")
+        .cid
+        .parse::<cid::Cid>()
+        .unwrap();
+    let holders = || {
+        nodes[..3]
+            .iter()
+            .filter(|n| n.overlay().store().has(&counts))
+            .count()
+    };
+    wait_until("the scheduler and a replica copied the output", || async {
+        nodes[0].overlay().store().has(&counts) && holders() >= 2
+    })
+    .await;
+    let late = nodes.pop().unwrap();
+    late.kill().await;
+    for node in &nodes {
+        let (progress, _) = tokio::sync::watch::channel(Default::default());
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(20),
+            node.overlay().fetch(counts, &progress),
+        )
+        .await;
+        assert!(matches!(fetched, Ok(Ok(()))), "{fetched:?}");
+        assert!(node.overlay().store().has(&counts));
+    }
     for node in nodes {
         node.stop().await;
     }

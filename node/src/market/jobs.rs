@@ -38,8 +38,12 @@ pub const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(600);
 pub const MAX_JOB_WAIT: Duration = Duration::from_secs(3600);
 /// Peers besides the scheduler that keep a copy of each job record.
 pub const JOB_REPLICAS: usize = 3;
-/// Most copies of job results' stdout or stderr a node fetches at once.
+/// Most copies of job results' blocks a node fetches at once.
 pub const MAX_RESULT_COPIES: usize = 8;
+/// Most bytes of one job's results (stdout, stderr and output files stored as blocks)
+/// that the scheduler and each peer keeping its record copy; a result past the rest of
+/// this budget is not copied.
+pub const MAX_COPIED_RESULT_BYTES: u64 = 64 * 1024 * 1024;
 /// Stdout or stderr up to this size is kept in the record; larger ones by CID.
 const MAX_RECORD_INLINE: usize = 4 * 1024;
 
@@ -247,6 +251,28 @@ impl JobBook {
     }
 }
 
+/// The blocks of a job's result worth copying: stdout and stderr stored by CID, then the
+/// output files, in that order while they fit in [`MAX_COPIED_RESULT_BYTES`].
+pub fn result_blocks(result: &Invocation) -> Vec<(cid::Cid, u64)> {
+    let execution = &result.execution;
+    let streams = [&execution.stdout, &execution.stderr]
+        .into_iter()
+        .filter_map(|s| Some((s.cid.as_deref()?, s.size)));
+    let files = execution.outputs.iter().map(|o| (o.cid.as_str(), o.size));
+    let mut budget = MAX_COPIED_RESULT_BYTES;
+    let mut blocks = Vec::new();
+    for (cid, size) in streams.chain(files) {
+        let Ok(cid) = cid.parse::<cid::Cid>() else {
+            continue;
+        };
+        if size <= budget {
+            budget -= size;
+            blocks.push((cid, size));
+        }
+    }
+    blocks
+}
+
 /// The DHT key whose closest peers keep job `id`'s record.
 pub fn job_key(id: u64) -> Vec<u8> {
     let mut key = b"/flotilla/job/".to_vec();
@@ -331,7 +357,10 @@ impl Market {
                 Response::Invoked(invocation) => {
                     record.state = JobState::Done;
                     record.error = None;
-                    record.result = Some(self.recordable(*invocation).await);
+                    let invocation = self.recordable(*invocation).await;
+                    // The volunteer may leave before the client reads the result.
+                    self.copy_result_blocks(result_blocks(&invocation));
+                    record.result = Some(invocation);
                 }
                 Response::Failed {
                     reason,
@@ -420,22 +449,15 @@ impl Market {
         }
     }
 
-    /// Keeps a job record another peer sent, and a copy of its result's stdout and stderr
-    /// when they are blocks of the scheduler's: the record outlives the scheduler, so
-    /// must what `job result` prints.
+    /// Keeps a job record another peer sent, and a copy of its result's blocks (stdout,
+    /// stderr and output files, [`MAX_COPIED_RESULT_BYTES`] at most): the record
+    /// outlives the scheduler and the volunteer, so must what it points to.
     pub(super) fn store_job(&self, job: SignedJob) -> Response {
-        let streams: Vec<String> = job
-            .record
-            .result
-            .iter()
-            .flat_map(|r| [&r.execution.stdout, &r.execution.stderr])
-            .filter(|s| s.size <= MAX_INLINE_OUTPUT as u64)
-            .filter_map(|s| s.cid.clone())
-            .collect();
+        let blocks = job.record.result.as_ref().map(result_blocks);
         let kept = lock(&self.shared.jobs).put(now_ms(), job);
         match kept {
             Ok(()) => {
-                self.copy_result_streams(streams);
+                self.copy_result_blocks(blocks.unwrap_or_default());
                 Response::JobStored
             }
             Err(JobRecordError::Stale(_)) => Response::JobStored,
@@ -445,22 +467,22 @@ impl Market {
         }
     }
 
-    /// Fetches the blocks of `cids` in the background, each given up once more than
-    /// [`MAX_INLINE_OUTPUT`] bytes' worth arrived (a record's sizes are the scheduler's
-    /// word); skipped when [`MAX_RESULT_COPIES`] fetches already run.
-    fn copy_result_streams(&self, cids: Vec<String>) {
-        for cid in cids {
-            let Ok(cid) = cid.parse::<cid::Cid>() else {
+    /// Fetches the files of `blocks` in the background, each given up once more than
+    /// its size's worth arrived (a record's sizes are the scheduler's word); skipped
+    /// when [`MAX_RESULT_COPIES`] fetches already run.
+    fn copy_result_blocks(&self, blocks: Vec<(cid::Cid, u64)>) {
+        for (cid, size) in blocks {
+            if self.shared.overlay.store().has(&cid) && size <= MAX_INLINE_OUTPUT as u64 {
                 continue;
-            };
+            }
             let Ok(permit) = self.shared.result_copies.clone().try_acquire_owned() else {
                 tracing::debug!(%cid, "too many result copies running; not copying");
                 continue;
             };
             let market = self.clone();
             tokio::spawn(async move {
-                let fetched = market.fetch_at_most(cid, MAX_INLINE_OUTPUT as u64).await;
-                tracing::debug!(%cid, ?fetched, "copied a job result's stream");
+                let fetched = market.fetch_at_most(cid, size).await;
+                tracing::debug!(%cid, ?fetched, "copied a job result's blocks");
                 drop(permit);
             });
         }
@@ -565,6 +587,63 @@ mod tests {
             error: None,
             result: None,
         }
+    }
+
+    #[test]
+    fn result_blocks_are_copied_in_order_within_the_budget() {
+        use super::super::function::{Execution, OutputFile};
+        let cid = |n: u8| {
+            let hash = cid::multihash::Multihash::<64>::wrap(0x12, &[n; 32]).unwrap();
+            cid::Cid::new_v1(0x55, hash)
+        };
+        let file = |n: u8, size: u64| OutputFile {
+            name: format!("out{n}"),
+            cid: cid(n).to_string(),
+            size,
+        };
+        let mib = 1024 * 1024;
+        let invocation = Invocation {
+            invocation_id: 1,
+            scheduler: String::new(),
+            execution: Execution {
+                volunteer: String::new(),
+                exit_code: 0,
+                stdout: OutputStream {
+                    size: 40 * mib,
+                    inline: Vec::new(),
+                    cid: Some(cid(1).to_string()),
+                },
+                stderr: OutputStream {
+                    size: 5,
+                    inline: b"hello".to_vec(),
+                    cid: None,
+                },
+                outputs: vec![
+                    file(2, 30 * mib),
+                    file(3, 20 * mib),
+                    OutputFile {
+                        name: "bad".into(),
+                        cid: "not a cid".into(),
+                        size: 1,
+                    },
+                    file(4, 4 * mib),
+                ],
+                failure: None,
+                memory_mib: 128,
+                timings: Default::default(),
+            },
+            failed_attempts: Vec::new(),
+            discover_us: 0,
+            scheduler_us: 0,
+            messages: 0,
+            probes: 0,
+        };
+        // 40 MiB of stdout, then 30 MiB does not fit the 64 MiB, 20 and 4 do; inline
+        // stderr and a malformed CID are skipped.
+        assert_eq!(
+            result_blocks(&invocation),
+            vec![(cid(1), 40 * mib), (cid(3), 20 * mib), (cid(4), 4 * mib)]
+        );
     }
 
     #[test]
