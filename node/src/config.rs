@@ -18,6 +18,7 @@
 //! | `offer_refresh_margin` |              | `20s`: how long before expiry an offer is refreshed       |
 //! | `notify_interval`|                    | `10s`: how often an offerer tells a scheduler what is free|
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
+//! | `job_republish_interval` |            | `60s`: how often kept job records are sent to the peers now closest to their keys |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
 //! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback       |
 //! | `key_space`      | `--key-space`      | `regions` (or `whole`: the random-probing baseline)       |
@@ -111,6 +112,10 @@ pub struct NodeConfig {
     /// Time allowed for a lookup or a request to another peer.
     #[serde(with = "duration_text")]
     pub answer_timeout: Duration,
+    /// How often the job records this node keeps are sent to the peers now closest to
+    /// their keys.
+    #[serde(with = "duration_text")]
+    pub job_republish_interval: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
     /// Region probes before the super-trader fallback.
@@ -156,6 +161,7 @@ impl Default for NodeConfig {
             offer_refresh_margin: Duration::from_secs(20),
             notify_interval: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(5),
+            job_republish_interval: Duration::from_secs(60),
             scheduler: false,
             max_tries: 3,
             key_space: KeySpace::Regions,
@@ -279,6 +285,7 @@ impl NodeConfig {
         let positive = [
             ("notify_interval", self.notify_interval),
             ("answer_timeout", self.answer_timeout),
+            ("job_republish_interval", self.job_republish_interval),
             ("fetch_timeout", self.fetch_timeout),
             ("default_deadline", self.default_deadline),
         ];
@@ -337,6 +344,7 @@ impl NodeConfig {
             fallback: self.fallback,
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
+            job_republish_interval: self.job_republish_interval,
             ..crate::market::MarketConfig::default()
         }
     }

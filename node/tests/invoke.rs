@@ -539,3 +539,71 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_record_outlives_every_peer_that_first_kept_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let quick = |config: NodeConfig| NodeConfig {
+        answer_timeout: Duration::from_secs(1),
+        notify_interval: Duration::from_millis(300),
+        job_republish_interval: Duration::from_millis(300),
+        ..config
+    };
+    let first = demo::start_network_with(dir.path(), 3, |i, config| match i {
+        0 => NodeConfig {
+            scheduler: true,
+            ..quick(config)
+        },
+        1 => NodeConfig {
+            offer_memory: Some(ByteSize::mib(256)),
+            ..quick(config)
+        },
+        _ => quick(config),
+    })
+    .await
+    .unwrap();
+    let market = first[0].market().clone();
+    let mut echo = call(&add(&first[0], &example("echo")).await);
+    echo.args = vec!["kept".into()];
+    let job = market
+        .submit(echo, None, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    wait_until("the job ran", || async {
+        market
+            .job(job)
+            .await
+            .is_ok_and(|r| r.state == JobState::Done)
+    })
+    .await;
+
+    // Three peers join after the job's record was published; the peers keeping it send
+    // it on to the peers now closest to its key, some of them new.
+    let bootstrap = vec![first[0].bootstrap_addr()];
+    let mut later = Vec::new();
+    for i in 0..3 {
+        let config =
+            demo::loopback_config(&dir.path().join(format!("later{i}")), bootstrap.clone());
+        later.push(flotilla_node::daemon::start(quick(config)).await.unwrap());
+    }
+    wait_until("a peer that joined later keeps the record", || async {
+        later.iter().any(|n| {
+            n.market()
+                .job_kept_here(job)
+                .is_some_and(|r| r.state == JobState::Done)
+        })
+    })
+    .await;
+    // Every peer that kept it at first leaves, the scheduler too.
+    for node in first {
+        node.kill().await;
+    }
+    for node in &later {
+        let record = node.market().job(job).await.unwrap();
+        assert_eq!(record.state, JobState::Done);
+        assert_eq!(stdout(&record.result.unwrap()), "kept\n");
+    }
+    for node in later {
+        node.stop().await;
+    }
+}

@@ -44,6 +44,8 @@ pub const MAX_RESULT_COPIES: usize = 8;
 /// that the scheduler and each peer keeping its record copy; a result past the rest of
 /// this budget is not copied.
 pub const MAX_COPIED_RESULT_BYTES: u64 = 64 * 1024 * 1024;
+/// Most job records a node sends on in one republishing round.
+pub const MAX_REPUBLISHED_PER_ROUND: usize = 32;
 /// Stdout or stderr up to this size is kept in the record; larger ones by CID.
 const MAX_RECORD_INLINE: usize = 4 * 1024;
 
@@ -126,6 +128,9 @@ pub enum JobRecordError {
     /// The book already has this version or a newer one.
     #[error("job {0:016x} has a newer version here")]
     Stale(u64),
+    /// The version is older than the records' lifetime.
+    #[error("job {0:016x}'s record has expired")]
+    Expired(u64),
 }
 
 /// The id of the job a scheduler takes for a client's nonce: 63 bits of
@@ -178,36 +183,49 @@ impl SignedJob {
 }
 
 /// The job records a node keeps: bounded (in all, and per scheduler), newest version per
-/// job, expiring. Ages are this node's own clock — when a version arrived — never the
-/// time a scheduler wrote in its record, so a record dated in the future cannot outlive
-/// the others or push them out.
+/// job, expiring [`JOB_RECORD_TTL`] after the version was made — but never later than
+/// that long after it arrived here, by this node's own clock, so a record dated in the
+/// future cannot outlive the others, and eviction goes by arrival so it cannot push
+/// them out. Republished copies keep their version's age, so records do not live on
+/// forever by passing from peer to peer.
 #[derive(Debug, Default)]
 pub struct JobBook {
-    /// Each job's newest version, and when it arrived here (Unix ms).
-    records: HashMap<u64, (u64, SignedJob)>,
+    records: HashMap<u64, Kept>,
+}
+
+/// One record in a [`JobBook`], with this node's times for it (Unix ms).
+#[derive(Debug)]
+struct Kept {
+    arrived_ms: u64,
+    sent_ms: u64,
+    expires_ms: u64,
+    job: SignedJob,
 }
 
 impl JobBook {
-    /// Keeps `job` if it is valid and newer than the version held.
+    /// Keeps `job` if it is valid, unexpired and newer than the version held.
     pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
         job.verify()?;
         let id = job.record.job_id;
         // Verified ids are the scheduler's own, so a held record of this id is too.
-        if let Some((_, held)) = self.records.get(&id)
-            && held.record.seq >= job.record.seq
+        if let Some(held) = self.records.get(&id)
+            && held.job.record.seq >= job.record.seq
         {
             return Err(JobRecordError::Stale(id));
         }
         let ttl = JOB_RECORD_TTL.as_millis() as u64;
-        self.records
-            .retain(|_, (kept_at, _)| *kept_at + ttl > now_ms);
+        let expires_ms = now_ms.min(job.record.updated_at_ms).saturating_add(ttl);
+        if expires_ms <= now_ms {
+            return Err(JobRecordError::Expired(id));
+        }
+        self.records.retain(|_, kept| kept.expires_ms > now_ms);
         if !self.records.contains_key(&id) {
             let scheduler = &job.record.scheduler;
             let of_scheduler = |j: &SignedJob| &j.record.scheduler == scheduler;
             let theirs = self
                 .records
                 .values()
-                .filter(|(_, j)| of_scheduler(j))
+                .filter(|kept| of_scheduler(&kept.job))
                 .count();
             // A scheduler at its quota makes room among its own records; otherwise a
             // full book drops its oldest.
@@ -222,22 +240,56 @@ impl JobBook {
                 self.records.remove(&victim);
             }
         }
-        self.records.insert(id, (now_ms, job));
+        let kept = Kept {
+            arrived_ms: now_ms,
+            sent_ms: now_ms,
+            expires_ms,
+            job,
+        };
+        self.records.insert(id, kept);
         Ok(())
+    }
+
+    /// Up to `max` unexpired records this node has not sent on for the longest, none
+    /// sent within `every`; each is marked as sent now.
+    pub fn due_for_republishing(
+        &mut self,
+        now_ms: u64,
+        every: Duration,
+        max: usize,
+    ) -> Vec<SignedJob> {
+        let every = every.as_millis() as u64;
+        let mut due: Vec<(u64, u64)> = self
+            .records
+            .iter()
+            .filter(|(_, kept)| {
+                kept.expires_ms > now_ms && kept.sent_ms.saturating_add(every) <= now_ms
+            })
+            .map(|(id, kept)| (kept.sent_ms, *id))
+            .collect();
+        due.sort_unstable();
+        due.truncate(max);
+        due.into_iter()
+            .filter_map(|(_, id)| {
+                let kept = self.records.get_mut(&id)?;
+                kept.sent_ms = now_ms;
+                Some(kept.job.clone())
+            })
+            .collect()
     }
 
     /// The id of the record that arrived first among those `pick` chooses.
     fn oldest(&self, pick: impl Fn(&SignedJob) -> bool) -> Option<u64> {
         self.records
             .iter()
-            .filter(|(_, (_, j))| pick(j))
-            .min_by_key(|(_, (kept_at, _))| *kept_at)
+            .filter(|(_, kept)| pick(&kept.job))
+            .min_by_key(|(_, kept)| kept.arrived_ms)
             .map(|(id, _)| *id)
     }
 
     /// The newest version of job `id` held here.
     pub fn get(&self, id: u64) -> Option<&SignedJob> {
-        self.records.get(&id).map(|(_, job)| job)
+        self.records.get(&id).map(|kept| &kept.job)
     }
 
     /// How many records are held.
@@ -422,10 +474,24 @@ impl Market {
         if let Err(e) = lock(&self.shared.jobs).put(now_ms(), signed.clone()) {
             tracing::warn!(job = record.job_id, error = %e, "cannot keep a job record");
         }
+        let stored = self.send_job_record(signed).await;
+        if stored == 0 {
+            // Only this scheduler keeps it now: `job status` fails once it leaves.
+            tracing::warn!(job = record.job_id, state = %record.state, "no peer kept the job record");
+        } else {
+            tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
+        }
+    }
+
+    /// Sends `job` to the peers closest to its key (waiting at most the answer timeout
+    /// for each step); answers how many kept it.
+    async fn send_job_record(&self, job: SignedJob) -> usize {
         let timeout = self.shared.config.answer_timeout;
         let closest = tokio::time::timeout(
             timeout,
-            self.shared.network.closest_peers(job_key(record.job_id)),
+            self.shared
+                .network
+                .closest_peers(job_key(job.record.job_id)),
         )
         .await;
         let peers = match closest {
@@ -433,19 +499,42 @@ impl Market {
             _ => Vec::new(),
         };
         let sends = peers.into_iter().take(JOB_REPLICAS).map(|peer| {
-            let request = Request::StoreJob(Box::new(signed.clone()));
+            let request = Request::StoreJob(Box::new(job.clone()));
             self.call(peer, Vec::new(), request, timeout)
         });
-        let stored = futures::future::join_all(sends)
+        futures::future::join_all(sends)
             .await
             .into_iter()
             .filter(|r| matches!(r, Ok(Response::JobStored)))
-            .count();
-        if stored == 0 {
-            // Only this scheduler keeps it now: `job status` fails once it leaves.
-            tracing::warn!(job = record.job_id, state = %record.state, "no peer kept the job record");
-        } else {
-            tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
+            .count()
+    }
+
+    /// Every `job_republish_interval`, sends the records this node keeps (its own jobs'
+    /// and others') on to the peers now closest to their keys, a bounded number per
+    /// round, so a record survives the peers that kept it leaving — as Kademlia
+    /// republishes its values.
+    pub(super) async fn republish_jobs(self) {
+        let every = self.shared.config.job_republish_interval;
+        let mut stop = self.stopping();
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let due = lock(&self.shared.jobs).due_for_republishing(
+                now_ms(),
+                every,
+                MAX_REPUBLISHED_PER_ROUND,
+            );
+            if due.is_empty() {
+                continue;
+            }
+            let count = due.len();
+            let sends = due.into_iter().map(|job| self.send_job_record(job));
+            let stored: usize = futures::future::join_all(sends).await.into_iter().sum();
+            tracing::debug!(records = count, stored, "job records republished");
         }
     }
 
@@ -491,6 +580,11 @@ impl Market {
     /// How many detached jobs this node holds as scheduler (waiting or running).
     pub fn jobs_held(&self) -> usize {
         MAX_JOBS - self.shared.jobs_held.available_permits()
+    }
+
+    /// The newest record of job `id` this node keeps itself (not asking others).
+    pub fn job_kept_here(&self, id: u64) -> Option<JobRecord> {
+        lock(&self.shared.jobs).get(id).map(|j| j.record.clone())
     }
 
     /// The newest version of job `id` this node holds.
@@ -647,6 +741,38 @@ mod tests {
     }
 
     #[test]
+    fn republishing_takes_the_longest_unsent_records_a_bounded_number_at_a_time() {
+        let scheduler = Keypair::generate_ed25519();
+        let id = |nonce: u64| job_id(&scheduler.public().to_peer_id(), nonce);
+        let mut book = JobBook::default();
+        for nonce in 0..5 {
+            let r = record(&scheduler, nonce, 1);
+            book.put(1000 + nonce, SignedJob::sign(r, &scheduler))
+                .unwrap();
+        }
+        let every = Duration::from_millis(100);
+        assert!(
+            book.due_for_republishing(1050, every, 3).is_empty(),
+            "sent on arrival"
+        );
+        let ids = |jobs: Vec<SignedJob>| jobs.iter().map(|j| j.record.job_id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(book.due_for_republishing(1200, every, 3)),
+            vec![id(0), id(1), id(2)]
+        );
+        assert_eq!(
+            ids(book.due_for_republishing(1200, every, 3)),
+            vec![id(3), id(4)]
+        );
+        assert!(book.due_for_republishing(1250, every, 3).is_empty());
+        let expired = 1000 + JOB_RECORD_TTL.as_millis() as u64 + 10;
+        assert!(
+            book.due_for_republishing(expired, every, 9).is_empty(),
+            "expired"
+        );
+    }
+
+    #[test]
     fn job_ids_depend_on_the_scheduler_and_the_nonce() {
         let a = Keypair::generate_ed25519().public().to_peer_id();
         let b = Keypair::generate_ed25519().public().to_peer_id();
@@ -724,8 +850,17 @@ mod tests {
         );
         assert!(book.get(id_of(&schedulers[4], 4 * per)).is_none());
         let later = JOB_RECORD_TTL.as_millis() as u64 + 6 * per + 100;
-        let r = record(&schedulers[0], u64::MAX, 1);
+        let mut r = record(&schedulers[0], u64::MAX, 1);
+        r.updated_at_ms = later;
         book.put(later, SignedJob::sign(r, &schedulers[0])).unwrap();
         assert_eq!(book.len(), 1, "the rest expired");
+        // A copy passed on from peer to peer keeps its version's age.
+        let mut old = record(&schedulers[1], 1, 1);
+        old.updated_at_ms = later - JOB_RECORD_TTL.as_millis() as u64;
+        let old_id = old.job_id;
+        assert_eq!(
+            book.put(later, SignedJob::sign(old, &schedulers[1])),
+            Err(JobRecordError::Expired(old_id))
+        );
     }
 }

@@ -93,6 +93,9 @@ pub struct MarketConfig {
     pub notify_interval: Duration,
     /// How long a volunteer waits for a call's module or one of its inputs to arrive.
     pub fetch_timeout: Duration,
+    /// How often a node sends the job records it keeps on to the peers now closest to
+    /// their keys.
+    pub job_republish_interval: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
     /// Region probes before the super-trader fallback.
@@ -121,6 +124,7 @@ impl Default for MarketConfig {
             answer_timeout: Duration::from_secs(5),
             notify_interval: Duration::from_secs(10),
             fetch_timeout: Duration::from_secs(30),
+            job_republish_interval: Duration::from_secs(60),
             scheduler: false,
             max_tries: 3,
             key_space: KeySpace::Regions,
@@ -327,6 +331,7 @@ impl Market {
             tokio::spawn(market.clone().serve(inbound));
         }
         tokio::spawn(market.clone().evict_expired_offers());
+        tokio::spawn(market.clone().republish_jobs());
         if market.shared.offerer.is_some() {
             tokio::spawn(market.clone().drive_offerer(events));
             tokio::spawn(market.clone().feed_schedulers());
