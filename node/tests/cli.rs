@@ -668,3 +668,46 @@ fn a_plan_runs_its_jobs_in_dependency_order_and_bad_plans_are_refused() {
     });
     assert!(node.terminate());
 }
+
+/// The peers `node`'s status lists as connected.
+fn connected_peers(node: &NodeProcess) -> Vec<String> {
+    let output = node.cli(&["status", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_value(status["connected_peers"].clone()).unwrap()
+}
+
+#[test]
+fn a_connection_to_a_frozen_peer_is_closed_after_missed_pings() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = joining(dir.path(), "a", None, &[]);
+    let b = joining(dir.path(), "b", Some(&a), &[]);
+    let wait_for = |what: &str, limit: u64, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait_for("a is connected to b", 10, &|| {
+        connected_peers(&a).contains(&b.peer_id)
+    });
+    // Frozen, b keeps its TCP connection open (the kernel still acknowledges) but
+    // answers nothing: only missed pings tell. Three in a row close it in about 30 s,
+    // before the 60 s idle timeout would.
+    let pid = b.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    wait_for("a closes its connection to the frozen b", 55, &|| {
+        !connected_peers(&a).contains(&b.peer_id)
+    });
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(b.terminate());
+    assert!(a.terminate());
+}

@@ -7,6 +7,7 @@
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
+//! * [`liveness`]: closing connections that stopped answering pings;
 //! * [`rpc`]: bounded request-response messages for the protocols built on the overlay;
 //! * [`record_store`]: Kademlia's store, our provider records apart from others';
 //! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
@@ -16,6 +17,7 @@ pub mod bitswap;
 pub mod block;
 pub mod blockstore;
 pub mod fetch;
+pub mod liveness;
 pub mod metrics;
 pub mod network;
 pub mod record_store;

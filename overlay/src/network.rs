@@ -7,6 +7,7 @@
 //! pending replies are kept by Kademlia query id or request id.
 
 use crate::bitswap::Bitswap;
+use crate::liveness::{self, Liveness};
 use crate::record_store::SplitStore;
 use crate::rpc::{self, BytesCodec, InboundRequest, RpcError};
 use futures::StreamExt;
@@ -215,6 +216,7 @@ impl Network {
             queries: HashMap::new(),
             requests: HashMap::new(),
             connected: HashSet::new(),
+            liveness: Liveness::default(),
             bitswap: None,
             timeout: config.timeout,
             metrics,
@@ -437,7 +439,11 @@ fn build_swarm(
                         IDENTIFY_PROTOCOL.to_string(),
                         key.public(),
                     )),
-                    ping: ping::Behaviour::default(),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new()
+                            .with_interval(liveness::PING_INTERVAL)
+                            .with_timeout(liveness::PING_TIMEOUT),
+                    ),
                     mdns: mdns.into(),
                     stream: libp2p_stream::Behaviour::new(),
                     rpc: request_response::Behaviour::with_codec(
@@ -475,6 +481,7 @@ struct EventLoop {
     queries: HashMap<QueryId, PendingQuery>,
     requests: HashMap<OutboundRequestId, (PeerId, ReplySender)>,
     connected: HashSet<PeerId>,
+    liveness: Liveness,
     bitswap: Option<Bitswap>,
     timeout: Duration,
     metrics: Metrics,
@@ -616,7 +623,16 @@ impl EventLoop {
         match &event {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.metrics.record(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.metrics.record(e),
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.liveness.on_closed(*connection_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => {
+                if self.liveness.on_ping(e.connection, e.result.is_ok()) {
+                    tracing::info!(peer = %e.peer, "closing a connection that stopped answering pings");
+                    self.swarm.close_connection(e.connection);
+                }
+                self.metrics.record(e)
+            }
             _ => {}
         }
         match event {
