@@ -11,10 +11,11 @@ use common::{wait_until, wait_until_within};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
-use flotilla_node::market::InvokeError;
 use flotilla_node::market::function::{FunctionCall, Invocation};
 use flotilla_node::market::jobs::{self, JobState};
 use flotilla_node::market::protocol::{self, ExecuteRequest, InvokeRequest, Request, Response};
+use flotilla_node::market::{InvokeError, Market};
+use libp2p::PeerId;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -103,6 +104,23 @@ fn nothing_reserved(nodes: &[RunningNode]) -> bool {
     nodes
         .iter()
         .all(|n| n.market().offers().reservations.is_empty())
+}
+
+/// Sends `request` (as request `id`) from `from` to `to` over the market protocol and
+/// decodes the answer.
+async fn ask(from: &RunningNode, to: PeerId, id: u64, request: Request) -> Response {
+    let answer = from
+        .overlay()
+        .network()
+        .request(to, Vec::new(), protocol::encode_request(id, request))
+        .await
+        .unwrap();
+    protocol::decode_response(&answer, id).unwrap()
+}
+
+/// Whether `market` reads job `id` (locally or from the peers keeping it) in `state`.
+async fn job_is(market: &Market, id: u64, state: JobState) -> bool {
+    market.job(id).await.is_ok_and(|r| r.state == state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,21 +248,10 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         .find(|r| r.hold_until_ms.is_none())
         .unwrap()
         .reservation_id;
-    let ask = |id: u64, request: Request| {
-        let network = nodes[0].overlay().network().clone();
-        let to = victim.peer_id();
-        async move {
-            let answer = network
-                .request(to, Vec::new(), protocol::encode_request(id, request))
-                .await
-                .unwrap();
-            protocol::decode_response(&answer, id).unwrap()
-        }
-    };
     let release = Request::Release {
         reservation_id: running_reservation,
     };
-    let refused = ask(1, release).await;
+    let refused = ask(&nodes[0], victim.peer_id(), 1, release).await;
     assert!(
         matches!(&refused, Response::Refused { reason } if reason.contains("running a call")),
         "{refused:?}"
@@ -254,7 +261,7 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         reservation_id: running_reservation,
         call: call(&sleeper),
     }));
-    let refused = ask(2, second).await;
+    let refused = ask(&nodes[0], victim.peer_id(), 2, second).await;
     assert!(
         matches!(&refused, Response::Failed { reason, .. } if reason.contains("in use")),
         "{refused:?}"
@@ -264,7 +271,7 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         reservation_id: 7,
         call: call(&sleeper),
     }));
-    let refused = ask(3, made_up).await;
+    let refused = ask(&nodes[0], victim.peer_id(), 3, made_up).await;
     assert!(
         matches!(&refused, Response::Failed { reason, .. } if reason.contains("no reservation 7")),
         "{refused:?}"
@@ -409,11 +416,8 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         })
     })
     .await;
-    wait_until("the hopeless job gave up", || async {
-        market
-            .job(hopeless)
-            .await
-            .is_ok_and(|r| r.state == JobState::Failed)
+    wait_until("the hopeless job gave up", || {
+        job_is(&market, hopeless, JobState::Failed)
     })
     .await;
     let gave_up = market.job(hopeless).await.unwrap();
@@ -421,25 +425,14 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
 
     // The scheduler derives a job's id from its own peer id and the client's nonce; a
     // client's retry of the same nonce gets the same job back, not a second one.
-    let submit_nonce = |id: u64| {
-        let network = nodes[1].overlay().network().clone();
-        let to = nodes[0].peer_id();
-        let request = Request::Submit {
-            request: Box::new(InvokeRequest {
-                invocation_id: 99,
-                call: big.clone(),
-                max_tries: None,
-                placement: None,
-            }),
-            wait_ms: 120_000,
-        };
-        async move {
-            let answer = network
-                .request(to, Vec::new(), protocol::encode_request(id, request))
-                .await
-                .unwrap();
-            protocol::decode_response(&answer, id).unwrap()
-        }
+    let retry = || Request::Submit {
+        request: Box::new(InvokeRequest {
+            invocation_id: 99,
+            call: big.clone(),
+            max_tries: None,
+            placement: None,
+        }),
+        wait_ms: 120_000,
     };
     let expected = jobs::job_id(&nodes[0].peer_id(), 99);
     wait_until("only the waiting job is held", || async {
@@ -447,7 +440,7 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
     })
     .await;
     for attempt in 1..=2 {
-        let answer = submit_nonce(attempt).await;
+        let answer = ask(&nodes[1], nodes[0].peer_id(), attempt, retry()).await;
         assert!(
             matches!(answer, Response::Accepted { job_id } if job_id == expected),
             "{answer:?}"
@@ -468,11 +461,8 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
     .unwrap();
     let late_id = late.peer_id().to_string();
     nodes.push(late);
-    wait_until_within("the waiting job ran", Duration::from_secs(30), || async {
-        market
-            .job(waiting)
-            .await
-            .is_ok_and(|r| r.state == JobState::Done)
+    wait_until_within("the waiting job ran", Duration::from_secs(30), || {
+        job_is(&market, waiting, JobState::Done)
     })
     .await;
     let done = market.job(waiting).await.unwrap();
@@ -495,11 +485,8 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         .submit(count, None, None, Duration::from_secs(60))
         .await
         .unwrap();
-    wait_until_within("the counting job ran", Duration::from_secs(30), || async {
-        market
-            .job(counting)
-            .await
-            .is_ok_and(|r| r.state == JobState::Done)
+    wait_until_within("the counting job ran", Duration::from_secs(30), || {
+        job_is(&market, counting, JobState::Done)
     })
     .await;
     let result = market.job(counting).await.unwrap().result.unwrap();
@@ -569,13 +556,7 @@ async fn a_job_record_outlives_every_peer_that_first_kept_it() {
         .submit(echo, None, None, Duration::from_secs(60))
         .await
         .unwrap();
-    wait_until("the job ran", || async {
-        market
-            .job(job)
-            .await
-            .is_ok_and(|r| r.state == JobState::Done)
-    })
-    .await;
+    wait_until("the job ran", || job_is(&market, job, JobState::Done)).await;
 
     // Three peers join after the job's record was published; the peers keeping it send
     // it on to the peers now closest to its key, some of them new.

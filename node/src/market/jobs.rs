@@ -349,18 +349,9 @@ impl Market {
     /// with that job's id and not run again.
     pub(super) fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
         let job_id = job_id(&self.peer_id(), request.invocation_id);
-        if lock(&self.shared.jobs).get(job_id).is_some() {
-            return Response::Accepted { job_id };
-        }
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }
-        let Ok(slot) = self.shared.jobs_held.clone().try_acquire_owned() else {
-            return Response::Failed {
-                reason: format!("the scheduler holds {MAX_JOBS} jobs already; try later"),
-                retryable: true,
-            };
-        };
         let now = now_ms();
         let record = JobRecord {
             job_id,
@@ -376,12 +367,26 @@ impl Market {
             error: None,
             result: None,
         };
+        // Checked and kept under one lock, so two copies of the same Submit arriving at
+        // once start one job.
+        let slot = {
+            let mut jobs = lock(&self.shared.jobs);
+            if jobs.get(job_id).is_some() {
+                return Response::Accepted { job_id };
+            }
+            let Ok(slot) = self.shared.jobs_held.clone().try_acquire_owned() else {
+                return Response::Failed {
+                    reason: format!("the scheduler holds {MAX_JOBS} jobs already; try later"),
+                    retryable: true,
+                };
+            };
+            let first = SignedJob::sign(record.clone(), &self.shared.keypair);
+            if let Err(e) = jobs.put(now, first) {
+                tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
+            }
+            slot
+        };
         let market = self.clone();
-        // Kept before answering, so that a retry of the same nonce finds it.
-        let first = SignedJob::sign(record.clone(), &self.shared.keypair);
-        if let Err(e) = lock(&self.shared.jobs).put(now, first) {
-            tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
-        }
         tokio::spawn(async move { market.run_job(request, record, slot).await });
         Response::Accepted { job_id }
     }
