@@ -20,7 +20,9 @@
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
 //! | `job_republish_interval` |            | `60s`: how often kept job records are sent to the peers now closest to their keys |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
-//! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback       |
+//! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback, in all |
+//! | `own_tier_probes`|                    | `1`: of those, probes of the request's own tier before larger tiers' |
+//! | `discovery_budget`|                   | `10s`: time one discovery may take                        |
 //! | `key_space`      | `--key-space`      | `regions` (or `whole`: the random-probing baseline)       |
 //! | `fallback`       | `--no-fallback` (off)| `true`: ask the super-trader list when probing fails    |
 //! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
@@ -36,9 +38,12 @@
 //! the key space, and no super-trader list. Every peer of one network must use the same
 //! `key_space` (holders of the other kind refuse or never find the offers).
 
-use flotilla_offers::offerer::Slicing;
+use flotilla_offers::holder::HolderConfig;
+use flotilla_offers::offerer::{OffererConfig, Slicing};
 use flotilla_overlay::regions::KeySpace;
+use flotilla_scheduler::discovery::DiscoveryConfig;
 use flotilla_scheduler::placement::Policy;
+use flotilla_scheduler::supertraders::SuperTraderConfig;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::{Deserialize, Serialize};
@@ -118,8 +123,14 @@ pub struct NodeConfig {
     pub job_republish_interval: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
-    /// Region probes before the super-trader fallback.
+    /// Region probes before the super-trader fallback, in all.
     pub max_tries: u32,
+    /// Of those, probes of the request's own tier before going on to larger tiers (a
+    /// small call is served from a large offer).
+    pub own_tier_probes: u32,
+    /// Time one discovery may take, probes and lookups included.
+    #[serde(with = "duration_text")]
+    pub discovery_budget: Duration,
     /// Where offers are published and probes look: `regions` (each tier's own region)
     /// or `whole` (anywhere: the baseline). The same on every peer of a network.
     pub key_space: KeySpace,
@@ -141,7 +152,11 @@ pub struct NodeConfig {
 }
 
 impl Default for NodeConfig {
+    /// The defaults; those of the market's machines are theirs ([`OffererConfig::new`],
+    /// [`DiscoveryConfig::default`]), written nowhere else.
     fn default() -> Self {
+        let offerer = OffererConfig::new(0, Vec::new());
+        let discovery = DiscoveryConfig::default();
         NodeConfig {
             data_dir: default_data_dir(),
             listen: vec![
@@ -156,16 +171,18 @@ impl Default for NodeConfig {
             max_connections: 256,
             store_capacity: bytesize::ByteSize::gib(10),
             offer_memory: None,
-            slicing: Slicing::Largest,
-            offer_ttl: Duration::from_secs(60),
-            offer_refresh_margin: Duration::from_secs(20),
-            notify_interval: Duration::from_secs(10),
-            answer_timeout: Duration::from_secs(5),
+            slicing: offerer.slicing,
+            offer_ttl: Duration::from_millis(offerer.ttl_ms),
+            offer_refresh_margin: Duration::from_millis(offerer.refresh_margin_ms),
+            notify_interval: Duration::from_millis(offerer.notify_interval_ms),
+            answer_timeout: Duration::from_millis(offerer.answer_timeout_ms),
             job_republish_interval: Duration::from_secs(60),
             scheduler: false,
-            max_tries: 3,
-            key_space: KeySpace::Regions,
-            fallback: true,
+            max_tries: discovery.max_tries,
+            own_tier_probes: discovery.own_tier_probes,
+            discovery_budget: Duration::from_millis(discovery.budget_ms),
+            key_space: discovery.key_space,
+            fallback: discovery.fallback,
             placement: Policy::BestFit,
             fetch_timeout: Duration::from_secs(30),
             default_deadline: Duration::from_secs(30),
@@ -340,12 +357,15 @@ impl NodeConfig {
             notify_interval: self.notify_interval,
             scheduler: self.scheduler,
             max_tries: self.max_tries,
+            own_tier_probes: self.own_tier_probes,
+            discovery_budget: self.discovery_budget,
             key_space: self.key_space,
             fallback: self.fallback,
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
             job_republish_interval: self.job_republish_interval,
-            ..crate::market::MarketConfig::default()
+            holder: HolderConfig::default(),
+            super_traders: SuperTraderConfig::default(),
         }
     }
 

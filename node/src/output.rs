@@ -5,6 +5,7 @@
 use crate::daemon::RunningNode;
 use crate::market::{Discovered, OffersView};
 use bytesize::ByteSize;
+use flotilla_offers::ledger::ReservationState;
 use flotilla_overlay::OverlayStatus;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -108,12 +109,18 @@ pub fn offers(view: &OffersView) {
             );
         }
         for r in &view.reservations {
-            let hold = r
-                .hold_until_ms
-                .map_or("in use".into(), |t| format!("held {}", in_seconds(t)));
+            let hold = match r.state {
+                ReservationState::Held { until_ms } => format!("held {}", in_seconds(until_ms)),
+                ReservationState::Running { invocation_id, .. } => {
+                    format!("running invocation {invocation_id}")
+                }
+            };
             println!(
-                "  reservation {} on offer {}: {} MiB, {hold}",
-                r.reservation_id, r.offer_id, r.mib
+                "  reservation {} on offer {}: {} MiB for {}, {hold}",
+                r.reservation_id,
+                r.offer_id,
+                r.mib,
+                short(&r.owner.to_string())
             );
         }
     }
@@ -139,20 +146,28 @@ pub fn discovered(d: &Discovered) {
     let r = &d.report;
     println!("scheduler:  {}", d.scheduler);
     println!(
-        "request:    {} MiB, probing the {} MiB region",
+        "request:    {} MiB, probing the {} MiB region first, then larger ones",
         r.request_mib, r.tier_mib
     );
     println!("probes:     {}", r.probes.len());
     for (i, p) in r.probes.iter().enumerate() {
         match &p.holder {
             Some(holder) => println!(
-                "  {}. asked {holder}: {} offer(s), {} fit",
+                "  {}. {} MiB region: asked {holder}: {} offer(s), {} fit",
                 i + 1,
+                p.tier_mib,
                 p.offers_seen,
                 p.offers_fitting
             ),
-            None => println!("  {}. no peer found for the key", i + 1),
+            None => println!(
+                "  {}. {} MiB region: no peer found for the key",
+                i + 1,
+                p.tier_mib
+            ),
         }
+    }
+    if r.out_of_time {
+        println!("            (the discovery's time budget ran out)");
     }
     println!(
         "fallback:   {}",

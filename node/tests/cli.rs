@@ -344,7 +344,8 @@ fn an_offering_scheduler_lists_its_offers_and_discovers_through_the_cli() {
     assert!(text.contains("lends 2048 MiB in 1 offer(s)"), "{text}");
     assert!(text.contains("holds 1 offer(s) for others"), "{text}");
 
-    // 512 MiB: nothing in the 512 MiB region, so the fallback finds the 2 GiB offer.
+    // 512 MiB: nothing in the 512 or 1024 MiB regions; probing goes on to the 2048 MiB
+    // region, which has the 2 GiB offer (a small call served from a large offer).
     let found = node.cli(&["discover", "--memory", "512MiB"]);
     let text = String::from_utf8_lossy(&found.stdout);
     assert!(
@@ -354,7 +355,11 @@ fn an_offering_scheduler_lists_its_offers_and_discovers_through_the_cli() {
     );
     for expected in [
         "probes:     3",
-        "fallback:   used",
+        "1. 512 MiB region",
+        "2. 1024 MiB region",
+        "3. 2048 MiB region",
+        "1 offer(s), 1 fit",
+        "fallback:   not used",
         "found:      1 offer(s)",
         "time:",
     ] {

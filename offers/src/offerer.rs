@@ -10,8 +10,18 @@
 //! holder that left is replaced within one refresh interval. [`Offerer::withdraw_all`]
 //! sends signed withdrawals when the node stops.
 //!
+//! Reservations are kept in the machine's [`Ledger`] (owners, holds, runs at most once);
+//! the offerer counts their memory per offer and signs a new version of an offer each
+//! time it changes. It also tells schedulers what it has free ([`Offerer::poll_report`]):
+//! as soon as an offer is published or its free memory changes (at most every
+//! [`OffererConfig::report_gap_ms`]), and every [`OffererConfig::notify_interval_ms`]
+//! otherwise.
+//!
 //! Time is passed in as Unix milliseconds; randomness as an `RngCore`.
 
+use crate::ledger::{
+    AdmitError, Ledger, LedgerConfig, ReleaseError, Reservation, RunKey, StartError,
+};
 use crate::offer::{OfferBody, OfferError, SignedOffer};
 use flotilla_overlay::regions::{KeySpace, Tier};
 use libp2p::identity::Keypair;
@@ -38,6 +48,14 @@ pub struct OffererConfig {
     /// [`KeySpace::Regions`]) or anywhere ([`KeySpace::Whole`], the baseline). Holders
     /// must use the same.
     pub key_space: KeySpace,
+    /// How often schedulers are told what is free when nothing changed, in ms (default
+    /// 10 s).
+    pub notify_interval_ms: u64,
+    /// Shortest time between two reports, in ms (default 200 ms): changes in between
+    /// are told together.
+    pub report_gap_ms: u64,
+    /// Limits of the reservations.
+    pub ledger: LedgerConfig,
 }
 
 /// How a volunteer's memory is cut into offers ("virtual nodes").
@@ -77,6 +95,9 @@ impl OffererConfig {
             answer_timeout_ms: 5_000,
             slicing: Slicing::Largest,
             key_space: KeySpace::Regions,
+            notify_interval_ms: 10_000,
+            report_gap_ms: 200,
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -179,19 +200,6 @@ struct Slot {
     latest: Option<SignedOffer>,
 }
 
-/// Memory set aside on one offer for one invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Reservation {
-    /// The caller's id for it; reserving again with the same id returns it unchanged.
-    pub reservation_id: u64,
-    /// The offer it was taken from.
-    pub offer_id: u64,
-    /// Memory reserved, in MiB.
-    pub mib: u32,
-    /// Until when it is held unless confirmed (`None` once confirmed).
-    pub hold_until_ms: Option<u64>,
-}
-
 /// Why a reservation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReserveError {
@@ -208,9 +216,20 @@ pub enum ReserveError {
         /// Memory asked for.
         requested_mib: u32,
     },
-    /// A reservation id was reused for a different request.
-    #[error("reservation {0} already exists for another request")]
-    Conflict(u64),
+    /// The ledger did not admit it (full, or the id is taken).
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    /// Signing the updated offer failed.
+    #[error(transparent)]
+    Offer(#[from] OfferError),
+}
+
+/// Why a reservation was not released.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseFailed {
+    /// The ledger refused (not the owner's, or running).
+    #[error(transparent)]
+    Refused(#[from] ReleaseError),
     /// Signing the updated offer failed.
     #[error(transparent)]
     Offer(#[from] OfferError),
@@ -242,7 +261,11 @@ pub struct Offerer {
     keypair: Keypair,
     config: OffererConfig,
     slots: Vec<Slot>,
-    reservations: std::collections::BTreeMap<u64, Reservation>,
+    ledger: Ledger,
+    /// Something schedulers should hear of changed since the last report.
+    report_due: bool,
+    /// When the last report was handed out.
+    last_report_ms: Option<u64>,
 }
 
 /// Cuts `memory_mib` into offers, largest first; what is left below the smallest tier is
@@ -280,9 +303,11 @@ impl Offerer {
             .collect();
         Offerer {
             keypair,
+            ledger: Ledger::new(config.ledger),
             config,
             slots,
-            reservations: std::collections::BTreeMap::new(),
+            report_due: false,
+            last_report_ms: None,
         }
     }
 
@@ -315,15 +340,9 @@ impl Offerer {
         rng: &mut R,
     ) -> Result<Vec<Action>, OfferError> {
         let mut actions = Vec::new();
-        // Reservations not confirmed in time give their memory back.
-        let lapsed: Vec<u64> = self
-            .reservations
-            .values()
-            .filter(|r| r.hold_until_ms.is_some_and(|t| t <= now_ms))
-            .map(|r| r.reservation_id)
-            .collect();
-        for reservation_id in lapsed {
-            actions.extend(self.release(now_ms, reservation_id)?);
+        // Reservations no call started on in time give their memory back.
+        for lapsed in self.ledger.lapse(now_ms) {
+            actions.extend(self.give_back(now_ms, &lapsed)?);
         }
         for i in 0..self.slots.len() {
             let timeout = self.config.answer_timeout_ms;
@@ -423,6 +442,11 @@ impl Offerer {
                     holder,
                     expires_at_ms,
                 };
+                // A newly published offer is told to schedulers at once (refreshes wait
+                // for the interval).
+                if self.slots[i].seq == 1 || self.last_report_ms.is_none() {
+                    self.report_due = true;
+                }
                 Ok(Vec::new())
             }
             (Event::DeliveryFailed { holder, .. }, State::Sending { holder: to, .. })
@@ -471,24 +495,26 @@ impl Offerer {
         Ok(actions)
     }
 
-    /// Sets `mib` MiB of offer `offer_id` aside for reservation `reservation_id`, held
-    /// for `hold_ms` unless confirmed. The offerer is the only authority on its memory, so
-    /// two schedulers racing for one offer can never oversubscribe it: whichever comes
-    /// second sees the reduced free memory. Holders get the updated offer (or, once no
-    /// memory is left, a withdrawal) in the returned actions.
+    /// Sets `mib` MiB of offer `offer_id` aside for `owner`'s reservation
+    /// `reservation_id`, held for `hold_ms` unless a call starts on it. The offerer is
+    /// the only authority on its memory, so two schedulers racing for one offer can never
+    /// oversubscribe it: whichever comes second sees the reduced free memory. Holders get
+    /// the updated offer (or, once no memory is left, a withdrawal) in the returned
+    /// actions. The same request again returns the same reservation.
     pub fn reserve(
         &mut self,
         now_ms: u64,
+        owner: PeerId,
         offer_id: u64,
         mib: u32,
         reservation_id: u64,
         hold_ms: u64,
     ) -> Result<(Reservation, Vec<Action>), ReserveError> {
-        if let Some(existing) = self.reservations.get(&reservation_id) {
-            if existing.offer_id == offer_id && existing.mib == mib {
-                return Ok((*existing, Vec::new()));
-            }
-            return Err(ReserveError::Conflict(reservation_id));
+        if let Some(existing) = self
+            .ledger
+            .check_admit(owner, reservation_id, offer_id, mib)?
+        {
+            return Ok((existing, Vec::new()));
         }
         let i = self
             .slots
@@ -504,28 +530,64 @@ impl Offerer {
             });
         }
         self.slots[i].in_use_mib += mib;
-        let reservation = Reservation {
-            reservation_id,
-            offer_id,
-            mib,
-            hold_until_ms: Some(now_ms + hold_ms),
-        };
-        self.reservations.insert(reservation_id, reservation);
+        let reservation = self
+            .ledger
+            .hold(now_ms, owner, reservation_id, offer_id, mib, hold_ms);
         Ok((reservation, self.announce_use(now_ms, i)?))
     }
 
-    /// Marks a reservation as in use: it no longer lapses, and lasts until released.
-    pub fn confirm(&mut self, reservation_id: u64) -> Option<Reservation> {
-        let reservation = self.reservations.get_mut(&reservation_id)?;
-        reservation.hold_until_ms = None;
-        Some(*reservation)
+    /// Starts `run` on reservation `reservation_id` for a call of `mib` MiB: see
+    /// [`Ledger::start`]. The memory stays reserved until [`Offerer::finish_run`].
+    pub fn start_run(
+        &mut self,
+        now_ms: u64,
+        reservation_id: u64,
+        run: RunKey,
+        mib: u32,
+    ) -> Result<Reservation, StartError> {
+        self.ledger.start(now_ms, reservation_id, run, mib)
     }
 
-    /// Gives a reservation's memory back to its offer (unknown ids are ignored).
-    pub fn release(&mut self, now_ms: u64, reservation_id: u64) -> Result<Vec<Action>, OfferError> {
-        let Some(reservation) = self.reservations.remove(&reservation_id) else {
-            return Ok(Vec::new());
-        };
+    /// The call on reservation `reservation_id` ended: its memory goes back to its offer.
+    /// Returns `None` if no call ran on it.
+    pub fn finish_run(
+        &mut self,
+        now_ms: u64,
+        reservation_id: u64,
+    ) -> Option<Result<Vec<Action>, OfferError>> {
+        let done = self.ledger.finish(reservation_id)?;
+        Some(self.give_back(now_ms, &done))
+    }
+
+    /// Gives `owner`'s held reservation back to its offer; unknown ids are ignored (it was
+    /// released or lapsed already). Only its owner may, and not while a call runs on it.
+    pub fn release(
+        &mut self,
+        now_ms: u64,
+        owner: PeerId,
+        reservation_id: u64,
+    ) -> Result<Vec<Action>, ReleaseFailed> {
+        match self.ledger.release(owner, reservation_id)? {
+            Some(released) => Ok(self.give_back(now_ms, &released)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// `owner` is gone: its held reservations lapse now.
+    pub fn owner_gone(&mut self, now_ms: u64, owner: PeerId) -> Result<Vec<Action>, OfferError> {
+        let mut actions = Vec::new();
+        for lapsed in self.ledger.owner_gone(owner) {
+            actions.extend(self.give_back(now_ms, &lapsed)?);
+        }
+        Ok(actions)
+    }
+
+    /// Returns a reservation's memory to its offer and tells the holder.
+    fn give_back(
+        &mut self,
+        now_ms: u64,
+        reservation: &Reservation,
+    ) -> Result<Vec<Action>, OfferError> {
         let Some(i) = self
             .slots
             .iter()
@@ -547,9 +609,46 @@ impl Offerer {
             .as_ref()
     }
 
-    /// The reservations held now.
+    /// The reservations held or running now.
     pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
-        self.reservations.values()
+        self.ledger.iter()
+    }
+
+    /// The reservation ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// What to tell a scheduler now, if anything: the offers of
+    /// [`Offerer::current_offers`], after a change (at most every
+    /// [`OffererConfig::report_gap_ms`]) or once the notify interval passed. Call it at
+    /// [`Offerer::next_report`].
+    pub fn poll_report(&mut self, now_ms: u64) -> Option<Vec<SignedOffer>> {
+        if self.next_report().is_none_or(|at| at > now_ms) {
+            return None;
+        }
+        let offers = self.current_offers(now_ms);
+        self.report_due = false;
+        self.last_report_ms = Some(now_ms);
+        (!offers.is_empty()).then_some(offers)
+    }
+
+    /// The report could not be delivered (no scheduler known yet, say): it is tried
+    /// again after the report gap.
+    pub fn report_failed(&mut self, now_ms: u64) {
+        self.report_due = true;
+        self.last_report_ms = Some(now_ms);
+    }
+
+    /// When [`Offerer::poll_report`] next has something to tell.
+    pub fn next_report(&self) -> Option<u64> {
+        let has_offers = self.slots.iter().any(|s| s.latest.is_some());
+        match self.last_report_ms {
+            _ if !has_offers => None,
+            None => Some(0),
+            Some(last) if self.report_due => Some(last + self.config.report_gap_ms),
+            Some(last) => Some(last + self.config.notify_interval_ms),
+        }
     }
 
     /// Tells slot `i`'s holder about its memory in use: a new version of the offer, or a
@@ -557,6 +656,7 @@ impl Offerer {
     /// too, sent nowhere but kept as its [`Offerer::latest`] (schedulers learn of it with
     /// the answer to a reservation or a call), and carries the change when published.
     fn announce_use(&mut self, now_ms: u64, i: usize) -> Result<Vec<Action>, OfferError> {
+        self.report_due = true;
         let (key, holder, expires_at_ms) = match &self.slots[i].state {
             State::Published {
                 key,
@@ -620,7 +720,7 @@ impl Offerer {
                 State::Full { .. } if s.in_use_mib < s.memory_mib => Some(0),
                 State::Full { .. } | State::Withdrawn => None,
             })
-            .chain(self.reservations.values().filter_map(|r| r.hold_until_ms))
+            .chain(self.ledger.next_lapse())
             .min()
     }
 
@@ -682,6 +782,14 @@ mod tests {
     use crate::holder::{Accepted, Holder, HolderConfig, Rejection};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// The scheduler that makes the tests' reservations.
+    fn owner() -> PeerId {
+        Keypair::ed25519_from_bytes([7; 32])
+            .expect("32 bytes make a key")
+            .public()
+            .to_peer_id()
+    }
 
     fn offerer(memory_mib: u64) -> Offerer {
         let config =
@@ -938,7 +1046,9 @@ mod tests {
         publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
         let offer_id = offerer.sent()[0].offer_id;
         // Two schedulers each want 300 MiB of the same 512 MiB offer.
-        let (first, updates) = offerer.reserve(10, offer_id, 300, 1, 5_000).unwrap();
+        let (first, updates) = offerer
+            .reserve(10, owner(), offer_id, 300, 1, 5_000)
+            .unwrap();
         assert_eq!(first.mib, 300);
         let (_, key, updated) = sent(&updates);
         assert_eq!(updated.body.in_use_mib, 300);
@@ -949,7 +1059,9 @@ mod tests {
             "holders learn the memory is taken"
         );
         assert_eq!(
-            offerer.reserve(11, offer_id, 300, 2, 5_000).unwrap_err(),
+            offerer
+                .reserve(11, owner(), offer_id, 300, 2, 5_000)
+                .unwrap_err(),
             ReserveError::NotEnoughMemory {
                 offer_id,
                 free_mib: 212,
@@ -958,12 +1070,17 @@ mod tests {
         );
         // Retrying the first reservation is harmless; reusing its id for another is not.
         assert_eq!(
-            offerer.reserve(12, offer_id, 300, 1, 5_000).unwrap().0,
+            offerer
+                .reserve(12, owner(), offer_id, 300, 1, 5_000)
+                .unwrap()
+                .0,
             first
         );
         assert_eq!(
-            offerer.reserve(12, offer_id, 100, 1, 5_000).unwrap_err(),
-            ReserveError::Conflict(1)
+            offerer
+                .reserve(12, owner(), offer_id, 100, 1, 5_000)
+                .unwrap_err(),
+            ReserveError::Admit(AdmitError::Conflict(1))
         );
         assert!(offerer.reservations().map(|r| r.mib).sum::<u32>() <= 512);
     }
@@ -977,7 +1094,9 @@ mod tests {
         publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
         let offer_id = offerer.sent()[0].offer_id;
         // Taking all of it withdraws it from its holder.
-        let (_, actions) = offerer.reserve(100, offer_id, 128, 9, 1_000).unwrap();
+        let (_, actions) = offerer
+            .reserve(100, owner(), offer_id, 128, 9, 1_000)
+            .unwrap();
         let (_, key, withdrawal) = sent(&actions);
         assert!(withdrawal.body.withdrawn);
         holder.receive(100, &key, withdrawal.clone()).unwrap();
@@ -985,7 +1104,7 @@ mod tests {
         assert_eq!(offerer.sent()[0].state, "full");
         // Schedulers hear of the withdrawal too, so their fallback lists drop the offer.
         assert_eq!(offerer.current_offers(100), vec![withdrawal.clone()]);
-        // Not confirmed within its hold: released, and a new version goes at once to the
+        // No call started within its hold: released, and a new version goes at once to the
         // same holder under the same key (no new lookup), which takes it back.
         assert_eq!(offerer.next_wakeup(), Some(1_100));
         let actions = offerer.poll(1_100, &mut rng).unwrap();
@@ -997,7 +1116,7 @@ mod tests {
         holder.receive(1_100, &key, back.clone()).unwrap();
         assert_eq!(holder.live(1_100).count(), 1);
         assert_eq!(offerer.current_offers(1_100), vec![back]);
-        // A confirmed reservation does not lapse.
+        // A reservation a call runs on does not lapse, and ends with the call.
         let mut offerer = self::offerer(256);
         publish_all(
             &mut offerer,
@@ -1006,12 +1125,25 @@ mod tests {
             &mut rng,
         );
         let offer_id = offerer.sent()[0].offer_id;
-        offerer.reserve(0, offer_id, 100, 1, 1_000).unwrap();
-        offerer.confirm(1).unwrap();
+        offerer
+            .reserve(0, owner(), offer_id, 100, 1, 1_000)
+            .unwrap();
+        let run = RunKey {
+            owner: owner(),
+            invocation_id: 5,
+            call_digest: [0; 32],
+        };
+        offerer.start_run(1, 1, run, 100).unwrap();
         offerer.poll(10_000, &mut rng).unwrap();
         assert_eq!(offerer.reservations().count(), 1);
-        offerer.release(10_001, 1).unwrap();
+        assert_eq!(
+            offerer.release(10_001, owner(), 1),
+            Err(ReleaseFailed::Refused(ReleaseError::Running(1)))
+        );
+        assert_eq!(offerer.sent()[0].in_use_mib, 100);
+        offerer.finish_run(10_002, 1).unwrap().unwrap();
         assert_eq!(offerer.sent()[0].in_use_mib, 0);
+        assert!(offerer.finish_run(10_003, 1).is_none());
     }
 
     #[test]
@@ -1020,12 +1152,14 @@ mod tests {
         let offer_id = offerer.sent()[0].offer_id;
         assert!(offerer.latest(offer_id).is_none(), "nothing signed yet");
         // Not yet with a holder: nothing is sent, but a new version is signed.
-        let (_, actions) = offerer.reserve(10, offer_id, 128, 1, 1_000).unwrap();
+        let (_, actions) = offerer
+            .reserve(10, owner(), offer_id, 128, 1, 1_000)
+            .unwrap();
         assert!(actions.is_empty());
         let reserved = offerer.latest(offer_id).unwrap().clone();
         reserved.verify().unwrap();
         assert_eq!(reserved.body.in_use_mib, 128);
-        offerer.release(20, 1).unwrap();
+        offerer.release(20, owner(), 1).unwrap();
         let released = offerer.latest(offer_id).unwrap();
         assert_eq!(released.body.in_use_mib, 0);
         assert!(released.body.seq > reserved.body.seq);
@@ -1058,5 +1192,183 @@ mod tests {
         }
         assert!(offerer.poll(100_000, &mut rng).unwrap().is_empty());
         assert_eq!(offerer.next_wakeup(), None);
+    }
+
+    #[test]
+    fn schedulers_hear_of_a_new_offer_and_of_every_change_at_once_then_every_interval() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let mut offerer = offerer(512);
+        assert_eq!(
+            offerer.next_report(),
+            None,
+            "nothing to tell before an offer exists"
+        );
+        let mut holder = Holder::new(HolderConfig::default());
+        publish_all(&mut offerer, &mut holder, PeerId::random(), &mut rng);
+        // Published at 0: told at once.
+        assert_eq!(offerer.next_report(), Some(0));
+        let told = offerer.poll_report(0).unwrap();
+        assert_eq!(told.len(), 1);
+        assert!(offerer.poll_report(1).is_none(), "nothing new");
+        // A reservation changes it: told after the report gap, not the interval.
+        let offer_id = told[0].body.offer_id;
+        offerer
+            .reserve(50, owner(), offer_id, 128, 1, 60_000)
+            .unwrap();
+        assert_eq!(offerer.next_report(), Some(200));
+        assert!(offerer.poll_report(199).is_none());
+        let told = offerer.poll_report(200).unwrap();
+        assert_eq!(told[0].body.free_mib(), 384);
+        // Nothing changes: the next report comes with the interval.
+        assert_eq!(offerer.next_report(), Some(10_200));
+        // A report that found no scheduler is tried again after the gap.
+        offerer.report_failed(10_200);
+        assert_eq!(offerer.next_report(), Some(10_400));
+        assert!(offerer.poll_report(10_400).is_some());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Invariants of the offerer and its ledger over random sequences of requests.
+
+    use super::*;
+    use crate::ledger::ReservationState;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reserve {
+            owner: usize,
+            offer: usize,
+            mib: u32,
+            id: u64,
+            hold_ms: u64,
+        },
+        Start {
+            owner: usize,
+            id: u64,
+            invocation: u64,
+            mib: u32,
+        },
+        Finish {
+            id: u64,
+        },
+        Release {
+            owner: usize,
+            id: u64,
+        },
+        Gone {
+            owner: usize,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3usize, 0..4usize, 1..700u32, 0..12u64, 1..5_000u64).prop_map(
+                |(owner, offer, mib, id, hold_ms)| Op::Reserve {
+                    owner,
+                    offer,
+                    mib,
+                    id,
+                    hold_ms
+                }
+            ),
+            (0..3usize, 0..12u64, 0..6u64, 1..700u32).prop_map(|(owner, id, invocation, mib)| {
+                Op::Start {
+                    owner,
+                    id,
+                    invocation,
+                    mib,
+                }
+            }),
+            (0..12u64).prop_map(|id| Op::Finish { id }),
+            (0..3usize, 0..12u64).prop_map(|(owner, id)| Op::Release { owner, id }),
+            (0..3usize).prop_map(|owner| Op::Gone { owner }),
+            (0..3_000u64).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    fn peer(i: usize) -> PeerId {
+        Keypair::ed25519_from_bytes([i as u8 + 1; 32])
+            .expect("32 bytes make a key")
+            .public()
+            .to_peer_id()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the owners ask, in any order and at any time: no offer is ever
+        /// oversubscribed, a running reservation ends only with its own call, a call
+        /// runs at most once per owner and invocation, held reservations lapse in time
+        /// or when their owner goes, and offer versions only grow.
+        #[test]
+        fn the_ledger_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+            let mut rng = StdRng::seed_from_u64(1);
+            let keypair = Keypair::ed25519_from_bytes([99; 32]).expect("a key");
+            let mut offerer = Offerer::new(keypair, OffererConfig::new(1024 + 512 + 256, Vec::new()), 1);
+            let offer_ids: Vec<u64> = offerer.sent().iter().map(|s| s.offer_id).collect();
+            let mut now = 0u64;
+            let mut started = std::collections::HashSet::new();
+            let mut seqs: std::collections::HashMap<u64, u64> = Default::default();
+            for op in ops {
+                let before: Vec<Reservation> = offerer.reservations().copied().collect();
+                match op {
+                    Op::Reserve { owner, offer, mib, id, hold_ms } => {
+                        let offer_id = offer_ids[offer % offer_ids.len()];
+                        let _ = offerer.reserve(now, peer(owner), offer_id, mib, id, hold_ms);
+                    }
+                    Op::Start { owner, id, invocation, mib } => {
+                        let run = RunKey { owner: peer(owner), invocation_id: invocation, call_digest: [0; 32] };
+                        if offerer.start_run(now, id, run, mib).is_ok() {
+                            prop_assert!(started.insert((owner, invocation)), "ran twice");
+                            let r = offerer.ledger().get(id).copied().expect("running");
+                            prop_assert_eq!(r.owner, peer(owner));
+                            prop_assert!(r.mib >= mib);
+                        }
+                    }
+                    Op::Finish { id } => { let _ = offerer.finish_run(now, id); }
+                    Op::Release { owner, id } => {
+                        let was = before.iter().find(|r| r.reservation_id == id).copied();
+                        let released = offerer.release(now, peer(owner), id).is_ok();
+                        if let Some(was) = was {
+                            let allowed = was.owner == peer(owner) && !was.is_running();
+                            prop_assert_eq!(released, allowed);
+                        }
+                    }
+                    Op::Gone { owner } => { offerer.owner_gone(now, peer(owner)).expect("signs"); }
+                    Op::Advance { ms } => { now += ms; offerer.poll(now, &mut rng).expect("signs"); }
+                }
+                // Running reservations end only by their own call's Finish.
+                for r in before.iter().filter(|r| r.is_running()) {
+                    let still = offerer.ledger().get(r.reservation_id).copied();
+                    if !matches!(&op, Op::Finish { id } if *id == r.reservation_id) {
+                        prop_assert_eq!(still, Some(*r), "a running reservation went");
+                    }
+                }
+                for r in offerer.reservations() {
+                    if let ReservationState::Held { until_ms } = r.state {
+                        prop_assert!(until_ms > now || !matches!(op, Op::Advance { .. }), "lapsed late");
+                    }
+                }
+                if let Op::Gone { owner } = op {
+                    prop_assert!(offerer.reservations().all(|r| r.owner != peer(owner) || r.is_running()));
+                }
+                for sent in offerer.sent() {
+                    prop_assert!(sent.in_use_mib <= sent.memory_mib, "oversubscribed");
+                    let reserved: u32 = offerer.reservations().filter(|r| r.offer_id == sent.offer_id).map(|r| r.mib).sum();
+                    prop_assert_eq!(reserved, sent.in_use_mib);
+                    let last = seqs.entry(sent.offer_id).or_insert(0);
+                    prop_assert!(sent.seq >= *last, "sequence went back");
+                    *last = sent.seq;
+                }
+            }
+        }
     }
 }

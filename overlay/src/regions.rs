@@ -70,7 +70,7 @@ const TABLE: [(u32, u8); 8] = [
 ];
 
 /// Errors of the region functions.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RegionError {
     /// A request asked for more memory than the largest tier.
     #[error("{requested_mib} MiB is more than the largest tier ({} MiB)", Tier::LARGEST.mib())]

@@ -1,18 +1,24 @@
 //! Discovery (Algorithm 2): finding offers that fit a request.
 //!
-//! A request for M MiB probes the region of the smallest tier ≥ M: a random key there,
-//! the peer closest to it (a Kademlia lookup, done by the caller), that peer's offers. If
-//! none fits, another random key, up to `max_tries` probes; then the scheduler's
-//! super-trader list. Offers found by probing lie in the request's own tier (holders only
-//! keep offers sent under keys of their tier's region), so they fit unless partly in use;
-//! the fallback list holds offers of every tier, so a request is served from a larger
-//! tier only through the fallback.
+//! A request for M MiB first probes the region of the smallest tier ≥ M: a random key
+//! there, the peer closest to it (a Kademlia lookup, done by the caller), that peer's
+//! offers of that tier. If none fits, as Algorithm 3 asks ("the necessary amount of
+//! resources *or higher*"), it goes on to the regions of larger tiers, nearest first
+//! ([`DiscoveryConfig::own_tier_probes`]): a small call is served from a large offer,
+//! which is partly reserved. After `max_tries` probes in all, the scheduler's super-trader
+//! list. A holder answers for the tier asked ([`Step::AskHolder::tier`]): it keeps only
+//! offers sent under keys of that tier's region.
+//!
+//! Every discovery has a budget of time ([`DiscoveryConfig::budget_ms`]): the caller
+//! bounds each lookup and question by [`Discovery::deadline_ms`] and reports a step that
+//! ran out with [`Discovery::on_timeout`], which ends the probing (the local fallback list
+//! is still asked). So a discovery ends within its budget whatever the peers do.
 //!
 //! Two settings make the research baseline Flotilla is compared to (Caravela's plain
 //! random probing): [`KeySpace::Whole`] probes random keys anywhere in the key space
-//! (holders then keep, and answer with, offers of every tier), and `fallback: false`
-//! ends a discovery that probing did not satisfy as failed instead of asking the
-//! super-trader list.
+//! (holders then keep, and answer with, offers of every tier; there are no larger regions
+//! to go on to), and `fallback: false` ends a discovery that probing did not satisfy as
+//! failed instead of asking the super-trader list.
 //!
 //! Offers of peers the caller excludes (volunteers that already failed the call) never
 //! count as found. When every offer found is refused at reservation (taken meanwhile, or
@@ -30,23 +36,60 @@ use rand::RngCore;
 /// Settings of a discovery.
 #[derive(Debug, Clone, Copy)]
 pub struct DiscoveryConfig {
-    /// Region probes before falling back to the super-trader list (default 3).
+    /// Region probes before the super-trader fallback, in all (default 3).
     pub max_tries: u32,
-    /// Where probes draw their keys: the request's tier region (default
-    /// [`KeySpace::Regions`]) or anywhere ([`KeySpace::Whole`], the baseline).
+    /// How many of them probe the request's own tier first (default 1). The others go
+    /// on to the larger tiers, one probe each, nearest first, and back to the own tier
+    /// when no larger one is left. `max_tries` or more: only the own tier, as before
+    /// (a request is then served from a larger tier only through the fallback).
+    pub own_tier_probes: u32,
+    /// Where probes draw their keys: tier regions (default [`KeySpace::Regions`]) or
+    /// anywhere ([`KeySpace::Whole`], the baseline).
     pub key_space: KeySpace,
     /// Whether the super-trader list is asked once probing found nothing (default
     /// `true`); without it such a discovery fails.
     pub fallback: bool,
+    /// Time the whole discovery may take, in ms (default [`DEFAULT_BUDGET_MS`]): past it
+    /// no more probes are made.
+    pub budget_ms: u64,
 }
+
+/// Default time budget of one discovery, in ms.
+pub const DEFAULT_BUDGET_MS: u64 = 10_000;
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             max_tries: 3,
+            own_tier_probes: 1,
             key_space: KeySpace::Regions,
             fallback: true,
+            budget_ms: DEFAULT_BUDGET_MS,
         }
+    }
+}
+
+impl DiscoveryConfig {
+    /// Probing only the request's own tier (the behaviour before larger tiers were
+    /// probed; the simulator's comparison).
+    pub fn own_tier_only(self) -> DiscoveryConfig {
+        DiscoveryConfig {
+            own_tier_probes: self.max_tries,
+            ..self
+        }
+    }
+
+    /// The tiers probed for a request of `tier`, in order (see
+    /// [`DiscoveryConfig::own_tier_probes`]).
+    pub fn probe_plan(&self, tier: Tier) -> Vec<Tier> {
+        let total = self.max_tries as usize;
+        let mut plan = vec![tier; (self.own_tier_probes as usize).min(total)];
+        if self.key_space == KeySpace::Regions {
+            let larger = Tier::all().filter(|t| t.mib() > tier.mib());
+            plan.extend(larger.take(total - plan.len()));
+        }
+        plan.resize(total, tier);
+        plan
     }
 }
 
@@ -55,14 +98,16 @@ impl Default for DiscoveryConfig {
 pub enum Step {
     /// Find the peer closest to `key`; answer with [`Discovery::on_closest`].
     FindClosest {
-        /// A random key in the request's tier region (anywhere with [`KeySpace::Whole`]).
+        /// A random key in the probed tier's region (anywhere with [`KeySpace::Whole`]).
         key: Vec<u8>,
     },
-    /// Ask `holder` for the offers it holds; answer with [`Discovery::on_offers`] or
-    /// [`Discovery::on_holder_failed`].
+    /// Ask `holder` for the offers of `tier` it holds with the request's memory free;
+    /// answer with [`Discovery::on_offers`] or [`Discovery::on_holder_failed`].
     AskHolder {
         /// The peer closest to the probed key.
         holder: PeerId,
+        /// The tier whose region was probed.
+        tier: Tier,
     },
     /// Probing found nothing: answer with [`Discovery::on_fallback`] and the offers of
     /// the super-trader list that fit. Never with `fallback` off.
@@ -75,6 +120,9 @@ pub enum Step {
 /// One probe of a region.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Probe {
+    /// The tier whose region was probed, in MiB.
+    #[serde(default)]
+    pub tier_mib: u32,
     /// The peer found closest to the key, if any.
     pub holder: Option<String>,
     /// Offers it returned.
@@ -88,7 +136,7 @@ pub struct Probe {
 pub struct Report {
     /// Memory requested, in MiB.
     pub request_mib: u32,
-    /// The tier probed, in MiB.
+    /// The request's own tier (the first probed), in MiB.
     pub tier_mib: u32,
     /// The probes made, in order.
     pub probes: Vec<Probe>,
@@ -101,6 +149,9 @@ pub struct Report {
     pub elapsed_ms: u64,
     /// Number of offers found that fit.
     pub found: usize,
+    /// Whether the time budget ran out before the probes did.
+    #[serde(default)]
+    pub out_of_time: bool,
     /// Why nothing was found, when nothing was.
     pub failure: Option<String>,
 }
@@ -111,7 +162,9 @@ pub struct Discovery {
     tier: Tier,
     config: DiscoveryConfig,
     started_ms: u64,
-    tries: u32,
+    /// The tiers to probe, in order; `tries` of them are done.
+    plan: Vec<Tier>,
+    tries: usize,
     report: Report,
     found: Vec<SignedOffer>,
     excluded: Vec<PeerId>,
@@ -138,6 +191,7 @@ impl Discovery {
             tier,
             config,
             started_ms: now_ms,
+            plan: config.probe_plan(tier),
             tries: 0,
             report: Report {
                 request_mib,
@@ -147,6 +201,7 @@ impl Discovery {
                 messages: 0,
                 elapsed_ms: 0,
                 found: 0,
+                out_of_time: false,
                 failure: None,
             },
             found: Vec::new(),
@@ -157,6 +212,21 @@ impl Discovery {
         Ok((discovery, step))
     }
 
+    /// When the discovery's time budget runs out: the caller bounds every lookup and
+    /// question by it, and reports one that ran past it with [`Discovery::on_timeout`].
+    pub fn deadline_ms(&self) -> u64 {
+        self.started_ms.saturating_add(self.config.budget_ms)
+    }
+
+    /// The step under way did not finish in time (the caller's per-step limit, or
+    /// [`Discovery::deadline_ms`]): the next probe, or, past the deadline, no more probes
+    /// (the fallback list, which is local, is still asked).
+    pub fn on_timeout<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
+        if self.done {
+            return Step::Done;
+        }
+        self.next_probe(now_ms, rng)
+    }
     /// Never counts offers of these peers as found (volunteers that already failed the
     /// call).
     pub fn exclude(&mut self, peers: impl IntoIterator<Item = PeerId>) {
@@ -197,35 +267,70 @@ impl Discovery {
     }
 
     fn next_probe<R: RngCore + ?Sized>(&mut self, now_ms: u64, rng: &mut R) -> Step {
-        if self.tries >= self.config.max_tries {
-            if !self.config.fallback {
-                let failure = format!(
-                    "no offer with {} MiB free after {} probe(s) of {} (fallback off)",
-                    self.request_mib,
-                    self.report.probes.len(),
-                    self.probed()
-                );
-                return self.finish(now_ms, Vec::new(), Some(failure));
-            }
-            self.report.used_fallback = true;
-            self.report.elapsed_ms = now_ms - self.started_ms;
-            return Step::Fallback;
+        if now_ms >= self.deadline_ms() && self.tries < self.plan.len() {
+            self.report.out_of_time = true;
+            self.tries = self.plan.len();
         }
+        let Some(&tier) = self.plan.get(self.tries) else {
+            return self.end_of_probes(now_ms);
+        };
         self.tries += 1;
         self.report.messages += 1;
         self.report.probes.push(Probe {
+            tier_mib: tier.mib(),
             holder: None,
             offers_seen: 0,
             offers_fitting: 0,
         });
-        let (key, _) = self.config.key_space.random_key(self.tier, rng);
+        let (key, _) = self.config.key_space.random_key(tier, rng);
         Step::FindClosest { key }
+    }
+
+    /// Probing is over: the fallback list, or the end.
+    fn end_of_probes(&mut self, now_ms: u64) -> Step {
+        if !self.config.fallback {
+            let failure = format!(
+                "no offer with {} MiB free after {} probe(s) of {}{} (fallback off)",
+                self.request_mib,
+                self.report.probes.len(),
+                self.probed(),
+                self.out_of_time_note(),
+            );
+            return self.finish(now_ms, Vec::new(), Some(failure));
+        }
+        self.report.used_fallback = true;
+        self.report.elapsed_ms = now_ms - self.started_ms;
+        Step::Fallback
+    }
+
+    fn out_of_time_note(&self) -> String {
+        if self.report.out_of_time {
+            format!(", out of its {} ms budget", self.config.budget_ms)
+        } else {
+            String::new()
+        }
+    }
+
+    /// The tier of the probe under way (or the last one made).
+    fn probing(&self) -> Tier {
+        self.tries
+            .checked_sub(1)
+            .and_then(|i| self.plan.get(i).copied())
+            .unwrap_or(self.tier)
     }
 
     /// What the probes covered, for failure reasons.
     fn probed(&self) -> String {
         match self.config.key_space {
-            KeySpace::Regions => format!("the {} region", self.tier),
+            KeySpace::Regions => {
+                let largest = self.plan.iter().map(|t| t.mib()).max();
+                match largest {
+                    Some(mib) if mib > self.tier.mib() => {
+                        format!("the {} to {mib} MiB regions", self.tier)
+                    }
+                    _ => format!("the {} region", self.tier),
+                }
+            }
             KeySpace::Whole => "the whole key space".to_string(),
         }
     }
@@ -240,13 +345,21 @@ impl Discovery {
         if self.done {
             return Step::Done;
         }
+        if now_ms >= self.deadline_ms() {
+            self.report.out_of_time = true;
+            self.tries = self.plan.len();
+            return self.end_of_probes(now_ms);
+        }
         match holder {
             Some(holder) => {
                 if let Some(probe) = self.report.probes.last_mut() {
                     probe.holder = Some(holder.to_string());
                 }
                 self.report.messages += 1;
-                Step::AskHolder { holder }
+                Step::AskHolder {
+                    holder,
+                    tier: self.probing(),
+                }
             }
             None => self.next_probe(now_ms, rng),
         }
@@ -290,10 +403,11 @@ impl Discovery {
         let fitting = self.keep_fitting(now_ms, offers);
         let failure = fitting.is_empty().then(|| {
             format!(
-                "no offer with {} MiB free: {} probe(s) of {} and the fallback list found none",
+                "no offer with {} MiB free: {} probe(s) of {}{} and the fallback list found none",
                 self.request_mib,
                 self.report.probes.len(),
-                self.probed()
+                self.probed(),
+                self.out_of_time_note(),
             )
         });
         self.finish(now_ms, fitting, failure)
@@ -321,7 +435,7 @@ impl Discovery {
         Step::Done
     }
 
-    /// The tier whose region is probed.
+    /// The request's own tier, whose region is probed first.
     pub fn tier(&self) -> Tier {
         self.tier
     }
@@ -329,6 +443,11 @@ impl Discovery {
     /// Memory requested, in MiB.
     pub fn request_mib(&self) -> u32 {
         self.request_mib
+    }
+
+    /// The report so far.
+    pub fn report(&self) -> &Report {
+        &self.report
     }
 
     /// Once done: the offers found (empty if none) and the report.
@@ -368,7 +487,10 @@ mod tests {
         let holder = PeerId::random();
         assert_eq!(
             d.on_closest(1, Some(holder), &mut rng),
-            Step::AskHolder { holder }
+            Step::AskHolder {
+                holder,
+                tier: Tier::from_mib(512).unwrap()
+            }
         );
         let k = Keypair::generate_ed25519();
         let step = d.on_offers(
@@ -393,6 +515,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let config = DiscoveryConfig {
             max_tries: 3,
+            own_tier_probes: u32::MAX,
             ..DiscoveryConfig::default()
         };
         let (mut d, mut step) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
@@ -440,6 +563,7 @@ mod tests {
             max_tries: 2,
             key_space: KeySpace::Whole,
             fallback: false,
+            ..DiscoveryConfig::default()
         };
         let (mut d, step) = Discovery::start(0, 200 * MIB, config, &mut rng).unwrap();
         let mut keys = vec![key_of(&step)];
@@ -507,6 +631,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let config = DiscoveryConfig {
             max_tries: 1,
+            own_tier_probes: u32::MAX,
             ..DiscoveryConfig::default()
         };
         let (mut d, _) = Discovery::start(0, 4000 * MIB, config, &mut rng).unwrap();
@@ -524,6 +649,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         let config = DiscoveryConfig {
             max_tries: 1,
+            own_tier_probes: u32::MAX,
             ..DiscoveryConfig::default()
         };
         let (mut d, _) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
@@ -543,6 +669,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let config = DiscoveryConfig {
             max_tries: 2,
+            own_tier_probes: u32::MAX,
             ..DiscoveryConfig::default()
         };
         let (mut d, _) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
@@ -609,5 +736,113 @@ mod tests {
         d.exclude((0..MAX_EXCLUDED).map(|_| PeerId::random()));
         assert_eq!(d.excluded.len(), MAX_EXCLUDED);
         assert!(!d.excluded.contains(&first), "the oldest is forgotten");
+    }
+
+    fn probe_keys_and_tiers(
+        d: &mut Discovery,
+        mut step: Step,
+        rng: &mut StdRng,
+        probes: usize,
+    ) -> (Vec<Tier>, Step) {
+        let mut asked = Vec::new();
+        for t in 0..probes as u64 {
+            let key = key_of(&step);
+            let Step::AskHolder { tier, .. } = d.on_closest(t, Some(PeerId::random()), rng) else {
+                panic!("a holder was found, so it is asked");
+            };
+            assert!(
+                tier.region().contains_key(&key),
+                "probe {t} drew its key in {tier}"
+            );
+            asked.push(tier);
+            step = d.on_offers(t, Vec::new(), rng);
+        }
+        (asked, step)
+    }
+
+    #[test]
+    fn a_small_request_goes_on_to_larger_tiers_nearest_first_before_the_fallback() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let config = DiscoveryConfig {
+            max_tries: 4,
+            own_tier_probes: 2,
+            ..DiscoveryConfig::default()
+        };
+        let tier = |mib| Tier::from_mib(mib).unwrap();
+        assert_eq!(
+            config.probe_plan(tier(128)),
+            [tier(128), tier(128), tier(256), tier(512)]
+        );
+        // Past the largest tier, the probes left go back to the own tier.
+        assert_eq!(
+            config.probe_plan(tier(8192)),
+            [tier(8192), tier(8192), Tier::LARGEST, tier(8192)]
+        );
+        assert_eq!(config.own_tier_only().probe_plan(tier(256)), [tier(256); 4]);
+        let (mut d, step) = Discovery::start(0, 100 * MIB, config, &mut rng).unwrap();
+        let (asked, step) = probe_keys_and_tiers(&mut d, step, &mut rng, 3);
+        assert_eq!(asked, [tier(128), tier(128), tier(256)]);
+        // The 512 MiB region's holder has a large offer, partly used: it serves 100 MiB.
+        d.on_closest(3, Some(PeerId::random()), &mut rng);
+        let _ = step;
+        let k = Keypair::generate_ed25519();
+        assert_eq!(
+            d.on_offers(4, vec![offer(&k, 1, 512, 400)], &mut rng),
+            Step::Done
+        );
+        let (found, report) = d.outcome().unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(!report.used_fallback);
+        let tiers: Vec<u32> = report.probes.iter().map(|p| p.tier_mib).collect();
+        assert_eq!(tiers, [128, 128, 256, 512]);
+        assert_eq!(report.tier_mib, 128);
+
+        // With every region empty, the fallback comes after the larger tiers, and the
+        // failure names what was probed.
+        let (mut d, step) = Discovery::start(0, 100 * MIB, config, &mut rng).unwrap();
+        let (_, step) = probe_keys_and_tiers(&mut d, step, &mut rng, 4);
+        assert_eq!(step, Step::Fallback);
+        d.on_fallback(5, Vec::new());
+        let failure = d.outcome().unwrap().1.failure.clone().unwrap();
+        assert!(
+            failure.contains("4 probe(s) of the 128 MiB to 512 MiB regions"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn the_time_budget_ends_probing_but_still_asks_the_fallback() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let config = DiscoveryConfig {
+            max_tries: 6,
+            budget_ms: 1_000,
+            ..DiscoveryConfig::default()
+        };
+        let (mut d, _) = Discovery::start(500, 128 * MIB, config, &mut rng).unwrap();
+        assert_eq!(d.deadline_ms(), 1_500);
+        // A slow first probe: its holder times out within the budget, so a second one.
+        d.on_closest(900, Some(PeerId::random()), &mut rng);
+        let step = d.on_timeout(1_400, &mut rng);
+        assert!(matches!(step, Step::FindClosest { .. }), "{step:?}");
+        // The lookup answers past the deadline: probing stops, the local list is asked.
+        assert_eq!(
+            d.on_closest(1_500, Some(PeerId::random()), &mut rng),
+            Step::Fallback
+        );
+        assert_eq!(d.on_fallback(1_501, Vec::new()), Step::Done);
+        let (_, report) = d.outcome().unwrap();
+        assert!(report.out_of_time);
+        assert_eq!(report.probes.len(), 2, "of the 6 planned");
+        let failure = report.failure.as_deref().unwrap();
+        assert!(failure.contains("out of its 1000 ms budget"), "{failure}");
+
+        // Without the fallback, running out of time fails at once.
+        let config = DiscoveryConfig {
+            fallback: false,
+            ..config
+        };
+        let (mut d, _) = Discovery::start(0, 128 * MIB, config, &mut rng).unwrap();
+        assert_eq!(d.on_timeout(1_000, &mut rng), Step::Done);
+        assert!(d.outcome().unwrap().0.is_empty());
     }
 }

@@ -3,14 +3,18 @@
 //! discovery simulator.
 //!
 //! * [`discovery`]: Algorithm 2 — random keys in the region of the smallest tier that
-//!   fits a request, the closest peer's offers, up to `max_tries`, then the fallback;
+//!   fits a request, then larger tiers', the closest peer's offers, up to `max_tries`
+//!   probes within a time budget, then the fallback;
 //! * [`supertraders`]: the super-trader list that offering peers feed, bounded, with a TTL;
 //! * [`placement`]: Algorithm 3 — best fit by default, worst fit and random selectable;
+//! * [`placer`]: placing one call — discovery, the ranked offers, reserve-and-run on
+//!   each, retries on another volunteer, bounded in attempts, reservations and time;
 //! * [`registry`]: the well-known key schedulers announce themselves under;
 //! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`).
 
 pub mod discovery;
 pub mod placement;
+pub mod placer;
 pub mod registry;
 pub mod sim;
 pub mod supertraders;

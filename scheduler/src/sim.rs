@@ -9,14 +9,16 @@
 //! every offerer reports its free offers to a random scheduler's [`SuperTraders`] list.
 //! Requests then run [`Discovery`] at a random scheduler. The baseline is what Caravela
 //! compared to: offers published to random keys anywhere, requests probing random keys
-//! anywhere, no regions, no fallback.
+//! anywhere, no regions, no fallback — the same machines ([`Holder`] and [`Discovery`]
+//! with [`KeySpace::Whole`] and the fallback off), not a model of them.
 
 use crate::discovery::{Discovery, DiscoveryConfig, Step};
 use crate::supertraders::{SuperTraderConfig, SuperTraders};
 use flotilla_offers::holder::{Holder, HolderConfig};
+use flotilla_offers::ledger::LedgerConfig;
 use flotilla_offers::offer::SignedOffer;
 use flotilla_offers::offerer::{Action, Event, Offerer, OffererConfig, Slicing};
-use flotilla_overlay::regions::{Tier, hash_key};
+use flotilla_overlay::regions::{KeySpace, Tier, hash_key};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use rand::rngs::StdRng;
@@ -64,8 +66,8 @@ struct Peer {
     hashed: [u8; 32],
     offerer: Offerer,
     holder: Holder,
-    /// Baseline: offers held with no region check.
-    baseline_held: Vec<SignedOffer>,
+    /// Baseline: offers held under keys anywhere ([`KeySpace::Whole`]).
+    baseline: Holder,
 }
 
 /// A simulated network at one utilisation.
@@ -144,20 +146,30 @@ impl Network {
                 keypair,
                 OffererConfig {
                     slicing,
+                    // Admission caps are not what is studied.
+                    ledger: LedgerConfig {
+                        max_reservations: usize::MAX,
+                        max_per_owner: usize::MAX,
+                        ..LedgerConfig::default()
+                    },
                     ..OffererConfig::new(memory, Vec::new())
                 },
                 (i as u64) << 16,
             );
-            let holder = Holder::new(HolderConfig {
+            let holder_config = HolderConfig {
                 max_total: 1 << 20,
+                max_per_offerer: 1 << 10,
                 ..HolderConfig::default()
-            });
+            };
             list.push(Peer {
                 hashed: hash_key(&id.to_bytes()),
                 id,
                 offerer,
-                holder,
-                baseline_held: Vec::new(),
+                holder: Holder::new(holder_config.clone()),
+                baseline: Holder::new(HolderConfig {
+                    key_space: KeySpace::Whole,
+                    ..holder_config
+                }),
             });
         }
         let index = list.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
@@ -178,8 +190,8 @@ impl Network {
                 .expect("offers sign");
             network.run_actions(i, actions);
         }
-        network.publish_baseline(&mut rng);
         network.reserve_until(utilisation, &mut rng);
+        network.publish_baseline(&mut rng);
         network
     }
 
@@ -221,7 +233,8 @@ impl Network {
         }
     }
 
-    /// Baseline: every live offer also goes to the peer closest to a random key anywhere.
+    /// Baseline: every live offer, as it stands once memory is reserved, also goes to the
+    /// peer closest to a random key anywhere.
     fn publish_baseline(&mut self, rng: &mut StdRng) {
         let mut ids: Vec<(usize, u64)> = self.live.keys().copied().collect();
         ids.sort_unstable();
@@ -229,17 +242,19 @@ impl Network {
             let offer = self.live[&id].clone();
             let key = rand_bytes(rng);
             let h = self.closest(&hash_key(&key));
-            self.peers[h].baseline_held.push(offer);
+            // Holders accept every live, signed offer under any key here.
+            let _ = self.peers[h].baseline.receive(NOW, &key, offer);
         }
     }
 
-    /// Reserves memory on random offers until `utilisation` of all lent memory is taken;
-    /// the baseline copies are updated the same way.
+    /// Reserves memory on random offers until `utilisation` of all lent memory is taken.
     fn reserve_until(&mut self, utilisation: f64, rng: &mut StdRng) {
         let target = (self.lent_mib as f64 * utilisation) as u64;
         let mut keys: Vec<(usize, u64)> = self.live.keys().copied().collect();
         keys.sort_unstable();
         let mut reservation_id = 0;
+        // The schedulers' reservations are not what is studied: one owner makes them all.
+        let owner = PeerId::from_bytes(&self.peers[0].id.to_bytes()).expect("a peer id");
         while self.reserved_mib < target && !keys.is_empty() {
             let k = rng.random_range(0..keys.len());
             let (peer, offer_id) = keys[k];
@@ -249,11 +264,14 @@ impl Network {
             };
             let want = (weighted(&REQUESTED_MEMORY, rng) as u32).min(free);
             reservation_id += 1;
-            let Ok((_, actions)) =
-                self.peers[peer]
-                    .offerer
-                    .reserve(NOW, offer_id, want, reservation_id, 60_000)
-            else {
+            let Ok((_, actions)) = self.peers[peer].offerer.reserve(
+                NOW,
+                owner,
+                offer_id,
+                want,
+                reservation_id,
+                60_000,
+            ) else {
                 keys.swap_remove(k);
                 continue;
             };
@@ -262,20 +280,6 @@ impl Network {
             if free == want {
                 keys.swap_remove(k);
             }
-        }
-        // The baseline holders see the same memory in use.
-        for peer in &mut self.peers {
-            let live = &self.live;
-            peer.baseline_held.retain_mut(|held| {
-                let id = (self.index[&held.body.offerer], held.body.offer_id);
-                match live.get(&id) {
-                    Some(current) => {
-                        *held = current.clone();
-                        true
-                    }
-                    None => false,
-                }
-            });
         }
     }
 
@@ -339,12 +343,37 @@ impl Network {
         lists
     }
 
-    /// Runs `requests` discoveries with region probing and the fallback.
+    /// Runs `requests` discoveries with region probing and the fallback, as `config`
+    /// says, each at a random scheduler of `schedulers`.
     pub fn run_requests(
         &self,
         schedulers: &[SuperTraders],
         requests: u32,
-        max_tries: u32,
+        config: DiscoveryConfig,
+        seed: u64,
+    ) -> Outcome {
+        self.run(Some(schedulers), requests, config, seed)
+    }
+
+    /// Runs `requests` discoveries the baseline way: random keys anywhere, no fallback.
+    pub fn run_baseline(&self, requests: u32, max_tries: u32, seed: u64) -> Outcome {
+        let config = DiscoveryConfig {
+            max_tries,
+            key_space: KeySpace::Whole,
+            fallback: false,
+            ..DiscoveryConfig::default()
+        };
+        self.run(None, requests, config, seed)
+    }
+
+    /// Runs `requests` discoveries through the [`Discovery`] machine: against the region
+    /// holders and `schedulers`' lists, or, without schedulers, against the baseline
+    /// holders.
+    fn run(
+        &self,
+        schedulers: Option<&[SuperTraders]>,
+        requests: u32,
+        config: DiscoveryConfig,
         seed: u64,
     ) -> Outcome {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -352,11 +381,7 @@ impl Network {
         let lookup = lookup_messages(self.peers.len());
         for _ in 0..requests {
             let mib = request_mib(&mut rng);
-            let scheduler = &schedulers[rng.random_range(0..schedulers.len())];
-            let config = DiscoveryConfig {
-                max_tries,
-                ..DiscoveryConfig::default()
-            };
+            let scheduler = schedulers.map(|list| &list[rng.random_range(0..list.len())]);
             let (mut discovery, mut step) =
                 Discovery::start(NOW, mib * MIB, config, &mut rng).expect("requests fit a tier");
             loop {
@@ -366,19 +391,27 @@ impl Network {
                         let holder = self.peers[self.closest(&hash_key(&key))].id;
                         discovery.on_closest(NOW, Some(holder), &mut rng)
                     }
-                    Step::AskHolder { holder } => {
+                    Step::AskHolder { holder, tier } => {
                         outcome.messages += 2;
                         outcome.probes += 1;
-                        let held = self.peers[self.index[&holder]]
-                            .holder
-                            .live(NOW)
+                        let peer = &self.peers[self.index[&holder]];
+                        let held = match scheduler {
+                            Some(_) => &peer.holder,
+                            None => &peer.baseline,
+                        };
+                        let answer = held
+                            .answer(NOW, tier, discovery.request_mib())
+                            .into_iter()
                             .cloned()
                             .collect();
-                        discovery.on_offers(NOW, held, &mut rng)
+                        discovery.on_offers(NOW, answer, &mut rng)
                     }
                     Step::Fallback => {
                         outcome.fallbacks += 1;
-                        discovery.on_fallback(NOW, scheduler.fitting(NOW, discovery.request_mib()))
+                        let fitting = scheduler.map_or(Vec::new(), |list| {
+                            list.fitting(NOW, discovery.request_mib())
+                        });
+                        discovery.on_fallback(NOW, fitting)
                     }
                     Step::Done => break,
                 };
@@ -386,31 +419,6 @@ impl Network {
             outcome.requests += 1;
             let (found, _) = discovery.outcome().expect("done");
             outcome.successes += u32::from(!found.is_empty());
-        }
-        outcome
-    }
-
-    /// Runs `requests` discoveries the baseline way: random keys anywhere, no fallback.
-    pub fn run_baseline(&self, requests: u32, max_tries: u32, seed: u64) -> Outcome {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut outcome = Outcome::default();
-        let lookup = lookup_messages(self.peers.len());
-        for _ in 0..requests {
-            let mib = request_mib(&mut rng) as u32;
-            outcome.requests += 1;
-            for _ in 0..max_tries {
-                outcome.messages += lookup + 2;
-                outcome.probes += 1;
-                let holder = &self.peers[self.closest(&hash_key(&rand_bytes(&mut rng)))];
-                if holder
-                    .baseline_held
-                    .iter()
-                    .any(|o| o.body.free_mib() >= mib)
-                {
-                    outcome.successes += 1;
-                    break;
-                }
-            }
         }
         outcome
     }
@@ -451,6 +459,13 @@ fn rand_bytes(rng: &mut StdRng) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    fn config(max_tries: u32) -> DiscoveryConfig {
+        DiscoveryConfig {
+            max_tries,
+            ..DiscoveryConfig::default()
+        }
+    }
+
     #[test]
     fn the_trie_walk_finds_the_xor_closest_peer() {
         let network = Network::build(200, 0.0, Slicing::Largest, 11);
@@ -476,14 +491,14 @@ mod tests {
         let used = network.reserved_mib as f64 / network.lent_mib as f64;
         assert!((0.29..0.35).contains(&used), "utilisation {used}");
         let schedulers = network.schedulers(0.05, 2);
-        let outcome = network.run_requests(&schedulers, 200, 3, 3);
+        let outcome = network.run_requests(&schedulers, 200, config(3), 3);
         assert_eq!(outcome.requests, 200);
         assert_eq!(outcome.successes, 200, "{outcome:?}");
         assert!(outcome.probes_per_request() <= 3.0);
 
         let full = Network::build(100, 1.0, Slicing::Largest, 4);
         let schedulers = full.schedulers(0.05, 5);
-        let outcome = full.run_requests(&schedulers, 50, 3, 6);
+        let outcome = full.run_requests(&schedulers, 50, config(3), 6);
         assert!(outcome.success_rate() < 0.5, "{outcome:?}");
         assert!(
             outcome.fallbacks >= outcome.requests - outcome.successes,
@@ -497,7 +512,7 @@ mod tests {
             let network = Network::build(120, 0.5, Slicing::Halving, 7);
             let schedulers = network.schedulers(0.1, 8);
             (
-                network.run_requests(&schedulers, 100, 2, 9),
+                network.run_requests(&schedulers, 100, config(2), 9),
                 network.run_baseline(100, 2, 9),
             )
         };

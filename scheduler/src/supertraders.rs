@@ -110,6 +110,20 @@ impl SuperTraders {
             .retain(|_, e| (e.heard_at_ms + ttl).min(e.offer.body.expires_at_ms) > now_ms);
     }
 
+    /// Valid offers with at least `mib` MiB free whose offerer told of them within the
+    /// last `within_ms`: offers confirmed free a moment ago, tried before any discovery.
+    pub fn recent(&self, now_ms: u64, mib: u32, within_ms: u64) -> Vec<SignedOffer> {
+        self.entries
+            .values()
+            .filter(|e| {
+                e.heard_at_ms + within_ms > now_ms
+                    && self.valid_until(e) > now_ms
+                    && e.offer.body.free_mib() >= mib
+            })
+            .map(|e| e.offer.clone())
+            .collect()
+    }
+
     /// Valid offers with at least `mib` MiB free.
     pub fn fitting(&self, now_ms: u64, mib: u32) -> Vec<SignedOffer> {
         self.entries

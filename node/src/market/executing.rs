@@ -1,23 +1,28 @@
 //! The volunteer side of an invocation: run a call on memory a scheduler reserved here.
 //!
-//! The call must name a reservation this node granted, with at least the memory it asks
-//! for: so the invocations running at once never need more memory than this node lends.
-//! The reservation is confirmed (it no longer lapses) while the module, stdin and inputs
-//! are fetched by CID over bitswap, the module runs in the sandboxed executor with the
-//! reserved memory as its hard limit, and the outputs are stored as blocks; then it is
-//! released, whatever happened. Runs are keyed by invocation id, so a repeated request
-//! gets the first run's answer instead of a second run.
+//! The call runs on a reservation of the peer that sends it, with at least the memory it
+//! asks for, made before or in the same message: so the invocations running at once never
+//! need more memory than this node lends, and nobody else's reservation can be used. The
+//! ledger ([`flotilla_offers::ledger`]) decides; once the run has started the reservation
+//! no longer lapses while the module, stdin and inputs are fetched by CID over bitswap,
+//! the module runs in the sandboxed executor with the reserved memory as its hard limit,
+//! and the outputs are stored as blocks; then it ends, whatever happened. Runs are keyed
+//! by caller and invocation id, so a repeated request gets the first run's answer instead
+//! of a second run.
 
 use super::function::{
     Execution, ExecutionTimings, FunctionCall, MAX_INLINE_OUTPUT, MAX_OUTPUT_FILES, OutputFile,
     OutputStream, parse_cid,
 };
+use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, Response};
 use super::{Market, lock, now_ms};
 use crate::executor::{ExecError, Job};
 use crate::one_line;
 use cid::Cid;
+use flotilla_offers::ledger::{RunKey, StartError};
 use flotilla_overlay::fetch::FetchProgress;
+use libp2p::PeerId;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -35,6 +40,59 @@ pub(super) enum Fetched {
     TooLarge,
     /// The fetch failed.
     Failed(flotilla_overlay::OverlayError),
+}
+
+/// How long a reservation made with an `Execute` is held before its run starts (it
+/// starts at once: this only bounds a run that could not start).
+const RUN_HOLD_MS: u64 = 1_000;
+
+/// What admission decided.
+enum Admitted {
+    /// A new run, on a reservation of this many MiB.
+    Start(u32),
+    /// The run is under way or done: its answer is the one to give.
+    Repeat,
+}
+
+/// Why a call was not admitted.
+enum Refusal {
+    /// The call cannot run here (or at all): answered `Failed`.
+    Failed(Failure),
+    /// The memory could not be reserved: answered `Refused`, so the scheduler tries
+    /// another offer.
+    NotReserved(String),
+}
+
+impl From<Refusal> for Response {
+    fn from(refusal: Refusal) -> Response {
+        match refusal {
+            Refusal::Failed(failure) => failure.into(),
+            Refusal::NotReserved(reason) => Response::Refused { reason },
+        }
+    }
+}
+
+/// Ends a run's reservation if its call is dropped before it ends it.
+struct RunGuard<'a> {
+    market: &'a Market,
+    reservation_id: u64,
+    ended: bool,
+}
+
+impl RunGuard<'_> {
+    /// Ends the run now; returns the offer's new version.
+    fn end(mut self) -> Option<Box<flotilla_offers::offer::SignedOffer>> {
+        self.ended = true;
+        self.market.finish_run(self.reservation_id)
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.market.finish_run(self.reservation_id);
+        }
+    }
 }
 
 /// Why a call could not run here.
@@ -71,111 +129,153 @@ impl From<Failure> for Response {
 }
 
 impl Market {
-    /// Runs a call for a scheduler, once per invocation id.
-    pub(super) async fn serve_execution(&self, request: ExecuteRequest) -> Response {
+    /// Runs a call for `from` (a scheduler, or this node), at most once per invocation
+    /// id and caller: on a reservation `from` made before, or reserved here and now when
+    /// the request names an offer. The ledger decides; this carries it out.
+    pub(super) async fn serve_execution(&self, from: PeerId, request: ExecuteRequest) -> Response {
         let id = request.invocation_id;
         let reservation_id = request.reservation_id;
-        let span = tracing::info_span!("execute", invocation = id, module = %request.call.module);
-        // A call on no reservation of ours is refused without a place among the
-        // remembered answers, so made-up calls cannot push out real ones; a retry of a
-        // known run still gets its answer.
-        if !self.shared.executions.knows(id) && !self.holds_reservation(reservation_id) {
-            self.shared.metrics.executions_failed.inc();
-            return Failure::of_volunteer(format!(
-                "no reservation {reservation_id} here (it lapsed or was released)"
-            ))
-            .into();
-        }
-        let response = self
-            .shared
+        let span = tracing::info_span!(
+            "execute",
+            invocation = id,
+            reservation = reservation_id,
+            scheduler = %from,
+            module = %request.call.module
+        );
+        let started = match self.admit(from, &request) {
+            Ok(Admitted::Start(mib)) => mib,
+            Ok(Admitted::Repeat) => {
+                // A retry of a run started here: its answer (or a wait for it).
+                let forgotten = async {
+                    Failure::of_volunteer(format!(
+                        "invocation {id} already ran here and its answer is forgotten"
+                    ))
+                    .into()
+                };
+                return self
+                    .shared
+                    .executions
+                    .run((from, id), forgotten)
+                    .instrument(span)
+                    .await;
+            }
+            Err(refusal) => {
+                self.shared.metrics.executions_failed.inc();
+                return refusal.into();
+            }
+        };
+        // The reservation is running now: it ends with this call, whatever happens (the
+        // guard ends it if the call is dropped before).
+        let guard = RunGuard {
+            market: self,
+            reservation_id,
+            ended: false,
+        };
+        let market = self;
+        let call = &request.call;
+        self.shared
             .executions
-            .run(
-                id,
-                async move {
-                    // Only an admitted call releases its reservation: one refused (for
-                    // a reservation another call runs on, say) leaves it alone.
-                    let (outcome, offer) = match self.admit(&request) {
-                        Ok(mib) => {
-                            let outcome = self.run_call(&request.call, mib).await;
-                            (outcome, self.release_and_tell(reservation_id))
-                        }
-                        Err(failure) => (Err(failure), None),
-                    };
-                    match outcome {
-                        Ok(execution) => {
-                            self.shared.metrics.executions.inc();
-                            Response::Executed {
-                                execution: Box::new(execution),
-                                offer,
-                            }
-                        }
-                        Err(failure) => {
-                            self.shared.metrics.executions_failed.inc();
-                            failure.into()
+            .run((from, id), async move {
+                let outcome = market.run_call(call, started).await;
+                let offer = guard.end();
+                match outcome {
+                    Ok(execution) => {
+                        market.shared.metrics.executions.inc();
+                        Response::Executed {
+                            execution: Box::new(execution),
+                            offer,
                         }
                     }
+                    Err(failure) => {
+                        market.shared.metrics.executions_failed.inc();
+                        failure.into()
+                    }
                 }
-                .instrument(span),
-            )
-            .await;
-        // A repeated call answered from memory does not need the reservation it came
-        // with (after a first run, its own is already released: this changes nothing),
-        // unless another call runs on it.
-        self.release_unless_running(reservation_id);
-        response
+            })
+            .instrument(span)
+            .await
     }
 
-    /// Whether this node holds reservation `id`.
-    fn holds_reservation(&self, id: u64) -> bool {
-        self.shared
-            .offerer
-            .as_ref()
-            .is_some_and(|o| lock(o).reservations().any(|r| r.reservation_id == id))
-    }
-
-    /// Checks that the call runs on a reservation granted here, big enough for it, and
-    /// confirms the reservation; returns the memory reserved, in MiB.
-    fn admit(&self, request: &ExecuteRequest) -> Result<u32, Failure> {
+    /// Admits a call: checks it, reserves its memory if the request names an offer, and
+    /// starts its run on the reservation (only `from`'s own, only once per run). A refusal
+    /// is the answer to send.
+    fn admit(&self, from: PeerId, request: &ExecuteRequest) -> Result<Admitted, Refusal> {
         let (Some(offerer), Some(_)) = (&self.shared.offerer, &self.shared.executor) else {
-            return Err(Failure::of_volunteer(
+            return Err(Refusal::Failed(Failure::of_volunteer(
                 "this node lends no memory and runs no functions".into(),
-            ));
+            )));
         };
         request
             .call
             .validate()
-            .map_err(|e| Failure::of_call(e.to_string()))?;
+            .map_err(|e| Refusal::Failed(Failure::of_call(e.to_string())))?;
+        let run = RunKey {
+            owner: from,
+            invocation_id: request.invocation_id,
+            call_digest: request.call.digest(),
+        };
+        let mib = request.call.memory_mib;
+        let now = now_ms();
         let mut offerer = lock(offerer);
-        let reservation = offerer
-            .reservations()
-            .find(|r| r.reservation_id == request.reservation_id)
-            .copied()
-            .ok_or_else(|| {
-                Failure::of_volunteer(format!(
-                    "no reservation {} here (it lapsed or was released)",
-                    request.reservation_id
-                ))
-            })?;
-        if reservation.hold_until_ms.is_none() {
-            return Err(Failure::of_volunteer(format!(
-                "reservation {} is in use by another call",
-                request.reservation_id
-            )));
+        match offerer.ledger().check_run(&run) {
+            Ok(()) => {}
+            Err(StartError::AlreadyRunning(..) | StartError::AlreadyRan(_)) => {
+                return Ok(Admitted::Repeat);
+            }
+            Err(e) => return Err(Refusal::Failed(Failure::of_call(e.to_string()))),
         }
-        if reservation.mib < request.call.memory_mib {
-            return Err(Failure::of_volunteer(format!(
-                "reservation {} holds {} MiB, the call asks for {} MiB",
-                request.reservation_id, reservation.mib, request.call.memory_mib
-            )));
+        let mut actions = Vec::new();
+        let reserved_here = match request.offer_id {
+            Some(offer_id) => {
+                let held = offerer.reserve(
+                    now,
+                    from,
+                    offer_id,
+                    mib,
+                    request.reservation_id,
+                    RUN_HOLD_MS,
+                );
+                match held {
+                    Ok((_, made)) => {
+                        actions = made;
+                        true
+                    }
+                    Err(e) => {
+                        drop(offerer);
+                        let label = super::offering::refusal_label(&e);
+                        MarketMetrics::count(&self.shared.metrics.reservations_refused, label);
+                        return Err(Refusal::NotReserved(e.to_string()));
+                    }
+                }
+            }
+            None => false,
+        };
+        if reserved_here {
+            self.shared.metrics.reservations.inc();
         }
-        offerer.confirm(request.reservation_id);
-        tracing::debug!(
-            reservation = request.reservation_id,
-            mib = reservation.mib,
-            at_ms = now_ms(),
-            "running a call"
-        );
-        Ok(reservation.mib)
+        let started = offerer.start_run(now, request.reservation_id, run, mib);
+        let outcome = match started {
+            Ok(reservation) => {
+                tracing::debug!(
+                    reservation = request.reservation_id,
+                    mib = reservation.mib,
+                    "running a call"
+                );
+                Ok(Admitted::Start(reservation.mib))
+            }
+            Err(e) => {
+                // A reservation made for this request alone goes back at once.
+                if reserved_here
+                    && let Ok(back) = offerer.release(now, from, request.reservation_id)
+                {
+                    actions.extend(back);
+                }
+                Err(Refusal::Failed(Failure::of_volunteer(e.to_string())))
+            }
+        };
+        drop(offerer);
+        self.announce_release(Ok::<_, std::convert::Infallible>(actions));
+        outcome
     }
 
     /// Fetches what the call needs, runs it with `mib` MiB, and stores its outputs.

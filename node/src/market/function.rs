@@ -57,6 +57,15 @@ pub struct FunctionCall {
 pub struct CallRejected(pub String);
 
 impl FunctionCall {
+    /// A digest of everything the call says (module, memory, deadline, arguments,
+    /// environment, stdin, inputs), so a reused invocation id with another call is told
+    /// apart.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), self).expect("calls always encode");
+        sha2::Sha256::digest(&bytes).into()
+    }
+
     /// Checks the call against the bounds: CIDs that parse, a memory size some tier
     /// holds, a deadline within [`MAX_TIMEOUT_MS`], plain input names, bounded lists.
     pub fn validate(&self) -> Result<(), CallRejected> {
@@ -274,6 +283,11 @@ pub struct Invocation {
     /// asked): the hops until placement. Answers of older schedulers lack it (read as 0).
     #[serde(default)]
     pub probes: u32,
+    /// Request-response exchanges the call cost, the client's with its scheduler
+    /// included: Kademlia requests, questions to holders, and calls to volunteers (a
+    /// request a node sends itself is none). Answers of older schedulers lack it.
+    #[serde(default)]
+    pub exchanges: u32,
 }
 
 #[cfg(test)]
@@ -342,15 +356,18 @@ mod tests {
             scheduler_us: 9,
             messages: 12,
             probes: 2,
+            exchanges: 4,
         };
         let mut json = serde_json::to_value(&invocation).unwrap();
         assert_eq!(json["probes"], 2);
         json.as_object_mut().unwrap().remove("probes");
+        json.as_object_mut().unwrap().remove("exchanges");
         let old: Invocation = serde_json::from_value(json).unwrap();
         assert_eq!(
             old,
             Invocation {
                 probes: 0,
+                exchanges: 0,
                 ..invocation
             }
         );

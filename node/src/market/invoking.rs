@@ -1,20 +1,22 @@
 //! Invocations: the scheduler that places a call on a volunteer (retrying another when one
 //! fails), and the client that picks a scheduler at random from the registry and asks it.
 //!
-//! A scheduler discovers offers and reserves one in a single discovery, sends the call to
-//! the offerer with the reservation's id, and returns its answer with where the time went.
-//! A volunteer that fails, times out or disappears is skipped and the call placed again,
-//! at most [`MAX_ATTEMPTS`] times; a failure that is the call's own (a module that is not
-//! Wasm, an input nobody has) is returned at once. Every invocation has a random id: a
+//! A scheduler drives a [`Placer`] (in `flotilla-scheduler`), which decides everything:
+//! offers confirmed free a moment ago first, else a discovery; the ranked offers, each
+//! asked to reserve the call's memory and run it in one `Execute` message; a volunteer
+//! that fails, times out or disappears is skipped and the call placed again, at most
+//! [`MAX_ATTEMPTS`] times; a failure that is the call's own (a module that is not Wasm, an
+//! input nobody has) is returned at once. This module carries out its steps and returns
+//! the answer with where the time went and how many exchanges it cost. Every invocation has a random id: a
 //! client that retries through another scheduler, or a scheduler that asks a volunteer
 //! again, gets the one run's answer.
 
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
-use super::protocol::{
-    DiscoverRequest, ExecuteRequest, InvokeRequest, Request, ReserveTerms, Response,
-};
+use super::protocol::{ExecuteRequest, InvokeRequest, Request, Response};
+use super::scheduling::Exchanges;
 use super::{CallError, Market, lock, now_ms};
 use flotilla_scheduler::placement::Policy;
+use flotilla_scheduler::placer::{self, Outcome, PlaceError, Placer, PlacerConfig};
 use flotilla_scheduler::registry;
 use libp2p::PeerId;
 use rand::rngs::StdRng;
@@ -24,8 +26,14 @@ use tokio::sync::OwnedSemaphorePermit;
 
 /// Volunteers a scheduler tries for one call.
 pub const MAX_ATTEMPTS: usize = 3;
-/// How long a reservation is held for a call before the volunteer runs it.
-const RESERVATION_HOLD: Duration = Duration::from_secs(30);
+/// How long ago an offerer must have told of an offer for it to be tried before any
+/// discovery (in the answer to an earlier call, or its report).
+const RECENT_OFFER_MS: u64 = 2_000;
+/// Time a placement's own work (discoveries, reservation attempts) may take in all.
+const PLACEMENT_BUDGET: Duration = Duration::from_secs(20);
+/// Offers one placement asks to reserve, at most.
+const MAX_RESERVATIONS_PER_CALL: u32 = 16;
+const MIB: u64 = 1024 * 1024;
 /// Time allowed beyond the deadline and the fetches for storing outputs and answering.
 const ANSWER_MARGIN: Duration = Duration::from_secs(30);
 /// Time a client allows for discovery and placement on top of the run itself.
@@ -109,135 +117,178 @@ impl Market {
             .await
     }
 
-    /// Places a call on a volunteer and runs it, trying another volunteer when one fails.
+    /// Places a call on a volunteer and runs it, as the [`Placer`] decides.
     pub(super) async fn place_and_run(&self, request: InvokeRequest) -> Response {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         metrics.invocations.inc();
         let mut rng = StdRng::from_os_rng();
-        let mut failed_attempts: Vec<FailedAttempt> = Vec::new();
-        let mut tried: Vec<PeerId> = Vec::new();
-        let mut discover_us = 0;
-        let mut messages = 0;
-        let mut probes = 0;
-        let allowance = execution_allowance(&request.call, self.shared.config.fetch_timeout);
-        for _ in 0..MAX_ATTEMPTS {
-            let reservation_id = rng.next_u64() >> 1;
-            let discover = DiscoverRequest {
-                memory_mib: request.call.memory_mib,
-                max_tries: request.max_tries,
-                reserve: Some(ReserveTerms {
-                    reservation_id,
-                    hold_ms: RESERVATION_HOLD.as_millis() as u64,
-                    policy: request.placement,
-                }),
-            };
-            let discovering = Instant::now();
-            let discovered = {
-                let _placing = self
-                    .shared
-                    .placements
-                    .acquire()
-                    .await
-                    .expect("the placement bound is never closed");
-                self.run_discovery(discover, &tried).await
-            };
-            discover_us += discovering.elapsed().as_micros() as u64;
-            let discovered = match discovered {
-                Ok(discovered) => discovered,
-                Err(e) => {
-                    metrics.invocations_failed.inc();
-                    return Response::Failed {
-                        reason: e.to_string(),
-                        retryable: false,
-                    };
-                }
-            };
-            messages += discovered.report.messages;
-            probes += discovered.report.probes.len() as u32;
-            let Some(placement) = discovered.placement else {
+        let call = &request.call;
+        let config = PlacerConfig {
+            discovery: self.discovery_config(request.max_tries),
+            policy: request.placement.unwrap_or(self.shared.config.placement),
+            max_attempts: MAX_ATTEMPTS as u32,
+            max_reservations: MAX_RESERVATIONS_PER_CALL,
+            budget_ms: PLACEMENT_BUDGET.as_millis() as u64,
+        };
+        let bytes = u64::from(call.memory_mib) * MIB;
+        let recent = self.shared.super_traders.as_ref().map_or(Vec::new(), |l| {
+            lock(l).recent(now_ms(), call.memory_mib, RECENT_OFFER_MS)
+        });
+        let (mut placer, mut step) = match Placer::start(now_ms(), bytes, config, recent, &mut rng)
+        {
+            Ok(started) => started,
+            Err(e) => {
                 metrics.invocations_failed.inc();
-                let why = discovered.report.failure.unwrap_or_else(|| {
-                    format!("no offer with {} MiB free", request.call.memory_mib)
-                });
                 return Response::Failed {
-                    reason: with_attempts(format!("nothing fits: {why}"), &failed_attempts),
-                    retryable: true,
+                    reason: e.to_string(),
+                    retryable: e.retryable(),
                 };
-            };
-            let volunteer = placement.offer.body.offerer;
-            let execute = Request::Execute(Box::new(ExecuteRequest {
-                invocation_id: request.invocation_id,
-                reservation_id,
-                call: request.call.clone(),
-            }));
-            let addresses = placement.offer.body.addresses.clone();
-            let answer = self.call(volunteer, addresses, execute, allowance).await;
-            let error = match answer {
-                Ok(Response::Executed { execution, offer }) => {
-                    // The volunteer's memory is back: its offer's new version replaces
-                    // the list's copy.
-                    if let (Some(list), Some(offer)) = (&self.shared.super_traders, offer)
-                        && offer.body.offerer == volunteer
-                    {
-                        lock(list).notify(now_ms(), vec![*offer]);
+            }
+        };
+        let allowance = execution_allowance(call, self.shared.config.fetch_timeout);
+        let mut exchanges = Exchanges::default();
+        let mut discover_us = 0;
+        let mut execution = None;
+        // Discoveries take a place among the placements; runs do not.
+        let mut placing = None;
+        loop {
+            step = match step {
+                placer::Step::Discovery(discovery_step) => {
+                    if placing.is_none() {
+                        placing = Some(
+                            self.shared
+                                .placements
+                                .acquire()
+                                .await
+                                .expect("the placement bound is never closed"),
+                        );
                     }
-                    metrics
-                        .invocation_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    // The peer that answered ran it, whatever its answer claims.
-                    let execution = Execution {
-                        volunteer: volunteer.to_string(),
-                        ..*execution
-                    };
-                    return Response::Invoked(Box::new(Invocation {
+                    let discovering = Instant::now();
+                    let (deadline, mib) =
+                        placer.discovery().map_or((now_ms(), call.memory_mib), |d| {
+                            (d.deadline_ms(), d.request_mib())
+                        });
+                    let probed = self
+                        .probe(discovery_step, deadline, mib, &mut exchanges)
+                        .await;
+                    discover_us += discovering.elapsed().as_micros() as u64;
+                    probed.feed_placer(&mut placer, &mut rng)
+                }
+                placer::Step::Run { offer } => {
+                    placing = None;
+                    let volunteer = offer.body.offerer;
+                    let execute = Request::Execute(Box::new(ExecuteRequest {
                         invocation_id: request.invocation_id,
-                        scheduler: self.peer_id().to_string(),
-                        execution,
-                        failed_attempts,
-                        discover_us,
-                        scheduler_us: started.elapsed().as_micros() as u64,
-                        messages: messages + 1,
-                        probes,
+                        reservation_id: rng.next_u64() >> 1,
+                        offer_id: Some(offer.body.offer_id),
+                        call: call.clone(),
                     }));
+                    exchanges.count(self, volunteer);
+                    let addresses = offer.body.addresses.clone();
+                    let answer = self.call(volunteer, addresses, execute, allowance).await;
+                    self.learn_from_answer(&offer, &answer);
+                    let now = now_ms();
+                    match answer {
+                        Ok(Response::Executed { execution: ran, .. }) => {
+                            execution = Some(ran);
+                            placer.on_ran(now)
+                        }
+                        Ok(Response::Refused { reason }) => {
+                            placer.on_refused(now, reason, &mut rng)
+                        }
+                        Ok(Response::Busy) => placer.on_refused(now, "busy".into(), &mut rng),
+                        Ok(Response::Failed { reason, retryable }) => {
+                            if retryable {
+                                tracing::info!(%volunteer, %reason, "volunteer failed; placing the call again");
+                                metrics.invocation_retries.inc();
+                            }
+                            placer.on_failed(now, reason, retryable, &mut rng)
+                        }
+                        Ok(other) => {
+                            let reason = format!("unexpected answer {other:?}");
+                            placer.on_failed(now, reason, true, &mut rng)
+                        }
+                        Err(e) => {
+                            metrics.invocation_retries.inc();
+                            placer.on_failed(now, e.to_string(), true, &mut rng)
+                        }
+                    }
                 }
-                Ok(Response::Failed {
-                    reason,
-                    retryable: false,
-                }) => {
-                    metrics.invocations_failed.inc();
-                    return Response::Failed {
-                        reason,
-                        retryable: false,
-                    };
-                }
-                Ok(Response::Failed { reason, .. }) | Ok(Response::Refused { reason }) => reason,
-                Ok(other) => format!("unexpected answer {other:?}"),
-                Err(e) => e.to_string(),
+                placer::Step::Done => break,
             };
-            tracing::info!(%volunteer, %error, "volunteer failed; placing the call again");
-            metrics.invocation_retries.inc();
-            failed_attempts.push(FailedAttempt {
-                volunteer: volunteer.to_string(),
-                error,
-            });
-            tried.push(volunteer);
-            // Give the memory back if the volunteer is still there to take it.
-            let market = self.clone();
-            let addresses = placement.offer.body.addresses.clone();
-            let timeout = self.shared.config.answer_timeout;
-            tokio::spawn(async move {
-                let release = Request::Release { reservation_id };
-                let _ = market.call(volunteer, addresses, release, timeout).await;
-            });
         }
-        metrics.invocations_failed.inc();
-        Response::Failed {
-            reason: with_attempts(
-                format!("{MAX_ATTEMPTS} volunteers failed to run the call"),
-                &failed_attempts,
-            ),
-            retryable: true,
+        let tally = placer.tally().clone();
+        let failed_attempts: Vec<FailedAttempt> = tally
+            .failed_attempts
+            .iter()
+            .map(|a| FailedAttempt {
+                volunteer: a.volunteer.to_string(),
+                error: a.error.clone(),
+            })
+            .collect();
+        match (placer.outcome(), execution) {
+            (Some(Outcome::Placed { volunteer }), Some(ran)) => {
+                metrics
+                    .invocation_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                // The peer that answered ran it, whatever its answer claims.
+                let execution = Execution {
+                    volunteer: volunteer.to_string(),
+                    ..*ran
+                };
+                Response::Invoked(Box::new(Invocation {
+                    invocation_id: request.invocation_id,
+                    scheduler: self.peer_id().to_string(),
+                    execution,
+                    failed_attempts,
+                    discover_us,
+                    scheduler_us: started.elapsed().as_micros() as u64,
+                    messages: tally.messages + exchanges.lookups,
+                    probes: tally.probes,
+                    exchanges: exchanges.total(),
+                }))
+            }
+            (Some(Outcome::Failed(e)), _) => {
+                metrics.invocations_failed.inc();
+                let reason = match e {
+                    PlaceError::Call(reason) => reason.clone(),
+                    other => with_attempts(other.to_string(), &failed_attempts),
+                };
+                Response::Failed {
+                    reason,
+                    retryable: e.retryable(),
+                }
+            }
+            _ => {
+                metrics.invocations_failed.inc();
+                Response::Failed {
+                    reason: "the placement ended without an answer".into(),
+                    retryable: true,
+                }
+            }
+        }
+    }
+
+    /// Keeps the super-trader list current with what an offerer's answer says: the
+    /// offer's new version when it sent one, else the version tried is out of date.
+    fn learn_from_answer(
+        &self,
+        tried: &flotilla_offers::offer::SignedOffer,
+        answer: &Result<Response, CallError>,
+    ) {
+        let Some(list) = &self.shared.super_traders else {
+            return;
+        };
+        let offerer = tried.body.offerer;
+        let mut list = lock(list);
+        match answer {
+            Ok(Response::Executed {
+                offer: Some(newer), ..
+            }) if newer.body.offerer == offerer => {
+                list.notify(now_ms(), vec![(**newer).clone()]);
+            }
+            _ => list.remove(&offerer, tried.body.offer_id, tried.body.seq),
         }
     }
 
@@ -263,7 +314,13 @@ impl Market {
             + PLACEMENT_ALLOWANCE;
         let ask = || Request::Invoke(Box::new(request.clone()));
         match self.ask_a_scheduler(ask, timeout).await? {
-            Response::Invoked(invocation) => Ok(*invocation),
+            Response::Invoked(mut invocation) => {
+                // The exchange with the scheduler, unless this node placed it itself.
+                if invocation.scheduler != self.peer_id().to_string() {
+                    invocation.exchanges += 1;
+                }
+                Ok(*invocation)
+            }
             Response::Failed { reason, retryable } => {
                 Err(InvokeError::Failed { reason, retryable })
             }

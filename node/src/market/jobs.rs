@@ -736,6 +736,7 @@ mod tests {
             scheduler_us: 0,
             messages: 0,
             probes: 0,
+            exchanges: 0,
         };
         // 40 MiB of stdout, then 30 MiB does not fit the 64 MiB, 20 and 4 do; inline
         // stderr and a malformed CID are skipped.

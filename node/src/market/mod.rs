@@ -3,7 +3,8 @@
 //!
 //! Every node holds offers for others (it may be the peer closest to an offer's key).
 //! With `offer_memory` set it is also an offerer: it publishes its offers, answers
-//! reservations, and tells a random scheduler what it has free every `notify_interval`.
+//! reservations, and tells a random scheduler what it has free as soon as that changes
+//! (and every `notify_interval`).
 //! With `scheduler` on it announces itself in the registry, keeps a super-trader list,
 //! and runs discoveries for clients. The state machines are handed the time and return
 //! what to send; this module sends it over [`protocol`] messages and feeds the answers
@@ -38,7 +39,8 @@ use crate::market::protocol::{
     encode_response,
 };
 use flotilla_offers::holder::{Holder, HolderConfig};
-use flotilla_offers::offerer::{Event, Offerer, OffererConfig, Reservation, SentOffer, Slicing};
+use flotilla_offers::ledger::{LedgerConfig, Reservation};
+use flotilla_offers::offerer::{Event, Offerer, OffererConfig, SentOffer, Slicing};
 use flotilla_overlay::Overlay;
 use flotilla_overlay::network::Network;
 use flotilla_overlay::regions::KeySpace;
@@ -73,8 +75,6 @@ const MAX_CONCURRENT_PLACEMENTS: usize = 64;
 const REMEMBERED_RUNS: usize = 1024;
 /// Offerer reports queued for the offerer task.
 const OFFERER_EVENTS: usize = 256;
-/// Longest a reservation may be held unused, in ms.
-pub const MAX_HOLD_MS: u64 = 10 * 60 * 1000;
 
 /// How a node takes part in the market.
 #[derive(Debug, Clone)]
@@ -98,8 +98,12 @@ pub struct MarketConfig {
     pub job_republish_interval: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
-    /// Region probes before the super-trader fallback.
+    /// Region probes before the super-trader fallback, in all.
     pub max_tries: u32,
+    /// Of those, probes of the request's own tier before going on to larger tiers.
+    pub own_tier_probes: u32,
+    /// Time one discovery may take.
+    pub discovery_budget: Duration,
     /// Where offers are published and probes look: tier regions, or the whole key space
     /// (the research baseline). The same on every peer of a network; it replaces
     /// `holder.key_space`.
@@ -115,24 +119,9 @@ pub struct MarketConfig {
 }
 
 impl Default for MarketConfig {
+    /// The node's defaults ([`crate::config::NodeConfig::default`]): each is written once.
     fn default() -> Self {
-        MarketConfig {
-            offer_memory_mib: None,
-            slicing: Slicing::Largest,
-            offer_ttl: Duration::from_secs(60),
-            refresh_margin: Duration::from_secs(20),
-            answer_timeout: Duration::from_secs(5),
-            notify_interval: Duration::from_secs(10),
-            fetch_timeout: Duration::from_secs(30),
-            job_republish_interval: Duration::from_secs(60),
-            scheduler: false,
-            max_tries: 3,
-            key_space: KeySpace::Regions,
-            fallback: true,
-            placement: Policy::BestFit,
-            holder: HolderConfig::default(),
-            super_traders: SuperTraderConfig::default(),
-        }
+        crate::config::NodeConfig::default().market()
     }
 }
 
@@ -228,8 +217,10 @@ struct Shared {
     network: Network,
     overlay: Overlay,
     executor: Option<Arc<Executor>>,
-    executions: once::Once<Response>,
-    invocations: once::Once<Response>,
+    /// Answers of calls run here, by the peer that asked and its invocation id.
+    executions: once::Once<(PeerId, u64), Response>,
+    /// Answers of calls placed here, by invocation id.
+    invocations: once::Once<u64, Response>,
     invocations_taken: Arc<Semaphore>,
     placements: Arc<Semaphore>,
     keypair: Keypair,
@@ -285,6 +276,13 @@ impl Market {
                 answer_timeout_ms: config.answer_timeout.as_millis() as u64,
                 slicing: config.slicing,
                 key_space: config.key_space,
+                notify_interval_ms: config.notify_interval.as_millis() as u64,
+                // Every reservation may become a running guest: no more than the
+                // executor runs.
+                ledger: LedgerConfig {
+                    max_reservations: crate::executor::POOL_SLOTS as usize,
+                    ..LedgerConfig::default()
+                },
                 ..OffererConfig::new(memory_mib, addresses)
             };
             Mutex::new(Offerer::new(
@@ -334,7 +332,6 @@ impl Market {
         tokio::spawn(market.clone().republish_jobs());
         if market.shared.offerer.is_some() {
             tokio::spawn(market.clone().drive_offerer(events));
-            tokio::spawn(market.clone().feed_schedulers());
         }
         if market.shared.config.scheduler {
             tokio::spawn(market.clone().announce_scheduler());
@@ -465,7 +462,8 @@ impl Market {
                 // Bounded by the reservations it needs: no more run than memory is lent.
                 Request::Execute(execute) => {
                     let market = self.clone();
-                    Some(async move { market.serve_execution(*execute).await }.boxed())
+                    let from = request.peer;
+                    Some(async move { market.serve_execution(from, *execute).await }.boxed())
                 }
                 other => {
                     let response = self.handle(request.peer, other).await;
@@ -520,8 +518,8 @@ impl Market {
                 offer_id,
                 mib,
                 hold_ms,
-            } => self.reserve(reservation_id, offer_id, mib, hold_ms),
-            Request::Release { reservation_id } => self.release(reservation_id),
+            } => self.reserve(from, reservation_id, offer_id, mib, hold_ms),
+            Request::Release { reservation_id } => self.release(from, reservation_id),
             Request::Discover(request) => match self.discovery_slot() {
                 Some(slot) => self.serve_discovery(request, slot).await,
                 None => Response::Busy,
@@ -530,7 +528,7 @@ impl Market {
                 Some(slot) => self.serve_invocation(*request, slot).await,
                 None => Response::Busy,
             },
-            Request::Execute(request) => self.serve_execution(*request).await,
+            Request::Execute(request) => self.serve_execution(from, *request).await,
             Request::Submit { request, wait_ms } => {
                 self.take_job(*request, Duration::from_millis(wait_ms))
             }

@@ -1,38 +1,59 @@
 //! The offerer side: publishing this node's offers (Algorithm 1), answering reservations,
 //! and feeding schedulers' super-trader lists.
+//!
+//! Every decision is the [`flotilla_offers::offerer::Offerer`]'s and its ledger's (who
+//! may reserve, run on or release what); this module carries out their actions: holder
+//! lookups and deliveries, reports to a scheduler, and the check that the owners of held
+//! reservations are still connected.
 
 use super::metrics::MarketMetrics;
 use super::protocol::{MAX_NOTIFY_OFFERS, Request, Response};
-use super::{MAX_HOLD_MS, Market, lock, now_ms};
+use super::{Market, lock, now_ms};
+use flotilla_offers::ledger::AdmitError;
 use flotilla_offers::offer::SignedOffer;
-use flotilla_offers::offerer::{Action, Event};
+use flotilla_offers::offerer::{Action, Event, ReserveError};
+use libp2p::PeerId;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Most reservations held at once: each may become a guest, and the executor runs at most
-/// this many.
-const MAX_RESERVATIONS: usize = crate::executor::POOL_SLOTS as usize;
 /// How long the offerer task waits when nothing is due.
 const IDLE_WAIT: Duration = Duration::from_secs(3600);
 /// Pause before reporting a holder lookup that failed at once (the network stopping, say),
 /// so a failing lookup is not retried in a tight loop.
 const LOOKUP_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How often the owners of held reservations are checked for still being connected.
+const OWNER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Market {
     /// Runs the offerer state machine: polls it when its timers are due, performs its
-    /// actions, and feeds it their results, until the node stops.
+    /// actions and reports, and feeds it their results, until the node stops.
     pub(super) async fn drive_offerer(self, mut events: mpsc::Receiver<Event>) {
         let Some(offerer) = &self.shared.offerer else {
             return;
         };
         let mut rng = StdRng::from_os_rng();
         let mut stop = self.stopping();
+        let mut owner_checks = tokio::time::interval(OWNER_CHECK_INTERVAL);
+        owner_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let actions = lock(offerer).poll(now_ms(), &mut rng);
+            let (actions, report, wakeup) = {
+                let mut offerer = lock(offerer);
+                let now = now_ms();
+                let actions = offerer.poll(now, &mut rng);
+                let report = offerer.poll_report(now);
+                let wakeup = [offerer.next_wakeup(), offerer.next_report()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                (actions, report, wakeup)
+            };
             self.perform_all(actions);
-            let wait = lock(offerer).next_wakeup().map_or(IDLE_WAIT, |t| {
+            if let Some(offers) = report {
+                tokio::spawn(self.clone().report_free(offers));
+            }
+            let wait = wakeup.map_or(IDLE_WAIT, |t| {
                 Duration::from_millis(t.saturating_sub(now_ms()))
             });
             tokio::select! {
@@ -42,7 +63,30 @@ impl Market {
                     let actions = lock(offerer).on_event(now_ms(), event);
                     self.perform_all(actions);
                 }
+                _ = owner_checks.tick() => self.lapse_vanished_owners().await,
                 _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Held reservations whose owner is no longer connected lapse now.
+    async fn lapse_vanished_owners(&self) {
+        let Some(offerer) = &self.shared.offerer else {
+            return;
+        };
+        let owners = lock(offerer).ledger().holding_owners();
+        let me = self.peer_id();
+        if owners.iter().all(|o| *o == me) {
+            return;
+        }
+        let Ok(connected) = self.shared.network.connected_peers().await else {
+            return;
+        };
+        for owner in owners {
+            if owner != me && !connected.contains(&owner) {
+                tracing::debug!(%owner, "owner of held reservations left; they lapse");
+                let actions = lock(offerer).owner_gone(now_ms(), owner);
+                self.perform_all(actions);
             }
         }
     }
@@ -126,9 +170,10 @@ impl Market {
         }
     }
 
-    /// Sets memory of one of this node's offers aside for a scheduler.
+    /// Sets memory of one of this node's offers aside for `owner`, the peer asking.
     pub(super) fn reserve(
         &self,
+        owner: PeerId,
         reservation_id: u64,
         offer_id: u64,
         mib: u32,
@@ -141,20 +186,8 @@ impl Market {
                 reason: "this node lends no memory".into(),
             };
         };
-        let hold_ms = hold_ms.clamp(1, MAX_HOLD_MS);
         let mut offerer = lock(offerer);
-        // Every reservation may become a running guest: no more than the executor runs.
-        let known = offerer
-            .reservations()
-            .any(|r| r.reservation_id == reservation_id);
-        if !known && offerer.reservations().count() >= MAX_RESERVATIONS {
-            drop(offerer);
-            MarketMetrics::count(&metrics.reservations_refused, "busy");
-            return Response::Refused {
-                reason: format!("busy: {MAX_RESERVATIONS} calls are reserved here"),
-            };
-        }
-        let outcome = offerer.reserve(now_ms(), offer_id, mib, reservation_id, hold_ms);
+        let outcome = offerer.reserve(now_ms(), owner, offer_id, mib, reservation_id, hold_ms);
         // The version this reservation made, sent to the holder or not: the scheduler's
         // list takes it in place of the one it reserved on.
         let offer = offerer.latest(offer_id).cloned().map(Box::new);
@@ -163,20 +196,12 @@ impl Market {
             Ok((reservation, actions)) => {
                 metrics.reservations.inc();
                 self.perform_all(Ok::<_, std::convert::Infallible>(actions));
-                // Its hold deadline is a new timer.
+                // Its hold deadline is a new timer, and schedulers hear of the change.
                 self.shared.wake_offerer.notify_one();
                 Response::Reserved { reservation, offer }
             }
             Err(e) => {
-                let reason = match &e {
-                    flotilla_offers::offerer::ReserveError::UnknownOffer(_) => "unknown_offer",
-                    flotilla_offers::offerer::ReserveError::NotEnoughMemory { .. } => {
-                        "not_enough_memory"
-                    }
-                    flotilla_offers::offerer::ReserveError::Conflict(_) => "conflict",
-                    flotilla_offers::offerer::ReserveError::Offer(_) => "signing",
-                };
-                MarketMetrics::count(&metrics.reservations_refused, reason);
+                MarketMetrics::count(&metrics.reservations_refused, refusal_label(&e));
                 Response::Refused {
                     reason: e.to_string(),
                 }
@@ -184,49 +209,32 @@ impl Market {
         }
     }
 
-    /// Gives a reservation's memory back for a scheduler that did not use it; one that a
-    /// call runs on is released by that call when it ends, and only then.
-    pub(super) fn release(&self, reservation_id: u64) -> Response {
-        if self.release_unless_running(reservation_id) {
-            Response::Released
-        } else {
-            Response::Refused {
-                reason: format!(
-                    "reservation {reservation_id} is running a call; it is released when the call ends"
-                ),
-            }
-        }
-    }
-
-    /// Releases a reservation no call runs on; `false` (and nothing done) if one does.
-    pub(super) fn release_unless_running(&self, reservation_id: u64) -> bool {
+    /// Gives `owner`'s held reservation back; one that a call runs on is released by that
+    /// call when it ends, and only then; someone else's is not touched.
+    pub(super) fn release(&self, owner: PeerId, reservation_id: u64) -> Response {
         let Some(offerer) = &self.shared.offerer else {
-            return true;
+            return Response::Released;
         };
-        let mut offerer = lock(offerer);
-        let running = offerer
-            .reservations()
-            .any(|r| r.reservation_id == reservation_id && r.hold_until_ms.is_none());
-        if running {
-            return false;
+        let released = lock(offerer).release(now_ms(), owner, reservation_id);
+        match released {
+            Ok(actions) => {
+                self.announce_release(Ok::<_, std::convert::Infallible>(actions));
+                Response::Released
+            }
+            Err(e) => Response::Refused {
+                reason: e.to_string(),
+            },
         }
-        // Checked and released under one lock: no call is admitted on it in between.
-        let actions = offerer.release(now_ms(), reservation_id);
-        drop(offerer);
-        self.announce_release(actions);
-        true
     }
 
-    /// Gives a reservation's memory back; returns the offer's new version (sent to its
-    /// holder or not), for the scheduler whose call it was.
-    pub(super) fn release_and_tell(&self, reservation_id: u64) -> Option<Box<SignedOffer>> {
+    /// Ends the run on reservation `reservation_id`: its memory goes back; returns the
+    /// offer's new version (sent to its holder or not), for the scheduler whose call it
+    /// was.
+    pub(super) fn finish_run(&self, reservation_id: u64) -> Option<Box<SignedOffer>> {
         let offerer = self.shared.offerer.as_ref()?;
         let mut offerer = lock(offerer);
-        let offer_id = offerer
-            .reservations()
-            .find(|r| r.reservation_id == reservation_id)?
-            .offer_id;
-        let actions = offerer.release(now_ms(), reservation_id);
+        let offer_id = offerer.ledger().get(reservation_id)?.offer_id;
+        let actions = offerer.finish_run(now_ms(), reservation_id)?;
         let newer = offerer.latest(offer_id).cloned().map(Box::new);
         drop(offerer);
         self.announce_release(actions);
@@ -234,43 +242,51 @@ impl Market {
     }
 
     /// Sends what a release changed to the offer's holder.
-    fn announce_release(&self, actions: Result<Vec<Action>, flotilla_offers::offer::OfferError>) {
+    pub(super) fn announce_release<E: std::fmt::Display>(&self, actions: Result<Vec<Action>, E>) {
         self.perform_all(actions);
         self.shared.wake_offerer.notify_one();
     }
 
-    /// Every `notify_interval`, tells a random scheduler what this node has free.
-    pub(super) async fn feed_schedulers(self) {
+    /// Tells a random scheduler what this node has free (the offerer's report); if none
+    /// is known or it does not answer, the offerer tries again shortly.
+    async fn report_free(self, mut offers: Vec<SignedOffer>) {
         let Some(offerer) = &self.shared.offerer else {
             return;
         };
+        offers.truncate(MAX_NOTIFY_OFFERS);
         let mut rng = StdRng::from_os_rng();
-        let mut stop = self.stopping();
-        let mut ticks = tokio::time::interval(self.shared.config.notify_interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let mut offers = lock(offerer).current_offers(now_ms());
-            if offers.is_empty() {
-                continue;
-            }
-            offers.truncate(MAX_NOTIFY_OFFERS);
-            let schedulers = self.schedulers().await;
-            let Some(scheduler) = flotilla_scheduler::registry::pick(&schedulers, None, &mut rng)
-            else {
-                continue;
-            };
-            let request = Request::Notify { offers };
-            let timeout = self.shared.config.answer_timeout;
-            match self.call(scheduler, Vec::new(), request, timeout).await {
-                Ok(Response::Notified { accepted }) => {
-                    tracing::debug!(%scheduler, accepted, "told a scheduler what is free");
+        let schedulers = self.schedulers().await;
+        let delivered = match flotilla_scheduler::registry::pick(&schedulers, None, &mut rng) {
+            Some(scheduler) => {
+                let request = Request::Notify { offers };
+                let timeout = self.shared.config.answer_timeout;
+                match self.call(scheduler, Vec::new(), request, timeout).await {
+                    Ok(Response::Notified { accepted }) => {
+                        tracing::debug!(%scheduler, accepted, "told a scheduler what is free");
+                        true
+                    }
+                    other => {
+                        tracing::debug!(%scheduler, ?other, "scheduler not notified");
+                        false
+                    }
                 }
-                other => tracing::debug!(%scheduler, ?other, "scheduler not notified"),
             }
+            None => false,
+        };
+        if !delivered {
+            lock(offerer).report_failed(now_ms());
+            self.shared.wake_offerer.notify_one();
         }
+    }
+}
+
+/// The metric label of a refused reservation.
+pub(super) fn refusal_label(e: &ReserveError) -> &'static str {
+    match e {
+        ReserveError::UnknownOffer(_) => "unknown_offer",
+        ReserveError::NotEnoughMemory { .. } => "not_enough_memory",
+        ReserveError::Admit(AdmitError::Conflict(_)) => "conflict",
+        ReserveError::Admit(AdmitError::Full(_) | AdmitError::OwnerFull { .. }) => "busy",
+        ReserveError::Offer(_) => "signing",
     }
 }

@@ -1,4 +1,5 @@
-//! Runs keyed by an invocation id, at most once each: what makes retries safe.
+//! Runs keyed by an invocation id (with, on a volunteer, the peer that asked), at most
+//! once each: what makes retries safe, and where their answers are remembered.
 //!
 //! A retry that arrives while the first run is under way waits for its answer; one that
 //! arrives after gets the remembered answer. The most recent [`Once::capacity`] answers
@@ -6,23 +7,24 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::Mutex;
 use tokio::sync::watch;
 
 /// Runs at most once per id.
-pub struct Once<T> {
+pub struct Once<K, T> {
     capacity: usize,
-    runs: Mutex<Runs<T>>,
+    runs: Mutex<Runs<K, T>>,
 }
 
-struct Runs<T> {
-    by_id: HashMap<u64, watch::Receiver<Option<T>>>,
-    finished: VecDeque<u64>,
+struct Runs<K, T> {
+    by_id: HashMap<K, watch::Receiver<Option<T>>>,
+    finished: VecDeque<K>,
 }
 
-impl<T: Clone + Send + Sync + 'static> Once<T> {
+impl<K: Hash + Eq + Copy, T: Clone + Send + Sync + 'static> Once<K, T> {
     /// Remembers the answers of the last `capacity` finished runs.
-    pub fn new(capacity: usize) -> Once<T> {
+    pub fn new(capacity: usize) -> Once<K, T> {
         Once {
             capacity,
             runs: Mutex::new(Runs {
@@ -38,13 +40,13 @@ impl<T: Clone + Send + Sync + 'static> Once<T> {
     }
 
     /// Whether run `id` was started (and is going, or its answer remembered).
-    pub fn knows(&self, id: u64) -> bool {
+    pub fn knows(&self, id: K) -> bool {
         super::lock(&self.runs).by_id.contains_key(&id)
     }
 
     /// The answer of run `id`: `run`'s, if no run of `id` was started before; otherwise
     /// the first run's (waiting for it if it is still going).
-    pub async fn run<F: Future<Output = T>>(&self, id: u64, run: F) -> T {
+    pub async fn run<F: Future<Output = T>>(&self, id: K, run: F) -> T {
         let (sender, earlier) = {
             let mut runs = super::lock(&self.runs);
             match runs.by_id.get(&id) {
@@ -78,7 +80,7 @@ impl<T: Clone + Send + Sync + 'static> Once<T> {
     }
 
     /// The answer of run `id`, if it finished and is remembered.
-    pub fn answer(&self, id: u64) -> Option<T> {
+    pub fn answer(&self, id: K) -> Option<T> {
         super::lock(&self.runs)
             .by_id
             .get(&id)

@@ -14,7 +14,7 @@
 //! | `Release`      | scheduler → offerer           | `Released`                     |
 //! | `Discover`     | client node → scheduler       | `Discovered`, `Busy` or `Refused` |
 //! | `Invoke`       | client node → scheduler       | `Invoked`, `Failed`, `Busy` or `Refused` |
-//! | `Execute`      | scheduler → volunteer         | `Executed` or `Failed`         |
+//! | `Execute`      | scheduler → volunteer         | `Executed`, `Failed`, or `Refused` (no reservation made) |
 //! | `Submit`       | client node → scheduler       | `Accepted`, `Failed`, `Busy` or `Refused` |
 //! | `StoreJob`     | scheduler → peers near the job's key | `JobStored` or `Refused` |
 //! | `FindJob`      | any node → peers near the job's key  | `Job`                    |
@@ -25,8 +25,8 @@
 use super::function::{Execution, FunctionCall, Invocation};
 use super::jobs::SignedJob;
 use crate::one_line;
+use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
-use flotilla_offers::offerer::Reservation;
 use flotilla_overlay::regions::Tier;
 use flotilla_scheduler::discovery::Report;
 use flotilla_scheduler::placement::Policy;
@@ -150,13 +150,19 @@ pub struct InvokeRequest {
     pub placement: Option<Policy>,
 }
 
-/// A call for a volunteer to run on a reservation it granted.
+/// A call for a volunteer to run on memory reserved there: reserved before (with
+/// `Reserve`), or in the same message (`offer_id`), which saves an exchange. Either way
+/// only the peer that made the reservation may run a call on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecuteRequest {
     /// The invocation; asking again with the same id gets the one run's answer.
     pub invocation_id: u64,
     /// The reservation it runs on.
     pub reservation_id: u64,
+    /// Reserve the call's memory on this offer first, as reservation `reservation_id`
+    /// (the offerer alone decides; a refusal is answered `Refused`).
+    #[serde(default)]
+    pub offer_id: Option<u64>,
     /// The call.
     pub call: FunctionCall,
 }

@@ -7,14 +7,16 @@ use super::protocol::{
     Response,
 };
 use super::{InvokeError, Market, lock, now_ms};
+use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::SignedOffer;
-use flotilla_offers::offerer::Reservation;
 use flotilla_overlay::regions::{RegionError, Tier};
 use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
 use flotilla_scheduler::placement;
+use flotilla_scheduler::placer::{self, Placer};
 use flotilla_scheduler::registry::registry_key;
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
+use rand::RngCore;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::sync::Mutex;
@@ -165,6 +167,64 @@ impl Market {
         }
     }
 
+    /// The settings of a discovery this scheduler runs (`max_tries` as the client asks,
+    /// within bounds).
+    pub(super) fn discovery_config(&self, max_tries: Option<u32>) -> DiscoveryConfig {
+        let config = &self.shared.config;
+        DiscoveryConfig {
+            max_tries: max_tries.unwrap_or(config.max_tries).min(MAX_TRIES_LIMIT),
+            own_tier_probes: config.own_tier_probes,
+            key_space: config.key_space,
+            fallback: config.fallback,
+            budget_ms: config.discovery_budget.as_millis() as u64,
+        }
+    }
+
+    /// Does one step of a discovery (a lookup, a question to a holder, or the fallback
+    /// list), bounded by the answer timeout and by `deadline_ms`, the discovery's own.
+    pub(super) async fn probe(
+        &self,
+        step: Step,
+        deadline_ms: u64,
+        request_mib: u32,
+        exchanges: &mut Exchanges,
+    ) -> Probed {
+        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        let timeout = self.shared.config.answer_timeout.min(left);
+        match step {
+            Step::FindClosest { key } => {
+                let lookup = self.shared.network.responsible_peer(key);
+                match tokio::time::timeout(timeout, lookup).await {
+                    Ok(Ok((holder, requests))) => {
+                        exchanges.lookups += requests;
+                        Probed::Closest(Some(holder))
+                    }
+                    Ok(Err(_)) => Probed::Closest(None),
+                    Err(_) => Probed::TimedOut,
+                }
+            }
+            Step::AskHolder { holder, tier } => {
+                let ask = Request::FindOffers {
+                    tier,
+                    min_free_mib: request_mib,
+                };
+                exchanges.count(self, holder);
+                match self.call(holder, Vec::new(), ask, timeout).await {
+                    Ok(Response::Offers { offers, .. }) => Probed::Offers(offers),
+                    Err(super::CallError::Timeout(_)) => Probed::TimedOut,
+                    _ => Probed::HolderFailed,
+                }
+            }
+            Step::Fallback => Probed::Fallback(
+                self.shared
+                    .super_traders
+                    .as_ref()
+                    .map_or(Vec::new(), |l| lock(l).fitting(now_ms(), request_mib)),
+            ),
+            Step::Done => Probed::Fallback(Vec::new()),
+        }
+    }
+
     /// Runs one discovery, and the reservation it asks for on an offer of a peer not in
     /// `exclude`.
     pub(super) async fn run_discovery(
@@ -174,53 +234,17 @@ impl Market {
     ) -> Result<Discovered, RegionError> {
         let started = Instant::now();
         let mut rng = StdRng::from_os_rng();
-        let config = DiscoveryConfig {
-            max_tries: request
-                .max_tries
-                .unwrap_or(self.shared.config.max_tries)
-                .min(MAX_TRIES_LIMIT),
-            key_space: self.shared.config.key_space,
-            fallback: self.shared.config.fallback,
-        };
+        let config = self.discovery_config(request.max_tries);
         let bytes = u64::from(request.memory_mib) * MIB;
         let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
         discovery.exclude(exclude.iter().copied());
         let timeout = self.shared.config.answer_timeout;
-        let mut lookup_requests = 0;
+        let mut exchanges = Exchanges::default();
         let mut reserve_messages = 0;
         let mut placement = None;
         let mut refusals = Vec::new();
         loop {
             step = match step {
-                Step::FindClosest { key } => {
-                    let lookup = self.shared.network.responsible_peer(key);
-                    let holder = match tokio::time::timeout(timeout, lookup).await {
-                        Ok(Ok((holder, requests))) => {
-                            lookup_requests += requests;
-                            Some(holder)
-                        }
-                        _ => None,
-                    };
-                    discovery.on_closest(now_ms(), holder, &mut rng)
-                }
-                Step::AskHolder { holder } => {
-                    let ask = Request::FindOffers {
-                        tier: discovery.tier(),
-                        min_free_mib: discovery.request_mib(),
-                    };
-                    match self.call(holder, Vec::new(), ask, timeout).await {
-                        Ok(Response::Offers { offers, .. }) => {
-                            discovery.on_offers(now_ms(), offers, &mut rng)
-                        }
-                        _ => discovery.on_holder_failed(now_ms(), &mut rng),
-                    }
-                }
-                Step::Fallback => {
-                    let offers = self.shared.super_traders.as_ref().map_or(Vec::new(), |l| {
-                        lock(l).fitting(now_ms(), discovery.request_mib())
-                    });
-                    discovery.on_fallback(now_ms(), offers)
-                }
                 Step::Done => {
                     let (found, _) = discovery.outcome().expect("the discovery is done");
                     let Some(terms) = &request.reserve else { break };
@@ -255,8 +279,14 @@ impl Market {
                     // Every offer found was stale: probe on without their offerers.
                     discovery.on_refused(now_ms(), refused_by, &mut rng)
                 }
+                step => {
+                    let (deadline, mib) = (discovery.deadline_ms(), discovery.request_mib());
+                    let probed = self.probe(step, deadline, mib, &mut exchanges).await;
+                    probed.feed_discovery(&mut discovery, &mut rng)
+                }
             };
         }
+        let lookup_requests = exchanges.lookups;
         let (found, report) = discovery.outcome().expect("the discovery is done");
         let mut report = report.clone();
         if request.reserve.is_some() && placement.is_none() && !refusals.is_empty() {
@@ -343,6 +373,69 @@ impl Market {
             ))),
             Err(InvokeError::NoScheduler) => Err(DiscoverError::NoScheduler),
             Err(e) => Err(DiscoverError::Unanswered(e.to_string())),
+        }
+    }
+}
+
+/// The request-response exchanges a discovery or a call cost: what every answer reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Exchanges {
+    /// Kademlia requests of the lookups.
+    pub lookups: u32,
+    /// Requests to other peers (a request to this node itself is no exchange).
+    pub requests: u32,
+}
+
+impl Exchanges {
+    /// Counts a request to `peer` (none if it is this node).
+    pub fn count(&mut self, market: &Market, peer: PeerId) {
+        if peer != market.peer_id() {
+            self.requests += 1;
+        }
+    }
+
+    /// All of them.
+    pub fn total(&self) -> u32 {
+        self.lookups + self.requests
+    }
+}
+
+/// What one discovery step found, for the machine that asked.
+pub(super) enum Probed {
+    /// The peer closest to the key, if the lookup found one.
+    Closest(Option<PeerId>),
+    /// The holder's offers.
+    Offers(Vec<SignedOffer>),
+    /// The holder could not be asked.
+    HolderFailed,
+    /// The step ran out of time.
+    TimedOut,
+    /// The fallback list's fitting offers.
+    Fallback(Vec<SignedOffer>),
+}
+
+impl Probed {
+    /// Feeds it to a discovery.
+    pub fn feed_discovery(self, d: &mut Discovery, rng: &mut dyn RngCore) -> Step {
+        let now = now_ms();
+        match self {
+            Probed::Closest(holder) => d.on_closest(now, holder, rng),
+            Probed::Offers(offers) => d.on_offers(now, offers, rng),
+            Probed::HolderFailed => d.on_holder_failed(now, rng),
+            Probed::TimedOut => d.on_timeout(now, rng),
+            Probed::Fallback(offers) => d.on_fallback(now, offers),
+        }
+    }
+
+    /// Feeds it to a placement.
+    pub fn feed_placer(self, p: &mut Placer, rng: &mut dyn RngCore) -> placer::Step {
+        let now = now_ms();
+        match self {
+            Probed::Closest(holder) => p.on_closest(now, holder, rng),
+            Probed::Offers(offers) => p.on_offers(now, offers, rng),
+            Probed::HolderFailed => p.on_holder_failed(now, rng),
+            Probed::TimedOut => p.on_timeout(now, rng),
+            Probed::Fallback(offers) => p.on_fallback(now, offers, rng),
         }
     }
 }

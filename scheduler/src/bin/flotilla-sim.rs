@@ -1,11 +1,13 @@
-//! `flotilla-sim`: sweeps the discovery simulator over utilisation, `max_tries` and the
-//! fraction of schedulers, beside the plain-random-probing baseline, and writes
-//! `results.csv` and SVG plots of success rate, probes per request and fallback share.
+//! `flotilla-sim`: sweeps the discovery simulator over utilisation, `max_tries`, how many
+//! of the probes stay in the request's own tier, and the fraction of schedulers, beside
+//! the plain-random-probing baseline, and writes `results.csv` and SVG plots of success
+//! rate, probes per request and fallback share.
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
 use clap::Parser;
 use flotilla_offers::offerer::Slicing;
+use flotilla_scheduler::discovery::DiscoveryConfig;
 use flotilla_scheduler::sim::{Network, Outcome};
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -32,6 +34,10 @@ struct Args {
     /// Values of max_tries to sweep
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,5")]
     max_tries: Vec<u32>,
+    /// Probes of the request's own tier before going on to larger tiers: numbers, or
+    /// `all` (never larger tiers, as before)
+    #[arg(long, value_delimiter = ',', default_value = "1,all")]
+    own_tier_probes: Vec<OwnProbes>,
     /// Fractions of peers that are schedulers
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1")]
     schedulers: Vec<f64>,
@@ -46,9 +52,56 @@ struct Args {
     out: PathBuf,
 }
 
+/// A value of `--own-tier-probes`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OwnProbes {
+    Count(u32),
+    All,
+}
+
+impl std::str::FromStr for OwnProbes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OwnProbes, String> {
+        match s {
+            "all" => Ok(OwnProbes::All),
+            n => n
+                .parse()
+                .map(OwnProbes::Count)
+                .map_err(|_| format!("'{n}' is neither a number nor 'all'")),
+        }
+    }
+}
+
+impl std::fmt::Display for OwnProbes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OwnProbes::Count(n) => write!(f, "{n}"),
+            OwnProbes::All => f.write_str("all"),
+        }
+    }
+}
+
+impl OwnProbes {
+    fn config(self, max_tries: u32) -> DiscoveryConfig {
+        let config = DiscoveryConfig {
+            max_tries,
+            ..DiscoveryConfig::default()
+        };
+        match self {
+            OwnProbes::Count(own_tier_probes) => DiscoveryConfig {
+                own_tier_probes,
+                ..config
+            },
+            OwnProbes::All => config.own_tier_only(),
+        }
+    }
+}
+
 struct Row {
     utilisation: f64,
     max_tries: u32,
+    own: OwnProbes,
     schedulers: f64,
     mode: &'static str,
     outcome: Outcome,
@@ -129,20 +182,28 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
         rows.push(Row {
             utilisation,
             max_tries,
+            own: OwnProbes::All,
             schedulers: 0.0,
             mode: "baseline",
             outcome,
         });
         for &fraction in &args.schedulers {
             let schedulers = network.schedulers(fraction, seed + 2);
-            let outcome = network.run_requests(&schedulers, args.requests, max_tries, seed + 3);
-            rows.push(Row {
-                utilisation,
-                max_tries,
-                schedulers: fraction,
-                mode: "regions",
-                outcome,
-            });
+            for &own in &args.own_tier_probes {
+                if matches!(own, OwnProbes::Count(n) if n >= max_tries) {
+                    continue;
+                }
+                let config = own.config(max_tries);
+                let outcome = network.run_requests(&schedulers, args.requests, config, seed + 3);
+                rows.push(Row {
+                    utilisation,
+                    max_tries,
+                    own,
+                    schedulers: fraction,
+                    mode: "regions",
+                    outcome,
+                });
+            }
         }
     }
     println!(
@@ -157,19 +218,20 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
 
 fn write_csv(args: &Args, rows: &[Row]) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "peers,requests,seed,slicing,utilisation,max_tries,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
+        "peers,requests,seed,slicing,utilisation,max_tries,own_tier_probes,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
     );
     for r in rows {
         let o = &r.outcome;
         writeln!(
             csv,
-            "{},{},{},{:?},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
+            "{},{},{},{:?},{},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
             args.peers,
             args.requests,
             args.seed,
             args.slicing,
             r.utilisation,
             r.max_tries,
+            r.own,
             r.schedulers,
             r.mode,
             o.success_rate(),
@@ -217,28 +279,36 @@ fn plot(
             .x_desc("utilisation")
             .y_desc(title)
             .draw()?;
-        for (i, &max_tries) in args.max_tries.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            for (mode, filled) in [("regions", true), ("baseline", false)] {
-                let points: Vec<(f64, f64)> = rows
-                    .iter()
-                    .filter(|r| {
-                        r.max_tries == max_tries
-                            && r.mode == mode
-                            && (mode == "baseline" || r.schedulers == fraction)
-                    })
-                    .map(|r| (r.utilisation, metric(&r.outcome)))
-                    .collect();
-                let style = ShapeStyle {
-                    color,
-                    filled,
-                    stroke_width: if filled { 2 } else { 1 },
-                };
-                chart
-                    .draw_series(LineSeries::new(points.clone(), style).point_size(3))?
-                    .label(format!("{mode}, max_tries {max_tries}"))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        // A line per (max_tries, own-tier probes) with regions, and the baseline's.
+        let mut lines: Vec<(&str, u32, OwnProbes)> = Vec::new();
+        for r in rows {
+            if !lines.contains(&(r.mode, r.max_tries, r.own)) {
+                lines.push((r.mode, r.max_tries, r.own));
             }
+        }
+        for (i, &(mode, max_tries, own)) in lines.iter().enumerate() {
+            let filled = mode == "regions";
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| {
+                    (r.mode, r.max_tries, r.own) == (mode, max_tries, own)
+                        && (mode == "baseline" || r.schedulers == fraction)
+                })
+                .map(|r| (r.utilisation, metric(&r.outcome)))
+                .collect();
+            let style = ShapeStyle {
+                color: Palette99::pick(i).to_rgba(),
+                filled,
+                stroke_width: if filled { 2 } else { 1 },
+            };
+            let label = match mode {
+                "regions" => format!("regions, max_tries {max_tries}, own tier {own}"),
+                _ => format!("{mode}, max_tries {max_tries}"),
+            };
+            chart
+                .draw_series(LineSeries::new(points, style).point_size(3))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
         }
         chart
             .configure_series_labels()
