@@ -716,3 +716,65 @@ fn a_connection_to_a_frozen_peer_is_closed_after_missed_pings() {
     assert!(b.terminate());
     assert!(a.terminate());
 }
+
+/// The fresh network of the issue: one scheduler and four volunteers lending 1 GiB each,
+/// every one with the default settings (a 10 s notify interval). A 128 MiB call made as
+/// soon as the volunteers' offers are published succeeds at the first try, from a large
+/// offer: probing goes on from the empty 128 MiB region to larger ones, and the offerers
+/// told the scheduler of their new offers at once. (Before, probes looked only in the
+/// 128 MiB region and the fallback list stayed empty until the first interval: the call
+/// failed with "nothing fits" for 10 s.)
+#[test]
+fn a_small_call_on_a_fresh_network_is_served_from_large_offers_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let scheduler = NodeProcess::spawn({
+        let mut cmd = node_command(&root.join("scheduler"), "127.0.0.1:0");
+        cmd.arg("--scheduler");
+        cmd
+    });
+    let volunteers: Vec<NodeProcess> = (0..4)
+        .map(|i| {
+            let mut cmd = node_command(&root.join(format!("volunteer-{i}")), "127.0.0.1:0");
+            cmd.args(["--offer-memory", "1GiB", "--bootstrap", &scheduler.addr]);
+            NodeProcess::spawn(cmd)
+        })
+        .collect();
+    let joined = std::time::Instant::now();
+    let client = &volunteers[0];
+    let echo =
+        stdout_text(&client.cli(&["add", examples("examples/wasm/echo.wasm").to_str().unwrap()]));
+    for volunteer in &volunteers {
+        poll_json(volunteer, &["offers", "--json"], |v| {
+            v["sent"][0]["state"] == "published"
+        });
+    }
+    let published = joined.elapsed();
+    // One try, no retry loop: it must succeed now.
+    let called = client.cli(&[
+        "invoke", &echo, "--memory", "128MiB", "--arg", "fresh", "--json",
+    ]);
+    let served = joined.elapsed();
+    assert!(
+        called.status.success(),
+        "published after {published:?}; the call failed: {}",
+        String::from_utf8_lossy(&called.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout_text(&called)).unwrap();
+    assert_eq!(result["execution"]["stdout"]["inline"], "fresh\n");
+    assert_eq!(result["execution"]["memory_mib"], 128);
+    assert!(result["exchanges"].as_u64().unwrap() >= 2, "{result}");
+    // Every lender offers 1 GiB in one offer: the call ran on one of them.
+    let volunteer = result["execution"]["volunteer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        volunteers.iter().any(|v| v.peer_id == volunteer),
+        "{volunteer}"
+    );
+    eprintln!(
+        "volunteers joined; offers published after {published:?}, the call answered after {served:?}"
+    );
+    drop(scheduler);
+}
