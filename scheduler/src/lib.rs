@@ -10,9 +10,13 @@
 //! * [`placer`]: placing one call — discovery, the ranked offers, reserve-and-run on
 //!   each, retries on another volunteer, bounded in attempts, reservations and time;
 //! * [`registry`]: the well-known key schedulers announce themselves under;
+//! * [`harness`]: N nodes' machines wired through a simulated network (delay, loss,
+//!   duplicates, cuts, isolation, crashes) in virtual time, checking the market's
+//!   invariants at every step;
 //! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`).
 
 pub mod discovery;
+pub mod harness;
 pub mod placement;
 pub mod placer;
 pub mod registry;
