@@ -236,9 +236,9 @@ pub fn timing_lines(reply: &InvokeReply) -> Vec<String> {
     let volunteer_us = t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us;
     vec![
         format!(
-            "discover + reserve {:>9.3} ms  ({} messages, {} probes{})",
+            "discover           {:>9.3} ms  ({} exchanges, {} probes{})",
             ms(inv.discover_us),
-            inv.messages,
+            inv.exchanges,
             inv.probes,
             if inv.failed_attempts.is_empty() {
                 String::new()

@@ -30,7 +30,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 pub struct LedgerConfig {
     /// Most reservations at once, held or running (default 64).
     pub max_reservations: usize,
-    /// Most reservations one owner has at once (default 16).
+    /// Most reservations one owner has at once (default 32, half the default total: a
+    /// busy scheduler may fill half a volunteer's places, never all of them).
     pub max_per_owner: usize,
     /// Longest a reservation may be held before a call starts on it, in ms (default
     /// 10 minutes; longer asks are cut to it).
@@ -43,7 +44,7 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             max_reservations: 64,
-            max_per_owner: 16,
+            max_per_owner: 32,
             max_hold_ms: 10 * 60 * 1000,
             remembered_runs: 1024,
         }

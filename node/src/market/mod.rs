@@ -281,6 +281,7 @@ impl Market {
                 // executor runs.
                 ledger: LedgerConfig {
                     max_reservations: crate::executor::POOL_SLOTS as usize,
+                    max_per_owner: (crate::executor::POOL_SLOTS as usize / 2).max(1),
                     ..LedgerConfig::default()
                 },
                 ..OffererConfig::new(memory_mib, addresses)
