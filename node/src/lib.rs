@@ -1,6 +1,7 @@
 //! The `flotilla` binary's library: the volunteer daemon, its part in the resource market
-//! (offers, holders, schedulers), the sandboxed Wasm executor, its local HTTP API, the CLI commands that talk to it,
-//! and the loopback demo.
+//! (offers, holders, schedulers), its local HTTP API, the CLI commands that talk to it,
+//! and the loopback demo; the sandboxed Wasm executor is the crate `flotilla-executor`
+//! (`node/executor`), re-exported as [`executor`].
 //!
 //! `main.rs` only parses the command line and calls [`commands::run`]; tests start nodes
 //! in-process with [`daemon::start`].
@@ -11,7 +12,8 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
-pub mod executor;
+/// The sandboxed Wasm executor, its own crate (`node/executor`).
+pub use flotilla_executor as executor;
 pub mod identity;
 pub mod invoke;
 pub mod market;

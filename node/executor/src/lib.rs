@@ -21,13 +21,14 @@
 //! * compiled modules are cached by module hash and engine compatibility hash
 //!   ([`cache`]), and instances come from a pooling allocator when the host allows one.
 //!
-//! [`Executor::run`] blocks; call it from `spawn_blocking`.
+//! [`Executor::run`] blocks; call it from `spawn_blocking`. The crate knows nothing of the
+//! network or the market: it runs one job it is handed (the node's `market` fetches what
+//! the job needs and decides whether it may run).
 
 pub mod cache;
 pub mod jobdir;
 pub mod watchdog;
 
-use crate::one_line;
 use cache::{ModuleCache, module_key};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -574,4 +575,10 @@ fn start_ticker(engine: &Engine) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the epoch ticker; deadlines will not be enforced");
     }
+}
+
+/// `text` on one line, runs of whitespace (newlines included) made single spaces: how
+/// wasmtime's multi-line errors are reported.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
