@@ -325,13 +325,16 @@ impl Market {
             stdin,
             inputs,
         };
-        let outcome = tokio::task::spawn_blocking(move || executor.run(&module, job))
-            .await
-            .map_err(|e| Failure::of_volunteer(format!("the executor failed: {e}")))?
-            .map_err(|e| match e {
-                ExecError::Internal(_) => Failure::of_volunteer(e.to_string()),
-                other => Failure::of_call(one_line(&other.to_string())),
-            })?;
+        // The run keeps the call's span (invocation, reservation, scheduler) on its thread.
+        let span = tracing::Span::current();
+        let outcome =
+            tokio::task::spawn_blocking(move || span.in_scope(|| executor.run(&module, job)))
+                .await
+                .map_err(|e| Failure::of_volunteer(format!("the executor failed: {e}")))?
+                .map_err(|e| match e {
+                    ExecError::Internal(_) => Failure::of_volunteer(e.to_string()),
+                    other => Failure::of_call(one_line(&other.to_string())),
+                })?;
 
         let storing = Instant::now();
         let stdout = self.store_stream(outcome.stdout).await?;

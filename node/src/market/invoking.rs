@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 /// Volunteers a scheduler tries for one call.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -111,9 +112,15 @@ impl Market {
             return refusal;
         }
         let id = request.invocation_id;
+        let span = tracing::info_span!(
+            "place",
+            invocation = id,
+            mib = request.call.memory_mib,
+            module = %request.call.module
+        );
         self.shared
             .invocations
-            .run(id, self.place_and_run(request))
+            .run(id, self.place_and_run(request).instrument(span))
             .await
     }
 
@@ -313,7 +320,8 @@ impl Market {
             * MAX_ATTEMPTS as u32
             + PLACEMENT_ALLOWANCE;
         let ask = || Request::Invoke(Box::new(request.clone()));
-        match self.ask_a_scheduler(ask, timeout).await? {
+        let span = tracing::info_span!("invoke", invocation = request.invocation_id);
+        match self.ask_a_scheduler(ask, timeout).instrument(span).await? {
             Response::Invoked(mut invocation) => {
                 // The exchange with the scheduler, unless this node placed it itself.
                 if invocation.scheduler != self.peer_id().to_string() {
