@@ -8,18 +8,13 @@
 
 pub mod api;
 pub mod cli;
-pub mod commands;
+pub use cli::{commands, demo, invoke, output, plan, run_plan};
 pub mod config;
 pub mod daemon;
-pub mod demo;
 /// The sandboxed Wasm executor, its own crate (`node/executor`).
 pub use flotilla_executor as executor;
 pub mod identity;
-pub mod invoke;
 pub mod market;
-pub mod output;
-pub mod plan;
-pub mod run_plan;
 
 /// `text` on one line, runs of whitespace (newlines included) made single spaces: how
 /// errors from deeper layers are shown.

@@ -18,11 +18,11 @@ use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 
 /// The example function the demo runs: SHA-256 of stdin.
-const SHA256_WASM: &[u8] = include_bytes!("../../examples/wasm/sha256.wasm");
+const SHA256_WASM: &[u8] = include_bytes!("../../../examples/wasm/sha256.wasm");
 /// A second one, with an input file and an output file: word count.
-const WORDCOUNT_WASM: &[u8] = include_bytes!("../../examples/wasm/wordcount.wasm");
+const WORDCOUNT_WASM: &[u8] = include_bytes!("../../../examples/wasm/wordcount.wasm");
 /// The text both read.
-const WORDS: &[u8] = include_bytes!("../../examples/data/words.txt");
+const WORDS: &[u8] = include_bytes!("../../../examples/data/words.txt");
 /// Memory the volunteers lend, in MiB: one each of several sizes.
 const LENT_MIB: [u64; 6] = [256, 512, 1024, 2048, 384, 768];
 
