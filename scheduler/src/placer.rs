@@ -174,8 +174,10 @@ pub struct Placer {
 
 impl Placer {
     /// Starts placing a call of `request_bytes` of memory. `recent` are offers their
-    /// offerers confirmed free a moment ago (in answers to earlier calls, or reports):
-    /// those that fit are tried first, before any discovery; the offerer still decides.
+    /// offerers confirmed free a moment ago (in answers to earlier calls, or reports), as
+    /// a super-trader list keeps them — its signatures checked when they arrived, so not
+    /// again on every call: those that fit are tried first, before any discovery; the
+    /// offerer still decides.
     pub fn start<R: RngCore + ?Sized>(
         now_ms: u64,
         request_bytes: u64,
@@ -204,7 +206,7 @@ impl Placer {
         };
         placer.ranked = rank(&recent, request_mib, config.policy, rng)
             .into_iter()
-            .filter(|o| o.verify().is_ok() && !o.body.withdrawn && o.body.expires_at_ms > now_ms)
+            .filter(|o| !o.body.withdrawn && o.body.expires_at_ms > now_ms)
             .cloned()
             .collect();
         let step = match placer.ranked.is_empty() {

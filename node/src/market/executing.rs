@@ -220,6 +220,15 @@ impl Market {
         match offerer.ledger().check_run(&run) {
             Ok(()) => {}
             Err(StartError::AlreadyRunning(..) | StartError::AlreadyRan(_)) => {
+                // A repeat needs no memory: a reservation it came with (made earlier with
+                // `Reserve`) goes back now rather than at its deadline; a running one, or
+                // another peer's, is left alone by the ledger.
+                if request.offer_id.is_none()
+                    && let Ok(actions) = offerer.release(now, from, request.reservation_id)
+                {
+                    drop(offerer);
+                    self.announce_release(Ok::<_, std::convert::Infallible>(actions));
+                }
                 return Ok(Admitted::Repeat);
             }
             Err(e) => return Err(Refusal::Failed(Failure::of_call(e.to_string()))),
