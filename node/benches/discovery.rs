@@ -25,26 +25,36 @@ const LENT_MIB: [u64; 18] = [
 const REQUESTS_MIB: [u32; 11] = [64, 128, 200, 256, 400, 512, 1000, 1024, 2048, 3000, 4096];
 const ROUNDS: usize = 6;
 
-async fn poll_until(mut ready: impl FnMut() -> bool) {
+async fn poll_until<F: Future<Output = bool>>(mut ready: impl FnMut() -> F) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready() {
+    while !ready().await {
         assert!(Instant::now() < deadline, "the network did not settle");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn sent(nodes: &[RunningNode]) -> Vec<(usize, SentOfferView)> {
-    nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.market().offers().sent.into_iter().map(move |o| (i, o)))
-        .collect()
+async fn sent(nodes: &[RunningNode]) -> Vec<(usize, SentOfferView)> {
+    let mut sent = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        sent.extend(n.market().offers().await.sent.into_iter().map(|o| (i, o)));
+    }
+    sent
+}
+
+/// Whether each of the schedulers' lists holds `count` offers.
+async fn lists_hold(schedulers: &[RunningNode], count: usize) -> bool {
+    for s in schedulers {
+        if s.market().offers().await.super_traders != count {
+            return false;
+        }
+    }
+    true
 }
 
 /// Reserves whole offers, in random order, skipping those that would overshoot, until
 /// `target` of all lent memory is reserved (or nothing more fits under it).
 async fn reserve_until(nodes: &[RunningNode], target: f64, rng: &mut rand::rngs::StdRng) {
-    let offers = sent(nodes);
+    let offers = sent(nodes).await;
     let total: u32 = offers.iter().map(|(_, o)| o.memory_mib).sum();
     let mut used: u32 = offers.iter().map(|(_, o)| o.in_use_mib).sum();
     let mut free: Vec<_> = offers
@@ -71,15 +81,11 @@ async fn reserve_until(nodes: &[RunningNode], target: f64, rng: &mut rand::rngs:
     // Full offers are withdrawn from holders at once, and from the fallback lists with the
     // offerers' next reports; partly used ones are updated there.
     let free_offers = sent(nodes)
+        .await
         .iter()
         .filter(|(_, o)| o.in_use_mib < o.memory_mib)
         .count();
-    poll_until(|| {
-        nodes[..2]
-            .iter()
-            .all(|s| s.market().offers().super_traders == free_offers)
-    })
-    .await;
+    poll_until(|| lists_hold(&nodes[..2], free_offers)).await;
 }
 
 /// Reserves `mib` of `offer` on node `i`, as a scheduler would.
@@ -144,18 +150,19 @@ async fn run(slicing: Slicing) {
     })
     .await
     .unwrap();
-    let total_offers = sent(&nodes).len();
-    poll_until(|| {
-        sent(&nodes).iter().all(|(_, o)| o.state == "published")
-            && nodes[..2]
-                .iter()
-                .all(|s| s.market().offers().super_traders == total_offers)
+    let total_offers = sent(&nodes).await.len();
+    poll_until(|| async {
+        sent(&nodes)
+            .await
+            .iter()
+            .all(|(_, o)| o.state == "published")
+            && lists_hold(&nodes[..2], total_offers).await
     })
     .await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for target in [0.30, 0.70, 0.95] {
         reserve_until(&nodes, target, &mut rng).await;
-        let offers = sent(&nodes);
+        let offers = sent(&nodes).await;
         let total: u32 = offers.iter().map(|(_, o)| o.memory_mib).sum();
         let used: u32 = offers.iter().map(|(_, o)| o.in_use_mib).sum();
         let mut requests: Vec<u32> = (0..ROUNDS).flat_map(|_| REQUESTS_MIB).collect();

@@ -89,7 +89,7 @@ async fn network(dir: &std::path::Path, n: usize, lent: ByteSize) -> Vec<Running
     .await
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while nodes[1].market().offers().super_traders < n - 2 {
+    while nodes[1].market().offers().await.super_traders < n - 2 {
         assert!(
             Instant::now() < deadline,
             "offers did not reach the scheduler"

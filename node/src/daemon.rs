@@ -8,7 +8,7 @@ use crate::api;
 use crate::config::{ConfigError, NodeConfig};
 use crate::executor::{ExecError, Executor};
 use crate::identity::{self, IdentityError};
-use crate::market::Market;
+use crate::market::{Clock, Market};
 use flotilla_overlay::bitswap::BitswapConfig;
 use flotilla_overlay::fetch::FetchConfig;
 use flotilla_overlay::network::NetworkConfig;
@@ -58,6 +58,12 @@ pub struct RunningNode {
 
 /// Starts a node: identity, API listener, overlay, then the API.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+    start_with_clock(config, Clock::system()).await
+}
+
+/// Starts a node whose market is handed the time by `clock` (tests pass
+/// [`Clock::tokio`] to run it in paused tokio time).
+pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<RunningNode, StartError> {
     config.validate()?;
     let keypair = identity::load_or_create(&config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.api)
@@ -99,6 +105,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         keypair,
         offer_addresses(overlay.listen_addrs()),
         config.market(),
+        clock,
         &mut registry,
     );
     let (stop_api, stopped) = oneshot::channel();
@@ -182,7 +189,7 @@ impl RunningNode {
 
     /// Stops at once, as a crash would: no withdrawals, connections dropped.
     pub async fn kill(self) {
-        self.market.abort();
+        self.market.abort().await;
         self.api_task.abort();
         self.network_task.abort();
         let _ = self.network_task.await;

@@ -58,13 +58,13 @@ async fn function_network() -> (tempfile::TempDir, Vec<RunningNode>) {
     wait_until(
         "every volunteer's offer is on the scheduler's list",
         || async {
-            volunteers.iter().all(|n| {
-                n.market()
-                    .offers()
-                    .sent
-                    .iter()
-                    .all(|o| o.state == "published")
-            }) && nodes[0].market().offers().super_traders == VOLUNTEERS
+            for n in volunteers {
+                let view = n.market().offers().await;
+                if !view.sent.iter().all(|o| o.state == "published") {
+                    return false;
+                }
+            }
+            nodes[0].market().offers().await.super_traders == VOLUNTEERS
         },
     )
     .await;
@@ -99,11 +99,25 @@ fn stdout(invocation: &Invocation) -> &str {
     std::str::from_utf8(&invocation.execution.stdout.inline).unwrap()
 }
 
+/// The index of a volunteer (not node 0) running a call.
+async fn running_volunteer(nodes: &[RunningNode]) -> Option<usize> {
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        let view = n.market().offers().await;
+        if view.reservations.iter().any(|r| r.is_running()) {
+            return Some(i);
+        }
+    }
+    None
+}
+
 /// No volunteer holds a reservation any more.
-fn nothing_reserved(nodes: &[RunningNode]) -> bool {
-    nodes
-        .iter()
-        .all(|n| n.market().offers().reservations.is_empty())
+async fn nothing_reserved(nodes: &[RunningNode]) -> bool {
+    for n in nodes {
+        if !n.market().offers().await.reservations.is_empty() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Sends `request` (as request `id`) from `from` to `to` over the market protocol and
@@ -156,7 +170,7 @@ async fn a_hundred_invocations_succeed_and_a_pipeline_passes_a_cid_along() {
     }
     assert!(volunteers_used.len() > 1, "{volunteers_used:?}");
     wait_until("every reservation is released", || async {
-        nothing_reserved(&nodes)
+        nothing_reserved(&nodes).await
     })
     .await;
 
@@ -223,26 +237,19 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         async move { market.invoke(c, None, None).await }
     });
     // The volunteer running it holds a running reservation (it no longer lapses).
-    let mut victim = None;
-    wait_until("a volunteer runs the call", || {
-        let found = nodes[1..].iter().position(|n| {
-            n.market()
-                .offers()
-                .reservations
-                .iter()
-                .any(|r| r.is_running())
-        });
-        victim = found.map(|i| i + 1);
-        async move { found.is_some() }
+    wait_until("a volunteer runs the call", || async {
+        running_volunteer(&nodes).await.is_some()
     })
     .await;
-    let victim = nodes.remove(victim.unwrap());
+    let victim = running_volunteer(&nodes).await.unwrap();
+    let victim = nodes.remove(victim);
     let victim_id = victim.peer_id().to_string();
     // While the call runs, its reservation can neither be released by another peer's
     // Release nor carry a second call.
     let running_reservation = victim
         .market()
         .offers()
+        .await
         .reservations
         .iter()
         .find(|r| r.is_running())
@@ -299,6 +306,7 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         victim
             .market()
             .offers()
+            .await
             .reservations
             .iter()
             .any(|r| r.reservation_id == running_reservation),
@@ -353,7 +361,7 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
         .to_string();
     assert!(error.contains("nothing fits"), "{error}");
     assert!(!error.contains('\n'), "{error}");
-    assert!(nothing_reserved(&nodes));
+    assert!(nothing_reserved(&nodes).await);
 
     // After all that, the network still runs calls, traps come back as failures.
     let trap = add(
@@ -381,7 +389,7 @@ async fn a_volunteer_killed_during_a_call_is_replaced_and_bad_calls_fail_clearly
     assert_eq!(exited.execution.exit_code, 7);
     assert_eq!(exited.execution.failure, None);
     wait_until("every reservation is released", || async {
-        nothing_reserved(&nodes)
+        nothing_reserved(&nodes).await
     })
     .await;
     for node in nodes {
@@ -587,11 +595,13 @@ async fn a_job_record_outlives_every_peer_that_first_kept_it() {
         later.push(flotilla_node::daemon::start(quick(config)).await.unwrap());
     }
     wait_until("a peer that joined later keeps the record", || async {
-        later.iter().any(|n| {
-            n.market()
-                .job_kept_here(job)
-                .is_some_and(|r| r.state == JobState::Done)
-        })
+        for n in &later {
+            let kept = n.market().job_kept_here(job).await;
+            if kept.is_some_and(|r| r.state == JobState::Done) {
+                return true;
+            }
+        }
+        false
     })
     .await;
     // Every peer that kept it at first leaves, the scheduler too.
@@ -603,10 +613,12 @@ async fn a_job_record_outlives_every_peer_that_first_kept_it() {
     // The later peers that took a copy still serve it. (A later peer holding none does
     // not always find it within 10 s right after half the network left at once: its
     // lookups go through routing entries of the departed peers. Not yet handled.)
-    let holders: Vec<_> = later
-        .iter()
-        .filter(|n| n.market().job_kept_here(job).is_some())
-        .collect();
+    let mut holders = Vec::new();
+    for n in &later {
+        if n.market().job_kept_here(job).await.is_some() {
+            holders.push(n);
+        }
+    }
     assert!(!holders.is_empty());
     for node in holders {
         let record = node.market().job(job).await.unwrap();

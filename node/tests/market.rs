@@ -5,7 +5,7 @@
 mod common;
 
 use bytesize::ByteSize;
-use common::{metric, wait_until, wait_until_within};
+use common::{all_published, metric, views, wait_until, wait_until_within};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
@@ -50,14 +50,6 @@ fn offering(config: NodeConfig, mib: u64) -> NodeConfig {
     }
 }
 
-fn all_published(node: &RunningNode) -> bool {
-    node.market()
-        .offers()
-        .sent
-        .iter()
-        .all(|o| o.state == "published")
-}
-
 async fn discover(node: &RunningNode, mib: u32, reserve: Option<u64>) -> Discovered {
     node.market()
         .discover(DiscoverRequest {
@@ -84,15 +76,12 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
     })
     .await;
     let offerers = &nodes[2..];
-    let total_offers: usize = offerers
-        .iter()
-        .map(|n| n.market().offers().sent.len())
-        .sum();
+    let total_offers: usize = views(offerers).await.iter().map(|v| v.sent.len()).sum();
     wait_until("every offer is published", || async {
-        offerers.iter().all(all_published)
+        all_published(offerers).await
     })
     .await;
-    let held: usize = nodes.iter().map(|n| n.market().offers().held.len()).sum();
+    let held: usize = views(&nodes).await.iter().map(|v| v.held.len()).sum();
     assert_eq!(held, total_offers, "each offer has exactly one holder");
     let mut published = 0.0;
     for node in offerers {
@@ -100,9 +89,10 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
     }
     assert!(published >= total_offers as f64, "{published} published");
     wait_until("both super-trader lists know every offer", || async {
-        nodes[..2]
+        views(&nodes[..2])
+            .await
             .iter()
-            .all(|s| s.market().offers().super_traders == total_offers)
+            .all(|v| v.super_traders == total_offers)
     })
     .await;
 
@@ -177,7 +167,7 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
             .iter()
             .find(|n| n.peer_id().to_string() == *offerer)
             .unwrap();
-        let view = node.market().offers();
+        let view = node.market().offers().await;
         let offer = view.sent.iter().find(|o| o.offer_id == *offer_id).unwrap();
         assert!(
             *mib <= offer.memory_mib,
@@ -190,7 +180,13 @@ async fn twenty_nodes_discover_what_fits_and_never_oversubscribe() {
             .iter()
             .find(|n| n.peer_id() == p.offer.body.offerer)
             .unwrap();
-        assert!(node.market().offers().reservations.contains(&p.reservation));
+        assert!(
+            node.market()
+                .offers()
+                .await
+                .reservations
+                .contains(&p.reservation)
+        );
     }
     let discoveries = metric(&nodes[0], "flotilla_discovery_discoveries_total").await
         + metric(&nodes[1], "flotilla_discovery_discoveries_total").await;
@@ -235,15 +231,12 @@ async fn the_whole_key_space_baseline_without_fallback_discovers_and_reserves() 
     .await;
     let offerers = &nodes[1..];
     wait_until("every offer is published", || async {
-        offerers.iter().all(all_published)
+        all_published(offerers).await
     })
     .await;
-    let total_offers: usize = offerers
-        .iter()
-        .map(|n| n.market().offers().sent.len())
-        .sum();
+    let total_offers: usize = views(offerers).await.iter().map(|v| v.sent.len()).sum();
     assert_eq!(total_offers, 7 * 4);
-    let held: usize = nodes.iter().map(|n| n.market().offers().held.len()).sum();
+    let held: usize = views(&nodes).await.iter().map(|v| v.held.len()).sum();
     assert_eq!(held, total_offers, "each offer has exactly one holder");
     for node in &nodes {
         let wrong_region = metric(
@@ -284,6 +277,7 @@ async fn the_whole_key_space_baseline_without_fallback_discovers_and_reserves() 
             offerer
                 .market()
                 .offers()
+                .await
                 .reservations
                 .contains(&placement.reservation)
         );
@@ -322,17 +316,11 @@ async fn the_whole_key_space_baseline_without_fallback_discovers_and_reserves() 
 }
 
 /// The node holding an offer of `offerer`, if any holds one now.
-fn holders_of(nodes: &[RunningNode], offerer: &RunningNode) -> Vec<usize> {
+async fn holders_of(nodes: &[RunningNode], offerer: &RunningNode) -> Vec<usize> {
     let id = offerer.peer_id().to_string();
+    let views = views(nodes).await;
     (0..nodes.len())
-        .filter(|&i| {
-            nodes[i]
-                .market()
-                .offers()
-                .held
-                .iter()
-                .any(|h| h.offer.offerer == id)
-        })
+        .filter(|&i| views[i].held.iter().any(|h| h.offer.offerer == id))
         .collect()
 }
 
@@ -348,15 +336,16 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     })
     .await;
     wait_until("every offer is published", || async {
-        nodes[3..].iter().all(all_published)
+        all_published(&nodes[3..]).await
     })
     .await;
 
     // A holder leaves: the offerer publishes to another within one refresh interval.
     let (offerer, offer_id, holder) = nodes[3..]
         .iter()
-        .find_map(|n| {
-            n.market().offers().sent.iter().find_map(|o| {
+        .zip(views(&nodes[3..]).await)
+        .find_map(|(n, view)| {
+            view.sent.iter().find_map(|o| {
                 let holder = o.holder.clone()?;
                 (holder != n.peer_id().to_string()).then(|| (n.peer_id(), o.offer_id, holder))
             })
@@ -379,11 +368,17 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
         "the offer has a new holder",
         Duration::from_secs(3 + 1 + 2),
         || async {
-            nodes[offerer_index].market().offers().sent.iter().any(|o| {
-                o.offer_id == offer_id
-                    && o.state == "published"
-                    && o.holder.as_ref().is_some_and(|h| *h != holder)
-            })
+            nodes[offerer_index]
+                .market()
+                .offers()
+                .await
+                .sent
+                .iter()
+                .any(|o| {
+                    o.offer_id == offer_id
+                        && o.state == "published"
+                        && o.holder.as_ref().is_some_and(|h| *h != holder)
+                })
         },
     )
     .await;
@@ -391,14 +386,20 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     // An offerer crashes: its offers stay with their holders until they expire.
     // Offers may be between holders for a moment (the one that left had others'
     // offers too), so wait until some offerer's offer sits with another peer.
-    let held_elsewhere = |nodes: &[RunningNode]| {
-        (0..nodes.len())
-            .filter(|&i| i != offerer_index && nodes[i].market().is_offering())
-            .find(|&i| holders_of(nodes, &nodes[i]).iter().any(|&h| h != i))
-    };
+    async fn held_elsewhere(nodes: &[RunningNode], offerer_index: usize) -> Option<usize> {
+        for i in 0..nodes.len() {
+            if i != offerer_index
+                && nodes[i].market().is_offering()
+                && holders_of(nodes, &nodes[i]).await.iter().any(|&h| h != i)
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
     let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
     let crashed = loop {
-        if let Some(found) = held_elsewhere(&nodes) {
+        if let Some(found) = held_elsewhere(&nodes, offerer_index).await {
             break found;
         }
         assert!(
@@ -411,6 +412,7 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     let expiries: Vec<u64> = nodes[crashed]
         .market()
         .offers()
+        .await
         .sent
         .iter()
         .filter_map(|o| o.expires_at_ms)
@@ -421,20 +423,17 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     );
     let victim = nodes.remove(crashed);
     victim.kill().await;
-    let held_by_others = |nodes: &[RunningNode]| {
-        nodes.iter().any(|n| {
-            n.market()
-                .offers()
-                .held
-                .iter()
-                .any(|h| h.offer.offerer == crashed_id)
-        })
+    let held_by_others = async |nodes: &[RunningNode]| {
+        views(nodes)
+            .await
+            .iter()
+            .any(|v| v.held.iter().any(|h| h.offer.offerer == crashed_id))
     };
     if flotilla_node::market::now_ms() < first_expiry {
-        assert!(held_by_others(&nodes), "a crash withdraws nothing");
+        assert!(held_by_others(&nodes).await, "a crash withdraws nothing");
     }
     wait_until("the crashed offerer's offers expire", || async {
-        !held_by_others(&nodes)
+        !held_by_others(&nodes).await
     })
     .await;
     assert!(
@@ -455,13 +454,12 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
     let stopping = nodes.remove(stopping);
     let stopping_id = stopping.peer_id().to_string();
     stopping.stop().await;
-    assert!(!nodes.iter().any(|n| {
-        n.market()
-            .offers()
-            .held
+    assert!(
+        !views(&nodes)
+            .await
             .iter()
-            .any(|h| h.offer.offerer == stopping_id)
-    }));
+            .any(|v| { v.held.iter().any(|h| h.offer.offerer == stopping_id) })
+    );
     for node in nodes {
         node.stop().await;
     }
@@ -538,7 +536,9 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
     // the offer's holder, so the offer must be on its list for the fallback too).
     wait_until(
         "the offer is published and on the scheduler's list",
-        || async { all_published(&nodes[1]) && nodes[1].market().offers().super_traders == 1 },
+        || async {
+            all_published(&nodes[1..2]).await && nodes[1].market().offers().await.super_traders == 1
+        },
     )
     .await;
     let found = discover(&nodes[0], 200, None).await;

@@ -196,7 +196,7 @@ async fn fetch(
 }
 
 async fn offers(State(app): State<AppState>) -> Response {
-    Json(app.market.offers()).into_response()
+    Json(app.market.offers().await).into_response()
 }
 
 async fn discover(

@@ -133,7 +133,7 @@ async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Re
     let client = ApiClient::new(nodes[0].api_addr());
     let market = nodes[0].market();
     let waiting = Instant::now();
-    while market.offers().super_traders < nodes.len() - 1 {
+    while market.offers().await.super_traders < nodes.len() - 1 {
         anyhow::ensure!(
             waiting.elapsed() < Duration::from_secs(30),
             "the volunteers' offers did not reach the scheduler within 30 s"

@@ -10,13 +10,13 @@
 //! by caller and invocation id, so a repeated request gets the first run's answer instead
 //! of a second run.
 
+use super::Market;
 use super::function::{
     Execution, ExecutionTimings, FunctionCall, MAX_INLINE_OUTPUT, MAX_OUTPUT_FILES, OutputFile,
     OutputStream, parse_cid,
 };
 use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, Response};
-use super::{Market, lock, now_ms};
 use crate::executor::{ExecError, Job};
 use crate::one_line;
 use cid::Cid;
@@ -54,20 +54,104 @@ enum Admitted {
     Repeat,
 }
 
+/// What a call asks of the ledger.
+struct AdmitTerms {
+    owner: PeerId,
+    mib: u32,
+    reservation_id: u64,
+    /// The offer to reserve on first, if the call did not reserve before.
+    offer_id: Option<u64>,
+}
+
+/// The ledger's side of admission, in the market's loop: the run's check, the
+/// reservation if the call brings none, and the start of its run. Also answers whether a
+/// reservation was made here.
+fn admit(
+    m: &mut super::state::Machines,
+    now: u64,
+    run: RunKey,
+    terms: AdmitTerms,
+) -> Result<(Admitted, bool), Refusal> {
+    let from = terms.owner;
+    let Some(offerer) = m.offerer.as_mut() else {
+        return Err(Refusal::Failed(Failure::of_volunteer(
+            "this node lends no memory".into(),
+        )));
+    };
+    match offerer.ledger().check_run(&run) {
+        Ok(()) => {}
+        Err(StartError::AlreadyRunning(..) | StartError::AlreadyRan(_)) => {
+            // A repeat needs no memory: a reservation it came with (made earlier with
+            // `Reserve`) goes back now rather than at its deadline; a running one, or
+            // another peer's, is left alone by the ledger.
+            if terms.offer_id.is_none()
+                && let Ok(actions) = offerer.release(now, from, terms.reservation_id)
+            {
+                m.outbox_extend(actions);
+            }
+            return Ok((Admitted::Repeat, false));
+        }
+        Err(e) => return Err(Refusal::Failed(Failure::of_call(e.to_string()))),
+    }
+    let mut actions = Vec::new();
+    let reserved_here = match terms.offer_id {
+        Some(offer_id) => {
+            let held = offerer.reserve(
+                now,
+                from,
+                offer_id,
+                terms.mib,
+                terms.reservation_id,
+                RUN_HOLD_MS,
+            );
+            match held {
+                Ok((_, made)) => {
+                    actions = made;
+                    true
+                }
+                Err(e) => return Err(Refusal::NotReserved(e)),
+            }
+        }
+        None => false,
+    };
+    let started = offerer.start_run(now, terms.reservation_id, run, terms.mib);
+    let outcome = match started {
+        Ok(reservation) => {
+            tracing::debug!(
+                reservation = terms.reservation_id,
+                mib = reservation.mib,
+                "running a call"
+            );
+            Ok((Admitted::Start(reservation.mib), reserved_here))
+        }
+        Err(e) => {
+            // A reservation made for this request alone goes back at once.
+            if reserved_here && let Ok(back) = offerer.release(now, from, terms.reservation_id) {
+                actions.extend(back);
+            }
+            Err(Refusal::Failed(Failure::of_volunteer(e.to_string())))
+        }
+    };
+    m.outbox_extend(actions);
+    outcome
+}
+
 /// Why a call was not admitted.
 enum Refusal {
     /// The call cannot run here (or at all): answered `Failed`.
     Failed(Failure),
     /// The memory could not be reserved: answered `Refused`, so the scheduler tries
     /// another offer.
-    NotReserved(String),
+    NotReserved(flotilla_offers::offerer::ReserveError),
 }
 
 impl From<Refusal> for Response {
     fn from(refusal: Refusal) -> Response {
         match refusal {
             Refusal::Failed(failure) => failure.into(),
-            Refusal::NotReserved(reason) => Response::Refused { reason },
+            Refusal::NotReserved(e) => Response::Refused {
+                reason: e.to_string(),
+            },
         }
     }
 }
@@ -81,16 +165,16 @@ struct RunGuard<'a> {
 
 impl RunGuard<'_> {
     /// Ends the run now; returns the offer's new version.
-    fn end(mut self) -> Option<Box<flotilla_offers::offer::SignedOffer>> {
+    async fn end(mut self) -> Option<Box<flotilla_offers::offer::SignedOffer>> {
         self.ended = true;
-        self.market.finish_run(self.reservation_id)
+        self.market.finish_run(self.reservation_id).await
     }
 }
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         if !self.ended {
-            self.market.finish_run(self.reservation_id);
+            self.market.finish_run_later(self.reservation_id);
         }
     }
 }
@@ -142,7 +226,7 @@ impl Market {
             scheduler = %from,
             module = %request.call.module
         );
-        let started = match self.admit(from, &request) {
+        let started = match self.admit(from, &request).await {
             Ok(Admitted::Start(mib)) => mib,
             Ok(Admitted::Repeat) => {
                 // A retry of a run started here: its answer (or a wait for it).
@@ -160,6 +244,10 @@ impl Market {
                     .await;
             }
             Err(refusal) => {
+                if let Refusal::NotReserved(e) = &refusal {
+                    let label = super::offering::refusal_label(e);
+                    MarketMetrics::count(&self.shared.metrics.reservations_refused, label);
+                }
                 self.shared.metrics.executions_failed.inc();
                 return refusal.into();
             }
@@ -177,7 +265,7 @@ impl Market {
             .executions
             .run((from, id), async move {
                 let outcome = market.run_call(call, started).await;
-                let offer = guard.end();
+                let offer = guard.end().await;
                 match outcome {
                     Ok(execution) => {
                         market.shared.metrics.executions.inc();
@@ -199,12 +287,12 @@ impl Market {
     /// Admits a call: checks it, reserves its memory if the request names an offer, and
     /// starts its run on the reservation (only `from`'s own, only once per run). A refusal
     /// is the answer to send.
-    fn admit(&self, from: PeerId, request: &ExecuteRequest) -> Result<Admitted, Refusal> {
-        let (Some(offerer), Some(_)) = (&self.shared.offerer, &self.shared.executor) else {
+    async fn admit(&self, from: PeerId, request: &ExecuteRequest) -> Result<Admitted, Refusal> {
+        if !self.is_offering() || self.shared.executor.is_none() {
             return Err(Refusal::Failed(Failure::of_volunteer(
                 "this node lends no memory and runs no functions".into(),
             )));
-        };
+        }
         request
             .call
             .validate()
@@ -214,77 +302,23 @@ impl Market {
             invocation_id: request.invocation_id,
             call_digest: request.call.digest(),
         };
-        let mib = request.call.memory_mib;
-        let now = now_ms();
-        let mut offerer = lock(offerer);
-        match offerer.ledger().check_run(&run) {
-            Ok(()) => {}
-            Err(StartError::AlreadyRunning(..) | StartError::AlreadyRan(_)) => {
-                // A repeat needs no memory: a reservation it came with (made earlier with
-                // `Reserve`) goes back now rather than at its deadline; a running one, or
-                // another peer's, is left alone by the ledger.
-                if request.offer_id.is_none()
-                    && let Ok(actions) = offerer.release(now, from, request.reservation_id)
-                {
-                    drop(offerer);
-                    self.announce_release(Ok::<_, std::convert::Infallible>(actions));
-                }
-                return Ok(Admitted::Repeat);
-            }
-            Err(e) => return Err(Refusal::Failed(Failure::of_call(e.to_string()))),
-        }
-        let mut actions = Vec::new();
-        let reserved_here = match request.offer_id {
-            Some(offer_id) => {
-                let held = offerer.reserve(
-                    now,
-                    from,
-                    offer_id,
-                    mib,
-                    request.reservation_id,
-                    RUN_HOLD_MS,
-                );
-                match held {
-                    Ok((_, made)) => {
-                        actions = made;
-                        true
-                    }
-                    Err(e) => {
-                        drop(offerer);
-                        let label = super::offering::refusal_label(&e);
-                        MarketMetrics::count(&self.shared.metrics.reservations_refused, label);
-                        return Err(Refusal::NotReserved(e.to_string()));
-                    }
-                }
-            }
-            None => false,
+        let terms = AdmitTerms {
+            owner: from,
+            mib: request.call.memory_mib,
+            reservation_id: request.reservation_id,
+            offer_id: request.offer_id,
         };
-        if reserved_here {
-            self.shared.metrics.reservations.inc();
-        }
-        let started = offerer.start_run(now, request.reservation_id, run, mib);
-        let outcome = match started {
-            Ok(reservation) => {
-                tracing::debug!(
-                    reservation = request.reservation_id,
-                    mib = reservation.mib,
-                    "running a call"
-                );
-                Ok(Admitted::Start(reservation.mib))
-            }
-            Err(e) => {
-                // A reservation made for this request alone goes back at once.
-                if reserved_here
-                    && let Ok(back) = offerer.release(now, from, request.reservation_id)
-                {
-                    actions.extend(back);
+        let admitted = self.with(move |m, now| admit(m, now, run, terms)).await;
+        match admitted {
+            Ok(Ok((admitted, reserved_here))) => {
+                if reserved_here {
+                    self.shared.metrics.reservations.inc();
                 }
-                Err(Refusal::Failed(Failure::of_volunteer(e.to_string())))
+                Ok(admitted)
             }
-        };
-        drop(offerer);
-        self.announce_release(Ok::<_, std::convert::Infallible>(actions));
-        outcome
+            Ok(Err(refusal)) => Err(refusal),
+            Err(stopped) => Err(Refusal::Failed(Failure::of_volunteer(stopped.to_string()))),
+        }
     }
 
     /// Fetches what the call needs, runs it with `mib` MiB, and stores its outputs.

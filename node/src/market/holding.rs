@@ -1,25 +1,27 @@
 //! The holder side: offers other peers publish under keys this node is closest to, and
 //! schedulers' questions about them.
 
+use super::Market;
 use super::metrics::MarketMetrics;
 use super::protocol::{MAX_FOUND_OFFERS, Response};
-use super::{HeldOffer, Market, lock, now_ms};
 use flotilla_offers::holder::Accepted;
 use flotilla_offers::offer::SignedOffer;
 use flotilla_overlay::regions::Tier;
-use std::time::Duration;
-
-/// Longest the eviction task sleeps, so the `held` gauge follows expiries closely.
-const EVICTION_TICK: Duration = Duration::from_secs(1);
 
 impl Market {
     /// Takes a new version of an offer (create, refresh or withdraw) sent under `key`.
-    pub(super) fn hold_offer(&self, key: &[u8], offer: SignedOffer) -> Response {
-        let now = now_ms();
+    pub(super) async fn hold_offer(&self, key: Vec<u8>, offer: SignedOffer) -> Response {
+        let held = self
+            .with(move |m, now| {
+                let outcome = m.holder.receive(now, &key, offer);
+                (outcome, m.holder.live(now).count())
+            })
+            .await;
+        let Ok((outcome, live)) = held else {
+            return Response::stopping();
+        };
         let metrics = &self.shared.metrics;
-        let mut holder = lock(&self.shared.holder);
-        let outcome = holder.receive(now, key, offer);
-        metrics.held.set(holder.live(now).count() as i64);
+        metrics.held.set(live as i64);
         match outcome {
             Ok(accepted) => {
                 let outcome = match accepted {
@@ -45,52 +47,22 @@ impl Market {
 
     /// The live offers held here with at least `min_free_mib` free: of `tier` only, or of
     /// any tier in the whole-key-space baseline (where holders keep every tier).
-    pub(super) fn find_offers(&self, tier: Tier, min_free_mib: u32) -> Response {
-        let now = now_ms();
-        let holder = lock(&self.shared.holder);
-        let matching: Vec<&SignedOffer> = holder.answer(now, tier, min_free_mib);
-        Response::Offers {
-            matched: matching.len() as u32,
-            offers: matching
-                .into_iter()
-                .take(MAX_FOUND_OFFERS)
-                .cloned()
-                .collect(),
-        }
-    }
-
-    pub(super) fn held_offers(&self, now: u64) -> Vec<HeldOffer> {
-        lock(&self.shared.holder)
-            .live(now)
-            .map(|o| HeldOffer {
-                offer: o.into(),
-                expires_at_ms: o.body.expires_at_ms,
+    pub(super) async fn find_offers(&self, tier: Tier, min_free_mib: u32) -> Response {
+        let found = self
+            .with(move |m, now| {
+                let matching = m.holder.answer(now, tier, min_free_mib);
+                let matched = matching.len() as u32;
+                let offers: Vec<SignedOffer> = matching
+                    .into_iter()
+                    .take(MAX_FOUND_OFFERS)
+                    .cloned()
+                    .collect();
+                (matched, offers)
             })
-            .collect()
-    }
-
-    /// Drops expired offers as they expire, until the node stops.
-    pub(super) async fn evict_expired_offers(self) {
-        let mut stop = self.stopping();
-        loop {
-            let now = now_ms();
-            let next = {
-                let mut holder = lock(&self.shared.holder);
-                let expired = holder.evict_expired(now);
-                self.shared.metrics.expired.inc_by(expired as u64);
-                self.shared
-                    .metrics
-                    .held
-                    .set(holder.live(now).count() as i64);
-                holder.next_expiry()
-            };
-            let wait = next.map_or(EVICTION_TICK, |t| {
-                Duration::from_millis(t.saturating_sub(now)).min(EVICTION_TICK)
-            });
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
-            }
+            .await;
+        match found {
+            Ok((matched, offers)) => Response::Offers { matched, offers },
+            Err(_) => Response::stopping(),
         }
     }
 }

@@ -14,7 +14,7 @@
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{ExecuteRequest, InvokeRequest, Request, Response};
 use super::scheduling::Exchanges;
-use super::{CallError, Market, lock, now_ms};
+use super::{CallError, Market};
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::placer::{self, Outcome, PlaceError, Placer, PlacerConfig};
 use flotilla_scheduler::registry;
@@ -139,20 +139,26 @@ impl Market {
             budget_ms: PLACEMENT_BUDGET.as_millis() as u64,
         };
         let bytes = u64::from(call.memory_mib) * MIB;
-        let recent = self.shared.super_traders.as_ref().map_or(Vec::new(), |l| {
-            lock(l).recent(now_ms(), call.memory_mib, RECENT_OFFER_MS)
-        });
-        let (mut placer, mut step) = match Placer::start(now_ms(), bytes, config, recent, &mut rng)
-        {
-            Ok(started) => started,
-            Err(e) => {
-                metrics.invocations_failed.inc();
-                return Response::Failed {
-                    reason: e.to_string(),
-                    retryable: e.retryable(),
-                };
-            }
-        };
+        let mib = call.memory_mib;
+        let recent = self
+            .with(move |m, now| {
+                m.super_traders
+                    .as_ref()
+                    .map_or(Vec::new(), |l| l.recent(now, mib, RECENT_OFFER_MS))
+            })
+            .await
+            .unwrap_or_default();
+        let (mut placer, mut step) =
+            match Placer::start(self.now(), bytes, config, recent, &mut rng) {
+                Ok(started) => started,
+                Err(e) => {
+                    metrics.invocations_failed.inc();
+                    return Response::Failed {
+                        reason: e.to_string(),
+                        retryable: e.retryable(),
+                    };
+                }
+            };
         let allowance = execution_allowance(call, self.shared.config.fetch_timeout);
         let mut exchanges = Exchanges::default();
         let mut discover_us = 0;
@@ -172,15 +178,16 @@ impl Market {
                         );
                     }
                     let discovering = Instant::now();
-                    let (deadline, mib) =
-                        placer.discovery().map_or((now_ms(), call.memory_mib), |d| {
+                    let (deadline, mib) = placer
+                        .discovery()
+                        .map_or((self.now(), call.memory_mib), |d| {
                             (d.deadline_ms(), d.request_mib())
                         });
                     let probed = self
                         .probe(discovery_step, deadline, mib, &mut exchanges)
                         .await;
                     discover_us += discovering.elapsed().as_micros() as u64;
-                    probed.feed_placer(&mut placer, &mut rng)
+                    probed.feed_placer(self.now(), &mut placer, &mut rng)
                 }
                 placer::Step::Run { offer } => {
                     placing = None;
@@ -194,8 +201,8 @@ impl Market {
                     exchanges.count(self, volunteer);
                     let addresses = offer.body.addresses.clone();
                     let answer = self.call(volunteer, addresses, execute, allowance).await;
-                    self.learn_from_answer(&offer, &answer);
-                    let now = now_ms();
+                    self.learn_from_answer(&offer, &answer).await;
+                    let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {
                             execution = Some(ran);
@@ -279,24 +286,35 @@ impl Market {
 
     /// Keeps the super-trader list current with what an offerer's answer says: the
     /// offer's new version when it sent one, else the version tried is out of date.
-    fn learn_from_answer(
+    async fn learn_from_answer(
         &self,
         tried: &flotilla_offers::offer::SignedOffer,
         answer: &Result<Response, CallError>,
     ) {
-        let Some(list) = &self.shared.super_traders else {
+        if !self.is_scheduler() {
             return;
-        };
+        }
         let offerer = tried.body.offerer;
-        let mut list = lock(list);
-        match answer {
+        let (offer_id, seq) = (tried.body.offer_id, tried.body.seq);
+        let newer = match answer {
             Ok(Response::Executed {
                 offer: Some(newer), ..
-            }) if newer.body.offerer == offerer => {
-                list.notify(now_ms(), vec![(**newer).clone()]);
-            }
-            _ => list.remove(&offerer, tried.body.offer_id, tried.body.seq),
-        }
+            }) if newer.body.offerer == offerer => Some((**newer).clone()),
+            _ => None,
+        };
+        let _ = self
+            .with(move |m, now| {
+                let Some(list) = m.super_traders.as_mut() else {
+                    return;
+                };
+                match newer {
+                    Some(newer) => {
+                        list.notify(now, vec![newer]);
+                    }
+                    None => list.remove(&offerer, offer_id, seq),
+                }
+            })
+            .await;
     }
 
     /// Runs `call` on the network: through a scheduler picked at random from the registry,

@@ -11,9 +11,9 @@
 //! none yet. Every node keeps the job records it is sent in a bounded [`JobBook`]; a
 //! version replaces another only if it is newer.
 
+use super::Market;
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
-use super::{Market, lock, now_ms};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
@@ -347,12 +347,12 @@ impl Market {
     /// Takes a job for later placement, if there is room for it, and answers with its
     /// id. A nonce this scheduler already took a job for (a client's retry) is answered
     /// with that job's id and not run again.
-    pub(super) fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
+    pub(super) async fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
         let job_id = job_id(&self.peer_id(), request.invocation_id);
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }
-        let now = now_ms();
+        let now = self.now();
         let record = JobRecord {
             job_id,
             nonce: request.invocation_id,
@@ -367,27 +367,35 @@ impl Market {
             error: None,
             result: None,
         };
-        // Checked and kept under one lock, so two copies of the same Submit arriving at
+        // Checked and kept in one command, so two copies of the same Submit arriving at
         // once start one job.
-        let slot = {
-            let mut jobs = lock(&self.shared.jobs);
-            if jobs.get(job_id).is_some() {
-                return Response::Accepted { job_id };
-            }
-            let Ok(slot) = self.shared.jobs_held.clone().try_acquire_owned() else {
+        let jobs_held = self.shared.jobs_held.clone();
+        let first = SignedJob::sign(record.clone(), &self.shared.keypair);
+        let taken = self
+            .with(move |m, now| {
+                if m.jobs.get(job_id).is_some() {
+                    return Ok(None);
+                }
+                let slot = jobs_held.try_acquire_owned().map_err(|_| ())?;
+                if let Err(e) = m.jobs.put(now, first) {
+                    tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
+                }
+                Ok(Some(slot))
+            })
+            .await;
+        let slot = match taken {
+            Ok(Ok(Some(slot))) => slot,
+            Ok(Ok(None)) => return Response::Accepted { job_id },
+            Ok(Err(())) => {
                 return Response::Failed {
                     reason: format!("the scheduler holds {MAX_JOBS} jobs already; try later"),
                     retryable: true,
                 };
-            };
-            let first = SignedJob::sign(record.clone(), &self.shared.keypair);
-            if let Err(e) = jobs.put(now, first) {
-                tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
             }
-            slot
+            Err(_) => return Response::stopping(),
         };
         let market = self.clone();
-        tokio::spawn(async move { market.run_job(request, record, slot).await });
+        self.spawn(async move { market.run_job(request, record, slot).await });
         Response::Accepted { job_id }
     }
 
@@ -405,7 +413,6 @@ impl Market {
             .config
             .notify_interval
             .clamp(Duration::from_millis(200), Duration::from_secs(10));
-        let mut stop = self.stopping();
         loop {
             record.state = JobState::Running;
             record.attempts += 1;
@@ -422,13 +429,13 @@ impl Market {
                 Response::Failed {
                     reason,
                     retryable: true,
-                } if now_ms() + retry_every.as_millis() as u64 <= record.wait_until_ms => {
+                } if self.now() + retry_every.as_millis() as u64 <= record.wait_until_ms => {
                     record.state = JobState::Waiting;
                     record.error = Some(reason);
                     self.publish_job(&mut record).await;
                     tokio::select! {
                         _ = tokio::time::sleep(retry_every) => continue,
-                        _ = stop.changed() => return,
+                        _ = self.stopping() => return,
                     }
                 }
                 Response::Failed { reason, retryable } => {
@@ -474,9 +481,10 @@ impl Market {
     /// the job's key (waiting at most the answer timeout).
     async fn publish_job(&self, record: &mut JobRecord) {
         record.seq += 1;
-        record.updated_at_ms = now_ms();
+        record.updated_at_ms = self.now();
         let signed = SignedJob::sign(record.clone(), &self.shared.keypair);
-        if let Err(e) = lock(&self.shared.jobs).put(now_ms(), signed.clone()) {
+        let kept = signed.clone();
+        if let Ok(Err(e)) = self.with(move |m, now| m.jobs.put(now, kept)).await {
             tracing::warn!(job = record.job_id, error = %e, "cannot keep a job record");
         }
         let stored = self.send_job_record(signed).await;
@@ -514,41 +522,25 @@ impl Market {
             .count()
     }
 
-    /// Every `job_republish_interval`, sends the records this node keeps (its own jobs'
-    /// and others') on to the peers now closest to their keys, a bounded number per
-    /// round, so a record survives the peers that kept it leaving — as Kademlia
-    /// republishes its values.
-    pub(super) async fn republish_jobs(self) {
-        let every = self.shared.config.job_republish_interval;
-        let mut stop = self.stopping();
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let due = lock(&self.shared.jobs).due_for_republishing(
-                now_ms(),
-                every,
-                MAX_REPUBLISHED_PER_ROUND,
-            );
-            if due.is_empty() {
-                continue;
-            }
-            let count = due.len();
-            let sends = due.into_iter().map(|job| self.send_job_record(job));
-            let stored: usize = futures::future::join_all(sends).await.into_iter().sum();
-            tracing::debug!(records = count, stored, "job records republished");
-        }
+    /// Sends records this node keeps (its own jobs' and others') on to the peers now
+    /// closest to their keys, so a record survives the peers that kept it leaving — as
+    /// Kademlia republishes its values. The loop picks them every
+    /// `job_republish_interval`, a bounded number per round.
+    pub(super) async fn republish(self, due: Vec<SignedJob>) {
+        let count = due.len();
+        let sends = due.into_iter().map(|job| self.send_job_record(job));
+        let stored: usize = futures::future::join_all(sends).await.into_iter().sum();
+        tracing::debug!(records = count, stored, "job records republished");
     }
 
     /// Keeps a job record another peer sent, and a copy of its result's blocks (stdout,
     /// stderr and output files, [`MAX_COPIED_RESULT_BYTES`] at most): the record
     /// outlives the scheduler and the volunteer, so must what it points to.
-    pub(super) fn store_job(&self, job: SignedJob) -> Response {
+    pub(super) async fn store_job(&self, job: SignedJob) -> Response {
         let blocks = job.record.result.as_ref().map(result_blocks);
-        let kept = lock(&self.shared.jobs).put(now_ms(), job);
+        let Ok(kept) = self.with(move |m, now| m.jobs.put(now, job)).await else {
+            return Response::stopping();
+        };
         match kept {
             Ok(()) => {
                 self.copy_result_blocks(blocks.unwrap_or_default());
@@ -574,7 +566,7 @@ impl Market {
                 continue;
             };
             let market = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let fetched = market.fetch_at_most(cid, size).await;
                 tracing::debug!(%cid, ?fetched, "copied a job result's blocks");
                 drop(permit);
@@ -588,13 +580,22 @@ impl Market {
     }
 
     /// The newest record of job `id` this node keeps itself (not asking others).
-    pub fn job_kept_here(&self, id: u64) -> Option<JobRecord> {
-        lock(&self.shared.jobs).get(id).map(|j| j.record.clone())
+    pub async fn job_kept_here(&self, id: u64) -> Option<JobRecord> {
+        self.with(move |m, _| m.jobs.get(id).map(|j| j.record.clone()))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The newest version of job `id` this node holds.
-    pub(super) fn held_job(&self, id: u64) -> Response {
-        Response::Job(lock(&self.shared.jobs).get(id).cloned().map(Box::new))
+    pub(super) async fn held_job(&self, id: u64) -> Response {
+        let held = self
+            .with(move |m, _| m.jobs.get(id).cloned().map(Box::new))
+            .await;
+        match held {
+            Ok(job) => Response::Job(job),
+            Err(_) => Response::stopping(),
+        }
     }
 
     /// Submits `call` as a detached job through a scheduler picked at random; returns
@@ -638,8 +639,7 @@ impl Market {
 
     /// The newest record of job `id`: held here, or asked of the peers closest to its key.
     pub async fn job(&self, id: u64) -> Result<JobRecord, JobError> {
-        let mut newest: Option<JobRecord> =
-            lock(&self.shared.jobs).get(id).map(|j| j.record.clone());
+        let mut newest: Option<JobRecord> = self.job_kept_here(id).await;
         let timeout = self.shared.config.answer_timeout;
         let closest =
             tokio::time::timeout(timeout, self.shared.network.closest_peers(job_key(id))).await;

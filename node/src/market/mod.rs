@@ -11,6 +11,9 @@
 //! back. A request whose target is this node itself is served in-process by the same
 //! handler the network uses.
 //!
+//! * `state`: the one owner of the shared machines (holder, offerer and ledger,
+//!   super-trader list, job book): an event loop taking commands, and the tracked tasks
+//!   that carry out their I/O; [`clock`]: the time it hands them;
 //! * [`protocol`]: the messages and their bounds;
 //! * `holding`: the holder side (offers received, questions about them);
 //! * `offering`: the offerer side (publishing, reservations, the super-trader feed);
@@ -20,6 +23,7 @@
 //!   makes retries safe;
 //! * [`metrics`]: what it all counts.
 
+pub mod clock;
 pub mod function;
 pub mod jobs;
 pub mod metrics;
@@ -31,6 +35,9 @@ mod holding;
 mod invoking;
 mod offering;
 mod scheduling;
+mod state;
+#[cfg(test)]
+mod tests;
 
 use crate::executor::Executor;
 use crate::market::metrics::MarketMetrics;
@@ -40,7 +47,7 @@ use crate::market::protocol::{
 };
 use flotilla_offers::holder::{Holder, HolderConfig};
 use flotilla_offers::ledger::{LedgerConfig, Reservation};
-use flotilla_offers::offerer::{Event, Offerer, OffererConfig, SentOffer, Slicing};
+use flotilla_offers::offerer::{Offerer, OffererConfig, SentOffer, Slicing};
 use flotilla_overlay::Overlay;
 use flotilla_overlay::network::Network;
 use flotilla_overlay::regions::KeySpace;
@@ -56,12 +63,16 @@ use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+pub use clock::Clock;
 pub use executing::MAX_INPUT_BYTES;
 pub use invoking::{InvokeError, MAX_ATTEMPTS};
 pub use protocol::{DiscoverRequest, Discovered, OfferSummary, Placement, ReserveTerms};
 pub use scheduling::{DiscoverError, MAX_TRIES_LIMIT};
+pub use state::Stopped;
 
 /// Discoveries one scheduler runs at once; more are refused as busy.
 const MAX_CONCURRENT_DISCOVERIES: usize = 32;
@@ -73,8 +84,8 @@ const MAX_TAKEN_INVOCATIONS: usize = 512;
 const MAX_CONCURRENT_PLACEMENTS: usize = 64;
 /// Answers of finished runs remembered for retries, on each side.
 const REMEMBERED_RUNS: usize = 1024;
-/// Offerer reports queued for the offerer task.
-const OFFERER_EVENTS: usize = 256;
+/// How long stopping waits for the market's tasks to end.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How a node takes part in the market.
 #[derive(Debug, Clone)]
@@ -217,6 +228,12 @@ struct Shared {
     network: Network,
     overlay: Overlay,
     executor: Option<Arc<Executor>>,
+    clock: Clock,
+    /// Commands for the loop that owns the shared machines (see `state`).
+    commands: mpsc::Sender<state::Command>,
+    /// The loop and every task the market started; stopping waits for them.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     /// Answers of calls run here, by the peer that asked and its invocation id.
     executions: once::Once<(PeerId, u64), Response>,
     /// Answers of calls placed here, by invocation id.
@@ -224,29 +241,21 @@ struct Shared {
     invocations_taken: Arc<Semaphore>,
     placements: Arc<Semaphore>,
     keypair: Keypair,
-    jobs: Mutex<jobs::JobBook>,
     jobs_held: Arc<Semaphore>,
     /// Copies of job results' stdout and stderr being fetched (see `jobs`).
     result_copies: Arc<Semaphore>,
     peer_id: PeerId,
     config: MarketConfig,
     metrics: MarketMetrics,
-    holder: Mutex<Holder>,
-    offerer: Option<Mutex<Offerer>>,
-    super_traders: Option<Mutex<SuperTraders>>,
-    offerer_events: mpsc::Sender<Event>,
-    wake_offerer: Notify,
+    offering: bool,
     schedulers: scheduling::SchedulerCache,
     discoveries: Arc<Semaphore>,
     next_request_id: AtomicU64,
-    stop: watch::Sender<bool>,
 }
 
-/// The time now, as Unix milliseconds: what the state machines are handed.
+/// The system time, as Unix milliseconds (what a node's market runs on).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    clock::system_now_ms()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,16 +268,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Market {
     /// Starts this node's part in the market on `overlay`: serves requests from other
     /// peers, and starts offering and scheduling as configured. An offering node runs
-    /// calls on its reservations with `executor`.
+    /// calls on its reservations with `executor`. Its machines are handed the time from
+    /// `clock`.
     pub fn start(
         overlay: &Overlay,
         executor: Option<Arc<Executor>>,
         keypair: Keypair,
         addresses: Vec<Multiaddr>,
         config: MarketConfig,
+        clock: Clock,
         registry: &mut Registry,
     ) -> Market {
-        let (offerer_events, events) = mpsc::channel(OFFERER_EVENTS);
         let offerer = config.offer_memory_mib.map(|memory_mib| {
             let offerer_config = OffererConfig {
                 ttl_ms: config.offer_ttl.as_millis() as u64,
@@ -286,58 +296,55 @@ impl Market {
                 },
                 ..OffererConfig::new(memory_mib, addresses)
             };
-            Mutex::new(Offerer::new(
-                keypair.clone(),
-                offerer_config,
-                rand::rng().next_u64() >> 1,
-            ))
+            Offerer::new(keypair.clone(), offerer_config, rand::rng().next_u64() >> 1)
         });
         let super_traders = config
             .scheduler
-            .then(|| Mutex::new(SuperTraders::new(config.super_traders.clone())));
-        let (stop, _) = watch::channel(false);
+            .then(|| SuperTraders::new(config.super_traders.clone()));
+        let holder = Holder::new(HolderConfig {
+            key_space: config.key_space,
+            ..config.holder.clone()
+        });
+        let (commands, commands_in) = mpsc::channel(state::COMMAND_QUEUE);
         let market = Market {
             shared: Arc::new(Shared {
                 network: overlay.network().clone(),
                 overlay: overlay.clone(),
                 executor,
+                clock,
+                commands,
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
                 executions: once::Once::new(REMEMBERED_RUNS),
                 invocations: once::Once::new(REMEMBERED_RUNS),
                 invocations_taken: Arc::new(Semaphore::new(MAX_TAKEN_INVOCATIONS)),
                 placements: Arc::new(Semaphore::new(MAX_CONCURRENT_PLACEMENTS)),
                 keypair: keypair.clone(),
-                jobs: Mutex::new(jobs::JobBook::default()),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
                 peer_id: overlay.peer_id(),
-                holder: Mutex::new(Holder::new(HolderConfig {
-                    key_space: config.key_space,
-                    ..config.holder.clone()
-                })),
-                offerer,
-                super_traders,
-                offerer_events,
-                wake_offerer: Notify::new(),
+                offering: offerer.is_some(),
                 schedulers: scheduling::SchedulerCache::default(),
                 discoveries: Arc::new(Semaphore::new(MAX_CONCURRENT_DISCOVERIES)),
                 next_request_id: AtomicU64::new(rand::rng().next_u64() >> 1),
                 metrics: MarketMetrics::new(registry),
                 config,
-                stop,
             }),
         };
+        let machines = state::Machines::new(holder, offerer, super_traders);
+        market.spawn(market.clone().run_machines(machines, commands_in));
         if let Some(inbound) = overlay.take_inbound_requests() {
-            tokio::spawn(market.clone().serve(inbound));
-        }
-        tokio::spawn(market.clone().evict_expired_offers());
-        tokio::spawn(market.clone().republish_jobs());
-        if market.shared.offerer.is_some() {
-            tokio::spawn(market.clone().drive_offerer(events));
+            market.spawn(market.clone().serve(inbound));
         }
         if market.shared.config.scheduler {
-            tokio::spawn(market.clone().announce_scheduler());
+            market.spawn(market.clone().announce_scheduler());
         }
         market
+    }
+
+    /// The time now, as the market's clock tells it (Unix ms).
+    pub fn now(&self) -> u64 {
+        self.shared.clock.now_ms()
     }
 
     /// Our PeerId.
@@ -347,7 +354,7 @@ impl Market {
 
     /// Whether this node lends memory.
     pub fn is_offering(&self) -> bool {
-        self.shared.offerer.is_some()
+        self.shared.offering
     }
 
     /// Whether this node is a scheduler.
@@ -355,47 +362,51 @@ impl Market {
         self.shared.config.scheduler
     }
 
-    /// What this node offers, reserves and holds.
-    pub fn offers(&self) -> OffersView {
-        let now = now_ms();
-        let (sent, reservations) = match &self.shared.offerer {
-            Some(offerer) => {
-                let offerer = lock(offerer);
-                (
-                    offerer.sent().into_iter().map(Into::into).collect(),
-                    offerer.reservations().copied().collect(),
-                )
-            }
-            None => (Vec::new(), Vec::new()),
-        };
+    /// What this node offers, reserves and holds (nothing once it has stopped).
+    pub async fn offers(&self) -> OffersView {
+        let view = self
+            .with(|m, now| {
+                let (sent, reservations) = match &m.offerer {
+                    Some(offerer) => (
+                        offerer.sent().into_iter().map(Into::into).collect(),
+                        offerer.reservations().copied().collect(),
+                    ),
+                    None => (Vec::new(), Vec::new()),
+                };
+                let held = m
+                    .holder
+                    .live(now)
+                    .map(|o| HeldOffer {
+                        offer: o.into(),
+                        expires_at_ms: o.body.expires_at_ms,
+                    })
+                    .collect();
+                let super_traders = m.super_traders.as_ref().map_or(0, |l| l.len());
+                (sent, reservations, held, super_traders)
+            })
+            .await;
+        let (sent, reservations, held, super_traders) = view.unwrap_or_default();
         OffersView {
             offer_memory_mib: self.shared.config.offer_memory_mib.unwrap_or(0),
             scheduler: self.shared.config.scheduler,
             sent,
             reservations,
-            held: self.held_offers(now),
-            super_traders: self
-                .shared
-                .super_traders
-                .as_ref()
-                .map_or(0, |list| lock(list).len()),
+            held,
+            super_traders,
         }
     }
 
     /// Stops taking part: withdraws this node's offers from their holders (waiting at
-    /// most the answer timeout) and stops the market's tasks.
+    /// most the answer timeout), then stops the market's loop and tasks and waits for
+    /// them (at most [`STOP_GRACE`]).
     pub async fn stop(&self) {
         self.withdraw_all().await;
-        self.shared.stop.send_replace(true);
+        self.shutdown(STOP_GRACE).await;
     }
 
-    /// Stops the market's tasks without withdrawing anything, as a crash would.
-    pub fn abort(&self) {
-        self.shared.stop.send_replace(true);
-    }
-
-    fn stopping(&self) -> watch::Receiver<bool> {
-        self.shared.stop.subscribe()
+    /// Stops the market's loop and tasks without withdrawing anything, as a crash would.
+    pub async fn abort(&self) {
+        self.shutdown(STOP_GRACE).await;
     }
 
     /// Sends `request` to `peer` (dialling `addresses` if needed) and waits for its
@@ -430,14 +441,9 @@ impl Market {
 
     /// Answers requests from other peers until the node stops.
     async fn serve(self, mut inbound: mpsc::Receiver<InboundRequest>) {
-        let mut stop = self.stopping();
         loop {
-            let request = tokio::select! {
-                request = inbound.recv() => match request {
-                    Some(request) => request,
-                    None => break,
-                },
-                _ = stop.changed() => break,
+            let Some(request) = inbound.recv().await else {
+                break;
             };
             let envelope = match decode_request(&request.bytes) {
                 Ok(envelope) => envelope,
@@ -476,7 +482,7 @@ impl Market {
             };
             match long_running {
                 Some(serving) => {
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         let response = serving.await;
                         let _ = request
                             .respond(encode_response(envelope.id, response))
@@ -511,16 +517,21 @@ impl Market {
     /// Answers one request, from `from` (ourselves for in-process calls).
     async fn handle(&self, from: PeerId, request: Request) -> Response {
         match request {
-            Request::Offer { key, offer } => self.hold_offer(&key, offer),
-            Request::FindOffers { tier, min_free_mib } => self.find_offers(tier, min_free_mib),
-            Request::Notify { offers } => self.take_notification(from, offers),
+            Request::Offer { key, offer } => self.hold_offer(key, offer).await,
+            Request::FindOffers { tier, min_free_mib } => {
+                self.find_offers(tier, min_free_mib).await
+            }
+            Request::Notify { offers } => self.take_notification(from, offers).await,
             Request::Reserve {
                 reservation_id,
                 offer_id,
                 mib,
                 hold_ms,
-            } => self.reserve(from, reservation_id, offer_id, mib, hold_ms),
-            Request::Release { reservation_id } => self.release(from, reservation_id),
+            } => {
+                self.reserve(from, reservation_id, offer_id, mib, hold_ms)
+                    .await
+            }
+            Request::Release { reservation_id } => self.release(from, reservation_id).await,
             Request::Discover(request) => match self.discovery_slot() {
                 Some(slot) => self.serve_discovery(request, slot).await,
                 None => Response::Busy,
@@ -532,9 +543,10 @@ impl Market {
             Request::Execute(request) => self.serve_execution(from, *request).await,
             Request::Submit { request, wait_ms } => {
                 self.take_job(*request, Duration::from_millis(wait_ms))
+                    .await
             }
-            Request::StoreJob(job) => self.store_job(*job),
-            Request::FindJob { job_id } => self.held_job(job_id),
+            Request::StoreJob(job) => self.store_job(*job).await,
+            Request::FindJob { job_id } => self.held_job(job_id).await,
         }
     }
 }

@@ -259,6 +259,15 @@ pub enum Response {
     },
 }
 
+impl Response {
+    /// The answer of a node that is stopping: refused, so the asker goes elsewhere.
+    pub fn stopping() -> Response {
+        Response::Refused {
+            reason: super::Stopped.to_string(),
+        }
+    }
+}
+
 /// The outcome of a discovery run by a scheduler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {

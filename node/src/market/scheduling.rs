@@ -6,7 +6,7 @@ use super::protocol::{
     DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, ReserveTerms,
     Response,
 };
-use super::{InvokeError, Market, lock, now_ms};
+use super::{InvokeError, Market, lock};
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::SignedOffer;
 use flotilla_overlay::regions::{RegionError, Tier};
@@ -64,13 +64,9 @@ pub(super) struct SchedulerCache {
 impl Market {
     /// Announces this scheduler in the registry, again every [`REANNOUNCE_INTERVAL`].
     pub(super) async fn announce_scheduler(self) {
-        let mut stop = self.stopping();
         let mut ticks = tokio::time::interval(REANNOUNCE_INTERVAL);
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                _ = stop.changed() => return,
-            }
+            ticks.tick().await;
             let key = RecordKey::new(&registry_key());
             if let Err(e) = self.shared.network.start_providing(key).await {
                 tracing::warn!(error = %e, "cannot announce this scheduler");
@@ -125,20 +121,29 @@ impl Market {
     }
 
     /// Takes an offerer's report for the super-trader list.
-    pub(super) fn take_notification(&self, from: PeerId, offers: Vec<SignedOffer>) -> Response {
-        let Some(list) = &self.shared.super_traders else {
+    pub(super) async fn take_notification(
+        &self,
+        from: PeerId,
+        offers: Vec<SignedOffer>,
+    ) -> Response {
+        if !self.is_scheduler() {
             return Response::Refused {
                 reason: "this node is not a scheduler".into(),
             };
-        };
+        }
         // Only an offerer's own offers: nobody reports for someone else.
         let own: Vec<SignedOffer> = offers
             .into_iter()
             .filter(|o| o.body.offerer == from)
             .collect();
-        let accepted = lock(list).notify(now_ms(), own);
-        Response::Notified {
-            accepted: accepted as u32,
+        let accepted = self
+            .with(move |m, now| m.super_traders.as_mut().map_or(0, |l| l.notify(now, own)))
+            .await;
+        match accepted {
+            Ok(accepted) => Response::Notified {
+                accepted: accepted as u32,
+            },
+            Err(_) => Response::stopping(),
         }
     }
 
@@ -189,7 +194,7 @@ impl Market {
         request_mib: u32,
         exchanges: &mut Exchanges,
     ) -> Probed {
-        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        let left = Duration::from_millis(deadline_ms.saturating_sub(self.now()));
         let timeout = self.shared.config.answer_timeout.min(left);
         match step {
             Step::FindClosest { key } => {
@@ -216,10 +221,13 @@ impl Market {
                 }
             }
             Step::Fallback => Probed::Fallback(
-                self.shared
-                    .super_traders
-                    .as_ref()
-                    .map_or(Vec::new(), |l| lock(l).fitting(now_ms(), request_mib)),
+                self.with(move |m, now| {
+                    m.super_traders
+                        .as_ref()
+                        .map_or(Vec::new(), |l| l.fitting(now, request_mib))
+                })
+                .await
+                .unwrap_or_default(),
             ),
             Step::Done => Probed::Fallback(Vec::new()),
         }
@@ -236,7 +244,7 @@ impl Market {
         let mut rng = StdRng::from_os_rng();
         let config = self.discovery_config(request.max_tries);
         let bytes = u64::from(request.memory_mib) * MIB;
-        let (mut discovery, mut step) = Discovery::start(now_ms(), bytes, config, &mut rng)?;
+        let (mut discovery, mut step) = Discovery::start(self.now(), bytes, config, &mut rng)?;
         discovery.exclude(exclude.iter().copied());
         let timeout = self.shared.config.answer_timeout;
         let mut exchanges = Exchanges::default();
@@ -277,12 +285,12 @@ impl Market {
                         break;
                     }
                     // Every offer found was stale: probe on without their offerers.
-                    discovery.on_refused(now_ms(), refused_by, &mut rng)
+                    discovery.on_refused(self.now(), refused_by, &mut rng)
                 }
                 step => {
                     let (deadline, mib) = (discovery.deadline_ms(), discovery.request_mib());
                     let probed = self.probe(step, deadline, mib, &mut exchanges).await;
-                    probed.feed_discovery(&mut discovery, &mut rng)
+                    probed.feed_discovery(self.now(), &mut discovery, &mut rng)
                 }
             };
         }
@@ -342,16 +350,27 @@ impl Market {
         // Whatever the answer, the version reserved on is out of date now: the offerer's
         // new version replaces it, or its next report brings it back. A newer version that
         // arrived meanwhile (with another call's answer) stays.
-        if let Some(list) = &self.shared.super_traders {
-            let mut list = lock(list);
-            match &answer {
+        if self.is_scheduler() {
+            let (offer_id, seq) = (offer.body.offer_id, offer.body.seq);
+            let newer = match &answer {
                 Ok(Response::Reserved {
                     offer: Some(newer), ..
-                }) if newer.body.offerer == offerer => {
-                    list.notify(now_ms(), vec![(**newer).clone()]);
-                }
-                _ => list.remove(&offerer, offer.body.offer_id, offer.body.seq),
-            }
+                }) if newer.body.offerer == offerer => Some((**newer).clone()),
+                _ => None,
+            };
+            let _ = self
+                .with(move |m, now| {
+                    let Some(list) = m.super_traders.as_mut() else {
+                        return;
+                    };
+                    match newer {
+                        Some(newer) => {
+                            list.notify(now, vec![newer]);
+                        }
+                        None => list.remove(&offerer, offer_id, seq),
+                    }
+                })
+                .await;
         }
         match answer {
             Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
@@ -416,8 +435,7 @@ pub(super) enum Probed {
 
 impl Probed {
     /// Feeds it to a discovery.
-    pub fn feed_discovery(self, d: &mut Discovery, rng: &mut dyn RngCore) -> Step {
-        let now = now_ms();
+    pub fn feed_discovery(self, now: u64, d: &mut Discovery, rng: &mut dyn RngCore) -> Step {
         match self {
             Probed::Closest(holder) => d.on_closest(now, holder, rng),
             Probed::Offers(offers) => d.on_offers(now, offers, rng),
@@ -428,8 +446,7 @@ impl Probed {
     }
 
     /// Feeds it to a placement.
-    pub fn feed_placer(self, p: &mut Placer, rng: &mut dyn RngCore) -> placer::Step {
-        let now = now_ms();
+    pub fn feed_placer(self, now: u64, p: &mut Placer, rng: &mut dyn RngCore) -> placer::Step {
         match self {
             Probed::Closest(holder) => p.on_closest(now, holder, rng),
             Probed::Offers(offers) => p.on_offers(now, offers, rng),

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
+use flotilla_node::market::OffersView;
 use flotilla_overlay::Cid;
 use flotilla_overlay::fetch::FetchProgress;
 use futures::{StreamExt, TryStreamExt};
@@ -14,6 +15,23 @@ use rand::{RngCore, SeedableRng};
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// What each of `nodes` offers, reserves and holds, in order.
+pub async fn views(nodes: &[RunningNode]) -> Vec<OffersView> {
+    let mut views = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        views.push(node.market().offers().await);
+    }
+    views
+}
+
+/// Whether every offer each of `nodes` makes is published.
+pub async fn all_published(nodes: &[RunningNode]) -> bool {
+    views(nodes)
+        .await
+        .iter()
+        .all(|v| v.sent.iter().all(|o| o.state == "published"))
+}
 
 /// Starts `n` nodes on loopback in a fresh temporary directory.
 pub async fn network(n: usize) -> (tempfile::TempDir, Vec<RunningNode>) {
