@@ -9,6 +9,8 @@
 //! * [`placement`]: Algorithm 3 — best fit by default, worst fit and random selectable;
 //! * [`placer`]: placing one call — discovery, the ranked offers, reserve-and-run on
 //!   each, retries on another volunteer, bounded in attempts, reservations and time;
+//! * [`job`]: a detached job on its scheduler — phases, record versions, keepers of
+//!   the latest version, retries until its deadline;
 //! * [`registry`]: the well-known key schedulers announce themselves under;
 //! * [`harness`]: N nodes' machines wired through a simulated network (delay, loss,
 //!   duplicates, cuts, isolation, crashes) in virtual time, checking the market's
@@ -17,6 +19,7 @@
 
 pub mod discovery;
 pub mod harness;
+pub mod job;
 pub mod placement;
 pub mod placer;
 pub mod registry;
