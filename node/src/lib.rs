@@ -1,7 +1,9 @@
 //! The `flotilla` binary's library: the volunteer daemon, its part in the resource market
 //! (offers, holders, schedulers), its local HTTP API, the CLI commands that talk to it,
 //! and the loopback demo; the sandboxed Wasm executor is the crate `flotilla-executor`
-//! (`node/executor`), re-exported as [`executor`].
+//! (`node/executor`), re-exported as [`executor`], and the API's client and types with the
+//! records they carry are the crate `flotilla-api` (`node/api`), re-exported where they
+//! were (`api::{client, types}`, `market::function`, ...).
 //!
 //! `main.rs` only parses the command line and calls [`commands::run`]; tests start nodes
 //! in-process with [`daemon::start`].
@@ -16,8 +18,4 @@ pub use flotilla_executor as executor;
 pub mod identity;
 pub mod market;
 
-/// `text` on one line, runs of whitespace (newlines included) made single spaces: how
-/// errors from deeper layers are shown.
-pub fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+pub use flotilla_api::one_line;

@@ -118,7 +118,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
-    let message = flotilla_node::one_line(&format!("{error:#}"));
+    let message = flotilla_api::one_line(&format!("{error:#}"));
     #[allow(clippy::print_stderr)]
     {
         eprintln!("error: {message}");

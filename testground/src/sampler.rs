@@ -55,7 +55,7 @@ pub struct Sampler {
     instance: u32,
     generation: u32,
     pid: u32,
-    api: flotilla_node::api::client::ApiClient,
+    api: flotilla_api::client::ApiClient,
     last: Option<(u64, u64)>,
 }
 
@@ -66,7 +66,7 @@ impl Sampler {
             instance,
             generation,
             pid,
-            api: flotilla_node::api::client::ApiClient::new(api),
+            api: flotilla_api::client::ApiClient::new(api),
             last: None,
         }
     }

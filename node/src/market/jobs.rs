@@ -16,13 +16,12 @@ use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream}
 use super::protocol::{InvokeRequest, Request, Response};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
-use libp2p::identity::{Keypair, PublicKey};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
+
+pub use flotilla_api::job::{JobRecord, JobRecordError, JobState, SignedJob, job_id};
 
 /// Jobs one scheduler holds (waiting or running) at once; more are refused.
 pub const MAX_JOBS: usize = 256;
@@ -48,139 +47,6 @@ pub const MAX_COPIED_RESULT_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_REPUBLISHED_PER_ROUND: usize = 32;
 /// Stdout or stderr up to this size is kept in the record; larger ones by CID.
 const MAX_RECORD_INLINE: usize = 4 * 1024;
-
-/// Where a job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    /// Taken, and waiting for an offer that fits.
-    Waiting,
-    /// Being placed or run.
-    Running,
-    /// It ran: see the result.
-    Done,
-    /// It could not run, or waited past its deadline.
-    Failed,
-}
-
-impl std::fmt::Display for JobState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            JobState::Waiting => "waiting",
-            JobState::Running => "running",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-        })
-    }
-}
-
-/// One version of a job's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobRecord {
-    /// The job's id: [`job_id`] of the scheduler and the nonce.
-    pub job_id: u64,
-    /// The client's nonce (the call's invocation id), from which the id is derived.
-    pub nonce: u64,
-    /// The version: higher is newer.
-    pub seq: u64,
-    /// The scheduler that holds the job.
-    pub scheduler: String,
-    /// Where it stands.
-    pub state: JobState,
-    /// The module it runs.
-    pub module: String,
-    /// When it was taken (Unix ms).
-    pub submitted_at_ms: u64,
-    /// Until when it may wait for an offer (Unix ms).
-    pub wait_until_ms: u64,
-    /// When this version was made (Unix ms).
-    pub updated_at_ms: u64,
-    /// Placements tried.
-    pub attempts: u32,
-    /// The latest reason it is waiting, or why it failed.
-    pub error: Option<String>,
-    /// The result, once done.
-    pub result: Option<Invocation>,
-}
-
-/// A job record signed by its scheduler.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedJob {
-    /// The scheduler's public key (protobuf encoding).
-    #[serde(with = "flotilla_offers::offer::cbor_bytes")]
-    pub public_key: Vec<u8>,
-    /// Its signature over the record's CBOR encoding.
-    #[serde(with = "flotilla_offers::offer::cbor_bytes")]
-    pub signature: Vec<u8>,
-    /// The record.
-    pub record: JobRecord,
-}
-
-/// Why a job record was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JobRecordError {
-    /// The signature or key does not match the record's scheduler.
-    #[error("bad signature")]
-    BadSignature,
-    /// The job id is not derived from the record's scheduler and nonce.
-    #[error("job {0:016x} is not an id of this record's scheduler")]
-    ForeignId(u64),
-    /// The book already has this version or a newer one.
-    #[error("job {0:016x} has a newer version here")]
-    Stale(u64),
-    /// The version is older than the records' lifetime.
-    #[error("job {0:016x}'s record has expired")]
-    Expired(u64),
-}
-
-/// The id of the job a scheduler takes for a client's nonce: 63 bits of
-/// SHA-256(domain ‖ scheduler's peer id ‖ nonce). Finding another scheduler key that
-/// yields a given id takes about 2^63 tries.
-pub fn job_id(scheduler: &PeerId, nonce: u64) -> u64 {
-    let digest = Sha256::new()
-        .chain_update(b"flotilla/job-id/v1\0")
-        .chain_update(scheduler.to_bytes())
-        .chain_update(nonce.to_be_bytes())
-        .finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(first) >> 1
-}
-
-fn record_bytes(record: &JobRecord) -> Vec<u8> {
-    cbor4ii::serde::to_vec(Vec::new(), record).expect("records always encode")
-}
-
-impl SignedJob {
-    /// Signs `record` with the scheduler's key.
-    pub fn sign(record: JobRecord, keypair: &Keypair) -> SignedJob {
-        let signature = keypair
-            .sign(&record_bytes(&record))
-            .expect("ed25519 signing cannot fail");
-        SignedJob {
-            public_key: keypair.public().encode_protobuf(),
-            signature,
-            record,
-        }
-    }
-
-    /// Checks that the key is the scheduler's, signed the record, and that the job id
-    /// is the scheduler's for the record's nonce.
-    pub fn verify(&self) -> Result<(), JobRecordError> {
-        let key = PublicKey::try_decode_protobuf(&self.public_key)
-            .map_err(|_| JobRecordError::BadSignature)?;
-        let scheduler = key.to_peer_id();
-        if scheduler.to_string() != self.record.scheduler
-            || !key.verify(&record_bytes(&self.record), &self.signature)
-        {
-            return Err(JobRecordError::BadSignature);
-        }
-        if job_id(&scheduler, self.record.nonce) != self.record.job_id {
-            return Err(JobRecordError::ForeignId(self.record.job_id));
-        }
-        Ok(())
-    }
-}
 
 /// The job records a node keeps: bounded (in all, and per scheduler), newest version per
 /// job, expiring [`JOB_RECORD_TTL`] after the version was made — but never later than
@@ -669,6 +535,7 @@ impl Market {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::identity::Keypair;
 
     fn record(keypair: &Keypair, nonce: u64, seq: u64) -> JobRecord {
         let scheduler = keypair.public().to_peer_id();
@@ -776,16 +643,6 @@ mod tests {
             book.due_for_republishing(expired, every, 9).is_empty(),
             "expired"
         );
-    }
-
-    #[test]
-    fn job_ids_depend_on_the_scheduler_and_the_nonce() {
-        let a = Keypair::generate_ed25519().public().to_peer_id();
-        let b = Keypair::generate_ed25519().public().to_peer_id();
-        assert_eq!(job_id(&a, 1), job_id(&a, 1));
-        assert_ne!(job_id(&a, 1), job_id(&a, 2));
-        assert_ne!(job_id(&a, 1), job_id(&b, 1));
-        assert!(job_id(&a, u64::MAX) <= i64::MAX as u64);
     }
 
     #[test]

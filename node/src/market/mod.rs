@@ -24,7 +24,8 @@
 //! * [`metrics`]: what it all counts.
 
 pub mod clock;
-pub mod function;
+/// What an invocation carries: the crate `flotilla-api`'s module, re-exported.
+pub use flotilla_api::function;
 pub mod jobs;
 pub mod metrics;
 pub mod once;
@@ -46,8 +47,8 @@ use crate::market::protocol::{
     encode_response,
 };
 use flotilla_offers::holder::{Holder, HolderConfig};
-use flotilla_offers::ledger::{LedgerConfig, Reservation};
-use flotilla_offers::offerer::{Offerer, OffererConfig, SentOffer, Slicing};
+use flotilla_offers::ledger::LedgerConfig;
+use flotilla_offers::offerer::{Offerer, OffererConfig, Slicing};
 use flotilla_overlay::Overlay;
 use flotilla_overlay::network::Network;
 use flotilla_overlay::regions::KeySpace;
@@ -69,6 +70,7 @@ use tokio_util::task::TaskTracker;
 
 pub use clock::Clock;
 pub use executing::MAX_INPUT_BYTES;
+pub use flotilla_api::market::{HeldOffer, OffersView, SentOfferView};
 pub use invoking::{InvokeError, MAX_ATTEMPTS};
 pub use protocol::{DiscoverRequest, Discovered, OfferSummary, Placement, ReserveTerms};
 pub use scheduling::{DiscoverError, MAX_TRIES_LIMIT};
@@ -153,69 +155,6 @@ pub enum CallError {
     /// No answer in time.
     #[error("{0} did not answer in time")]
     Timeout(PeerId),
-}
-
-/// Offers this node holds for another peer, as `flotilla offers` lists them.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct HeldOffer {
-    /// The offer.
-    #[serde(flatten)]
-    pub offer: OfferSummary,
-    /// When it expires (Unix ms).
-    pub expires_at_ms: u64,
-}
-
-/// What `flotilla offers` shows.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct OffersView {
-    /// Memory this node lends, in MiB (0 if none).
-    pub offer_memory_mib: u64,
-    /// Whether this node is a scheduler.
-    pub scheduler: bool,
-    /// The offers this node makes.
-    pub sent: Vec<SentOfferView>,
-    /// Reservations on them.
-    pub reservations: Vec<Reservation>,
-    /// The offers it holds for others.
-    pub held: Vec<HeldOffer>,
-    /// Offers on its super-trader list (schedulers only).
-    pub super_traders: usize,
-}
-
-/// One offer this node makes (a [`SentOffer`] that can be read back).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SentOfferView {
-    /// The offer's id.
-    pub offer_id: u64,
-    /// Its tier, in MiB.
-    pub tier_mib: u32,
-    /// Memory it lends, in MiB.
-    pub memory_mib: u32,
-    /// Memory reserved on it, in MiB.
-    pub in_use_mib: u32,
-    /// Its latest sequence number.
-    pub seq: u64,
-    /// Its holder, once known.
-    pub holder: Option<String>,
-    /// When it expires, once published.
-    pub expires_at_ms: Option<u64>,
-    /// Where it stands.
-    pub state: String,
-}
-
-impl From<SentOffer> for SentOfferView {
-    fn from(s: SentOffer) -> Self {
-        SentOfferView {
-            offer_id: s.offer_id,
-            tier_mib: s.tier_mib,
-            memory_mib: s.memory_mib,
-            in_use_mib: s.in_use_mib,
-            seq: s.seq,
-            holder: s.holder,
-            expires_at_ms: s.expires_at_ms,
-            state: s.state.to_string(),
-        }
-    }
 }
 
 /// This node's part in the market; clones share it.

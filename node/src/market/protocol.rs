@@ -28,9 +28,10 @@ use crate::one_line;
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_overlay::regions::Tier;
-use flotilla_scheduler::discovery::Report;
 use flotilla_scheduler::placement::Policy;
 use serde::{Deserialize, Serialize};
+
+pub use flotilla_api::market::{Discovered, OfferSummary, Placement};
 
 /// Longest key an offer may be sent under, in bytes.
 pub const MAX_KEY_BYTES: usize = 64;
@@ -266,57 +267,6 @@ impl Response {
             reason: super::Stopped.to_string(),
         }
     }
-}
-
-/// The outcome of a discovery run by a scheduler.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Discovered {
-    /// The scheduler that ran it.
-    pub scheduler: String,
-    /// The probes, fallback, messages and time.
-    pub report: Report,
-    /// Kademlia requests the probes' lookups sent.
-    pub lookup_requests: u32,
-    /// The fitting offers found (at most [`MAX_FOUND_OFFERS`]).
-    pub offers: Vec<OfferSummary>,
-    /// The reservation made, when one was asked for and succeeded.
-    pub placement: Option<Placement>,
-}
-
-/// One offer, as a discovery reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OfferSummary {
-    /// The offering peer.
-    pub offerer: String,
-    /// The offer's id.
-    pub offer_id: u64,
-    /// Its tier, in MiB.
-    pub tier_mib: u32,
-    /// Memory it lends, in MiB.
-    pub memory_mib: u32,
-    /// Memory free on it, in MiB.
-    pub free_mib: u32,
-}
-
-impl From<&SignedOffer> for OfferSummary {
-    fn from(offer: &SignedOffer) -> Self {
-        OfferSummary {
-            offerer: offer.body.offerer.to_string(),
-            offer_id: offer.body.offer_id,
-            tier_mib: offer.body.tier.mib(),
-            memory_mib: offer.body.memory_mib,
-            free_mib: offer.body.free_mib(),
-        }
-    }
-}
-
-/// A reservation made for a client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Placement {
-    /// The offer it was taken from, as signed by its offerer (with its addresses).
-    pub offer: SignedOffer,
-    /// The reservation.
-    pub reservation: Reservation,
 }
 
 /// Encodes a request.

@@ -12,9 +12,9 @@ use crate::links::Links;
 use crate::node_process::NodeProcess;
 use crate::records::{CsvLog, INVOCATIONS_FILE, InvocationRow, unix_ms};
 use anyhow::Context;
-use flotilla_node::api::client::{ApiClient, ClientError};
-use flotilla_node::api::types::{DiscoverBody, InvokeBody};
-use flotilla_node::market::function::FunctionCall;
+use flotilla_api::client::{ApiClient, ClientError};
+use flotilla_api::function::FunctionCall;
+use flotilla_api::types::{DiscoverBody, InvokeBody};
 use rand::Rng;
 use rand::rngs::StdRng;
 use std::sync::{Arc, Mutex};
@@ -259,7 +259,7 @@ async fn invoke_once(
         }
     }
     // One line per error, so the CSV stays easy to read.
-    row.error = flotilla_node::one_line(&row.error);
+    row.error = flotilla_api::one_line(&row.error);
     row
 }
 

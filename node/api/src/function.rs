@@ -6,7 +6,6 @@
 //! stdin and named inputs are CIDs the volunteer fetches; output files come back as CIDs,
 //! and stdout or stderr too once they are larger than [`MAX_INLINE_OUTPUT`].
 
-use crate::executor::jobdir;
 use cid::Cid;
 use flotilla_overlay::regions::Tier;
 use serde::{Deserialize, Serialize};
@@ -111,7 +110,7 @@ impl FunctionCall {
         }
         let mut names = std::collections::BTreeSet::new();
         for (name, cid) in &self.inputs {
-            jobdir::check_name(name).map_err(|e| CallRejected(e.to_string()))?;
+            check_input_name(name)?;
             if !names.insert(name) {
                 return reject(format!("input {name:?} is named twice"));
             }
@@ -134,6 +133,29 @@ impl FunctionCall {
             ));
         }
         Ok(())
+    }
+}
+
+/// Checks that `name` can name a file in the job directory: a plain relative file name
+/// of at most 255 bytes, no `/`, `..` or leading `.`. The executor checks the same rule
+/// (`flotilla_executor::jobdir::check_name`) when it writes the inputs; a test in
+/// flotilla-node keeps the two in step.
+pub fn check_input_name(name: &str) -> Result<(), CallRejected> {
+    let path = std::path::Path::new(name);
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && path.components().count() == 1
+        && matches!(
+            path.components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    if plain {
+        Ok(())
+    } else {
+        Err(CallRejected(format!(
+            "input name '{name}' must be a plain file name (no '/', '..' or leading '.')"
+        )))
     }
 }
 
@@ -371,6 +393,16 @@ mod tests {
                 ..invocation
             }
         );
+    }
+
+    #[test]
+    fn input_names_must_be_plain() {
+        for bad in ["", "../x", "a/b", ".hidden", "/etc/passwd", "..", "."] {
+            assert!(check_input_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_input_name(&"x".repeat(256)).is_err());
+        check_input_name("input.txt").unwrap();
+        check_input_name(&"x".repeat(255)).unwrap();
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The API client the CLI uses to talk to its node.
+//! The API client the CLI (and the research harness) uses to talk to a node.
 
-use super::types::{
+use crate::job::JobRecord;
+use crate::market::{Discovered, OffersView};
+use crate::types::{
     DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody, Submitted,
 };
-use crate::market::jobs::JobRecord;
-use crate::market::{Discovered, OffersView};
 use bytes::Bytes;
 use flotilla_overlay::fetch::FetchProgress;
 use flotilla_overlay::{Added, Cid, OverlayStatus};

@@ -1,4 +1,4 @@
-//! Messages of the local HTTP API, shared by server and client.
+//! Messages of the local HTTP API, shared by the node's server and [`crate::client`].
 
 use flotilla_overlay::fetch::FetchProgress;
 use serde::{Deserialize, Serialize};
@@ -60,7 +60,7 @@ pub struct DiscoverBody {
 pub struct InvokeBody {
     /// The call.
     #[serde(flatten)]
-    pub call: crate::market::function::FunctionCall,
+    pub call: crate::function::FunctionCall,
     /// Region probes before the fallback (the scheduler's setting if absent).
     #[serde(default)]
     pub max_tries: Option<u32>,
@@ -74,7 +74,7 @@ pub struct InvokeBody {
 pub struct InvokeReply {
     /// The invocation.
     #[serde(flatten)]
-    pub invocation: crate::market::function::Invocation,
+    pub invocation: crate::function::Invocation,
     /// From the local node taking the call to the answer, in µs.
     pub total_us: u64,
 }
