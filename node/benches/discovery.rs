@@ -103,7 +103,12 @@ async fn reserve(nodes: &[RunningNode], i: usize, offer: &SentOfferView, mib: u3
             },
         );
         let answer = scheduler
-            .request(nodes[i].peer_id(), Vec::new(), request)
+            .request(
+                protocol::Concern::Offers,
+                nodes[i].peer_id(),
+                Vec::new(),
+                request,
+            )
             .await
             .unwrap();
         assert!(matches!(

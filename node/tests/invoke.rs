@@ -120,13 +120,19 @@ async fn nothing_reserved(nodes: &[RunningNode]) -> bool {
     true
 }
 
-/// Sends `request` (as request `id`) from `from` to `to` over the market protocol and
+/// Sends `request` (as request `id`) from `from` to `to` over its concern's protocol and
 /// decodes the answer.
 async fn ask(from: &RunningNode, to: PeerId, id: u64, request: Request) -> Response {
+    let concern = request.concern();
     let answer = from
         .overlay()
         .network()
-        .request(to, Vec::new(), protocol::encode_request(id, request))
+        .request(
+            concern,
+            to,
+            Vec::new(),
+            protocol::encode_request(id, request),
+        )
         .await
         .unwrap();
     protocol::decode_response(&answer, id).unwrap()

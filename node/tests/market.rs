@@ -9,7 +9,7 @@ use common::{all_published, metric, views, wait_until, wait_until_within};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
-use flotilla_node::market::protocol::{self, Request, Response};
+use flotilla_node::market::protocol::{self, Concern, Request, Response};
 use flotilla_node::market::{DiscoverError, DiscoverRequest, Discovered, ReserveTerms};
 use flotilla_offers::offerer::Slicing;
 use flotilla_overlay::regions::KeySpace;
@@ -486,7 +486,12 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
     .await;
 
     let answer = network
-        .request(target, Vec::new(), b"\xffnot cbor".to_vec())
+        .request(
+            Concern::Offers,
+            target,
+            Vec::new(),
+            b"\xffnot cbor".to_vec(),
+        )
         .await
         .unwrap();
     let refused = protocol::decode_response(&answer, 0).unwrap();
@@ -494,6 +499,22 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
     assert_eq!(
         metric(&nodes[1], "flotilla_offers_malformed_requests_total").await,
         1.0
+    );
+
+    // A request on another concern's protocol: an offers request sent as a job.
+    let release = protocol::encode_request(3, Request::Release { reservation_id: 1 });
+    let answer = network
+        .request(Concern::Jobs, target, Vec::new(), release)
+        .await
+        .unwrap();
+    let refused = protocol::decode_response(&answer, 3).unwrap();
+    assert!(
+        matches!(&refused, Response::Refused { reason } if reason.contains("belongs on /flotilla/offers/1.0.0")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        metric(&nodes[1], "flotilla_offers_malformed_requests_total").await,
+        2.0
     );
 
     // An offer signed by someone other than its offerer.
@@ -515,7 +536,10 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
     forged.signature = mallory.sign(b"something else").unwrap();
     let (key, _) = tier.region().random_key(&mut rand::rng());
     let request = protocol::encode_request(7, Request::Offer { key, offer: forged });
-    let answer = network.request(target, Vec::new(), request).await.unwrap();
+    let answer = network
+        .request(Concern::Offers, target, Vec::new(), request)
+        .await
+        .unwrap();
     let refused = protocol::decode_response(&answer, 7).unwrap();
     assert_eq!(
         refused,

@@ -9,13 +9,13 @@
 use crate::bitswap::Bitswap;
 use crate::liveness::{self, Liveness};
 use crate::record_store::SplitStore;
-use crate::rpc::{self, BytesCodec, InboundRequest, RpcError};
+use crate::rpc::{self, BytesCodec, Concern, Inbound, InboundRequest, Outgoing, RpcError};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, GetClosestPeersError, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
 use libp2p::{
@@ -118,7 +118,20 @@ struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
-    rpc: request_response::Behaviour<BytesCodec>,
+    offers_rpc: request_response::Behaviour<BytesCodec>,
+    calls_rpc: request_response::Behaviour<BytesCodec>,
+    jobs_rpc: request_response::Behaviour<BytesCodec>,
+}
+
+impl Behaviour {
+    /// The request-response behaviour of `concern`'s protocol.
+    fn rpc(&mut self, concern: Concern) -> &mut request_response::Behaviour<BytesCodec> {
+        match concern {
+            Concern::Offers => &mut self.offers_rpc,
+            Concern::Calls => &mut self.calls_rpc,
+            Concern::Jobs => &mut self.jobs_rpc,
+        }
+    }
 }
 
 /// The peers a Kademlia lookup found closest to a key.
@@ -145,6 +158,7 @@ enum Command {
         reply: oneshot::Sender<ClosestPeers>,
     },
     Request {
+        concern: Concern,
         peer: PeerId,
         addresses: Vec<Multiaddr>,
         bytes: Vec<u8>,
@@ -178,8 +192,8 @@ pub struct StartingNetwork {
     /// The stream-protocol control bitswap is built on.
     pub control: libp2p_stream::Control,
     commands: mpsc::Receiver<Command>,
-    responses: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
-    inbound: Option<mpsc::Receiver<InboundRequest>>,
+    responses: mpsc::Receiver<Outgoing>,
+    inbound: Option<Inbound>,
     handle: Network,
 }
 
@@ -209,7 +223,8 @@ impl Network {
             commands: tx,
             local_peer_id: *swarm.local_peer_id(),
         };
-        let (inbound_tx, inbound) = mpsc::channel(config.inbound_queue.max(1));
+        let queue = || mpsc::channel(config.inbound_queue.max(1));
+        let ((offers_tx, offers), (calls_tx, calls), (jobs_tx, jobs)) = (queue(), queue(), queue());
         let (respond, responses) = mpsc::channel(256);
         let mut event_loop = EventLoop {
             swarm,
@@ -220,7 +235,11 @@ impl Network {
             bitswap: None,
             timeout: config.timeout,
             metrics,
-            inbound: inbound_tx,
+            inbound: InboundSenders {
+                offers: offers_tx,
+                calls: calls_tx,
+                jobs: jobs_tx,
+            },
             respond,
         };
         let deadline = tokio::time::sleep(config.timeout);
@@ -249,7 +268,11 @@ impl Network {
             control,
             commands,
             responses,
-            inbound: Some(inbound),
+            inbound: Some(Inbound {
+                offers,
+                calls,
+                jobs,
+            }),
             handle,
         })
     }
@@ -309,10 +332,11 @@ impl Network {
         Ok((closest, found.requests))
     }
 
-    /// Sends a request on [`rpc::PROTOCOL`] to `peer`, dialling `addresses` if needed,
-    /// and waits for the response (at most the configured request timeout).
+    /// Sends a request on `concern`'s protocol to `peer`, dialling `addresses` if
+    /// needed, and waits for the response (at most the configured request timeout).
     pub async fn request(
         &self,
+        concern: Concern,
         peer: PeerId,
         addresses: Vec<Multiaddr>,
         bytes: Vec<u8>,
@@ -322,6 +346,7 @@ impl Network {
         }
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request {
+            concern,
             peer,
             addresses,
             bytes,
@@ -363,9 +388,9 @@ impl StartingNetwork {
         *self.event_loop.swarm.local_peer_id()
     }
 
-    /// The queue of requests other peers send us on [`rpc::PROTOCOL`]; `None` after the
-    /// first call. While nobody takes it, such requests are dropped.
-    pub fn take_inbound_requests(&mut self) -> Option<mpsc::Receiver<InboundRequest>> {
+    /// The queues of requests other peers send us, one per concern; `None` after the
+    /// first call. While nobody takes them, such requests are dropped.
+    pub fn take_inbound_requests(&mut self) -> Option<Inbound> {
         self.inbound.take()
     }
 
@@ -446,11 +471,9 @@ fn build_swarm(
                     ),
                     mdns: mdns.into(),
                     stream: libp2p_stream::Behaviour::new(),
-                    rpc: request_response::Behaviour::with_codec(
-                        BytesCodec,
-                        [(rpc::PROTOCOL, request_response::ProtocolSupport::Full)],
-                        rpc_config,
-                    ),
+                    offers_rpc: rpc_behaviour(Concern::Offers, rpc_config.clone()),
+                    calls_rpc: rpc_behaviour(Concern::Calls, rpc_config.clone()),
+                    jobs_rpc: rpc_behaviour(Concern::Jobs, rpc_config),
                 })
             },
         )
@@ -458,6 +481,35 @@ fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// The request-response behaviour of one concern's protocol.
+fn rpc_behaviour(
+    concern: Concern,
+    config: request_response::Config,
+) -> request_response::Behaviour<BytesCodec> {
+    request_response::Behaviour::with_codec(
+        BytesCodec,
+        [(concern.protocol(), request_response::ProtocolSupport::Full)],
+        config,
+    )
+}
+
+/// Where requests of each concern go.
+struct InboundSenders {
+    offers: mpsc::Sender<InboundRequest>,
+    calls: mpsc::Sender<InboundRequest>,
+    jobs: mpsc::Sender<InboundRequest>,
+}
+
+impl InboundSenders {
+    fn of(&self, concern: Concern) -> &mpsc::Sender<InboundRequest> {
+        match concern {
+            Concern::Offers => &self.offers,
+            Concern::Calls => &self.calls,
+            Concern::Jobs => &self.jobs,
+        }
+    }
 }
 
 /// Yamux with stream windows capped at its own 1 MiB frame limit.
@@ -479,14 +531,15 @@ type ReplySender = oneshot::Sender<Result<Vec<u8>, RpcError>>;
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     queries: HashMap<QueryId, PendingQuery>,
-    requests: HashMap<OutboundRequestId, (PeerId, ReplySender)>,
+    /// Outbound requests by concern and id (each behaviour numbers its own).
+    requests: HashMap<(Concern, OutboundRequestId), (PeerId, ReplySender)>,
     connected: HashSet<PeerId>,
     liveness: Liveness,
     bitswap: Option<Bitswap>,
     timeout: Duration,
     metrics: Metrics,
-    inbound: mpsc::Sender<InboundRequest>,
-    respond: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    inbound: InboundSenders,
+    respond: mpsc::Sender<Outgoing>,
 }
 
 impl EventLoop {
@@ -549,7 +602,7 @@ impl EventLoop {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut responses: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+        mut responses: mpsc::Receiver<Outgoing>,
     ) {
         loop {
             tokio::select! {
@@ -558,9 +611,9 @@ impl EventLoop {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.handle_command(command),
                 },
-                Some((channel, bytes)) = responses.recv() => {
+                Some((concern, channel, bytes)) = responses.recv() => {
                     // Fails only if the requester has gone or timed out.
-                    let _ = self.swarm.behaviour_mut().rpc.send_response(channel, bytes);
+                    let _ = self.swarm.behaviour_mut().rpc(concern).send_response(channel, bytes);
                 }
             }
         }
@@ -569,6 +622,7 @@ impl EventLoop {
 
     fn handle_command(&mut self, command: Command) {
         if let Command::Request {
+            concern,
             peer,
             addresses,
             bytes,
@@ -578,9 +632,9 @@ impl EventLoop {
             let id = self
                 .swarm
                 .behaviour_mut()
-                .rpc
+                .rpc(concern)
                 .send_request_with_addresses(&peer, bytes, addresses);
-            self.requests.insert(id, (peer, reply));
+            self.requests.insert((concern, id), (peer, reply));
             return;
         }
         let kad = &mut self.swarm.behaviour_mut().kad;
@@ -667,12 +721,20 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.handle_kad(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.handle_rpc(event),
+            SwarmEvent::Behaviour(BehaviourEvent::OffersRpc(event)) => {
+                self.handle_rpc(Concern::Offers, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::CallsRpc(event)) => {
+                self.handle_rpc(Concern::Calls, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::JobsRpc(event)) => {
+                self.handle_rpc(Concern::Jobs, event)
+            }
             _ => {}
         }
     }
 
-    fn handle_rpc(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn handle_rpc(&mut self, concern: Concern, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         match event {
             request_response::Event::Message {
                 peer,
@@ -684,13 +746,14 @@ impl EventLoop {
             } => {
                 let inbound = InboundRequest {
                     peer,
+                    concern,
                     bytes: request,
                     channel,
                     respond: self.respond.clone(),
                 };
-                if self.inbound.try_send(inbound).is_err() {
+                if self.inbound.of(concern).try_send(inbound).is_err() {
                     // Dropping the channel tells the sender its request failed.
-                    tracing::debug!(%peer, "inbound request queue full; request dropped");
+                    tracing::debug!(%peer, %concern, "inbound request queue full; request dropped");
                 }
             }
             request_response::Event::Message {
@@ -701,15 +764,15 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some((_, reply)) = self.requests.remove(&request_id) {
+                if let Some((_, reply)) = self.requests.remove(&(concern, request_id)) {
                     let _ = reply.send(Ok(response));
                 }
             }
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                if let Some((peer, reply)) = self.requests.remove(&request_id) {
-                    let _ = reply.send(Err(RpcError::from_failure(peer, error)));
+                if let Some((peer, reply)) = self.requests.remove(&(concern, request_id)) {
+                    let _ = reply.send(Err(RpcError::from_failure(peer, concern, error)));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

@@ -1,11 +1,14 @@
-//! Request-response messaging for the protocols built on the overlay (offers, discovery,
-//! reservations), on libp2p's request-response behaviour.
+//! Request-response messaging for the protocols built on the overlay, on libp2p's
+//! request-response behaviour: one protocol per [`Concern`] — offers (publishing,
+//! probes, reports, reservations), calls (discovery, invocation, execution) and jobs
+//! (detached jobs and their records) — each with its own inbound queue, so a flood of one
+//! concern cannot crowd out another, and its own handler above.
 //!
 //! The overlay moves each request and response as one bounded byte string on its own
 //! stream; the protocol above it encodes them (as CBOR) and decides what they mean. A
 //! message over its bound is refused while it is read, so a peer cannot make us buffer
-//! more. Requests that arrive while the application's inbound queue is full are dropped,
-//! which the sender sees as a failed request; the node keeps serving.
+//! more. Requests that arrive while their inbound queue is full are dropped, which the
+//! sender sees as a failed request; the node keeps serving.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::request_response::{self, OutboundFailure, ResponseChannel};
@@ -13,8 +16,36 @@ use libp2p::{PeerId, StreamProtocol};
 use std::io;
 use tokio::sync::mpsc;
 
-/// The protocol the offer and discovery messages travel on.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/offers/1.0.0");
+/// What a request is about: each concern travels on its own protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Concern {
+    /// Offers: publishing them to holders, probes, reports to schedulers, reservations.
+    Offers,
+    /// Calls: discoveries and invocations asked of a scheduler, executions of a volunteer.
+    Calls,
+    /// Detached jobs: submissions and the records peers keep.
+    Jobs,
+}
+
+impl Concern {
+    /// Every concern.
+    pub const ALL: [Concern; 3] = [Concern::Offers, Concern::Calls, Concern::Jobs];
+
+    /// The protocol its messages travel on.
+    pub const fn protocol(self) -> StreamProtocol {
+        match self {
+            Concern::Offers => StreamProtocol::new("/flotilla/offers/1.0.0"),
+            Concern::Calls => StreamProtocol::new("/flotilla/calls/1.0.0"),
+            Concern::Jobs => StreamProtocol::new("/flotilla/jobs/1.0.0"),
+        }
+    }
+}
+
+impl std::fmt::Display for Concern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.protocol().as_ref())
+    }
+}
 /// Largest request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Largest response accepted, in bytes.
@@ -34,8 +65,8 @@ pub enum RpcError {
     #[error("{0} did not answer in time")]
     Timeout(PeerId),
     /// The peer does not speak the protocol.
-    #[error("{0} does not speak {PROTOCOL}")]
-    Unsupported(PeerId),
+    #[error("{0} does not speak {1}")]
+    Unsupported(PeerId, Concern),
     /// The stream failed (closed, reset, or a message over its bound).
     #[error("request to {peer} failed: {reason}")]
     Failed {
@@ -53,11 +84,15 @@ pub enum RpcError {
 }
 
 impl RpcError {
-    pub(crate) fn from_failure(peer: PeerId, failure: OutboundFailure) -> RpcError {
+    pub(crate) fn from_failure(
+        peer: PeerId,
+        concern: Concern,
+        failure: OutboundFailure,
+    ) -> RpcError {
         match failure {
             OutboundFailure::DialFailure => RpcError::Unreachable(peer),
             OutboundFailure::Timeout => RpcError::Timeout(peer),
-            OutboundFailure::UnsupportedProtocols => RpcError::Unsupported(peer),
+            OutboundFailure::UnsupportedProtocols => RpcError::Unsupported(peer, concern),
             other => RpcError::Failed {
                 peer,
                 reason: other.to_string(),
@@ -66,14 +101,19 @@ impl RpcError {
     }
 }
 
+/// A response on its way back: its concern, the channel it answers, its bytes.
+pub(crate) type Outgoing = (Concern, ResponseChannel<Vec<u8>>, Vec<u8>);
+
 /// A request from another peer, waiting for its response.
 pub struct InboundRequest {
     /// Who sent it.
     pub peer: PeerId,
+    /// The protocol it came on.
+    pub concern: Concern,
     /// Its bytes (at most [`MAX_REQUEST_BYTES`]).
     pub bytes: Vec<u8>,
     pub(crate) channel: ResponseChannel<Vec<u8>>,
-    pub(crate) respond: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    pub(crate) respond: mpsc::Sender<Outgoing>,
 }
 
 impl InboundRequest {
@@ -81,10 +121,20 @@ impl InboundRequest {
     /// requester that has gone away is not an error.
     pub async fn respond(self, bytes: Vec<u8>) -> Result<(), RpcError> {
         self.respond
-            .send((self.channel, bytes))
+            .send((self.concern, self.channel, bytes))
             .await
             .map_err(|_| RpcError::Stopped)
     }
+}
+
+/// The queues of requests other peers send, one per concern.
+pub struct Inbound {
+    /// Requests on [`Concern::Offers`].
+    pub offers: mpsc::Receiver<InboundRequest>,
+    /// Requests on [`Concern::Calls`].
+    pub calls: mpsc::Receiver<InboundRequest>,
+    /// Requests on [`Concern::Jobs`].
+    pub jobs: mpsc::Receiver<InboundRequest>,
 }
 
 /// Requests and responses as byte strings, each bounded, read until the writer closes.
@@ -172,21 +222,31 @@ mod tests {
         let mut codec = BytesCodec;
         let mut wire = Cursor::new(Vec::new());
         codec
-            .write_request(&PROTOCOL, &mut wire, b"hello".to_vec())
+            .write_request(&Concern::Offers.protocol(), &mut wire, b"hello".to_vec())
             .await
             .unwrap();
         let mut read = Cursor::new(wire.into_inner());
         assert_eq!(
-            codec.read_request(&PROTOCOL, &mut read).await.unwrap(),
+            codec
+                .read_request(&Concern::Offers.protocol(), &mut read)
+                .await
+                .unwrap(),
             b"hello"
         );
         let mut big = Cursor::new(vec![0u8; MAX_REQUEST_BYTES + 1]);
-        let err = codec.read_request(&PROTOCOL, &mut big).await.unwrap_err();
+        let err = codec
+            .read_request(&Concern::Offers.protocol(), &mut big)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let mut sink = Cursor::new(Vec::new());
         assert!(
             codec
-                .write_response(&PROTOCOL, &mut sink, vec![0u8; MAX_RESPONSE_BYTES + 1])
+                .write_response(
+                    &Concern::Offers.protocol(),
+                    &mut sink,
+                    vec![0u8; MAX_RESPONSE_BYTES + 1]
+                )
                 .await
                 .is_err()
         );

@@ -7,7 +7,7 @@ use crate::blockstore::{Blockstore, StoreError, StoreStats};
 use crate::fetch::{FetchConfig, FetchError, FetchProgress, fetch_dag};
 use crate::metrics::OverlayMetrics;
 use crate::network::{Network, NetworkConfig, NetworkError, NetworkStatus};
-use crate::rpc::InboundRequest;
+use crate::rpc::Inbound;
 use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node};
 use bytes::{Bytes, BytesMut};
 use cid::Cid;
@@ -97,7 +97,7 @@ pub struct Overlay {
     metrics: OverlayMetrics,
     fetch: FetchConfig,
     listen_addrs: Vec<Multiaddr>,
-    inbound: Arc<Mutex<Option<mpsc::Receiver<InboundRequest>>>>,
+    inbound: Arc<Mutex<Option<Inbound>>>,
 }
 
 impl Overlay {
@@ -158,9 +158,9 @@ impl Overlay {
         &self.network
     }
 
-    /// The queue of requests other peers send on [`crate::rpc::PROTOCOL`]; `None` after
-    /// the first call (one service answers them).
-    pub fn take_inbound_requests(&self) -> Option<mpsc::Receiver<InboundRequest>> {
+    /// The queues of requests other peers send, one per [`crate::rpc::Concern`]; `None`
+    /// after the first call (one service answers them).
+    pub fn take_inbound_requests(&self) -> Option<Inbound> {
         self.inbound.lock().ok()?.take()
     }
 

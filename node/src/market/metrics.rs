@@ -46,7 +46,7 @@ pub struct MarketMetrics {
     pub messages: Histogram,
     /// Time per discovery, in seconds.
     pub seconds: Histogram,
-    /// Requests refused as malformed.
+    /// Requests refused as malformed, or sent on another concern's protocol.
     pub malformed: Counter,
     /// Calls this node placed as scheduler.
     pub invocations: Counter,

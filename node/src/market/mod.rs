@@ -14,7 +14,8 @@
 //! * `state`: the one owner of the shared machines (holder, offerer and ledger,
 //!   super-trader list, job book): an event loop taking commands, and the tracked tasks
 //!   that carry out their I/O; [`clock`]: the time it hands them;
-//! * [`protocol`]: the messages and their bounds;
+//! * [`protocol`]: the messages and their bounds; `serving`: one protocol per concern
+//!   (offers, calls, jobs), each with its own queue, task and handler;
 //! * `holding`: the holder side (offers received, questions about them);
 //! * `offering`: the offerer side (publishing, reservations, the super-trader feed);
 //! * `scheduling`: the registry, the super-trader list, and discovery;
@@ -36,23 +37,21 @@ mod holding;
 mod invoking;
 mod offering;
 mod scheduling;
+mod serving;
 mod state;
 #[cfg(test)]
 mod tests;
 
 use crate::executor::Executor;
 use crate::market::metrics::MarketMetrics;
-use crate::market::protocol::{
-    ProtocolError, Request, Response, decode_request, decode_response, encode_request,
-    encode_response,
-};
+use crate::market::protocol::{ProtocolError, Request, Response, decode_response, encode_request};
 use flotilla_offers::holder::{Holder, HolderConfig};
 use flotilla_offers::ledger::LedgerConfig;
 use flotilla_offers::offerer::{Offerer, OffererConfig, Slicing};
 use flotilla_overlay::Overlay;
 use flotilla_overlay::network::Network;
 use flotilla_overlay::regions::KeySpace;
-use flotilla_overlay::rpc::{InboundRequest, RpcError};
+use flotilla_overlay::rpc::RpcError;
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::supertraders::{SuperTraderConfig, SuperTraders};
 use futures::FutureExt;
@@ -64,7 +63,7 @@ use rand::RngCore;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -273,7 +272,7 @@ impl Market {
         let machines = state::Machines::new(holder, offerer, super_traders);
         market.spawn(market.clone().run_machines(machines, commands_in));
         if let Some(inbound) = overlay.take_inbound_requests() {
-            market.spawn(market.clone().serve(inbound));
+            market.serve_all(inbound);
         }
         if market.shared.config.scheduler {
             market.spawn(market.clone().announce_scheduler());
@@ -366,126 +365,19 @@ impl Market {
                 .shared
                 .next_request_id
                 .fetch_add(1, Ordering::Relaxed);
+            let concern = request.concern();
             let bytes = encode_request(id, request);
             let answer = tokio::time::timeout(
                 timeout,
-                market.shared.network.request(peer, addresses, bytes),
+                market
+                    .shared
+                    .network
+                    .request(concern, peer, addresses, bytes),
             )
             .await
             .map_err(|_| CallError::Timeout(peer))??;
             decode_response(&answer, id).map_err(|error| CallError::Protocol { peer, error })
         }
         .boxed()
-    }
-
-    /// Answers requests from other peers until the node stops.
-    async fn serve(self, mut inbound: mpsc::Receiver<InboundRequest>) {
-        loop {
-            let Some(request) = inbound.recv().await else {
-                break;
-            };
-            let envelope = match decode_request(&request.bytes) {
-                Ok(envelope) => envelope,
-                Err(e) => {
-                    self.shared.metrics.malformed.inc();
-                    tracing::debug!(peer = %request.peer, error = %e, "malformed request refused");
-                    let refusal = Response::Refused {
-                        reason: e.to_string(),
-                    };
-                    let _ = request.respond(encode_response(0, refusal)).await;
-                    continue;
-                }
-            };
-            let long_running = match envelope.request {
-                // These take many round trips (or a whole run): they go on beside the loop,
-                // as many as allowed; beyond that the client is told to ask another.
-                Request::Discover(discover) => self
-                    .discovery_slot()
-                    .map(|slot| self.clone().serve_discovery_owned(discover, slot).boxed()),
-                Request::Invoke(invoke) => self
-                    .invocation_slot()
-                    .map(|slot| self.clone().serve_invocation_owned(*invoke, slot).boxed()),
-                // Bounded by the reservations it needs: no more run than memory is lent.
-                Request::Execute(execute) => {
-                    let market = self.clone();
-                    let from = request.peer;
-                    Some(async move { market.serve_execution(from, *execute).await }.boxed())
-                }
-                other => {
-                    let response = self.handle(request.peer, other).await;
-                    let _ = request
-                        .respond(encode_response(envelope.id, response))
-                        .await;
-                    continue;
-                }
-            };
-            match long_running {
-                Some(serving) => {
-                    self.spawn(async move {
-                        let response = serving.await;
-                        let _ = request
-                            .respond(encode_response(envelope.id, response))
-                            .await;
-                    });
-                }
-                None => {
-                    let _ = request
-                        .respond(encode_response(envelope.id, Response::Busy))
-                        .await;
-                }
-            }
-        }
-    }
-
-    async fn serve_discovery_owned(
-        self,
-        request: DiscoverRequest,
-        slot: OwnedSemaphorePermit,
-    ) -> Response {
-        self.serve_discovery(request, slot).await
-    }
-
-    async fn serve_invocation_owned(
-        self,
-        request: protocol::InvokeRequest,
-        slot: OwnedSemaphorePermit,
-    ) -> Response {
-        self.serve_invocation(request, slot).await
-    }
-
-    /// Answers one request, from `from` (ourselves for in-process calls).
-    async fn handle(&self, from: PeerId, request: Request) -> Response {
-        match request {
-            Request::Offer { key, offer } => self.hold_offer(key, offer).await,
-            Request::FindOffers { tier, min_free_mib } => {
-                self.find_offers(tier, min_free_mib).await
-            }
-            Request::Notify { offers } => self.take_notification(from, offers).await,
-            Request::Reserve {
-                reservation_id,
-                offer_id,
-                mib,
-                hold_ms,
-            } => {
-                self.reserve(from, reservation_id, offer_id, mib, hold_ms)
-                    .await
-            }
-            Request::Release { reservation_id } => self.release(from, reservation_id).await,
-            Request::Discover(request) => match self.discovery_slot() {
-                Some(slot) => self.serve_discovery(request, slot).await,
-                None => Response::Busy,
-            },
-            Request::Invoke(request) => match self.invocation_slot() {
-                Some(slot) => self.serve_invocation(*request, slot).await,
-                None => Response::Busy,
-            },
-            Request::Execute(request) => self.serve_execution(from, *request).await,
-            Request::Submit { request, wait_ms } => {
-                self.take_job(*request, Duration::from_millis(wait_ms))
-                    .await
-            }
-            Request::StoreJob(job) => self.store_job(*job).await,
-            Request::FindJob { job_id } => self.held_job(job_id).await,
-        }
     }
 }

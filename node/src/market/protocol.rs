@@ -1,4 +1,5 @@
-//! The offer protocols' messages, as they travel on `/flotilla/offers/1.0.0`.
+//! The market's messages, each on its concern's protocol ([`Request::concern`]):
+//! `/flotilla/offers/1.0.0`, `/flotilla/calls/1.0.0` and `/flotilla/jobs/1.0.0`.
 //!
 //! Each request is one CBOR-encoded [`RequestEnvelope`] carrying an id, answered by one
 //! [`ResponseEnvelope`] with the same id. The overlay bounds every message's size while
@@ -28,6 +29,7 @@ use crate::one_line;
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_overlay::regions::Tier;
+pub use flotilla_overlay::rpc::Concern;
 use flotilla_scheduler::placement::Policy;
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +138,24 @@ pub enum Request {
         /// The job.
         job_id: u64,
     },
+}
+
+impl Request {
+    /// The concern it belongs to: the protocol it travels on and the handler that
+    /// answers it.
+    pub fn concern(&self) -> Concern {
+        match self {
+            Request::Offer { .. }
+            | Request::FindOffers { .. }
+            | Request::Notify { .. }
+            | Request::Reserve { .. }
+            | Request::Release { .. } => Concern::Offers,
+            Request::Discover(_) | Request::Invoke(_) | Request::Execute(_) => Concern::Calls,
+            Request::Submit { .. } | Request::StoreJob(_) | Request::FindJob { .. } => {
+                Concern::Jobs
+            }
+        }
+    }
 }
 
 /// A client's call, for a scheduler to place.

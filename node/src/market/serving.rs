@@ -1,0 +1,175 @@
+//! Answering other peers: one protocol per concern — offers, calls, jobs — each read from
+//! its own queue by its own task and answered by its own handler, so a flood of one
+//! concern cannot hold up another. A request that arrives on another concern's protocol
+//! is refused. Calls to this node itself come to the same handlers in-process
+//! ([`Market::handle`]), without a wire round trip.
+
+use super::Market;
+use super::protocol::{
+    Concern, Request, RequestEnvelope as Envelope, Response, decode_request, encode_response,
+};
+use flotilla_overlay::rpc::{Inbound, InboundRequest};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+impl Market {
+    /// Starts a task per concern answering its queue until the node stops.
+    pub(super) fn serve_all(&self, inbound: Inbound) {
+        self.spawn(self.clone().serve(Concern::Offers, inbound.offers));
+        self.spawn(self.clone().serve(Concern::Calls, inbound.calls));
+        self.spawn(self.clone().serve(Concern::Jobs, inbound.jobs));
+    }
+
+    /// Answers `concern`'s requests, one at a time; calls, which take many round trips
+    /// or a whole run, go on beside it (as many as their bounds allow).
+    async fn serve(self, concern: Concern, mut inbound: mpsc::Receiver<InboundRequest>) {
+        while let Some(request) = inbound.recv().await {
+            let envelope = match decode_request(&request.bytes) {
+                Ok(envelope) if envelope.request.concern() == concern => envelope,
+                Ok(envelope) => {
+                    let reason = format!(
+                        "this request belongs on {}, not {concern}",
+                        envelope.request.concern()
+                    );
+                    self.refuse(request, envelope.id, reason).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.refuse(request, 0, e.to_string()).await;
+                    continue;
+                }
+            };
+            match concern {
+                Concern::Offers => {
+                    let response = self.handle_offers(request.peer, envelope.request).await;
+                    let _ = request
+                        .respond(encode_response(envelope.id, response))
+                        .await;
+                }
+                Concern::Jobs => {
+                    let response = self.handle_jobs(envelope.request).await;
+                    let _ = request
+                        .respond(encode_response(envelope.id, response))
+                        .await;
+                }
+                Concern::Calls => self.take_call(request, envelope).await,
+            }
+        }
+    }
+
+    /// Refuses a request that is malformed or on the wrong protocol.
+    async fn refuse(&self, request: InboundRequest, id: u64, reason: String) {
+        self.shared.metrics.malformed.inc();
+        tracing::debug!(peer = %request.peer, %reason, "request refused");
+        let refusal = Response::Refused { reason };
+        let _ = request.respond(encode_response(id, refusal)).await;
+    }
+
+    /// Starts serving a call beside the queue, if there is room; else answers busy, so
+    /// the client asks another scheduler.
+    async fn take_call(&self, request: InboundRequest, envelope: Envelope) {
+        let from = request.peer;
+        let serving: Option<BoxFuture<'static, Response>> = match envelope.request {
+            Request::Discover(discover) => self.discovery_slot().map(|slot| {
+                let market = self.clone();
+                async move { market.serve_discovery(discover, slot).await }.boxed()
+            }),
+            Request::Invoke(invoke) => self.invocation_slot().map(|slot| {
+                let market = self.clone();
+                async move { market.serve_invocation(*invoke, slot).await }.boxed()
+            }),
+            // Bounded by the reservations it needs: no more run than memory is lent.
+            Request::Execute(execute) => {
+                let market = self.clone();
+                Some(async move { market.serve_execution(from, *execute).await }.boxed())
+            }
+            other => Some(futures::future::ready(not_of(Concern::Calls, &other)).boxed()),
+        };
+        match serving {
+            Some(serving) => self.spawn(async move {
+                let response = serving.await;
+                let _ = request
+                    .respond(encode_response(envelope.id, response))
+                    .await;
+            }),
+            None => {
+                let _ = request
+                    .respond(encode_response(envelope.id, Response::Busy))
+                    .await;
+            }
+        }
+    }
+
+    /// Answers one request from `from` (this node itself for in-process calls) with its
+    /// concern's handler.
+    pub(super) async fn handle(&self, from: PeerId, request: Request) -> Response {
+        match request.concern() {
+            Concern::Offers => self.handle_offers(from, request).await,
+            Concern::Calls => self.handle_calls(from, request).await,
+            Concern::Jobs => self.handle_jobs(request).await,
+        }
+    }
+
+    /// The offers protocol: holding offers, probes, reports, reservations.
+    async fn handle_offers(&self, from: PeerId, request: Request) -> Response {
+        match request {
+            Request::Offer { key, offer } => self.hold_offer(key, offer).await,
+            Request::FindOffers { tier, min_free_mib } => {
+                self.find_offers(tier, min_free_mib).await
+            }
+            Request::Notify { offers } => self.take_notification(from, offers).await,
+            Request::Reserve {
+                reservation_id,
+                offer_id,
+                mib,
+                hold_ms,
+            } => {
+                self.reserve(from, reservation_id, offer_id, mib, hold_ms)
+                    .await
+            }
+            Request::Release { reservation_id } => self.release(from, reservation_id).await,
+            other => not_of(Concern::Offers, &other),
+        }
+    }
+
+    /// The calls protocol, for a call to this node itself (from the network, calls are
+    /// taken by `take_call`).
+    async fn handle_calls(&self, from: PeerId, request: Request) -> Response {
+        match request {
+            Request::Discover(request) => match self.discovery_slot() {
+                Some(slot) => self.serve_discovery(request, slot).await,
+                None => Response::Busy,
+            },
+            Request::Invoke(request) => match self.invocation_slot() {
+                Some(slot) => self.serve_invocation(*request, slot).await,
+                None => Response::Busy,
+            },
+            Request::Execute(request) => self.serve_execution(from, *request).await,
+            other => not_of(Concern::Calls, &other),
+        }
+    }
+
+    /// The jobs protocol: submissions, and the records peers keep.
+    async fn handle_jobs(&self, request: Request) -> Response {
+        match request {
+            Request::Submit { request, wait_ms } => {
+                self.take_job(*request, Duration::from_millis(wait_ms))
+                    .await
+            }
+            Request::StoreJob(job) => self.store_job(*job).await,
+            Request::FindJob { job_id } => self.held_job(job_id).await,
+            other => not_of(Concern::Jobs, &other),
+        }
+    }
+}
+
+/// The answer to a request handed to another concern's handler (a bug of ours, never
+/// the peer's: `serve` sorts requests by concern first).
+fn not_of(concern: Concern, request: &Request) -> Response {
+    Response::Refused {
+        reason: format!("a {} request is not one of {concern}", request.concern()),
+    }
+}
