@@ -7,7 +7,9 @@
 //! happened ([`JobRun::on_published`], [`JobRun::on_placed`]). A job waits for an offer
 //! that fits, trying again every `retry_every_ms`, until its own deadline; a version
 //! that no peer kept is sent again at the same pace, so a scheduler that took a job
-//! before its routing table filled still gets the record out.
+//! before its routing table filled still gets the record out. Once the job has ended
+//! nothing is due: the final version is republished with every other record the node
+//! keeps.
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,14 +151,16 @@ impl JobRun {
         actions
     }
 
-    /// `keepers` peers kept version `seq`; a version kept by none is sent again after
-    /// `retry_every_ms`. Reports of older versions are ignored.
+    /// `keepers` peers kept version `seq`; a version of a job still under way kept by
+    /// none is sent again after `retry_every_ms` (a final one is left to the book that
+    /// republishes every record it keeps). Reports of older versions are ignored.
     pub fn on_published(&mut self, now_ms: u64, seq: u64, keepers: usize) {
         if seq != self.latest.seq {
             return;
         }
         self.keepers = keepers;
-        self.republish_at_ms = (keepers == 0).then(|| now_ms.saturating_add(self.retry_every_ms));
+        self.republish_at_ms = (keepers == 0 && !self.is_finished())
+            .then(|| now_ms.saturating_add(self.retry_every_ms));
     }
 
     /// The placement ended: done, failed, or waiting to try again while its deadline
@@ -407,10 +411,9 @@ mod tests {
                 };
                 check(&actions, &run, now, &mut placing)?;
                 if run.is_finished() {
-                    // Later, at most the final version is sent again.
-                    let later = run.clone().poll(now + 1_000_000_000);
-                    let latest = run.latest().clone();
-                    prop_assert!(later.iter().all(|a| *a == JobAction::Publish(latest.clone())));
+                    // Nothing is due once it has ended.
+                    prop_assert_eq!(run.next_wakeup(), None);
+                    prop_assert!(run.clone().poll(now + 1_000_000_000).is_empty());
                 }
             }
         }

@@ -14,10 +14,11 @@
 use super::Market;
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
+use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
 use rand::RngCore;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -209,6 +210,16 @@ pub enum JobError {
     Unknown(u64),
 }
 
+/// The record's state for a phase of the job's lifecycle.
+fn state_of(phase: Phase) -> JobState {
+    match phase {
+        Phase::Waiting => JobState::Waiting,
+        Phase::Running => JobState::Running,
+        Phase::Done => JobState::Done,
+        Phase::Failed => JobState::Failed,
+    }
+}
+
 impl Market {
     /// Takes a job for later placement, if there is room for it, and answers with its
     /// id. A nonce this scheduler already took a job for (a client's retry) is answered
@@ -265,60 +276,64 @@ impl Market {
         Response::Accepted { job_id }
     }
 
-    /// Places a job, again and again while nothing fits and its deadline allows, and
-    /// publishes each change of its state.
+    /// Carries out a job's lifecycle ([`JobRun`] decides): publishes each version of its
+    /// record, places it, and places it again while nothing fits and its deadline
+    /// allows, until it has ended (or the node stops).
     async fn run_job(
         self,
         request: InvokeRequest,
         mut record: JobRecord,
         _slot: OwnedSemaphorePermit,
     ) {
-        self.publish_job(&mut record).await;
         let retry_every = self
             .shared
             .config
             .notify_interval
             .clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let (mut run, actions) = JobRun::start(
+            self.now(),
+            record.wait_until_ms,
+            retry_every.as_millis() as u64,
+        );
+        let mut due: VecDeque<JobAction> = actions.into();
         loop {
-            record.state = JobState::Running;
-            record.attempts += 1;
-            self.publish_job(&mut record).await;
-            match self.place_and_run(request.clone()).await {
-                Response::Invoked(invocation) => {
-                    record.state = JobState::Done;
-                    record.error = None;
-                    let invocation = self.recordable(*invocation).await;
-                    // The volunteer may leave before the client reads the result.
-                    self.copy_result_blocks(result_blocks(&invocation));
-                    record.result = Some(invocation);
-                }
-                Response::Failed {
-                    reason,
-                    retryable: true,
-                } if self.now() + retry_every.as_millis() as u64 <= record.wait_until_ms => {
-                    record.state = JobState::Waiting;
-                    record.error = Some(reason);
-                    self.publish_job(&mut record).await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry_every) => continue,
-                        _ = self.stopping() => return,
+            while let Some(action) = due.pop_front() {
+                match action {
+                    JobAction::Publish(version) => {
+                        let seq = version.seq;
+                        record.seq = seq;
+                        record.state = state_of(version.phase);
+                        record.attempts = version.attempts;
+                        record.error = version.error;
+                        let keepers = self.publish_job(&mut record).await;
+                        run.on_published(self.now(), seq, keepers);
+                    }
+                    JobAction::Place => {
+                        let placed = match self.place_and_run(request.clone()).await {
+                            Response::Invoked(invocation) => {
+                                let invocation = self.recordable(*invocation).await;
+                                // The volunteer may leave before the client reads it.
+                                self.copy_result_blocks(result_blocks(&invocation));
+                                record.result = Some(invocation);
+                                Placed::Ran
+                            }
+                            Response::Failed { reason, retryable } => {
+                                Placed::Failed { reason, retryable }
+                            }
+                            other => Placed::Failed {
+                                reason: format!("unexpected answer {other:?}"),
+                                retryable: false,
+                            },
+                        };
+                        due.extend(run.on_placed(self.now(), placed));
                     }
                 }
-                Response::Failed { reason, retryable } => {
-                    record.state = JobState::Failed;
-                    record.error = Some(if retryable {
-                        format!("gave up waiting at its deadline: {reason}")
-                    } else {
-                        reason
-                    });
-                }
-                other => {
-                    record.state = JobState::Failed;
-                    record.error = Some(format!("unexpected answer {other:?}"));
-                }
             }
-            self.publish_job(&mut record).await;
-            return;
+            let Some(wake) = run.next_wakeup() else {
+                return;
+            };
+            tokio::time::sleep(Duration::from_millis(wake.saturating_sub(self.now()))).await;
+            due.extend(run.poll(self.now()));
         }
     }
 
@@ -345,8 +360,7 @@ impl Market {
 
     /// Signs the next version of `record`, keeps it, and sends it to the peers closest to
     /// the job's key (waiting at most the answer timeout).
-    async fn publish_job(&self, record: &mut JobRecord) {
-        record.seq += 1;
+    async fn publish_job(&self, record: &mut JobRecord) -> usize {
         record.updated_at_ms = self.now();
         let signed = SignedJob::sign(record.clone(), &self.shared.keypair);
         let kept = signed.clone();
@@ -360,6 +374,7 @@ impl Market {
         } else {
             tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
         }
+        stored
     }
 
     /// Sends `job` to the peers closest to its key (waiting at most the answer timeout

@@ -139,11 +139,6 @@ impl Market {
         });
     }
 
-    /// Resolves once the market starts stopping.
-    pub(super) async fn stopping(&self) {
-        self.shared.cancel.cancelled().await
-    }
-
     /// Tasks of the market still running (the loop included), for tests and `stop`.
     pub fn tasks_running(&self) -> usize {
         self.shared.tasks.len()
