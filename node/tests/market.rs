@@ -509,7 +509,7 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
         .unwrap();
     let refused = protocol::decode_response(&answer, 3).unwrap();
     assert!(
-        matches!(&refused, Response::Refused { reason } if reason.contains("belongs on /flotilla/offers/1.0.0")),
+        matches!(&refused, Response::Refused { reason } if reason.contains("belongs on /flotilla/offers/2.0.0")),
         "{refused:?}"
     );
     assert_eq!(

@@ -9,7 +9,7 @@
 use crate::bitswap::Bitswap;
 use crate::liveness::{self, Liveness};
 use crate::record_store::SplitStore;
-use crate::rpc::{self, BytesCodec, Concern, Inbound, InboundRequest, Outgoing, RpcError};
+use crate::rpc::{BytesCodec, Concern, Inbound, InboundRequest, Outgoing, RpcError};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, GetClosestPeersError, GetProvidersOk, QueryId, QueryResult, RecordKey};
@@ -426,9 +426,8 @@ fn build_swarm(
     kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
     let mdns = config.mdns;
     let max_connections = config.max_connections;
-    let rpc_config = request_response::Config::default()
-        .with_request_timeout(config.request_timeout)
-        .with_max_concurrent_streams(rpc::MAX_STREAMS_PER_CONNECTION);
+    let rpc_config =
+        request_response::Config::default().with_request_timeout(config.request_timeout);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -483,7 +482,8 @@ fn build_swarm(
     Ok(swarm)
 }
 
-/// The request-response behaviour of one concern's protocol.
+/// The request-response behaviour of one concern's protocol, with its share of the
+/// streams a connection may hold.
 fn rpc_behaviour(
     concern: Concern,
     config: request_response::Config,
@@ -491,7 +491,7 @@ fn rpc_behaviour(
     request_response::Behaviour::with_codec(
         BytesCodec,
         [(concern.protocol(), request_response::ProtocolSupport::Full)],
-        config,
+        config.with_max_concurrent_streams(concern.max_streams()),
     )
 }
 

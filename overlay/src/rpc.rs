@@ -31,10 +31,21 @@ impl Concern {
     /// Every concern.
     pub const ALL: [Concern; 3] = [Concern::Offers, Concern::Calls, Concern::Jobs];
 
+    /// Requests open at once on one connection, each way, on this concern's protocol:
+    /// together [`MAX_STREAMS_PER_CONNECTION`]. A call holds its stream while its
+    /// function runs, so calls get half.
+    pub const fn max_streams(self) -> usize {
+        match self {
+            Concern::Offers | Concern::Jobs => MAX_STREAMS_PER_CONNECTION / 4,
+            Concern::Calls => MAX_STREAMS_PER_CONNECTION / 2,
+        }
+    }
+
     /// The protocol its messages travel on.
     pub const fn protocol(self) -> StreamProtocol {
         match self {
-            Concern::Offers => StreamProtocol::new("/flotilla/offers/1.0.0"),
+            // 2.0.0: until 1.0.0 this protocol carried calls and jobs too.
+            Concern::Offers => StreamProtocol::new("/flotilla/offers/2.0.0"),
             Concern::Calls => StreamProtocol::new("/flotilla/calls/1.0.0"),
             Concern::Jobs => StreamProtocol::new("/flotilla/jobs/1.0.0"),
         }

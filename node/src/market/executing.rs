@@ -166,8 +166,10 @@ struct RunGuard<'a> {
 impl RunGuard<'_> {
     /// Ends the run now; returns the offer's new version.
     async fn end(mut self) -> Option<Box<flotilla_offers::offer::SignedOffer>> {
+        // Marked ended only once the loop has it: dropped while waiting, the drop ends it.
+        let newer = self.market.finish_run(self.reservation_id).await;
         self.ended = true;
-        self.market.finish_run(self.reservation_id).await
+        newer
     }
 }
 
@@ -213,6 +215,16 @@ impl From<Failure> for Response {
 }
 
 impl Market {
+    /// A place for one more execution taken from the network, or `None` when as many
+    /// are taken as allowed.
+    pub(super) fn execution_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.shared
+            .executions_taken
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
     /// Runs a call for `from` (a scheduler, or this node), at most once per invocation
     /// id and caller: on a reservation `from` made before, or reserved here and now when
     /// the request names an offer. The ledger decides; this carries it out.
@@ -308,7 +320,19 @@ impl Market {
             reservation_id: request.reservation_id,
             offer_id: request.offer_id,
         };
-        let admitted = self.with(move |m, now| admit(m, now, run, terms)).await;
+        let reservation_id = terms.reservation_id;
+        // If this call is dropped before it hears it was admitted, the run it started
+        // ends at once: no running reservation is left without its call.
+        let admitted = self
+            .with_undo(
+                move |m, now| admit(m, now, run, terms),
+                move |m, now, admitted| {
+                    if let Ok((Admitted::Start(_), _)) = admitted {
+                        super::offering::finish_run(m, now, reservation_id);
+                    }
+                },
+            )
+            .await;
         match admitted {
             Ok(Ok((admitted, reserved_here))) => {
                 if reserved_here {

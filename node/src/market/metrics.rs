@@ -48,6 +48,8 @@ pub struct MarketMetrics {
     pub seconds: Histogram,
     /// Requests refused as malformed, or sent on another concern's protocol.
     pub malformed: Counter,
+    /// Commands of the market's loop that panicked (a bug; the loop goes on).
+    pub command_panics: Counter,
     /// Calls this node placed as scheduler.
     pub invocations: Counter,
     /// Of those, calls that did not run (nothing fit, the call's fault, volunteers failed).
@@ -80,6 +82,7 @@ impl MarketMetrics {
             messages: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             malformed: Counter::default(),
+            command_panics: Counter::default(),
             invocations: Counter::default(),
             invocations_failed: Counter::default(),
             invocation_retries: Counter::default(),
@@ -119,6 +122,11 @@ impl MarketMetrics {
             "malformed_requests",
             "Requests refused as malformed",
             m.malformed.clone(),
+        );
+        r.register(
+            "command_panics",
+            "Commands of the market's loop that panicked (a bug; the loop goes on)",
+            m.command_panics.clone(),
         );
         let r = registry.sub_registry_with_prefix("flotilla_discovery");
         r.register(

@@ -85,6 +85,11 @@ const MAX_TAKEN_INVOCATIONS: usize = 512;
 const MAX_CONCURRENT_PLACEMENTS: usize = 64;
 /// Answers of finished runs remembered for retries, on each side.
 const REMEMBERED_RUNS: usize = 1024;
+/// How much longer the offerer waits for a lookup or delivery than the task doing it.
+const OFFERER_SLACK: Duration = Duration::from_millis(250);
+/// Executions one volunteer takes at once, admitted or waiting for admission; more are
+/// answered busy. Twice the executor's pool: more could never run.
+const MAX_TAKEN_EXECUTIONS: usize = 2 * crate::executor::POOL_SLOTS as usize;
 /// How long stopping waits for the market's tasks to end.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -177,6 +182,7 @@ struct Shared {
     /// Answers of calls placed here, by invocation id.
     invocations: once::Once<u64, Response>,
     invocations_taken: Arc<Semaphore>,
+    executions_taken: Arc<Semaphore>,
     placements: Arc<Semaphore>,
     keypair: Keypair,
     jobs_held: Arc<Semaphore>,
@@ -221,7 +227,9 @@ impl Market {
             let offerer_config = OffererConfig {
                 ttl_ms: config.offer_ttl.as_millis() as u64,
                 refresh_margin_ms: config.refresh_margin.as_millis() as u64,
-                answer_timeout_ms: config.answer_timeout.as_millis() as u64,
+                // A little longer than the I/O it waits for is given, so an answer that
+                // waited in the loop's queue still counts.
+                answer_timeout_ms: (config.answer_timeout + OFFERER_SLACK).as_millis() as u64,
                 slicing: config.slicing,
                 key_space: config.key_space,
                 notify_interval_ms: config.notify_interval.as_millis() as u64,
@@ -256,6 +264,7 @@ impl Market {
                 executions: once::Once::new(REMEMBERED_RUNS),
                 invocations: once::Once::new(REMEMBERED_RUNS),
                 invocations_taken: Arc::new(Semaphore::new(MAX_TAKEN_INVOCATIONS)),
+                executions_taken: Arc::new(Semaphore::new(MAX_TAKEN_EXECUTIONS)),
                 placements: Arc::new(Semaphore::new(MAX_CONCURRENT_PLACEMENTS)),
                 keypair: keypair.clone(),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),

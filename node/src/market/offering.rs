@@ -223,7 +223,7 @@ impl Market {
 
 /// Ends a run in the offerer, queues what it changed for the holder, and returns the
 /// offer's new version.
-fn finish_run(
+pub(super) fn finish_run(
     m: &mut super::state::Machines,
     now: u64,
     reservation_id: u64,

@@ -1,5 +1,5 @@
 //! The market's messages, each on its concern's protocol ([`Request::concern`]):
-//! `/flotilla/offers/1.0.0`, `/flotilla/calls/1.0.0` and `/flotilla/jobs/1.0.0`.
+//! `/flotilla/offers/2.0.0`, `/flotilla/calls/1.0.0` and `/flotilla/jobs/1.0.0`.
 //!
 //! Each request is one CBOR-encoded [`RequestEnvelope`] carrying an id, answered by one
 //! [`ResponseEnvelope`] with the same id. The overlay bounds every message's size while

@@ -81,11 +81,16 @@ impl Market {
                 let market = self.clone();
                 async move { market.serve_invocation(*invoke, slot).await }.boxed()
             }),
-            // Bounded by the reservations it needs: no more run than memory is lent.
-            Request::Execute(execute) => {
+            // Bounded before admission (which then bounds runs by the memory lent).
+            Request::Execute(execute) => self.execution_slot().map(|slot| {
                 let market = self.clone();
-                Some(async move { market.serve_execution(from, *execute).await }.boxed())
-            }
+                async move {
+                    let answer = market.serve_execution(from, *execute).await;
+                    drop(slot);
+                    answer
+                }
+                .boxed()
+            }),
             other => Some(futures::future::ready(not_of(Concern::Calls, &other)).boxed()),
         };
         match serving {

@@ -110,6 +110,28 @@ impl Market {
         answer.await.map_err(|_| Stopped)
     }
 
+    /// Runs `work` like [`Market::with`]; if its answer cannot be delivered because the
+    /// asker is gone (its future dropped), `undo` runs on it in the same command, so what
+    /// `work` did for the asker is not left behind.
+    pub(super) async fn with_undo<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Machines, u64) -> R + Send + 'static,
+        undo: impl FnOnce(&mut Machines, u64, R) + Send + 'static,
+    ) -> Result<R, Stopped> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command(Box::new(move |machines, now| {
+            if let Err(unread) = reply.send(work(machines, now)) {
+                undo(machines, now, unread);
+            }
+        }));
+        self.shared
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| Stopped)?;
+        answer.await.map_err(|_| Stopped)
+    }
+
     /// Queues `work` for the loop without waiting for it, from code that cannot wait (a
     /// drop); if the queue is full, a tracked task waits for room.
     pub(super) fn later(&self, work: impl FnOnce(&mut Machines, u64) + Send + 'static) {
@@ -172,18 +194,21 @@ impl Market {
         let republish_every = self.shared.config.job_republish_interval;
         let mut republishing = tokio::time::interval(republish_every);
         republishing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The holder's next expiry, looked up at most every `IDLE_TICK` (a scan of what
+        // it holds): answers filter expired offers anyway, eviction only frees room.
+        let mut holder_check = 0;
         loop {
             let now = self.now();
-            self.poll_timers(&mut machines, now, &mut rng);
+            self.poll_timers(&mut machines, now, &mut rng, &mut holder_check);
             for action in std::mem::take(&mut machines.outbox) {
                 self.spawn(self.clone().perform(action));
             }
-            let wake = self.next_wakeup(&machines, now);
+            let wake = self.next_wakeup(&machines, now, holder_check);
+            // Not biased: under a steady stream of commands the timers still get their turn.
             tokio::select! {
-                biased;
                 _ = self.shared.cancel.cancelled() => return,
                 command = commands.recv() => match command {
-                    Some(Command(work)) => work(&mut machines, self.now()),
+                    Some(Command(work)) => self.run_command(work, &mut machines),
                     None => return,
                 },
                 _ = tokio::time::sleep(wake) => {}
@@ -202,9 +227,27 @@ impl Market {
         }
     }
 
+    /// Runs one command. A panic in it (a bug of ours) is logged and counted, and the
+    /// loop goes on with the machines as the command left them — as a poisoned lock was
+    /// taken over before — rather than every later command failing.
+    fn run_command(&self, work: Work, machines: &mut Machines) {
+        let now = self.now();
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(machines, now)));
+        if ran.is_err() {
+            self.shared.metrics.command_panics.inc();
+            tracing::error!("a market command panicked; the loop goes on");
+        }
+    }
+
     /// Gives each machine its due timers: offers to publish, refresh or move, a report to
-    /// send, expired offers to drop.
-    fn poll_timers(&self, machines: &mut Machines, now: u64, rng: &mut StdRng) {
+    /// send, expired offers to drop (looked for once `holder_check` is due).
+    fn poll_timers(
+        &self,
+        machines: &mut Machines,
+        now: u64,
+        rng: &mut StdRng,
+        holder_check: &mut u64,
+    ) {
         if let Some(offerer) = machines.offerer.as_mut() {
             let actions = offerer.poll(now, rng);
             let report = offerer.poll_report(now);
@@ -213,16 +256,23 @@ impl Market {
                 self.spawn(self.clone().report_free(offers));
             }
         }
-        if machines.holder.next_expiry().is_some_and(|t| t <= now) {
-            let expired = machines.holder.evict_expired(now);
-            let metrics = &self.shared.metrics;
-            metrics.expired.inc_by(expired as u64);
-            metrics.held.set(machines.holder.live(now).count() as i64);
+        if *holder_check <= now {
+            if machines.holder.next_expiry().is_some_and(|t| t <= now) {
+                let expired = machines.holder.evict_expired(now);
+                let metrics = &self.shared.metrics;
+                metrics.expired.inc_by(expired as u64);
+                metrics.held.set(machines.holder.live(now).count() as i64);
+            }
+            let tick = IDLE_TICK.as_millis() as u64;
+            *holder_check = machines
+                .holder
+                .next_expiry()
+                .map_or(now + tick, |t| t.clamp(now + 1, now + tick));
         }
     }
 
     /// How long until a machine's next timer.
-    fn next_wakeup(&self, machines: &Machines, now: u64) -> Duration {
+    fn next_wakeup(&self, machines: &Machines, now: u64, holder_check: u64) -> Duration {
         let offerer = machines
             .offerer
             .as_ref()
@@ -230,7 +280,7 @@ impl Market {
         offerer
             .into_iter()
             .flatten()
-            .chain([machines.holder.next_expiry()])
+            .chain([Some(holder_check)])
             .flatten()
             .min()
             .map_or(IDLE_TICK, |t| {
@@ -255,8 +305,10 @@ impl Market {
             return;
         }
         let market = self.clone();
+        let timeout = self.shared.config.answer_timeout;
         self.spawn(async move {
-            let Ok(connected) = market.shared.network.connected_peers().await else {
+            let connected = market.shared.network.connected_peers();
+            let Ok(Ok(connected)) = tokio::time::timeout(timeout, connected).await else {
                 return;
             };
             let gone: Vec<PeerId> = owners

@@ -133,3 +133,38 @@ async fn stopping_waits_for_every_task_of_the_market() {
         "a stopped market answers that it is stopping"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_it_is_admitted_leaves_no_running_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = lone_volunteer(dir.path()).await;
+    let market = node.market().clone();
+    let offer_id = published_offer(&market).await;
+    let module = node.overlay().add(&b"\0asm\x01\0\0\0"[..]).await.unwrap().cid;
+    let execute = Request::Execute(Box::new(super::protocol::ExecuteRequest {
+        invocation_id: 9,
+        reservation_id: 9,
+        offer_id: Some(offer_id),
+        call: super::function::FunctionCall {
+            module: module.to_string(),
+            memory_mib: 128,
+            timeout_ms: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: None,
+            inputs: Vec::new(),
+        },
+    }));
+    // Polled once: its admission is queued for the loop; then the caller goes away
+    // before hearing the answer (a client hanging up, say).
+    let mut call = Box::pin(market.handle(market.peer_id(), execute));
+    assert!(futures::poll!(&mut call).is_pending());
+    drop(call);
+    // Whatever the loop admitted for it is undone: nothing stays running, although a
+    // running reservation never lapses by itself.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let view = market.offers().await;
+    assert!(view.reservations.is_empty(), "{:?}", view.reservations);
+    assert_eq!(view.sent[0].in_use_mib, 0);
+    node.stop().await;
+}
