@@ -140,7 +140,12 @@ async fn a_call_dropped_while_it_is_admitted_leaves_no_running_reservation() {
     let node = lone_volunteer(dir.path()).await;
     let market = node.market().clone();
     let offer_id = published_offer(&market).await;
-    let module = node.overlay().add(&b"\0asm\x01\0\0\0"[..]).await.unwrap().cid;
+    let module = node
+        .overlay()
+        .add(&b"\0asm\x01\0\0\0"[..])
+        .await
+        .unwrap()
+        .cid;
     let execute = Request::Execute(Box::new(super::protocol::ExecuteRequest {
         invocation_id: 9,
         reservation_id: 9,
