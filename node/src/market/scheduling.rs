@@ -275,7 +275,7 @@ impl Market {
                             }
                             Err(reason) => {
                                 if refusals.len() < MAX_REFUSALS_REPORTED {
-                                    refusals.push(reason);
+                                    refusals.push(reason.to_string());
                                 }
                                 refused_by.push(offer.body.offerer);
                             }
@@ -330,14 +330,14 @@ impl Market {
         })
     }
 
-    /// Reserves `mib` on `offer` for the terms asked; the refusal's reason otherwise.
+    /// Reserves `mib` on `offer` for the terms asked; why not otherwise.
     async fn reserve_offer(
         &self,
         offer: &SignedOffer,
         terms: &ReserveTerms,
         mib: u32,
         timeout: Duration,
-    ) -> Result<Reservation, String> {
+    ) -> Result<Reservation, NotReserved> {
         let reserve = Request::Reserve {
             reservation_id: terms.reservation_id,
             offer_id: offer.body.offer_id,
@@ -374,9 +374,9 @@ impl Market {
         }
         match answer {
             Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
-            Ok(Response::Refused { reason }) => Err(reason),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(Response::Refused { reason }) => Err(NotReserved::Refused(reason)),
+            Ok(other) => Err(NotReserved::Unexpected(Box::new(other))),
+            Err(e) => Err(NotReserved::Unanswered(e)),
         }
     }
 
@@ -394,6 +394,20 @@ impl Market {
             Err(e) => Err(DiscoverError::Unanswered(e.to_string())),
         }
     }
+}
+
+/// Why a reservation asked of an offerer was not made.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NotReserved {
+    /// The offerer refused, for this reason (its words, from the wire).
+    #[error("{0}")]
+    Refused(String),
+    /// It answered something else.
+    #[error("unexpected answer {0:?}")]
+    Unexpected(Box<Response>),
+    /// No answer.
+    #[error(transparent)]
+    Unanswered(#[from] super::CallError),
 }
 
 /// The request-response exchanges a discovery or a call cost: what every answer reports.
