@@ -55,9 +55,15 @@ const MAX_RECORD_INLINE: usize = 4 * 1024;
 /// future cannot outlive the others, and eviction goes by arrival so it cannot push
 /// them out. Republished copies keep their version's age, so records do not live on
 /// forever by passing from peer to peer.
+///
+/// A book kept for a scheduler ([`JobBook::keeping_own`]) never makes room in a full book
+/// with that scheduler's own records (they are bounded by its quota like anyone's), so
+/// strangers storing records cannot push out the jobs it ran.
 #[derive(Debug, Default)]
 pub struct JobBook {
     records: HashMap<u64, Kept>,
+    /// The scheduler whose records are not evicted for others', as records name it.
+    own: Option<String>,
 }
 
 /// One record in a [`JobBook`], with this node's times for it (Unix ms).
@@ -70,6 +76,14 @@ struct Kept {
 }
 
 impl JobBook {
+    /// A book on the node of scheduler `me`, which keeps its own records over others'.
+    pub fn keeping_own(me: PeerId) -> JobBook {
+        JobBook {
+            records: HashMap::new(),
+            own: Some(me.to_string()),
+        }
+    }
+
     /// Keeps `job` if it is valid, unexpired and newer than the version held.
     pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
         job.verify()?;
@@ -95,11 +109,12 @@ impl JobBook {
                 .filter(|kept| of_scheduler(&kept.job))
                 .count();
             // A scheduler at its quota makes room among its own records; otherwise a
-            // full book drops its oldest.
+            // full book drops its oldest — never one of this node's own jobs.
+            let own = self.own.clone();
             let victim = if theirs >= MAX_JOB_RECORDS_PER_SCHEDULER {
                 self.oldest(|j| of_scheduler(j))
             } else if self.records.len() >= MAX_JOB_RECORDS {
-                self.oldest(|_| true)
+                self.oldest(|j| own.as_ref() != Some(&j.record.scheduler))
             } else {
                 None
             };
@@ -694,6 +709,47 @@ mod tests {
         book.put(1, SignedJob::sign(newer, &scheduler)).unwrap();
         assert_eq!(book.get(id).unwrap().record.state, JobState::Done);
         assert_eq!(book.len(), 1);
+    }
+
+    #[test]
+    fn strangers_filling_the_book_never_push_out_the_schedulers_own_records() {
+        let me = Keypair::generate_ed25519();
+        let mut book = JobBook::keeping_own(me.public().to_peer_id());
+        // Its own jobs arrived first: the oldest in the book.
+        for nonce in 0..10 {
+            book.put(nonce, SignedJob::sign(record(&me, nonce, 1), &me))
+                .unwrap();
+        }
+        let strangers: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
+        let per = MAX_JOB_RECORDS_PER_SCHEDULER as u64;
+        for (i, stranger) in strangers.iter().enumerate() {
+            for nonce in 0..per {
+                let at = 10 + i as u64 * per + nonce;
+                book.put(at, SignedJob::sign(record(stranger, nonce, 1), stranger))
+                    .unwrap();
+            }
+        }
+        assert_eq!(book.len(), MAX_JOB_RECORDS);
+        for nonce in 0..10 {
+            let id = job_id(&me.public().to_peer_id(), nonce);
+            assert!(book.get(id).is_some(), "its own job {nonce} stays");
+        }
+        // A book that keeps no one's records first drops the oldest: those same jobs.
+        let mut plain = JobBook::default();
+        for nonce in 0..10 {
+            plain
+                .put(nonce, SignedJob::sign(record(&me, nonce, 1), &me))
+                .unwrap();
+        }
+        for (i, stranger) in strangers.iter().enumerate() {
+            for nonce in 0..per {
+                let at = 10 + i as u64 * per + nonce;
+                plain
+                    .put(at, SignedJob::sign(record(stranger, nonce, 1), stranger))
+                    .unwrap();
+            }
+        }
+        assert!(plain.get(job_id(&me.public().to_peer_id(), 0)).is_none());
     }
 
     #[test]

@@ -278,7 +278,7 @@ impl Market {
                 config,
             }),
         };
-        let machines = state::Machines::new(holder, offerer, super_traders);
+        let machines = state::Machines::new(overlay.peer_id(), holder, offerer, super_traders);
         market.spawn(market.clone().run_machines(machines, commands_in));
         if let Some(inbound) = overlay.take_inbound_requests() {
             market.serve_all(inbound);

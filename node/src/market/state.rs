@@ -51,8 +51,9 @@ pub(super) struct Machines {
 }
 
 impl Machines {
-    /// The machines of a node, none of them started yet.
+    /// The machines of node `me`, none of them started yet.
     pub fn new(
+        me: PeerId,
         holder: Holder,
         offerer: Option<Offerer>,
         super_traders: Option<SuperTraders>,
@@ -61,7 +62,7 @@ impl Machines {
             holder,
             offerer,
             super_traders,
-            jobs: JobBook::default(),
+            jobs: JobBook::keeping_own(me),
             outbox: Vec::new(),
         }
     }
