@@ -201,7 +201,13 @@ impl Market {
                     exchanges.count(self, volunteer);
                     let addresses = offer.body.addresses.clone();
                     let answer = self.call(volunteer, addresses, execute, allowance).await;
-                    self.learn_from_answer(&offer, &answer).await;
+                    let newer = match &answer {
+                        Ok(Response::Executed {
+                            offer: Some(newer), ..
+                        }) => Some(&**newer),
+                        _ => None,
+                    };
+                    self.learn_version(&offer, newer).await;
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {
@@ -282,39 +288,6 @@ impl Market {
                 }
             }
         }
-    }
-
-    /// Keeps the super-trader list current with what an offerer's answer says: the
-    /// offer's new version when it sent one, else the version tried is out of date.
-    async fn learn_from_answer(
-        &self,
-        tried: &flotilla_offers::offer::SignedOffer,
-        answer: &Result<Response, CallError>,
-    ) {
-        if !self.is_scheduler() {
-            return;
-        }
-        let offerer = tried.body.offerer;
-        let (offer_id, seq) = (tried.body.offer_id, tried.body.seq);
-        let newer = match answer {
-            Ok(Response::Executed {
-                offer: Some(newer), ..
-            }) if newer.body.offerer == offerer => Some((**newer).clone()),
-            _ => None,
-        };
-        let _ = self
-            .with(move |m, now| {
-                let Some(list) = m.super_traders.as_mut() else {
-                    return;
-                };
-                match newer {
-                    Some(newer) => {
-                        list.notify(now, vec![newer]);
-                    }
-                    None => list.remove(&offerer, offer_id, seq),
-                }
-            })
-            .await;
     }
 
     /// Runs `call` on the network: through a scheduler picked at random from the registry,

@@ -350,34 +350,45 @@ impl Market {
         // Whatever the answer, the version reserved on is out of date now: the offerer's
         // new version replaces it, or its next report brings it back. A newer version that
         // arrived meanwhile (with another call's answer) stays.
-        if self.is_scheduler() {
-            let (offer_id, seq) = (offer.body.offer_id, offer.body.seq);
-            let newer = match &answer {
-                Ok(Response::Reserved {
-                    offer: Some(newer), ..
-                }) if newer.body.offerer == offerer => Some((**newer).clone()),
-                _ => None,
-            };
-            let _ = self
-                .with(move |m, now| {
-                    let Some(list) = m.super_traders.as_mut() else {
-                        return;
-                    };
-                    match newer {
-                        Some(newer) => {
-                            list.notify(now, vec![newer]);
-                        }
-                        None => list.remove(&offerer, offer_id, seq),
-                    }
-                })
-                .await;
-        }
+        let newer = match &answer {
+            Ok(Response::Reserved {
+                offer: Some(newer), ..
+            }) => Some(&**newer),
+            _ => None,
+        };
+        self.learn_version(offer, newer).await;
         match answer {
             Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
             Ok(Response::Refused { reason }) => Err(NotReserved::Refused(reason)),
             Ok(other) => Err(NotReserved::Unexpected(Box::new(other))),
             Err(e) => Err(NotReserved::Unanswered(e)),
         }
+    }
+
+    /// Keeps the super-trader list current after asking `tried`'s offerer for something:
+    /// the offer's `newer` version when the answer brought one (of the same offerer),
+    /// else the version tried is out of date and goes (unless a newer one arrived
+    /// meanwhile, with another call's answer).
+    pub(super) async fn learn_version(&self, tried: &SignedOffer, newer: Option<&SignedOffer>) {
+        if !self.is_scheduler() {
+            return;
+        }
+        let offerer = tried.body.offerer;
+        let (offer_id, seq) = (tried.body.offer_id, tried.body.seq);
+        let newer = newer.filter(|n| n.body.offerer == offerer).cloned();
+        let _ = self
+            .with(move |m, now| {
+                let Some(list) = m.super_traders.as_mut() else {
+                    return;
+                };
+                match newer {
+                    Some(newer) => {
+                        list.notify(now, vec![newer]);
+                    }
+                    None => list.remove(&offerer, offer_id, seq),
+                }
+            })
+            .await;
     }
 
     /// Runs one discovery through a scheduler picked at random from the registry, trying

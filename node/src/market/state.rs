@@ -99,16 +99,7 @@ impl Market {
         &self,
         work: impl FnOnce(&mut Machines, u64) -> R + Send + 'static,
     ) -> Result<R, Stopped> {
-        let (reply, answer) = oneshot::channel();
-        let command = Command(Box::new(move |machines, now| {
-            let _ = reply.send(work(machines, now));
-        }));
-        self.shared
-            .commands
-            .send(command)
-            .await
-            .map_err(|_| Stopped)?;
-        answer.await.map_err(|_| Stopped)
+        self.with_undo(work, |_, _, _| {}).await
     }
 
     /// Runs `work` like [`Market::with`]; if its answer cannot be delivered because the
