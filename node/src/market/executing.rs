@@ -11,14 +11,14 @@
 //! of a second run.
 
 use super::Market;
+use super::failure::{Failure, Part, PartAt};
 use super::function::{
     Execution, ExecutionTimings, FunctionCall, MAX_INLINE_OUTPUT, MAX_OUTPUT_FILES, OutputFile,
     OutputStream, parse_cid,
 };
 use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, Response};
-use crate::executor::{ExecError, Job};
-use crate::one_line;
+use crate::executor::Job;
 use cid::Cid;
 use flotilla_offers::ledger::{RunKey, StartError};
 use flotilla_overlay::fetch::FetchProgress;
@@ -74,9 +74,7 @@ fn admit(
 ) -> Result<(Admitted, bool), Refusal> {
     let from = terms.owner;
     let Some(offerer) = m.offerer.as_mut() else {
-        return Err(Refusal::Failed(Failure::of_volunteer(
-            "this node lends no memory".into(),
-        )));
+        return Err(Refusal::Failed(Failure::NotLending));
     };
     match offerer.ledger().check_run(&run) {
         Ok(()) => {}
@@ -91,7 +89,7 @@ fn admit(
             }
             return Ok((Admitted::Repeat, false));
         }
-        Err(e) => return Err(Refusal::Failed(Failure::of_call(e.to_string()))),
+        Err(e) => return Err(Refusal::Failed(Failure::NotRunnable(e))),
     }
     let mut actions = Vec::new();
     let reserved_here = match terms.offer_id {
@@ -129,7 +127,7 @@ fn admit(
             if reserved_here && let Ok(back) = offerer.release(now, from, terms.reservation_id) {
                 actions.extend(back);
             }
-            Err(Refusal::Failed(Failure::of_volunteer(e.to_string())))
+            Err(Refusal::Failed(Failure::NotStarted(e)))
         }
     };
     m.outbox_extend(actions);
@@ -181,39 +179,6 @@ impl Drop for RunGuard<'_> {
     }
 }
 
-/// Why a call could not run here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Failure {
-    pub reason: String,
-    /// Whether another volunteer might succeed (this one's trouble, not the call's).
-    pub retryable: bool,
-}
-
-impl Failure {
-    fn of_call(reason: String) -> Failure {
-        Failure {
-            reason,
-            retryable: false,
-        }
-    }
-
-    fn of_volunteer(reason: String) -> Failure {
-        Failure {
-            reason,
-            retryable: true,
-        }
-    }
-}
-
-impl From<Failure> for Response {
-    fn from(f: Failure) -> Response {
-        Response::Failed {
-            reason: f.reason,
-            retryable: f.retryable,
-        }
-    }
-}
-
 impl Market {
     /// A place for one more execution taken from the network, or `None` when as many
     /// are taken as allowed.
@@ -242,12 +207,7 @@ impl Market {
             Ok(Admitted::Start(mib)) => mib,
             Ok(Admitted::Repeat) => {
                 // A retry of a run started here: its answer (or a wait for it).
-                let forgotten = async {
-                    Failure::of_volunteer(format!(
-                        "invocation {id} already ran here and its answer is forgotten"
-                    ))
-                    .into()
-                };
+                let forgotten = async { Failure::AnswerForgotten(id).into() };
                 return self
                     .shared
                     .executions
@@ -301,14 +261,12 @@ impl Market {
     /// is the answer to send.
     async fn admit(&self, from: PeerId, request: &ExecuteRequest) -> Result<Admitted, Refusal> {
         if !self.is_offering() || self.shared.executor.is_none() {
-            return Err(Refusal::Failed(Failure::of_volunteer(
-                "this node lends no memory and runs no functions".into(),
-            )));
+            return Err(Refusal::Failed(Failure::NotLending));
         }
         request
             .call
             .validate()
-            .map_err(|e| Refusal::Failed(Failure::of_call(e.to_string())))?;
+            .map_err(|e| Refusal::Failed(e.into()))?;
         let run = RunKey {
             owner: from,
             invocation_id: request.invocation_id,
@@ -341,7 +299,7 @@ impl Market {
                 Ok(admitted)
             }
             Ok(Err(refusal)) => Err(refusal),
-            Err(stopped) => Err(Refusal::Failed(Failure::of_volunteer(stopped.to_string()))),
+            Err(stopped) => Err(Refusal::Failed(stopped.into())),
         }
     }
 
@@ -353,20 +311,17 @@ impl Market {
             .clone()
             .expect("admitted calls run where there is an executor");
         let fetching = Instant::now();
-        let invalid = |e: super::function::CallRejected| Failure::of_call(e.to_string());
-        let module_cid = parse_cid("module", &call.module).map_err(invalid)?;
+        let module_cid = parse_cid("module", &call.module)?;
         let max_module = executor.config().max_module_bytes as u64;
         let module = self
-            .fetch_bytes("module", module_cid, max_module, "the module limit")
+            .fetch_bytes(Part::Module, module_cid, max_module)
             .await?;
         // Stdin and inputs are held in memory here: no more than the call reserved.
         let mut budget = MAX_INPUT_BYTES.min(u64::from(mib) * MIB);
         let stdin = match &call.stdin {
             Some(cid) => {
-                let cid = parse_cid("stdin", cid).map_err(invalid)?;
-                let bytes = self
-                    .fetch_bytes("stdin", cid, budget, "the input limit")
-                    .await?;
+                let cid = parse_cid("stdin", cid)?;
+                let bytes = self.fetch_bytes(Part::Stdin, cid, budget).await?;
                 budget -= bytes.len() as u64;
                 bytes
             }
@@ -374,10 +329,9 @@ impl Market {
         };
         let mut inputs = Vec::with_capacity(call.inputs.len());
         for (name, cid) in &call.inputs {
-            let what = format!("input {name:?}");
-            let cid = parse_cid(&what, cid).map_err(invalid)?;
+            let cid = parse_cid(&format!("input {name:?}"), cid)?;
             let bytes = self
-                .fetch_bytes(&what, cid, budget, "the input limit")
+                .fetch_bytes(Part::Input(name.clone()), cid, budget)
                 .await?;
             budget -= bytes.len() as u64;
             inputs.push((name.clone(), bytes));
@@ -396,22 +350,14 @@ impl Market {
         let span = tracing::Span::current();
         let outcome =
             tokio::task::spawn_blocking(move || span.in_scope(|| executor.run(&module, job)))
-                .await
-                .map_err(|e| Failure::of_volunteer(format!("the executor failed: {e}")))?
-                .map_err(|e| match e {
-                    ExecError::Internal(_) => Failure::of_volunteer(e.to_string()),
-                    other => Failure::of_call(one_line(&other.to_string())),
-                })?;
+                .await??;
 
         let storing = Instant::now();
         let stdout = self.store_stream(outcome.stdout).await?;
         let stderr = self.store_stream(outcome.stderr).await?;
         let mut outputs = Vec::with_capacity(outcome.outputs.len().min(MAX_OUTPUT_FILES));
         if outcome.outputs.len() > MAX_OUTPUT_FILES {
-            return Err(Failure::of_call(format!(
-                "the function left {} files (at most {MAX_OUTPUT_FILES})",
-                outcome.outputs.len()
-            )));
+            return Err(Failure::TooManyOutputs(outcome.outputs.len()));
         }
         for (name, bytes) in outcome.outputs {
             let size = bytes.len() as u64;
@@ -439,32 +385,24 @@ impl Market {
     }
 
     /// Fetches the file under `cid` (unless held already) and reads it, refusing one of
-    /// more than `max` bytes (`limit` names the bound in the error).
-    async fn fetch_bytes(
-        &self,
-        what: &str,
-        cid: Cid,
-        max: u64,
-        limit: &str,
-    ) -> Result<Vec<u8>, Failure> {
-        let too_large = || {
-            Failure::of_call(format!(
-                "the {what} ({cid}) is larger than {limit} ({max} bytes)"
-            ))
-        };
-        let timeout = self.shared.config.fetch_timeout;
+    /// more than `max` bytes.
+    async fn fetch_bytes(&self, part: Part, cid: Cid, max: u64) -> Result<Vec<u8>, Failure> {
         match self.fetch_at_most(cid, max).await {
             Err(Fetched::TimedOut) => {
-                return Err(Failure::of_call(format!(
-                    "cannot fetch the {what} ({cid}): no peer provided it within {timeout:?}"
-                )));
+                let timeout = self.shared.config.fetch_timeout;
+                let at = PartAt::boxed(&part, cid);
+                return Err(Failure::NotProvided { at, timeout });
             }
-            Err(Fetched::TooLarge) => return Err(too_large()),
-            Err(Fetched::Failed(e)) => {
-                return Err(Failure::of_call(format!(
-                    "cannot fetch the {what} ({cid}): {}",
-                    one_line(&e.to_string())
-                )));
+            Err(Fetched::TooLarge) => {
+                let at = PartAt::boxed(&part, cid);
+                return Err(Failure::TooLarge { at, max });
+            }
+            Err(Fetched::Failed(source)) => {
+                let at = PartAt::boxed(&part, cid);
+                return Err(Failure::FetchFailed {
+                    at,
+                    source: Box::new(source),
+                });
             }
             Ok(()) => {}
         }
@@ -472,14 +410,19 @@ impl Market {
         let mut bytes = Vec::new();
         let mut file = std::pin::pin!(overlay.read_file(cid));
         while let Some(chunk) = futures::StreamExt::next(&mut file).await {
-            let chunk = chunk.map_err(|e| {
-                Failure::of_call(format!(
-                    "cannot read the {what} ({cid}): {}",
-                    one_line(&e.to_string())
-                ))
-            })?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(source) => {
+                    let at = PartAt::boxed(&part, cid);
+                    return Err(Failure::ReadFailed {
+                        at,
+                        source: Box::new(source),
+                    });
+                }
+            };
             if bytes.len() as u64 + chunk.len() as u64 > max {
-                return Err(too_large());
+                let at = PartAt::boxed(&part, cid);
+                return Err(Failure::TooLarge { at, max });
             }
             bytes.extend_from_slice(&chunk);
         }
@@ -539,6 +482,6 @@ impl Market {
             .add(bytes)
             .await
             .map(|added| added.cid)
-            .map_err(|e| Failure::of_volunteer(format!("cannot store an output: {e}")))
+            .map_err(|e| Failure::Store(Box::new(e)))
     }
 }

@@ -33,6 +33,7 @@ pub mod once;
 pub mod protocol;
 
 mod executing;
+mod failure;
 mod holding;
 mod invoking;
 mod offering;
