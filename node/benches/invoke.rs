@@ -3,6 +3,7 @@
 //!
 //! * warm invoke of a no-op function on a 5-node network (a client, a scheduler, three
 //!   volunteers): module blocks and compiled code already on the volunteers; p50, p99;
+//!   then the same invoked on the scheduler, which places its own calls;
 //! * instantiation of a cached module by the executor: p50, p99;
 //! * cold invoke of a 1 MiB module that no volunteer has yet: total beside the fetch and
 //!   compile it includes;
@@ -121,11 +122,24 @@ async fn main() {
     // Volunteers lending 1 GiB each make one offer each, in the 1 GiB tier: a call of
     // 128 MiB finds no offer in its own tier's region, a call of 1 GiB does. Warm, both
     // are placed on an offer its volunteer confirmed free in the answer to the call
-    // before, with no probe; the exchanges each cost are counted.
-    for (memory_mib, case) in [
-        (128, "128 MiB: its tier has no offers"),
-        (1024, "1 GiB: in the offers' tier"),
+    // before, with no probe; the exchanges each cost are counted. Last, the scheduler
+    // invokes: a client that is a scheduler places its own calls.
+    for (client, memory_mib, case) in [
+        (0, 128, "128 MiB: its tier has no offers"),
+        (0, 1024, "1 GiB: in the offers' tier"),
+        (1, 1024, "1 GiB, the client a scheduler itself"),
     ] {
+        let client: &RunningNode = &nodes[client];
+        for _ in 0..5 {
+            invoke(
+                client,
+                FunctionCall {
+                    memory_mib,
+                    ..call(&module)
+                },
+            )
+            .await;
+        }
         let mut totals = Vec::new();
         let mut discovery = Vec::new();
         let mut volunteer = Vec::new();
@@ -136,7 +150,7 @@ async fn main() {
                 memory_mib,
                 ..call(&module)
             };
-            let (invocation, ms) = invoke(&nodes[0], c).await;
+            let (invocation, ms) = invoke(client, c).await;
             totals.push(ms);
             discovery.push(invocation.discover_us as f64 / 1000.0);
             probes.push(f64::from(invocation.probes));

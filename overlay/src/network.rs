@@ -477,7 +477,13 @@ fn build_swarm(
             },
         )
         .map_err(|e| transport_err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .with_swarm_config(|c| {
+            // Lazy negotiation: a new stream's protocol and its first message go out
+            // together instead of a round trip apart, so a request on a fresh stream
+            // costs one round trip, not two.
+            c.with_idle_connection_timeout(Duration::from_secs(60))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

@@ -329,9 +329,10 @@ impl Market {
         }
     }
 
-    /// Sends a request to a scheduler picked at random from the registry, and to another
-    /// (at most [`SCHEDULER_ATTEMPTS`] in all) while the one asked is busy, refuses, or
-    /// does not answer; returns the first other answer.
+    /// Sends a request to this node if it is a scheduler, else to a scheduler picked at
+    /// random from the registry, and to another (at most [`SCHEDULER_ATTEMPTS`] in all)
+    /// while the one asked is busy, refuses, or does not answer; returns the first other
+    /// answer.
     pub(super) async fn ask_a_scheduler(
         &self,
         request: impl Fn() -> Request,
@@ -340,10 +341,17 @@ impl Market {
         let mut rng = StdRng::from_os_rng();
         let mut failures = Vec::new();
         let mut failed: Option<PeerId> = None;
-        for _ in 0..SCHEDULER_ATTEMPTS {
-            let schedulers = self.schedulers().await;
-            let Some(scheduler) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
-                return Err(InvokeError::NoScheduler);
+        for attempt in 0..SCHEDULER_ATTEMPTS {
+            // A scheduler places its own calls first: no exchange with another, and no
+            // stranger to trust with the answer.
+            let scheduler = if attempt == 0 && self.is_scheduler() {
+                self.peer_id()
+            } else {
+                let schedulers = self.schedulers().await;
+                let Some(picked) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
+                    return Err(InvokeError::NoScheduler);
+                };
+                picked
             };
             match self.call(scheduler, Vec::new(), request(), timeout).await {
                 Ok(Response::Refused { reason }) => {
