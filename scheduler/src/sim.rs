@@ -6,7 +6,10 @@
 //! offers ([`Offerer`]), publishes each to the peer closest to a random key in its tier's
 //! region ([`Holder`]), then memory is reserved on random offers until the utilisation is
 //! reached (holders get the updated offers or withdrawals). For each scheduler fraction,
-//! every offerer reports its free offers to a random scheduler's [`SuperTraders`] list.
+//! every offerer reports its free offers to the [`SuperTraders`] lists of as many random
+//! schedulers as its reports are live at once in a steady state ([`steady_state_reports`]:
+//! a node reports to one random scheduler each notify interval, and a list keeps a report
+//! for its TTL).
 //! Requests then run [`Discovery`] at a random scheduler. The baseline is what Caravela
 //! compared to: offers published to random keys anywhere, requests probing random keys
 //! anywhere, no regions, no fallback — the same machines ([`Holder`] and [`Discovery`]
@@ -307,8 +310,9 @@ impl Network {
     }
 
     /// Schedulers for `fraction` of the peers, each with the super-trader list fed by the
-    /// offerers that picked it.
-    pub fn schedulers(&self, fraction: f64, seed: u64) -> Vec<SuperTraders> {
+    /// offerers that picked it: each offerer picks `reports` different schedulers at
+    /// random (all of them if there are fewer).
+    pub fn schedulers(&self, fraction: f64, reports: usize, seed: u64) -> Vec<SuperTraders> {
         let mut rng = StdRng::seed_from_u64(seed);
         let count = ((self.peers.len() as f64 * fraction).round() as usize).max(1);
         let mut lists: Vec<SuperTraders> = (0..count)
@@ -337,8 +341,10 @@ impl Network {
                 .into_iter()
                 .filter(|o| o.body.free_mib() > 0)
                 .collect();
-            let to = rng.random_range(0..lists.len());
-            lists[to].notify(NOW, free);
+            let count = lists.len();
+            for to in rand::seq::index::sample(&mut rng, count, reports.min(count)) {
+                lists[to].notify(NOW, free.clone());
+            }
         }
         lists
     }
@@ -439,6 +445,15 @@ impl Network {
     }
 }
 
+/// How many schedulers' lists hold an offerer's report at once with the node's defaults:
+/// it reports to one random scheduler every notify interval, and each list keeps a report
+/// for its TTL (30 s / 10 s = 3).
+pub fn steady_state_reports() -> usize {
+    let ttl = SuperTraderConfig::default().ttl_ms;
+    let interval = OffererConfig::new(0, Vec::new()).notify_interval_ms;
+    ttl.div_ceil(interval).max(1) as usize
+}
+
 fn request_mib(rng: &mut StdRng) -> u64 {
     // A size within the drawn tier, above the tier below it.
     let tier = weighted(&REQUESTED_MEMORY, rng);
@@ -490,14 +505,14 @@ mod tests {
         );
         let used = network.reserved_mib as f64 / network.lent_mib as f64;
         assert!((0.29..0.35).contains(&used), "utilisation {used}");
-        let schedulers = network.schedulers(0.05, 2);
+        let schedulers = network.schedulers(0.05, 1, 2);
         let outcome = network.run_requests(&schedulers, 200, config(3), 3);
         assert_eq!(outcome.requests, 200);
         assert_eq!(outcome.successes, 200, "{outcome:?}");
         assert!(outcome.probes_per_request() <= 3.0);
 
         let full = Network::build(100, 1.0, Slicing::Largest, 4);
-        let schedulers = full.schedulers(0.05, 5);
+        let schedulers = full.schedulers(0.05, 1, 5);
         let outcome = full.run_requests(&schedulers, 50, config(3), 6);
         assert!(outcome.success_rate() < 0.5, "{outcome:?}");
         assert!(
@@ -507,10 +522,35 @@ mod tests {
     }
 
     #[test]
+    fn each_offerer_reports_to_as_many_schedulers_as_asked() {
+        let network = Network::build(200, 0.3, Slicing::Largest, 21);
+        for reports in [1, 3] {
+            let lists = network.schedulers(0.05, reports, 22);
+            let mut lists_of = HashMap::<PeerId, usize>::new();
+            for list in &lists {
+                let offerers: std::collections::HashSet<PeerId> = list
+                    .fitting(NOW, 1)
+                    .iter()
+                    .map(|o| o.body.offerer)
+                    .collect();
+                for offerer in offerers {
+                    *lists_of.entry(offerer).or_default() += 1;
+                }
+            }
+            assert!(lists_of.len() > 50, "{} offerers reported", lists_of.len());
+            assert!(
+                lists_of.values().all(|&n| n == reports),
+                "each offerer is on {reports} lists"
+            );
+        }
+        assert_eq!(steady_state_reports(), 3);
+    }
+
+    #[test]
     fn the_same_seed_gives_the_same_figures() {
         let run = || {
             let network = Network::build(120, 0.5, Slicing::Halving, 7);
-            let schedulers = network.schedulers(0.1, 8);
+            let schedulers = network.schedulers(0.1, 3, 8);
             (
                 network.run_requests(&schedulers, 100, config(2), 9),
                 network.run_baseline(100, 2, 9),

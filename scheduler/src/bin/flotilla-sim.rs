@@ -41,6 +41,10 @@ struct Args {
     /// Fractions of peers that are schedulers
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.05,0.1")]
     schedulers: Vec<f64>,
+    /// Numbers of schedulers whose fallback lists each offerer's report is on at once, to
+    /// sweep (default: the node's steady state, a list's TTL over the notify interval: 3)
+    #[arg(long, value_delimiter = ',')]
+    reports: Vec<usize>,
     /// How volunteers slice their memory into offers: largest or halving
     #[arg(long, default_value = "largest")]
     slicing: Slicing,
@@ -103,6 +107,8 @@ struct Row {
     max_tries: u32,
     own: OwnProbes,
     schedulers: f64,
+    /// Lists each offerer's report is on (0 for the baseline, which has none).
+    reports: usize,
     mode: &'static str,
     outcome: Outcome,
 }
@@ -121,6 +127,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         args.schedulers.iter().all(|f| *f > 0.0 && *f <= 1.0),
         "scheduler fractions lie in (0, 1]"
+    );
+    anyhow::ensure!(
+        args.reports.iter().all(|&r| r >= 1),
+        "reports must be at least 1"
     );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -175,6 +185,11 @@ fn main() -> anyhow::Result<()> {
 /// Builds the network at one utilisation and runs every configuration on it.
 fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> {
     let seed = args.seed.wrapping_mul(1000).wrapping_add(u as u64);
+    let reports = if args.reports.is_empty() {
+        vec![flotilla_scheduler::sim::steady_state_reports()]
+    } else {
+        args.reports.clone()
+    };
     let network = Network::build(args.peers, utilisation, args.slicing, seed);
     let mut rows = Vec::new();
     for &max_tries in &args.max_tries {
@@ -184,11 +199,16 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
             max_tries,
             own: OwnProbes::All,
             schedulers: 0.0,
+            reports: 0,
             mode: "baseline",
             outcome,
         });
-        for &fraction in &args.schedulers {
-            let schedulers = network.schedulers(fraction, seed + 2);
+        for (&fraction, &reports) in args
+            .schedulers
+            .iter()
+            .flat_map(|f| reports.iter().map(move |r| (f, r)))
+        {
+            let schedulers = network.schedulers(fraction, reports, seed + 2);
             for &own in &args.own_tier_probes {
                 if matches!(own, OwnProbes::Count(n) if n >= max_tries) {
                     continue;
@@ -200,6 +220,7 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
                     max_tries,
                     own,
                     schedulers: fraction,
+                    reports,
                     mode: "regions",
                     outcome,
                 });
@@ -218,16 +239,17 @@ fn sweep(args: &Args, u: usize, utilisation: f64, started: Instant) -> Vec<Row> 
 
 fn write_csv(args: &Args, rows: &[Row]) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "peers,requests,seed,slicing,utilisation,max_tries,own_tier_probes,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
+        "peers,requests,seed,reports,slicing,utilisation,max_tries,own_tier_probes,scheduler_fraction,mode,success_rate,probes_per_request,fallback_share,messages_per_placement\n",
     );
     for r in rows {
         let o = &r.outcome;
         writeln!(
             csv,
-            "{},{},{},{:?},{},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
+            "{},{},{},{},{:?},{},{},{},{},{},{:.4},{:.3},{:.4},{:.1}",
             args.peers,
             args.requests,
             args.seed,
+            r.reports,
             args.slicing,
             r.utilisation,
             r.max_tries,
@@ -279,6 +301,12 @@ fn plot(
             .x_desc("utilisation")
             .y_desc(title)
             .draw()?;
+        // A line per (max_tries, own-tier probes) with regions (at the first number of
+        // reports swept), and the baseline's.
+        let reports = rows
+            .iter()
+            .find(|r| r.mode == "regions")
+            .map_or(0, |r| r.reports);
         // A line per (max_tries, own-tier probes) with regions, and the baseline's.
         let mut lines: Vec<(&str, u32, OwnProbes)> = Vec::new();
         for r in rows {
@@ -292,7 +320,8 @@ fn plot(
                 .iter()
                 .filter(|r| {
                     (r.mode, r.max_tries, r.own) == (mode, max_tries, own)
-                        && (mode == "baseline" || r.schedulers == fraction)
+                        && (mode == "baseline"
+                            || (r.schedulers == fraction && r.reports == reports))
                 })
                 .map(|r| (r.utilisation, metric(&r.outcome)))
                 .collect();
