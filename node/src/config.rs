@@ -20,7 +20,7 @@
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
 //! | `job_republish_interval` |            | `60s`: how often kept job records are sent to the peers now closest to their keys |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
-//! | `max_tries`      | `--max-tries`      | `3`: region probes before the super-trader fallback, in all |
+//! | `max_tries`      | `--max-tries`      | `2`: region probes before the super-trader fallback, in all |
 //! | `own_tier_probes`|                    | `1`: of those, probes of the request's own tier before larger tiers' |
 //! | `discovery_budget`|                   | `10s`: time one discovery may take                        |
 //! | `key_space`      | `--key-space`      | `regions` (or `whole`: the random-probing baseline)       |

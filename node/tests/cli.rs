@@ -344,9 +344,10 @@ fn an_offering_scheduler_lists_its_offers_and_discovers_through_the_cli() {
     assert!(text.contains("lends 2048 MiB in 1 offer(s)"), "{text}");
     assert!(text.contains("holds 1 offer(s) for others"), "{text}");
 
-    // 512 MiB: nothing in the 512 or 1024 MiB regions; probing goes on to the 2048 MiB
-    // region, which has the 2 GiB offer (a small call served from a large offer).
-    let found = node.cli(&["discover", "--memory", "512MiB"]);
+    // 512 MiB with 3 probes: nothing in the 512 or 1024 MiB regions; probing goes on to
+    // the 2048 MiB region, which has the 2 GiB offer (a small call served from a large
+    // offer).
+    let found = node.cli(&["discover", "--memory", "512MiB", "--max-tries", "3"]);
     let text = String::from_utf8_lossy(&found.stdout);
     assert!(
         found.status.success(),

@@ -60,7 +60,7 @@ pub const DEFAULT_BUDGET_MS: u64 = 10_000;
 impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
-            max_tries: 3,
+            max_tries: 2,
             own_tier_probes: 1,
             key_space: KeySpace::Regions,
             fallback: true,

@@ -635,7 +635,8 @@ mod tests {
             panic!("nothing fits")
         };
         assert!(why.contains("reservations refused: busy"), "{why}");
-        assert_eq!(p.tally().probes, 3);
+        let max_tries = crate::discovery::DiscoveryConfig::default().max_tries;
+        assert_eq!(p.tally().probes, max_tries);
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub struct NodeArgs {
     /// Be a scheduler too: run discoveries for clients
     #[arg(long)]
     pub scheduler: bool,
-    /// Region probes before the super-trader fallback [default: 3]
+    /// Region probes before the super-trader fallback [default: 2]
     #[arg(long)]
     pub max_tries: Option<u32>,
     /// Where offers are published and probes look: regions, or whole (the random-probing
