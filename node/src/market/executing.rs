@@ -311,17 +311,15 @@ impl Market {
             .clone()
             .expect("admitted calls run where there is an executor");
         let fetching = Instant::now();
-        let module_cid = parse_cid("module", &call.module)?;
         let max_module = executor.config().max_module_bytes as u64;
         let module = self
-            .fetch_bytes(Part::Module, module_cid, max_module)
+            .fetch_part(Part::Module, &call.module, max_module)
             .await?;
         // Stdin and inputs are held in memory here: no more than the call reserved.
         let mut budget = MAX_INPUT_BYTES.min(u64::from(mib) * MIB);
         let stdin = match &call.stdin {
             Some(cid) => {
-                let cid = parse_cid("stdin", cid)?;
-                let bytes = self.fetch_bytes(Part::Stdin, cid, budget).await?;
+                let bytes = self.fetch_part(Part::Stdin, cid, budget).await?;
                 budget -= bytes.len() as u64;
                 bytes
             }
@@ -329,9 +327,8 @@ impl Market {
         };
         let mut inputs = Vec::with_capacity(call.inputs.len());
         for (name, cid) in &call.inputs {
-            let cid = parse_cid(&format!("input {name:?}"), cid)?;
             let bytes = self
-                .fetch_bytes(Part::Input(name.clone()), cid, budget)
+                .fetch_part(Part::Input(name.clone()), cid, budget)
                 .await?;
             budget -= bytes.len() as u64;
             inputs.push((name.clone(), bytes));
@@ -384,9 +381,10 @@ impl Market {
         })
     }
 
-    /// Fetches the file under `cid` (unless held already) and reads it, refusing one of
-    /// more than `max` bytes.
-    async fn fetch_bytes(&self, part: Part, cid: Cid, max: u64) -> Result<Vec<u8>, Failure> {
+    /// Fetches `part` of the call, the file under the CID `text` names (unless held
+    /// already), and reads it, refusing one of more than `max` bytes.
+    async fn fetch_part(&self, part: Part, text: &str, max: u64) -> Result<Vec<u8>, Failure> {
+        let cid = parse_cid(&part.to_string(), text)?;
         match self.fetch_at_most(cid, max).await {
             Err(Fetched::TimedOut) => {
                 let timeout = self.shared.config.fetch_timeout;
