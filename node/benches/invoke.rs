@@ -13,12 +13,14 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use bytesize::ByteSize;
+use flotilla_node::api::client::ApiClient;
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo::start_network_with;
 use flotilla_node::executor::{Executor, ExecutorConfig, Job};
 use flotilla_node::market::function::{FunctionCall, Invocation};
 use rand::RngCore;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const WARM_CALLS: usize = 300;
@@ -45,6 +47,44 @@ fn one_mib_module() -> Vec<u8> {
         r#"(module (memory (export "memory") 17) (data (i32.const 0) "{escaped}") (func (export "_start")))"#
     ))
     .unwrap()
+}
+
+/// Requests received by all of `nodes`, by protocol (Kademlia's lumped as "kad"), read
+/// from each node's `/metrics`.
+async fn requests_received(nodes: &[RunningNode]) -> BTreeMap<String, f64> {
+    let mut totals = BTreeMap::new();
+    for node in nodes {
+        let text = ApiClient::new(node.api_addr()).metrics().await.unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let protocol = if name.starts_with("libp2p_kad_inbound_requests_total") {
+                "kad".to_string()
+            } else if let Some(labels) = name.strip_prefix("flotilla_requests_received_total{") {
+                labels
+                    .trim_start_matches("protocol=\"")
+                    .trim_end_matches("\"}")
+                    .to_string()
+            } else {
+                continue;
+            };
+            *totals.entry(protocol).or_default() += value.parse::<f64>().unwrap();
+        }
+    }
+    totals
+}
+
+/// Requests per call between two readings of [`requests_received`], as "kad 0.0, …".
+fn per_call(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, calls: usize) -> String {
+    after
+        .iter()
+        .map(|(protocol, n)| {
+            let was = before.get(protocol).copied().unwrap_or(0.0);
+            format!("{protocol} {:.2}", (n - was) / calls as f64)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -145,6 +185,7 @@ async fn main() {
         let mut volunteer = Vec::new();
         let mut probes = Vec::new();
         let mut exchanges = Vec::new();
+        let before = requests_received(&nodes).await;
         for _ in 0..WARM_CALLS {
             let c = FunctionCall {
                 memory_mib,
@@ -161,6 +202,7 @@ async fn main() {
                     / 1000.0,
             );
         }
+        let after = requests_received(&nodes).await;
         let (totals, discovery, volunteer) = (sorted(totals), sorted(discovery), sorted(volunteer));
         println!(
             "| warm invoke of a no-op, 5 nodes ({WARM_CALLS} calls), {case} | p50 {:.2} ms, p99 {:.2} ms (median {:.0} probes, {:.0} exchanges; max {:.0} exchanges) |",
@@ -179,6 +221,10 @@ async fn main() {
             "| … of which the volunteer (fetch check, load, instantiate, run, store) | p50 {:.2} ms, p99 {:.2} ms |",
             percentile(&volunteer, 0.5),
             percentile(&volunteer, 0.99)
+        );
+        println!(
+            "| … requests received per call, all nodes, by protocol | {} |",
+            per_call(&before, &after, WARM_CALLS)
         );
     }
 

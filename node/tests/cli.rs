@@ -381,9 +381,11 @@ fn an_offering_scheduler_lists_its_offers_and_discovers_through_the_cli() {
         v["reservations"].as_array().unwrap().len() == 1 && v["sent"][0]["in_use_mib"] == 2048
     });
 
-    // Nothing is left (once the fallback list has heard): a clear reason and a failing
-    // exit.
-    poll_json(&node, &["offers", "--json"], |v| v["super_traders"] == 0);
+    // Nothing is left (once the fallback list and, after the update delay, the holder
+    // have heard): a clear reason and a failing exit.
+    poll_json(&node, &["offers", "--json"], |v| {
+        v["super_traders"] == 0 && v["held"].as_array().unwrap().is_empty()
+    });
     let none = node.cli(&["discover", "--memory", "1GiB"]);
     assert_one_line_error(&none, "no offer with 1024 MiB free");
     assert!(String::from_utf8_lossy(&none.stdout).contains("fallback:   used"));

@@ -45,6 +45,20 @@ async fn ten_mib_added_on_the_first_of_five_nodes_is_fetched_on_the_last() {
         metric(last, "flotilla_bitswap_blocks_rejected_total").await,
         0.0
     );
+    // Its root is announced once: fetching what is held again (as each warm call checks
+    // its module) fetches nothing and announces nothing.
+    assert_eq!(
+        metric(last, "flotilla_announcements_queued_total").await,
+        1.0
+    );
+    let (again, progress) = fetch(last, root).await;
+    assert!(again == data);
+    assert_eq!(progress.fetched_blocks, 0);
+    assert_eq!(
+        metric(last, "flotilla_announcements_queued_total").await,
+        1.0,
+        "a DAG held already is not announced again"
+    );
     for node in nodes {
         node.stop().await;
     }

@@ -11,11 +11,16 @@
 //! sends signed withdrawals when the node stops.
 //!
 //! Reservations are kept in the machine's [`Ledger`] (owners, holds, runs at most once);
-//! the offerer counts their memory per offer and signs a new version of an offer each
-//! time it changes. It also tells schedulers what it has free ([`Offerer::poll_report`]):
-//! as soon as an offer is published or its free memory changes (at most every
-//! [`OffererConfig::report_gap_ms`]), and every [`OffererConfig::notify_interval_ms`]
-//! otherwise.
+//! the offerer counts their memory per offer. A holder's copy is a hint for discovery,
+//! not a promise (the offerer alone decides each reservation), so it is updated
+//! [`OffererConfig::holder_update_delay_ms`] after the first change rather than at each:
+//! a call that reserves and gives back within that time costs its holder nothing, and a
+//! busy offer sends its holder at most one version per delay. A new version is signed
+//! only when someone is to get it: the holder, a scheduler told what is free, or the
+//! scheduler a reservation or a call answers ([`Offerer::current`]). Schedulers are told
+//! what is free ([`Offerer::poll_report`]) as soon as an offer is published or its free
+//! memory changes (at most every [`OffererConfig::report_gap_ms`]), and every
+//! [`OffererConfig::notify_interval_ms`] otherwise.
 //!
 //! Time is passed in as Unix milliseconds; randomness as an `RngCore`.
 
@@ -54,6 +59,11 @@ pub struct OffererConfig {
     /// Shortest time between two reports, in ms (default 200 ms): changes in between
     /// are told together.
     pub report_gap_ms: u64,
+    /// How long after its first change an offer's holder gets the new version (or a
+    /// withdrawal, once nothing is free), in ms (default 250 ms): changes in between go
+    /// together, and none if they cancel out. Until then probes may find memory that is
+    /// taken; the offerer refuses such reservations and the scheduler tries elsewhere.
+    pub holder_update_delay_ms: u64,
     /// Limits of the reservations.
     pub ledger: LedgerConfig,
 }
@@ -97,6 +107,7 @@ impl OffererConfig {
             key_space: KeySpace::Regions,
             notify_interval_ms: 10_000,
             report_gap_ms: 200,
+            holder_update_delay_ms: 250,
             ledger: LedgerConfig::default(),
         }
     }
@@ -178,7 +189,7 @@ enum State {
         expires_at_ms: u64,
     },
     /// All its memory is reserved: withdrawn from its holder until some is released, when
-    /// a new version goes to the same holder under the same key at once.
+    /// a new version goes to the same holder under the same key (after the update delay).
     Full {
         key: Vec<u8>,
         holder: PeerId,
@@ -196,8 +207,12 @@ struct Slot {
     in_use_mib: u32,
     seq: u64,
     state: State,
-    /// The version last signed for a holder (not a withdrawal).
+    /// The version last signed (for its holder, a scheduler, or a withdrawal).
     latest: Option<SignedOffer>,
+    /// Memory in use in the version its holder last got (`None`: a withdrawal, or none).
+    at_holder_in_use: Option<u32>,
+    /// When its memory in use first changed since its holder last heard.
+    changed_since: Option<u64>,
 }
 
 /// Why a reservation was refused.
@@ -219,20 +234,6 @@ pub enum ReserveError {
     /// The ledger did not admit it (full, or the id is taken).
     #[error(transparent)]
     Admit(#[from] AdmitError),
-    /// Signing the updated offer failed.
-    #[error(transparent)]
-    Offer(#[from] OfferError),
-}
-
-/// Why a reservation was not released.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReleaseFailed {
-    /// The ledger refused (not the owner's, or running).
-    #[error(transparent)]
-    Refused(#[from] ReleaseError),
-    /// Signing the updated offer failed.
-    #[error(transparent)]
-    Offer(#[from] OfferError),
 }
 
 /// Where one offer stands, for `flotilla offers`.
@@ -266,6 +267,8 @@ pub struct Offerer {
     report_due: bool,
     /// When the last report was handed out.
     last_report_ms: Option<u64>,
+    /// The offers (id, sequence number) the last report told.
+    last_reported: Vec<(u64, u64)>,
 }
 
 /// Cuts `memory_mib` into offers, largest first; what is left below the smallest tier is
@@ -299,6 +302,8 @@ impl Offerer {
                 seq: 0,
                 state: State::Idle,
                 latest: None,
+                at_holder_in_use: None,
+                changed_since: None,
             })
             .collect();
         Offerer {
@@ -308,6 +313,7 @@ impl Offerer {
             slots,
             report_due: false,
             last_report_ms: None,
+            last_reported: Vec::new(),
         }
     }
 
@@ -342,7 +348,7 @@ impl Offerer {
         let mut actions = Vec::new();
         // Reservations no call started on in time give their memory back.
         for lapsed in self.ledger.lapse(now_ms) {
-            actions.extend(self.give_back(now_ms, &lapsed)?);
+            self.give_back(now_ms, &lapsed);
         }
         for i in 0..self.slots.len() {
             let timeout = self.config.answer_timeout_ms;
@@ -352,8 +358,7 @@ impl Offerer {
                 State::Finding { since, .. } | State::Sending { since, .. } => {
                     now_ms >= since + timeout
                 }
-                State::Full { .. } => slot.in_use_mib < slot.memory_mib,
-                State::Published { .. } | State::Withdrawn => false,
+                State::Published { .. } | State::Full { .. } | State::Withdrawn => false,
             };
             if restart {
                 let (key, _) = self.config.key_space.random_key(slot.tier, rng);
@@ -377,9 +382,72 @@ impl Offerer {
             {
                 let (key, holder) = (key.clone(), *holder);
                 actions.push(self.send_new_version(i, key, holder, now_ms)?);
+                continue;
+            }
+            if self.update_due(i).is_some_and(|at| at <= now_ms) {
+                actions.extend(self.update_holder(i, now_ms)?);
             }
         }
         Ok(actions)
+    }
+
+    /// When slot `i`'s holder is due the changes it has not heard of, if any (an offer
+    /// on its way to a holder waits for the delivery).
+    fn update_due(&self, i: usize) -> Option<u64> {
+        let slot = &self.slots[i];
+        match slot.state {
+            State::Published { .. } | State::Full { .. } => slot
+                .changed_since
+                .map(|t| t + self.config.holder_update_delay_ms),
+            _ => None,
+        }
+    }
+
+    /// Tells slot `i`'s holder of its memory in use: a new version, a withdrawal once
+    /// none is free, or nothing if the changes cancelled out.
+    fn update_holder(&mut self, i: usize, now_ms: u64) -> Result<Vec<Action>, OfferError> {
+        self.slots[i].changed_since = None;
+        let slot = &self.slots[i];
+        let (key, holder, expires_at_ms, published) = match &slot.state {
+            State::Published {
+                key,
+                holder,
+                expires_at_ms,
+            } => (key.clone(), *holder, *expires_at_ms, true),
+            State::Full {
+                key,
+                holder,
+                expires_at_ms,
+            } => (key.clone(), *holder, *expires_at_ms, false),
+            _ => return Ok(Vec::new()),
+        };
+        if slot.in_use_mib < slot.memory_mib {
+            if published && slot.at_holder_in_use == Some(slot.in_use_mib) {
+                return Ok(Vec::new());
+            }
+            return Ok(vec![self.send_new_version(i, key, holder, now_ms)?]);
+        }
+        if !published {
+            return Ok(Vec::new());
+        }
+        // Nothing free: withdraw it from its holder until memory comes back.
+        self.slots[i].seq += 1;
+        let expires_at_ms = expires_at_ms.max(now_ms + 1);
+        let withdrawal = self.sign(&self.slots[i], expires_at_ms, true)?;
+        let slot = &mut self.slots[i];
+        slot.state = State::Full {
+            key: key.clone(),
+            holder,
+            expires_at_ms,
+        };
+        slot.latest = Some(withdrawal.clone());
+        slot.at_holder_in_use = None;
+        Ok(vec![Action::Send {
+            offer_id: slot.offer_id,
+            holder,
+            key,
+            offer: Box::new(withdrawal),
+        }])
     }
 
     /// Signs the next version of slot `i`'s offer and sends it to `holder`.
@@ -395,6 +463,8 @@ impl Offerer {
         let offer = self.sign(&self.slots[i], expires_at_ms, false)?;
         let slot = &mut self.slots[i];
         slot.latest = Some(offer.clone());
+        slot.at_holder_in_use = Some(slot.in_use_mib);
+        slot.changed_since = None;
         slot.state = State::Sending {
             key: key.clone(),
             holder,
@@ -498,9 +568,10 @@ impl Offerer {
     /// Sets `mib` MiB of offer `offer_id` aside for `owner`'s reservation
     /// `reservation_id`, held for `hold_ms` unless a call starts on it. The offerer is
     /// the only authority on its memory, so two schedulers racing for one offer can never
-    /// oversubscribe it: whichever comes second sees the reduced free memory. Holders get
-    /// the updated offer (or, once no memory is left, a withdrawal) in the returned
-    /// actions. The same request again returns the same reservation.
+    /// oversubscribe it: whichever comes second sees the reduced free memory. Its holder
+    /// gets the updated offer (or, once no memory is left, a withdrawal) from
+    /// [`Offerer::poll`] after the update delay. The same request again returns the same
+    /// reservation.
     pub fn reserve(
         &mut self,
         now_ms: u64,
@@ -509,12 +580,12 @@ impl Offerer {
         mib: u32,
         reservation_id: u64,
         hold_ms: u64,
-    ) -> Result<(Reservation, Vec<Action>), ReserveError> {
+    ) -> Result<Reservation, ReserveError> {
         if let Some(existing) = self
             .ledger
             .check_admit(owner, reservation_id, offer_id, mib)?
         {
-            return Ok((existing, Vec::new()));
+            return Ok(existing);
         }
         let i = self
             .slots
@@ -533,7 +604,8 @@ impl Offerer {
         let reservation = self
             .ledger
             .hold(now_ms, owner, reservation_id, offer_id, mib, hold_ms);
-        Ok((reservation, self.announce_use(now_ms, i)?))
+        self.mark_changed(now_ms, i);
+        Ok(reservation)
     }
 
     /// Starts `run` on reservation `reservation_id` for a call of `mib` MiB: see
@@ -549,14 +621,11 @@ impl Offerer {
     }
 
     /// The call on reservation `reservation_id` ended: its memory goes back to its offer.
-    /// Returns `None` if no call ran on it.
-    pub fn finish_run(
-        &mut self,
-        now_ms: u64,
-        reservation_id: u64,
-    ) -> Option<Result<Vec<Action>, OfferError>> {
+    /// Returns the reservation, or `None` if no call ran on it.
+    pub fn finish_run(&mut self, now_ms: u64, reservation_id: u64) -> Option<Reservation> {
         let done = self.ledger.finish(reservation_id)?;
-        Some(self.give_back(now_ms, &done))
+        self.give_back(now_ms, &done);
+        Some(done)
     }
 
     /// Gives `owner`'s held reservation back to its offer; unknown ids are ignored (it was
@@ -566,47 +635,71 @@ impl Offerer {
         now_ms: u64,
         owner: PeerId,
         reservation_id: u64,
-    ) -> Result<Vec<Action>, ReleaseFailed> {
-        match self.ledger.release(owner, reservation_id)? {
-            Some(released) => Ok(self.give_back(now_ms, &released)?),
-            None => Ok(Vec::new()),
+    ) -> Result<(), ReleaseError> {
+        if let Some(released) = self.ledger.release(owner, reservation_id)? {
+            self.give_back(now_ms, &released);
         }
+        Ok(())
     }
 
-    /// `owner` is gone: its held reservations lapse now.
-    pub fn owner_gone(&mut self, now_ms: u64, owner: PeerId) -> Result<Vec<Action>, OfferError> {
-        let mut actions = Vec::new();
-        for lapsed in self.ledger.owner_gone(owner) {
-            actions.extend(self.give_back(now_ms, &lapsed)?);
+    /// `owner` is gone: its held reservations lapse now. Returns how many did.
+    pub fn owner_gone(&mut self, now_ms: u64, owner: PeerId) -> usize {
+        let lapsed = self.ledger.owner_gone(owner);
+        for reservation in &lapsed {
+            self.give_back(now_ms, reservation);
         }
-        Ok(actions)
+        lapsed.len()
     }
 
-    /// Returns a reservation's memory to its offer and tells the holder.
-    fn give_back(
-        &mut self,
-        now_ms: u64,
-        reservation: &Reservation,
-    ) -> Result<Vec<Action>, OfferError> {
-        let Some(i) = self
+    /// Returns a reservation's memory to its offer.
+    fn give_back(&mut self, now_ms: u64, reservation: &Reservation) {
+        if let Some(i) = self
             .slots
             .iter()
             .position(|s| s.offer_id == reservation.offer_id)
-        else {
-            return Ok(Vec::new());
-        };
-        self.slots[i].in_use_mib -= reservation.mib;
-        self.announce_use(now_ms, i)
+        {
+            self.slots[i].in_use_mib -= reservation.mib;
+            self.mark_changed(now_ms, i);
+        }
     }
 
-    /// The newest signed version of offer `offer_id`, sent to its holder or not: what a
-    /// scheduler that just reserved on it, or whose call released it, should list.
-    pub fn latest(&self, offer_id: u64) -> Option<&SignedOffer> {
-        self.slots
-            .iter()
-            .find(|s| s.offer_id == offer_id)?
-            .latest
-            .as_ref()
+    /// The current version of offer `offer_id`, signed anew if its memory in use changed
+    /// since the last (a withdrawal if nothing is free): what a scheduler that just
+    /// reserved on it, or whose call released it, should list. `None` if the offer is
+    /// unknown, withdrawn, or was never signed and nothing changed.
+    pub fn current(
+        &mut self,
+        now_ms: u64,
+        offer_id: u64,
+    ) -> Result<Option<SignedOffer>, OfferError> {
+        let Some(i) = self.slots.iter().position(|s| s.offer_id == offer_id) else {
+            return Ok(None);
+        };
+        self.refresh_latest(i, now_ms)?;
+        Ok(self.slots[i].latest.clone())
+    }
+
+    /// Signs a new version of slot `i` if its last one no longer tells its memory in use
+    /// (or none was signed but some is in use). Withdrawn slots keep their withdrawal.
+    fn refresh_latest(&mut self, i: usize, now_ms: u64) -> Result<(), OfferError> {
+        let slot = &self.slots[i];
+        if slot.state == State::Withdrawn {
+            return Ok(());
+        }
+        let full = slot.in_use_mib >= slot.memory_mib;
+        let stale = match &slot.latest {
+            None => slot.in_use_mib > 0,
+            Some(latest) => {
+                latest.body.in_use_mib != slot.in_use_mib || latest.body.withdrawn != full
+            }
+        };
+        if !stale {
+            return Ok(());
+        }
+        self.slots[i].seq += 1;
+        let offer = self.sign(&self.slots[i], now_ms + self.config.ttl_ms, full)?;
+        self.slots[i].latest = Some(offer);
+        Ok(())
     }
 
     /// The reservations held or running now.
@@ -623,14 +716,40 @@ impl Offerer {
     /// [`Offerer::current_offers`], after a change (at most every
     /// [`OffererConfig::report_gap_ms`]) or once the notify interval passed. Call it at
     /// [`Offerer::next_report`].
-    pub fn poll_report(&mut self, now_ms: u64) -> Option<Vec<SignedOffer>> {
+    pub fn poll_report(&mut self, now_ms: u64) -> Result<Option<Vec<SignedOffer>>, OfferError> {
         if self.next_report().is_none_or(|at| at > now_ms) {
-            return None;
+            return Ok(None);
+        }
+        for i in 0..self.slots.len() {
+            if self.has_holder(i) {
+                self.refresh_latest(i, now_ms)?;
+            }
         }
         let offers = self.current_offers(now_ms);
+        let versions: Vec<(u64, u64)> = offers
+            .iter()
+            .map(|o| (o.body.offer_id, o.body.seq))
+            .collect();
+        let interval_passed = self
+            .last_report_ms
+            .is_none_or(|last| now_ms >= last + self.config.notify_interval_ms);
+        // Changes that cancelled out (a call that reserved and gave back) are not told.
+        if !interval_passed && versions == self.last_reported {
+            self.report_due = false;
+            return Ok(None);
+        }
         self.report_due = false;
         self.last_report_ms = Some(now_ms);
-        (!offers.is_empty()).then_some(offers)
+        self.last_reported = versions;
+        Ok((!offers.is_empty()).then_some(offers))
+    }
+
+    /// Whether slot `i` is with a holder (or on its way to one).
+    fn has_holder(&self, i: usize) -> bool {
+        matches!(
+            self.slots[i].state,
+            State::Sending { .. } | State::Published { .. } | State::Full { .. }
+        )
     }
 
     /// The report could not be delivered (no scheduler known yet, say): it is tried
@@ -638,6 +757,7 @@ impl Offerer {
     pub fn report_failed(&mut self, now_ms: u64) {
         self.report_due = true;
         self.last_report_ms = Some(now_ms);
+        self.last_reported.clear();
     }
 
     /// When [`Offerer::poll_report`] next has something to tell.
@@ -651,57 +771,14 @@ impl Offerer {
         }
     }
 
-    /// Tells slot `i`'s holder about its memory in use: a new version of the offer, or a
-    /// withdrawal once none is free. An offer not yet with a holder gets a new version
-    /// too, sent nowhere but kept as its [`Offerer::latest`] (schedulers learn of it with
-    /// the answer to a reservation or a call), and carries the change when published.
-    fn announce_use(&mut self, now_ms: u64, i: usize) -> Result<Vec<Action>, OfferError> {
+    /// Slot `i`'s memory in use changed: schedulers are to hear of it, and its holder
+    /// after the update delay.
+    fn mark_changed(&mut self, now_ms: u64, i: usize) {
         self.report_due = true;
-        let (key, holder, expires_at_ms) = match &self.slots[i].state {
-            State::Published {
-                key,
-                holder,
-                expires_at_ms,
-            }
-            | State::Sending {
-                key,
-                holder,
-                expires_at_ms,
-                ..
-            }
-            | State::Full {
-                key,
-                holder,
-                expires_at_ms,
-            } => (key.clone(), *holder, *expires_at_ms),
-            State::Idle | State::Finding { .. } => {
-                self.slots[i].seq += 1;
-                let offer = self.sign(&self.slots[i], now_ms + self.config.ttl_ms, false)?;
-                self.slots[i].latest = Some(offer);
-                return Ok(Vec::new());
-            }
-            State::Withdrawn => return Ok(Vec::new()),
-        };
-        if self.slots[i].in_use_mib < self.slots[i].memory_mib {
-            return Ok(vec![self.send_new_version(i, key, holder, now_ms)?]);
-        }
-        // Nothing free: withdraw it from its holder until memory comes back.
-        self.slots[i].seq += 1;
-        let expires_at_ms = expires_at_ms.max(now_ms + 1);
-        let withdrawal = self.sign(&self.slots[i], expires_at_ms, true)?;
         let slot = &mut self.slots[i];
-        slot.state = State::Full {
-            key: key.clone(),
-            holder,
-            expires_at_ms,
-        };
-        slot.latest = Some(withdrawal.clone());
-        Ok(vec![Action::Send {
-            offer_id: slot.offer_id,
-            holder,
-            key,
-            offer: Box::new(withdrawal),
-        }])
+        if slot.changed_since.is_none() {
+            slot.changed_since = Some(now_ms);
+        }
     }
 
     /// When [`Offerer::poll`] next has something to do.
@@ -717,28 +794,26 @@ impl Offerer {
                 State::Published { expires_at_ms, .. } => {
                     Some(expires_at_ms.saturating_sub(self.config.refresh_margin_ms))
                 }
-                State::Full { .. } if s.in_use_mib < s.memory_mib => Some(0),
                 State::Full { .. } | State::Withdrawn => None,
             })
+            .chain((0..self.slots.len()).filter_map(|i| self.update_due(i)))
             .chain(self.ledger.next_lapse())
             .min()
     }
 
-    /// What this volunteer tells a scheduler's super-trader list: the signed offers that
-    /// have memory free and are with a holder (or on their way to one), as last sent, and
-    /// the withdrawals of offers now full, so lists drop them.
+    /// What this volunteer tells a scheduler's super-trader list: the latest signed
+    /// version of each offer with a holder (or on its way to one): those with memory
+    /// free, and the withdrawals of those now full, so lists drop them.
+    /// [`Offerer::poll_report`] signs them anew first where memory in use changed.
     pub fn current_offers(&self, now_ms: u64) -> Vec<SignedOffer> {
         self.slots
             .iter()
             .filter_map(|s| {
                 let latest = s.latest.clone()?;
-                let current = match s.state {
-                    State::Sending { .. } | State::Published { .. } => {
-                        !latest.body.withdrawn && latest.body.free_mib() > 0
-                    }
-                    State::Full { .. } => latest.body.withdrawn,
-                    _ => false,
-                };
+                let current = matches!(
+                    s.state,
+                    State::Sending { .. } | State::Published { .. } | State::Full { .. }
+                );
                 (current && latest.body.expires_at_ms > now_ms).then_some(latest)
             })
             .collect()
@@ -1046,10 +1121,13 @@ mod tests {
         publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
         let offer_id = offerer.sent()[0].offer_id;
         // Two schedulers each want 300 MiB of the same 512 MiB offer.
-        let (first, updates) = offerer
+        let first = offerer
             .reserve(10, owner(), offer_id, 300, 1, 5_000)
             .unwrap();
         assert_eq!(first.mib, 300);
+        let delay = offerer.config.holder_update_delay_ms;
+        assert!(offerer.poll(10 + delay - 1, &mut rng).unwrap().is_empty());
+        let updates = offerer.poll(10 + delay, &mut rng).unwrap();
         let (_, key, updated) = sent(&updates);
         assert_eq!(updated.body.in_use_mib, 300);
         holder.receive(10, &key, updated).unwrap();
@@ -1072,8 +1150,7 @@ mod tests {
         assert_eq!(
             offerer
                 .reserve(12, owner(), offer_id, 300, 1, 5_000)
-                .unwrap()
-                .0,
+                .unwrap(),
             first
         );
         assert_eq!(
@@ -1093,10 +1170,13 @@ mod tests {
         let holder_id = PeerId::random();
         publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
         let offer_id = offerer.sent()[0].offer_id;
-        // Taking all of it withdraws it from its holder.
-        let (_, actions) = offerer
+        // Taking all of it withdraws it from its holder, after the update delay.
+        offerer
             .reserve(100, owner(), offer_id, 128, 9, 1_000)
             .unwrap();
+        let delay = offerer.config.holder_update_delay_ms;
+        assert_eq!(offerer.next_wakeup(), Some(100 + delay));
+        let actions = offerer.poll(100 + delay, &mut rng).unwrap();
         let (_, key, withdrawal) = sent(&actions);
         assert!(withdrawal.body.withdrawn);
         holder.receive(100, &key, withdrawal.clone()).unwrap();
@@ -1104,18 +1184,20 @@ mod tests {
         assert_eq!(offerer.sent()[0].state, "full");
         // Schedulers hear of the withdrawal too, so their fallback lists drop the offer.
         assert_eq!(offerer.current_offers(100), vec![withdrawal.clone()]);
-        // No call started within its hold: released, and a new version goes at once to the
-        // same holder under the same key (no new lookup), which takes it back.
+        // No call started within its hold: released, and after the delay a new version
+        // goes to the same holder under the same key (no new lookup), which takes it back.
         assert_eq!(offerer.next_wakeup(), Some(1_100));
-        let actions = offerer.poll(1_100, &mut rng).unwrap();
+        assert!(offerer.poll(1_100, &mut rng).unwrap().is_empty());
         assert_eq!(offerer.reservations().count(), 0);
+        assert_eq!(offerer.next_wakeup(), Some(1_100 + delay));
+        let actions = offerer.poll(1_100 + delay, &mut rng).unwrap();
         let (to, again, back) = sent(&actions);
         assert_eq!((to, &again), (holder_id, &key));
         assert!(!back.body.withdrawn && back.body.free_mib() == 128);
         assert!(back.body.seq > withdrawal.body.seq);
-        holder.receive(1_100, &key, back.clone()).unwrap();
-        assert_eq!(holder.live(1_100).count(), 1);
-        assert_eq!(offerer.current_offers(1_100), vec![back]);
+        holder.receive(1_100 + delay, &key, back.clone()).unwrap();
+        assert_eq!(holder.live(1_100 + delay).count(), 1);
+        assert_eq!(offerer.current_offers(1_100 + delay), vec![back]);
         // A reservation a call runs on does not lapse, and ends with the call.
         let mut offerer = self::offerer(256);
         publish_all(
@@ -1138,31 +1220,125 @@ mod tests {
         assert_eq!(offerer.reservations().count(), 1);
         assert_eq!(
             offerer.release(10_001, owner(), 1),
-            Err(ReleaseFailed::Refused(ReleaseError::Running(1)))
+            Err(ReleaseError::Running(1))
         );
         assert_eq!(offerer.sent()[0].in_use_mib, 100);
-        offerer.finish_run(10_002, 1).unwrap().unwrap();
+        assert_eq!(offerer.finish_run(10_002, 1).unwrap().mib, 100);
         assert_eq!(offerer.sent()[0].in_use_mib, 0);
         assert!(offerer.finish_run(10_003, 1).is_none());
     }
 
     #[test]
-    fn the_latest_version_follows_reservations_even_before_an_offer_has_a_holder() {
+    fn the_current_version_follows_reservations_even_before_an_offer_has_a_holder() {
         let mut offerer = offerer(512);
         let offer_id = offerer.sent()[0].offer_id;
-        assert!(offerer.latest(offer_id).is_none(), "nothing signed yet");
-        // Not yet with a holder: nothing is sent, but a new version is signed.
-        let (_, actions) = offerer
+        assert!(
+            offerer.current(0, offer_id).unwrap().is_none(),
+            "nothing signed yet"
+        );
+        // Not yet with a holder: a version is signed for whoever asks.
+        offerer
             .reserve(10, owner(), offer_id, 128, 1, 1_000)
             .unwrap();
-        assert!(actions.is_empty());
-        let reserved = offerer.latest(offer_id).unwrap().clone();
+        let reserved = offerer.current(10, offer_id).unwrap().unwrap();
         reserved.verify().unwrap();
         assert_eq!(reserved.body.in_use_mib, 128);
         offerer.release(20, owner(), 1).unwrap();
-        let released = offerer.latest(offer_id).unwrap();
+        let released = offerer.current(20, offer_id).unwrap().unwrap();
         assert_eq!(released.body.in_use_mib, 0);
         assert!(released.body.seq > reserved.body.seq);
+        // Asking again signs nothing new.
+        assert_eq!(offerer.current(30, offer_id).unwrap().unwrap(), released);
+    }
+
+    /// Reserves `mib` of `offer_id` as reservation `id`, runs a call on it, and ends it.
+    fn one_call(offerer: &mut Offerer, now: u64, offer_id: u64, id: u64, mib: u32) {
+        offerer
+            .reserve(now, owner(), offer_id, mib, id, 1_000)
+            .unwrap();
+        let run = RunKey {
+            owner: owner(),
+            invocation_id: id,
+            call_digest: [0; 32],
+        };
+        offerer.start_run(now, id, run, mib).unwrap();
+        offerer.finish_run(now + 1, id).unwrap();
+    }
+
+    #[test]
+    fn a_call_within_the_update_delay_costs_its_holder_nothing_and_signs_nothing() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for mib in [128, 1024] {
+            // Part of the offer, and all of it (which would withdraw it).
+            let mut offerer = offerer(1024);
+            let mut holder = Holder::new(HolderConfig::default());
+            publish_all(&mut offerer, &mut holder, PeerId::random(), &mut rng);
+            let offer_id = offerer.sent()[0].offer_id;
+            let published = offerer.current(0, offer_id).unwrap().unwrap();
+            assert!(offerer.poll_report(0).unwrap().is_some());
+            one_call(&mut offerer, 50, offer_id, 1, mib);
+            // The version the call's answer carries is the one published: unchanged.
+            assert_eq!(offerer.current(51, offer_id).unwrap().unwrap(), published);
+            let delay = offerer.config.holder_update_delay_ms;
+            for at in [50 + delay, 200, 10_000] {
+                assert!(offerer.poll(at, &mut rng).unwrap().is_empty(), "at {at} ms");
+            }
+            // Schedulers are not told of a change that cancelled out, only with the
+            // interval.
+            assert!(offerer.poll_report(200).unwrap().is_none());
+            assert_eq!(offerer.next_report(), Some(10_000));
+            assert_eq!(offerer.sent()[0].seq, published.body.seq, "nothing signed");
+        }
+    }
+
+    #[test]
+    fn a_busy_offer_sends_its_holder_one_version_per_update_delay() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut offerer = offerer(1024);
+        let mut holder = Holder::new(HolderConfig::default());
+        let holder_id = PeerId::random();
+        publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
+        let offer_id = offerer.sent()[0].offer_id;
+        let delay = offerer.config.holder_update_delay_ms;
+        // A call starts every 10 ms, of 1 to 5 MiB in turn, and each runs 20 ms: memory
+        // in use changes at every step and takes five values in turn.
+        let mut sends = 0;
+        for step in 0..100u64 {
+            let now = step * 10;
+            let mib = (step % 5 + 1) as u32;
+            let run = RunKey {
+                owner: owner(),
+                invocation_id: step,
+                call_digest: [0; 32],
+            };
+            offerer
+                .reserve(now, owner(), offer_id, mib, step, 1_000)
+                .unwrap();
+            offerer.start_run(now, step, run, mib).unwrap();
+            if step >= 2 {
+                offerer.finish_run(now, step - 2).unwrap();
+            }
+            for action in offerer.poll(now, &mut rng).unwrap() {
+                let Action::Send { key, offer, .. } = action else {
+                    panic!("only sends");
+                };
+                sends += 1;
+                // The holder gets memory in use as it is at the update.
+                assert_eq!(offer.body.in_use_mib, offerer.sent()[0].in_use_mib);
+                holder.receive(now, &key, (*offer).clone()).unwrap();
+                let event = Event::Delivered {
+                    offer_id,
+                    holder: holder_id,
+                };
+                assert!(offerer.on_event(now, event).unwrap().is_empty());
+            }
+        }
+        // 1 s of calls: at most one version per delay, not one per change (200).
+        assert!(
+            sends <= (1_000 / delay + 1) as usize,
+            "{sends} versions sent"
+        );
+        assert!(sends >= 2, "{sends} versions sent");
     }
 
     #[test]
@@ -1207,24 +1383,24 @@ mod tests {
         publish_all(&mut offerer, &mut holder, PeerId::random(), &mut rng);
         // Published at 0: told at once.
         assert_eq!(offerer.next_report(), Some(0));
-        let told = offerer.poll_report(0).unwrap();
+        let told = offerer.poll_report(0).unwrap().unwrap();
         assert_eq!(told.len(), 1);
-        assert!(offerer.poll_report(1).is_none(), "nothing new");
+        assert!(offerer.poll_report(1).unwrap().is_none(), "nothing new");
         // A reservation changes it: told after the report gap, not the interval.
         let offer_id = told[0].body.offer_id;
         offerer
             .reserve(50, owner(), offer_id, 128, 1, 60_000)
             .unwrap();
         assert_eq!(offerer.next_report(), Some(200));
-        assert!(offerer.poll_report(199).is_none());
-        let told = offerer.poll_report(200).unwrap();
+        assert!(offerer.poll_report(199).unwrap().is_none());
+        let told = offerer.poll_report(200).unwrap().unwrap();
         assert_eq!(told[0].body.free_mib(), 384);
         // Nothing changes: the next report comes with the interval.
         assert_eq!(offerer.next_report(), Some(10_200));
         // A report that found no scheduler is tried again after the gap.
         offerer.report_failed(10_200);
         assert_eq!(offerer.next_report(), Some(10_400));
-        assert!(offerer.poll_report(10_400).is_some());
+        assert!(offerer.poll_report(10_400).unwrap().is_some());
     }
 }
 
@@ -1342,7 +1518,7 @@ mod properties {
                             prop_assert_eq!(released, allowed);
                         }
                     }
-                    Op::Gone { owner } => { offerer.owner_gone(now, peer(owner)).expect("signs"); }
+                    Op::Gone { owner } => { offerer.owner_gone(now, peer(owner)); }
                     Op::Advance { ms } => { now += ms; offerer.poll(now, &mut rng).expect("signs"); }
                 }
                 // Running reservations end only by their own call's Finish.

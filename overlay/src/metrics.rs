@@ -1,4 +1,4 @@
-//! Prometheus metrics of the overlay: block exchange and fetches.
+//! Prometheus metrics of the overlay: block exchange, fetches and announcements.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -23,8 +23,10 @@ pub struct OverlayMetrics {
     pub bad_messages: Counter,
     /// Wants dropped because a peer's wantlist was full.
     pub wants_dropped: Counter,
-    /// Time to fetch a whole DAG, in seconds.
+    /// Time to fetch a whole DAG that was not all held, in seconds.
     pub fetch_seconds: Histogram,
+    /// Roots of fetched DAGs queued to be announced as provided.
+    pub announcements_queued: Counter,
 }
 
 impl OverlayMetrics {
@@ -40,6 +42,7 @@ impl OverlayMetrics {
             bad_messages: Counter::default(),
             wants_dropped: Counter::default(),
             fetch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            announcements_queued: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("flotilla_bitswap");
         r.register("blocks_sent", "Blocks sent to peers", m.blocks_sent.clone());
@@ -78,10 +81,16 @@ impl OverlayMetrics {
             "Wants dropped because a peer's wantlist was full",
             m.wants_dropped.clone(),
         );
-        registry.sub_registry_with_prefix("flotilla").register(
+        let flotilla = registry.sub_registry_with_prefix("flotilla");
+        flotilla.register(
             "fetch_seconds",
-            "Time to fetch a whole DAG",
+            "Time to fetch a whole DAG that was not all held",
             m.fetch_seconds.clone(),
+        );
+        flotilla.register(
+            "announcements_queued",
+            "Roots of fetched DAGs queued to be announced in the DHT as provided",
+            m.announcements_queued.clone(),
         );
         m
     }

@@ -21,6 +21,9 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
 use libp2p::{
     Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, noise, ping, tcp, yamux,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -207,6 +210,12 @@ impl Network {
     ) -> Result<StartingNetwork, NetworkError> {
         let mut swarm = build_swarm(keypair, &config, registry)?;
         let metrics = Metrics::new(registry);
+        let requests_received = Family::<ProtocolLabel, Counter>::default();
+        registry.sub_registry_with_prefix("flotilla").register(
+            "requests_received",
+            "Requests received from peers on Flotilla's protocols, by protocol (Kademlia's are libp2p_kad_inbound_requests)",
+            requests_received.clone(),
+        );
         let mut pending = HashMap::new();
         for addr in &config.listen {
             let id = swarm
@@ -235,6 +244,7 @@ impl Network {
             bitswap: None,
             timeout: config.timeout,
             metrics,
+            requests_received,
             inbound: InboundSenders {
                 offers: offers_tx,
                 calls: calls_tx,
@@ -534,6 +544,12 @@ fn yamux_config() -> yamux::Config {
 /// Where the answer to one outbound request goes.
 type ReplySender = oneshot::Sender<Result<Vec<u8>, RpcError>>;
 
+/// A label naming one protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: String,
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     queries: HashMap<QueryId, PendingQuery>,
@@ -544,6 +560,8 @@ struct EventLoop {
     bitswap: Option<Bitswap>,
     timeout: Duration,
     metrics: Metrics,
+    /// Requests received on each of Flotilla's protocols.
+    requests_received: Family<ProtocolLabel, Counter>,
     inbound: InboundSenders,
     respond: mpsc::Sender<Outgoing>,
 }
@@ -750,6 +768,11 @@ impl EventLoop {
                     },
                 ..
             } => {
+                self.requests_received
+                    .get_or_create(&ProtocolLabel {
+                        protocol: concern.protocol().to_string(),
+                    })
+                    .inc();
                 let inbound = InboundRequest {
                     peer,
                     concern,

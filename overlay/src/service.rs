@@ -215,8 +215,10 @@ impl Overlay {
         Ok(cid)
     }
 
-    /// Fetches every missing block of the DAG under `root`, reporting progress, then
-    /// announces that we hold it.
+    /// Fetches every missing block of the DAG under `root`, reporting progress, then, if
+    /// any block had to be fetched, announces that we hold it. A DAG held already was
+    /// announced when it was added or fetched (Kademlia republishes the record), so
+    /// checking it again — as every warm call does for its module — costs the DHT nothing.
     pub async fn fetch(
         &self,
         root: Cid,
@@ -224,10 +226,14 @@ impl Overlay {
     ) -> Result<(), OverlayError> {
         let started = Instant::now();
         fetch_dag(&self.network, &self.bitswap, root, &self.fetch, progress).await?;
-        self.metrics
-            .fetch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let _ = self.announcer.try_send(*root.hash());
+        if progress.borrow().fetched_blocks > 0 {
+            self.metrics
+                .fetch_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if self.announcer.try_send(*root.hash()).is_ok() {
+                self.metrics.announcements_queued.inc();
+            }
+        }
         Ok(())
     }
 

@@ -706,12 +706,9 @@ impl Harness {
                 let Some(offerer) = self.nodes[node].offerer.as_mut() else {
                     return;
                 };
-                let offer_id = offerer.ledger().get(reservation_id).map(|r| r.offer_id);
-                let actions = offerer.finish_run(now, reservation_id);
-                let newer = offer_id.and_then(|id| offerer.latest(id).cloned());
-                if let Some(Ok(actions)) = actions {
-                    self.perform(node, actions);
-                }
+                let newer = offerer
+                    .finish_run(now, reservation_id)
+                    .and_then(|done| offerer.current(now, done.offer_id).ok().flatten());
                 self.schedule_offerer(node);
                 let outcome = Ok(newer.map(Box::new));
                 let message = Message::Executed {
@@ -728,10 +725,8 @@ impl Harness {
                         continue;
                     }
                     let now = self.now_ms;
-                    if let Some(offerer) = self.nodes[i].offerer.as_mut()
-                        && let Ok(actions) = offerer.owner_gone(now, id)
-                    {
-                        self.perform(i, actions);
+                    if let Some(offerer) = self.nodes[i].offerer.as_mut() {
+                        offerer.owner_gone(now, id);
                         self.schedule_offerer(i);
                     }
                 }
@@ -790,7 +785,7 @@ impl Harness {
             return;
         };
         let actions = offerer.poll(now, &mut self.rng).unwrap_or_default();
-        let report = offerer.poll_report(now);
+        let report = offerer.poll_report(now).unwrap_or_default();
         self.perform(i, actions);
         if let Some(offers) = report {
             let schedulers = self.config.schedulers;
@@ -932,10 +927,10 @@ impl Harness {
                 let owner = self.nodes[from].id;
                 let hold = self.config.hold_ms;
                 if let Some(offerer) = self.nodes[to].offerer.as_mut()
-                    && let Ok((_, actions)) =
-                        offerer.reserve(now, owner, offer_id, mib, reservation_id, hold)
+                    && offerer
+                        .reserve(now, owner, offer_id, mib, reservation_id, hold)
+                        .is_ok()
                 {
-                    self.perform(to, actions);
                     self.schedule_offerer(to);
                 }
             }
@@ -1013,9 +1008,8 @@ impl Harness {
         let reserved = offerer.reserve(now, owner, offer_id, mib, reservation_id, 1_000);
         let outcome = match reserved {
             Err(e) => Err((e.to_string(), None)),
-            Ok((_, actions)) => match offerer.start_run(now, reservation_id, run, mib) {
+            Ok(_) => match offerer.start_run(now, reservation_id, run, mib) {
                 Ok(_) => {
-                    self.perform(to, actions);
                     *self.runs.entry((to, invocation_id)).or_default() += 1;
                     if self.runs[&(to, invocation_id)] > 1 {
                         self.violate(format!("invocation {invocation_id} ran twice on {to}"));

@@ -149,6 +149,9 @@ impl Network {
                 keypair,
                 OffererConfig {
                     slicing,
+                    // A snapshot of the steady state: holders have heard of every
+                    // reservation (each is polled for at once below).
+                    holder_update_delay_ms: 0,
                     // Admission caps are not what is studied.
                     ledger: LedgerConfig {
                         max_reservations: usize::MAX,
@@ -267,17 +270,15 @@ impl Network {
             };
             let want = (weighted(&REQUESTED_MEMORY, rng) as u32).min(free);
             reservation_id += 1;
-            let Ok((_, actions)) = self.peers[peer].offerer.reserve(
-                NOW,
-                owner,
-                offer_id,
-                want,
-                reservation_id,
-                60_000,
-            ) else {
+            let offerer = &mut self.peers[peer].offerer;
+            if offerer
+                .reserve(NOW, owner, offer_id, want, reservation_id, 60_000)
+                .is_err()
+            {
                 keys.swap_remove(k);
                 continue;
-            };
+            }
+            let actions = offerer.poll(NOW, rng).expect("offers sign");
             self.reserved_mib += u64::from(want);
             self.run_actions(peer, actions);
             if free == want {

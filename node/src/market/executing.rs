@@ -82,16 +82,13 @@ fn admit(
             // A repeat needs no memory: a reservation it came with (made earlier with
             // `Reserve`) goes back now rather than at its deadline; a running one, or
             // another peer's, is left alone by the ledger.
-            if terms.offer_id.is_none()
-                && let Ok(actions) = offerer.release(now, from, terms.reservation_id)
-            {
-                m.outbox_extend(actions);
+            if terms.offer_id.is_none() {
+                let _ = offerer.release(now, from, terms.reservation_id);
             }
             return Ok((Admitted::Repeat, false));
         }
         Err(e) => return Err(Refusal::Failed(Failure::NotRunnable(e))),
     }
-    let mut actions = Vec::new();
     let reserved_here = match terms.offer_id {
         Some(offer_id) => {
             let held = offerer.reserve(
@@ -103,17 +100,14 @@ fn admit(
                 RUN_HOLD_MS,
             );
             match held {
-                Ok((_, made)) => {
-                    actions = made;
-                    true
-                }
+                Ok(_) => true,
                 Err(e) => return Err(Refusal::NotReserved(e)),
             }
         }
         None => false,
     };
     let started = offerer.start_run(now, terms.reservation_id, run, terms.mib);
-    let outcome = match started {
+    match started {
         Ok(reservation) => {
             tracing::debug!(
                 reservation = terms.reservation_id,
@@ -124,14 +118,12 @@ fn admit(
         }
         Err(e) => {
             // A reservation made for this request alone goes back at once.
-            if reserved_here && let Ok(back) = offerer.release(now, from, terms.reservation_id) {
-                actions.extend(back);
+            if reserved_here {
+                let _ = offerer.release(now, from, terms.reservation_id);
             }
             Err(Refusal::Failed(Failure::NotStarted(e)))
         }
-    };
-    m.outbox_extend(actions);
-    outcome
+    }
 }
 
 /// Why a call was not admitted.

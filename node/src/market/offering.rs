@@ -114,16 +114,12 @@ impl Market {
             .with(move |m, now| {
                 let offerer = m.offerer.as_mut()?;
                 let outcome = offerer.reserve(now, owner, offer_id, mib, reservation_id, hold_ms);
-                // The version this reservation made, sent to the holder or not: the
-                // scheduler's list takes it in place of the one it reserved on.
-                let offer = offerer.latest(offer_id).cloned().map(Box::new);
-                Some(match outcome {
-                    Ok((reservation, actions)) => {
-                        m.outbox_extend(actions);
-                        Ok((reservation, offer))
-                    }
-                    Err(e) => Err(e),
-                })
+                // The version this reservation made: the scheduler's list takes it in
+                // place of the one it reserved on.
+                Some(outcome.map(|reservation| {
+                    let offer = current_version(offerer, now, offer_id);
+                    (reservation, offer)
+                }))
             })
             .await;
         match reserved {
@@ -150,13 +146,7 @@ impl Market {
         let released = self
             .with(move |m, now| {
                 let offerer = m.offerer.as_mut()?;
-                Some(match offerer.release(now, owner, reservation_id) {
-                    Ok(actions) => {
-                        m.outbox_extend(actions);
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                })
+                Some(offerer.release(now, owner, reservation_id))
             })
             .await;
         match released {
@@ -221,19 +211,33 @@ impl Market {
     }
 }
 
-/// Ends a run in the offerer, queues what it changed for the holder, and returns the
-/// offer's new version.
+/// Ends a run in the offerer (its holder hears after the update delay) and returns the
+/// offer's current version.
 pub(super) fn finish_run(
     m: &mut super::state::Machines,
     now: u64,
     reservation_id: u64,
 ) -> Option<Box<SignedOffer>> {
     let offerer = m.offerer.as_mut()?;
-    let offer_id = offerer.ledger().get(reservation_id)?.offer_id;
-    let actions = offerer.finish_run(now, reservation_id)?;
-    let newer = offerer.latest(offer_id).cloned().map(Box::new);
-    m.carry_out(actions);
-    newer
+    let done = offerer.finish_run(now, reservation_id)?;
+    current_version(offerer, now, done.offer_id)
+}
+
+/// Offer `offer_id`'s current version, signed anew if its memory in use changed, for the
+/// scheduler a reservation or a call answers; `None` if there is none (or signing failed,
+/// which is logged: the answer goes without it).
+fn current_version(
+    offerer: &mut flotilla_offers::offerer::Offerer,
+    now: u64,
+    offer_id: u64,
+) -> Option<Box<SignedOffer>> {
+    match offerer.current(now, offer_id) {
+        Ok(offer) => offer.map(Box::new),
+        Err(e) => {
+            tracing::warn!(error = %e, offer_id, "cannot sign the offer's current version");
+            None
+        }
+    }
 }
 
 /// The metric label of a refused reservation.
@@ -243,6 +247,5 @@ pub(super) fn refusal_label(e: &ReserveError) -> &'static str {
         ReserveError::NotEnoughMemory { .. } => "not_enough_memory",
         ReserveError::Admit(AdmitError::Conflict(_)) => "conflict",
         ReserveError::Admit(AdmitError::Full(_) | AdmitError::OwnerFull { .. }) => "busy",
-        ReserveError::Offer(_) => "signing",
     }
 }

@@ -67,11 +67,6 @@ impl Machines {
         }
     }
 
-    /// Queues offerer actions for the loop to carry out.
-    pub fn outbox_extend(&mut self, actions: Vec<Action>) {
-        self.outbox.extend(actions);
-    }
-
     /// Queues offerer actions for the loop to carry out (a signing failure is logged:
     /// the offer stays as it was and is tried again at its next timer).
     pub fn carry_out<E: std::fmt::Display>(&mut self, actions: Result<Vec<Action>, E>) {
@@ -242,7 +237,10 @@ impl Market {
     ) {
         if let Some(offerer) = machines.offerer.as_mut() {
             let actions = offerer.poll(now, rng);
-            let report = offerer.poll_report(now);
+            let report = offerer.poll_report(now).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot sign the offers to report");
+                None
+            });
             machines.carry_out(actions);
             if let Some(offers) = report {
                 self.spawn(self.clone().report_free(offers));
@@ -315,8 +313,7 @@ impl Market {
                     for owner in gone {
                         tracing::debug!(%owner, "owner of held reservations left; they lapse");
                         if let Some(offerer) = m.offerer.as_mut() {
-                            let actions = offerer.owner_gone(now, owner);
-                            m.carry_out(actions);
+                            offerer.owner_gone(now, owner);
                         }
                     }
                 })
