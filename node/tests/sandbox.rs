@@ -287,3 +287,46 @@ fn a_guest_filling_its_directory_is_stopped() {
     assert_eq!(left, 0);
     still_serves(&executor);
 }
+
+#[test]
+fn a_job_never_sees_what_an_earlier_job_left_in_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    // Opens "secret" in its directory (fd 3) with the flags `oflags`, and exits with
+    // path_open's errno (0 if it opened).
+    let opener = |oflags: u32| {
+        wat::parse_str(format!(
+            r#"(module
+              (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+              (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 0) "secret")
+              (func (export "_start")
+                (call $exit (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 6)
+                                        (i32.const {oflags}) (i64.const 0x1fffffff) (i64.const 0x1fffffff)
+                                        (i32.const 0) (i32.const 8)))))"#
+        ))
+        .unwrap()
+    };
+    let (create, open) = (opener(1), opener(0));
+    // Nothing there at first; an empty directory serves the next job.
+    assert_eq!(
+        executor.run(&open, job(MIB)).unwrap().exit_code,
+        44,
+        "ENOENT"
+    );
+    // A job creates the file: it is its output, and the next jobs do not find it.
+    let made = executor.run(&create, job(MIB)).unwrap();
+    assert_eq!(made.exit_code, 0);
+    assert!(made.outputs.contains_key("secret"));
+    for _ in 0..2 {
+        assert_eq!(
+            executor.run(&open, job(MIB)).unwrap().exit_code,
+            44,
+            "ENOENT"
+        );
+    }
+    // Only the empty directories stay, for the next jobs.
+    let kept = std::fs::read_dir(dir.path().join("jobs")).unwrap().count();
+    assert_eq!(kept, 1);
+}

@@ -1,8 +1,56 @@
 //! A job's directory: the named inputs written in before the guest runs (preopened in
-//! the guest as `.`), and the files the guest leaves there collected afterwards.
+//! the guest as `.`), and the files the guest leaves there collected afterwards. A
+//! directory a job leaves empty serves the next one ([`SpareDirs`]): most calls write no
+//! file, and making and removing a directory per call cost more than the call itself.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
+use std::sync::Mutex;
+use tempfile::TempDir;
+
+/// Most empty job directories kept for reuse.
+pub const MAX_SPARE_DIRS: usize = 32;
+
+/// Empty job directories kept for the next jobs (at most [`MAX_SPARE_DIRS`]); each is
+/// removed when dropped.
+#[derive(Debug, Default)]
+pub struct SpareDirs {
+    spare: Mutex<Vec<TempDir>>,
+}
+
+impl SpareDirs {
+    /// An empty directory for a job: a spare one, or a new one made in `work_dir`.
+    pub fn take(&self, work_dir: &Path) -> std::io::Result<TempDir> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match spare {
+            Some(dir) => Ok(dir),
+            None => tempfile::tempdir_in(work_dir),
+        }
+    }
+
+    /// Takes `dir` back once its job is over (the guest's store dropped, so nothing
+    /// writes to it any more): kept if it is empty and there is room, removed otherwise.
+    pub fn give_back(&self, dir: TempDir) {
+        let empty = std::fs::read_dir(dir.path()).is_ok_and(|mut entries| entries.next().is_none());
+        if !empty {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < MAX_SPARE_DIRS {
+            spare.push(dir);
+        }
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Why a job directory could not be made or read.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +176,43 @@ pub fn collect_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_directory_left_empty_serves_the_next_job() {
+        let work = tempfile::tempdir().unwrap();
+        let spare = SpareDirs::default();
+        let first = spare.take(work.path()).unwrap();
+        let path = first.path().to_path_buf();
+        spare.give_back(first);
+        assert_eq!(spare.len(), 1);
+        // The next job gets the same, empty, directory.
+        let again = spare.take(work.path()).unwrap();
+        assert_eq!(again.path(), path);
+        assert!(spare.is_empty());
+        // A job that leaves anything behind (a file, a directory) does not pass it on:
+        // its directory is removed, and the next job gets a new one.
+        std::fs::create_dir(again.path().join("left")).unwrap();
+        spare.give_back(again);
+        assert!(spare.is_empty());
+        assert!(!path.exists(), "a used directory is removed");
+        let fresh = spare.take(work.path()).unwrap();
+        assert_ne!(fresh.path(), path);
+        assert_eq!(std::fs::read_dir(fresh.path()).unwrap().count(), 0);
+        // At most MAX_SPARE_DIRS are kept; the rest are removed.
+        let many: Vec<TempDir> = (0..MAX_SPARE_DIRS + 2)
+            .map(|_| spare.take(work.path()).unwrap())
+            .collect();
+        for dir in many {
+            spare.give_back(dir);
+        }
+        assert_eq!(spare.len(), MAX_SPARE_DIRS);
+        assert_eq!(
+            std::fs::read_dir(work.path()).unwrap().count(),
+            MAX_SPARE_DIRS + 1,
+            "the spares and the one still taken"
+        );
+        drop(fresh);
+    }
 
     #[test]
     fn names_must_be_plain_and_outputs_exclude_unchanged_inputs() {

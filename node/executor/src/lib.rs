@@ -193,6 +193,8 @@ pub struct Executor {
     config: ExecutorConfig,
     /// Places for compilations.
     compiling: Arc<CompileSlots>,
+    /// Job directories left empty by the jobs before, for the next ones.
+    spare_dirs: jobdir::SpareDirs,
 }
 
 /// A counting semaphore for compilations, which run on threads of their own.
@@ -276,6 +278,7 @@ impl Executor {
             cache,
             config,
             compiling: Arc::default(),
+            spare_dirs: jobdir::SpareDirs::default(),
         }))
     }
 
@@ -380,7 +383,9 @@ impl Executor {
         let (pre, compiled) = self.prepare(wasm)?;
         let load_us = started.elapsed().as_micros() as u64;
 
-        let dir = tempfile::tempdir_in(&self.config.work_dir)
+        let dir = self
+            .spare_dirs
+            .take(&self.config.work_dir)
             .map_err(|e| ExecError::Internal(format!("job directory: {e}")))?;
         jobdir::write_inputs(dir.path(), &job.inputs)?;
         // What the guest leaves is held in the host's memory: bounded by its reservation.
@@ -470,6 +475,8 @@ impl Executor {
                 self.config.max_dir_entries,
             )?
         };
+        // Only a directory the guest left empty serves again; any other is removed.
+        self.spare_dirs.give_back(dir);
         Ok(Outcome {
             exit_code,
             stdout: stdout.contents().to_vec(),
