@@ -665,8 +665,9 @@ impl Offerer {
 
     /// The current version of offer `offer_id`, signed anew if its memory in use changed
     /// since the last (a withdrawal if nothing is free): what a scheduler that just
-    /// reserved on it, or whose call released it, should list. `None` if the offer is
-    /// unknown, withdrawn, or was never signed and nothing changed.
+    /// reserved on it, or whose call released it, should list; the withdrawal, once the
+    /// offer is withdrawn. `None` if the offer is unknown, or was never signed and
+    /// nothing changed.
     pub fn current(
         &mut self,
         now_ms: u64,
@@ -1112,14 +1113,30 @@ mod tests {
         published
     }
 
-    #[test]
-    fn racing_reservations_never_oversubscribe_an_offer() {
-        let mut rng = StdRng::seed_from_u64(4);
-        let mut offerer = offerer(512);
+    /// An offerer of `memory_mib` (one offer) published to a holder: the rng, the
+    /// offerer, the holder, its id and the offer's id.
+    fn one_published(memory_mib: u64, seed: u64) -> (StdRng, Offerer, Holder, PeerId, u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut offerer = offerer(memory_mib);
         let mut holder = Holder::new(HolderConfig::default());
         let holder_id = PeerId::random();
         publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
         let offer_id = offerer.sent()[0].offer_id;
+        (rng, offerer, holder, holder_id, offer_id)
+    }
+
+    /// The key of run `invocation_id` by [`owner`].
+    fn run_key(invocation_id: u64) -> RunKey {
+        RunKey {
+            owner: owner(),
+            invocation_id,
+            call_digest: [0; 32],
+        }
+    }
+
+    #[test]
+    fn racing_reservations_never_oversubscribe_an_offer() {
+        let (mut rng, mut offerer, mut holder, _, offer_id) = one_published(512, 4);
         // Two schedulers each want 300 MiB of the same 512 MiB offer.
         let first = offerer
             .reserve(10, owner(), offer_id, 300, 1, 5_000)
@@ -1256,24 +1273,16 @@ mod tests {
         offerer
             .reserve(now, owner(), offer_id, mib, id, 1_000)
             .unwrap();
-        let run = RunKey {
-            owner: owner(),
-            invocation_id: id,
-            call_digest: [0; 32],
-        };
+        let run = run_key(id);
         offerer.start_run(now, id, run, mib).unwrap();
         offerer.finish_run(now + 1, id).unwrap();
     }
 
     #[test]
     fn a_call_within_the_update_delay_costs_its_holder_nothing_and_signs_nothing() {
-        let mut rng = StdRng::seed_from_u64(8);
         for mib in [128, 1024] {
             // Part of the offer, and all of it (which would withdraw it).
-            let mut offerer = offerer(1024);
-            let mut holder = Holder::new(HolderConfig::default());
-            publish_all(&mut offerer, &mut holder, PeerId::random(), &mut rng);
-            let offer_id = offerer.sent()[0].offer_id;
+            let (mut rng, mut offerer, _, _, offer_id) = one_published(1024, 8);
             let published = offerer.current(0, offer_id).unwrap().unwrap();
             assert!(offerer.poll_report(0).unwrap().is_some());
             one_call(&mut offerer, 50, offer_id, 1, mib);
@@ -1293,12 +1302,7 @@ mod tests {
 
     #[test]
     fn a_busy_offer_sends_its_holder_one_version_per_update_delay() {
-        let mut rng = StdRng::seed_from_u64(9);
-        let mut offerer = offerer(1024);
-        let mut holder = Holder::new(HolderConfig::default());
-        let holder_id = PeerId::random();
-        publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
-        let offer_id = offerer.sent()[0].offer_id;
+        let (mut rng, mut offerer, mut holder, holder_id, offer_id) = one_published(1024, 9);
         let delay = offerer.config.holder_update_delay_ms;
         // A call starts every 10 ms, of 1 to 5 MiB in turn, and each runs 20 ms: memory
         // in use changes at every step and takes five values in turn.
@@ -1306,11 +1310,7 @@ mod tests {
         for step in 0..100u64 {
             let now = step * 10;
             let mib = (step % 5 + 1) as u32;
-            let run = RunKey {
-                owner: owner(),
-                invocation_id: step,
-                call_digest: [0; 32],
-            };
+            let run = run_key(step);
             offerer
                 .reserve(now, owner(), offer_id, mib, step, 1_000)
                 .unwrap();

@@ -210,12 +210,20 @@ impl Network {
     ) -> Result<StartingNetwork, NetworkError> {
         let mut swarm = build_swarm(keypair, &config, registry)?;
         let metrics = Metrics::new(registry);
-        let requests_received = Family::<ProtocolLabel, Counter>::default();
+        let family = Family::<ProtocolLabel, Counter>::default();
         registry.sub_registry_with_prefix("flotilla").register(
             "requests_received",
             "Requests received from peers on Flotilla's protocols, by protocol (Kademlia's are libp2p_kad_inbound_requests)",
-            requests_received.clone(),
+            family.clone(),
         );
+        // One counter per protocol, made once: counting a request allocates nothing.
+        let requests_received = Concern::ALL.map(|concern| {
+            family
+                .get_or_create(&ProtocolLabel {
+                    protocol: concern.protocol().to_string(),
+                })
+                .clone()
+        });
         let mut pending = HashMap::new();
         for addr in &config.listen {
             let id = swarm
@@ -560,8 +568,8 @@ struct EventLoop {
     bitswap: Option<Bitswap>,
     timeout: Duration,
     metrics: Metrics,
-    /// Requests received on each of Flotilla's protocols.
-    requests_received: Family<ProtocolLabel, Counter>,
+    /// Requests received on each of Flotilla's protocols, in the order of [`Concern::ALL`].
+    requests_received: [Counter; Concern::ALL.len()],
     inbound: InboundSenders,
     respond: mpsc::Sender<Outgoing>,
 }
@@ -768,11 +776,9 @@ impl EventLoop {
                     },
                 ..
             } => {
-                self.requests_received
-                    .get_or_create(&ProtocolLabel {
-                        protocol: concern.protocol().to_string(),
-                    })
-                    .inc();
+                if let Some(i) = Concern::ALL.iter().position(|c| *c == concern) {
+                    self.requests_received[i].inc();
+                }
                 let inbound = InboundRequest {
                     peer,
                     concern,
