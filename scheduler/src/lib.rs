@@ -11,12 +11,15 @@
 //!   each, retries on another volunteer, bounded in attempts, reservations and time;
 //! * [`job`]: a detached job on its scheduler — phases, record versions, keepers of
 //!   the latest version, retries until its deadline;
+//! * [`book`]: the detached jobs' records a node keeps for others — newest version per
+//!   job, bounded in all and per scheduler, expiring, republished a few at a time;
 //! * [`registry`]: the well-known key schedulers announce themselves under;
 //! * [`harness`]: N nodes' machines wired through a simulated network (delay, loss,
 //!   duplicates, cuts, isolation, crashes) in virtual time, checking the market's
 //!   invariants at every step;
 //! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`).
 
+pub mod book;
 pub mod discovery;
 pub mod harness;
 pub mod job;

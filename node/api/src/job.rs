@@ -4,8 +4,9 @@
 //!
 //! A job's id is derived from the scheduler that took it and the client's nonce
 //! ([`job_id`]), so a record under that id verifies only when signed by that scheduler:
-//! no other peer can plant a record for someone else's job. Keeping the records (the
-//! node's `JobBook`) and running the jobs stay in flotilla-node (`market::jobs`).
+//! no other peer can plant a record for someone else's job. Which records a node keeps
+//! is decided by `flotilla_scheduler::book`; running the jobs is flotilla-node's
+//! (`market::jobs`).
 
 use crate::function::Invocation;
 use libp2p::PeerId;
@@ -89,12 +90,6 @@ pub enum JobRecordError {
     /// The job id is not derived from the record's scheduler and nonce.
     #[error("job {0:016x} is not an id of this record's scheduler")]
     ForeignId(u64),
-    /// The book already has this version or a newer one.
-    #[error("job {0:016x} has a newer version here")]
-    Stale(u64),
-    /// The version is older than the records' lifetime.
-    #[error("job {0:016x}'s record has expired")]
-    Expired(u64),
 }
 
 /// The id of the job a scheduler takes for a client's nonce: 63 bits of
@@ -131,6 +126,11 @@ impl SignedJob {
     /// Checks that the key is the scheduler's, signed the record, and that the job id
     /// is the scheduler's for the record's nonce.
     pub fn verify(&self) -> Result<(), JobRecordError> {
+        self.signer().map(|_| ())
+    }
+
+    /// The scheduler that signed the record, once [`SignedJob::verify`]'s checks pass.
+    fn signer(&self) -> Result<PeerId, JobRecordError> {
         let key = PublicKey::try_decode_protobuf(&self.public_key)
             .map_err(|_| JobRecordError::BadSignature)?;
         let scheduler = key.to_peer_id();
@@ -142,7 +142,29 @@ impl SignedJob {
         if job_id(&scheduler, self.record.nonce) != self.record.job_id {
             return Err(JobRecordError::ForeignId(self.record.job_id));
         }
-        Ok(())
+        Ok(scheduler)
+    }
+}
+
+/// Nodes keep job records in a [`flotilla_scheduler::book::RecordBook`], whose rules
+/// decide which versions stay.
+impl flotilla_scheduler::book::Versioned for SignedJob {
+    type Invalid = JobRecordError;
+
+    fn verify(&self) -> Result<PeerId, JobRecordError> {
+        self.signer()
+    }
+
+    fn id(&self) -> u64 {
+        self.record.job_id
+    }
+
+    fn seq(&self) -> u64 {
+        self.record.seq
+    }
+
+    fn made_at_ms(&self) -> u64 {
+        self.record.updated_at_ms
     }
 }
 

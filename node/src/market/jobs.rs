@@ -8,17 +8,18 @@
 //! A job's id is derived from the scheduler that took it and the client's nonce
 //! ([`job_id`]), so a record under that id verifies only when signed by that scheduler:
 //! no other peer can plant a record for someone else's job, even at a replica that has
-//! none yet. Every node keeps the job records it is sent in a bounded [`JobBook`]; a
-//! version replaces another only if it is newer.
+//! none yet. Every node keeps the job records it is sent in a bounded [`JobBook`]
+//! (`flotilla_scheduler::book`); a version replaces another only if it is newer.
 
 use super::Market;
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
+use flotilla_scheduler::book::{BookLimits, RecordBook, Refused};
 use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
 use rand::RngCore;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -49,139 +50,15 @@ pub const MAX_REPUBLISHED_PER_ROUND: usize = 32;
 /// Stdout or stderr up to this size is kept in the record; larger ones by CID.
 const MAX_RECORD_INLINE: usize = 4 * 1024;
 
-/// The job records a node keeps: bounded (in all, and per scheduler), newest version per
-/// job, expiring [`JOB_RECORD_TTL`] after the version was made — but never later than
-/// that long after it arrived here, by this node's own clock, so a record dated in the
-/// future cannot outlive the others, and eviction goes by arrival so it cannot push
-/// them out. Republished copies keep their version's age, so records do not live on
-/// forever by passing from peer to peer.
-///
-/// A book kept for a scheduler ([`JobBook::keeping_own`]) never makes room in a full book
-/// with that scheduler's own records (they are bounded by its quota like anyone's), so
-/// strangers storing records cannot push out the jobs it ran.
-#[derive(Debug, Default)]
-pub struct JobBook {
-    records: HashMap<u64, Kept>,
-    /// The scheduler whose records are not evicted for others', as records name it.
-    own: Option<String>,
-}
+/// The job records a node keeps: the rules are `flotilla_scheduler::book`'s.
+pub type JobBook = RecordBook<SignedJob>;
 
-/// One record in a [`JobBook`], with this node's times for it (Unix ms).
-#[derive(Debug)]
-struct Kept {
-    arrived_ms: u64,
-    sent_ms: u64,
-    expires_ms: u64,
-    job: SignedJob,
-}
-
-impl JobBook {
-    /// A book on the node of scheduler `me`, which keeps its own records over others'.
-    pub fn keeping_own(me: PeerId) -> JobBook {
-        JobBook {
-            records: HashMap::new(),
-            own: Some(me.to_string()),
-        }
-    }
-
-    /// Keeps `job` if it is valid, unexpired and newer than the version held.
-    pub fn put(&mut self, now_ms: u64, job: SignedJob) -> Result<(), JobRecordError> {
-        job.verify()?;
-        let id = job.record.job_id;
-        // Verified ids are the scheduler's own, so a held record of this id is too.
-        if let Some(held) = self.records.get(&id)
-            && held.job.record.seq >= job.record.seq
-        {
-            return Err(JobRecordError::Stale(id));
-        }
-        let ttl = JOB_RECORD_TTL.as_millis() as u64;
-        let expires_ms = now_ms.min(job.record.updated_at_ms).saturating_add(ttl);
-        if expires_ms <= now_ms {
-            return Err(JobRecordError::Expired(id));
-        }
-        self.records.retain(|_, kept| kept.expires_ms > now_ms);
-        if !self.records.contains_key(&id) {
-            let scheduler = &job.record.scheduler;
-            let of_scheduler = |j: &SignedJob| &j.record.scheduler == scheduler;
-            let theirs = self
-                .records
-                .values()
-                .filter(|kept| of_scheduler(&kept.job))
-                .count();
-            // A scheduler at its quota makes room among its own records; otherwise a
-            // full book drops its oldest — never one of this node's own jobs.
-            let own = self.own.clone();
-            let victim = if theirs >= MAX_JOB_RECORDS_PER_SCHEDULER {
-                self.oldest(|j| of_scheduler(j))
-            } else if self.records.len() >= MAX_JOB_RECORDS {
-                self.oldest(|j| own.as_ref() != Some(&j.record.scheduler))
-            } else {
-                None
-            };
-            if let Some(victim) = victim {
-                self.records.remove(&victim);
-            }
-        }
-        let kept = Kept {
-            arrived_ms: now_ms,
-            sent_ms: now_ms,
-            expires_ms,
-            job,
-        };
-        self.records.insert(id, kept);
-        Ok(())
-    }
-
-    /// Up to `max` unexpired records this node has not sent on for the longest, none
-    /// sent within `every`; each is marked as sent now.
-    pub fn due_for_republishing(
-        &mut self,
-        now_ms: u64,
-        every: Duration,
-        max: usize,
-    ) -> Vec<SignedJob> {
-        let every = every.as_millis() as u64;
-        let mut due: Vec<(u64, u64)> = self
-            .records
-            .iter()
-            .filter(|(_, kept)| {
-                kept.expires_ms > now_ms && kept.sent_ms.saturating_add(every) <= now_ms
-            })
-            .map(|(id, kept)| (kept.sent_ms, *id))
-            .collect();
-        due.sort_unstable();
-        due.truncate(max);
-        due.into_iter()
-            .filter_map(|(_, id)| {
-                let kept = self.records.get_mut(&id)?;
-                kept.sent_ms = now_ms;
-                Some(kept.job.clone())
-            })
-            .collect()
-    }
-
-    /// The id of the record that arrived first among those `pick` chooses.
-    fn oldest(&self, pick: impl Fn(&SignedJob) -> bool) -> Option<u64> {
-        self.records
-            .iter()
-            .filter(|(_, kept)| pick(&kept.job))
-            .min_by_key(|(_, kept)| kept.arrived_ms)
-            .map(|(id, _)| *id)
-    }
-
-    /// The newest version of job `id` held here.
-    pub fn get(&self, id: u64) -> Option<&SignedJob> {
-        self.records.get(&id).map(|kept| &kept.job)
-    }
-
-    /// How many records are held.
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+/// How much a node's [`JobBook`] keeps, and for how long.
+pub fn book_limits() -> BookLimits {
+    BookLimits {
+        max_records: MAX_JOB_RECORDS,
+        max_per_author: MAX_JOB_RECORDS_PER_SCHEDULER,
+        ttl_ms: JOB_RECORD_TTL.as_millis() as u64,
     }
 }
 
@@ -442,7 +319,7 @@ impl Market {
                 self.copy_result_blocks(blocks.unwrap_or_default());
                 Response::JobStored
             }
-            Err(JobRecordError::Stale(_)) => Response::JobStored,
+            Err(Refused::Stale(_)) => Response::JobStored,
             Err(e) => Response::Refused {
                 reason: e.to_string(),
             },
@@ -644,48 +521,16 @@ mod tests {
     }
 
     #[test]
-    fn republishing_takes_the_longest_unsent_records_a_bounded_number_at_a_time() {
-        let scheduler = Keypair::generate_ed25519();
-        let id = |nonce: u64| job_id(&scheduler.public().to_peer_id(), nonce);
-        let mut book = JobBook::default();
-        for nonce in 0..5 {
-            let r = record(&scheduler, nonce, 1);
-            book.put(1000 + nonce, SignedJob::sign(r, &scheduler))
-                .unwrap();
-        }
-        let every = Duration::from_millis(100);
-        assert!(
-            book.due_for_republishing(1050, every, 3).is_empty(),
-            "sent on arrival"
-        );
-        let ids = |jobs: Vec<SignedJob>| jobs.iter().map(|j| j.record.job_id).collect::<Vec<_>>();
-        assert_eq!(
-            ids(book.due_for_republishing(1200, every, 3)),
-            vec![id(0), id(1), id(2)]
-        );
-        assert_eq!(
-            ids(book.due_for_republishing(1200, every, 3)),
-            vec![id(3), id(4)]
-        );
-        assert!(book.due_for_republishing(1250, every, 3).is_empty());
-        let expired = 1000 + JOB_RECORD_TTL.as_millis() as u64 + 10;
-        assert!(
-            book.due_for_republishing(expired, every, 9).is_empty(),
-            "expired"
-        );
-    }
-
-    #[test]
-    fn a_book_keeps_the_newest_version_signed_by_the_jobs_scheduler() {
+    fn a_nodes_book_keeps_only_records_signed_by_the_jobs_scheduler() {
         let scheduler = Keypair::generate_ed25519();
         let other = Keypair::generate_ed25519();
-        let mut book = JobBook::default();
+        let mut book = JobBook::new(book_limits());
         let id = job_id(&scheduler.public().to_peer_id(), 7);
         book.put(1, SignedJob::sign(record(&scheduler, 7, 2), &scheduler))
             .unwrap();
         assert_eq!(
             book.put(1, SignedJob::sign(record(&scheduler, 7, 1), &scheduler)),
-            Err(JobRecordError::Stale(id))
+            Err(Refused::Stale(id))
         );
         // Another peer's record under this job's id, even newer and validly signed, is
         // refused: the id is not one of its own.
@@ -693,108 +538,24 @@ mod tests {
         planted.job_id = id;
         assert_eq!(
             book.put(1, SignedJob::sign(planted.clone(), &other)),
-            Err(JobRecordError::ForeignId(id))
+            Err(Refused::Invalid(JobRecordError::ForeignId(id)))
         );
         // Even at a node that holds no record of the job yet.
         assert_eq!(
-            JobBook::default().put(1, SignedJob::sign(planted, &other)),
-            Err(JobRecordError::ForeignId(id))
+            JobBook::new(book_limits()).put(1, SignedJob::sign(planted, &other)),
+            Err(Refused::Invalid(JobRecordError::ForeignId(id)))
         );
         // A record claiming a scheduler whose key did not sign it is refused.
         let mut forged = SignedJob::sign(record(&other, 7, 9), &other);
         forged.record.scheduler = scheduler.public().to_peer_id().to_string();
-        assert_eq!(book.put(1, forged), Err(JobRecordError::BadSignature));
+        assert_eq!(
+            book.put(1, forged),
+            Err(Refused::Invalid(JobRecordError::BadSignature))
+        );
         let mut newer = record(&scheduler, 7, 3);
         newer.state = JobState::Done;
         book.put(1, SignedJob::sign(newer, &scheduler)).unwrap();
         assert_eq!(book.get(id).unwrap().record.state, JobState::Done);
         assert_eq!(book.len(), 1);
-    }
-
-    #[test]
-    fn strangers_filling_the_book_never_push_out_the_schedulers_own_records() {
-        let me = Keypair::generate_ed25519();
-        let mut book = JobBook::keeping_own(me.public().to_peer_id());
-        // Its own jobs arrived first: the oldest in the book.
-        for nonce in 0..10 {
-            book.put(nonce, SignedJob::sign(record(&me, nonce, 1), &me))
-                .unwrap();
-        }
-        let strangers: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
-        let per = MAX_JOB_RECORDS_PER_SCHEDULER as u64;
-        for (i, stranger) in strangers.iter().enumerate() {
-            for nonce in 0..per {
-                let at = 10 + i as u64 * per + nonce;
-                book.put(at, SignedJob::sign(record(stranger, nonce, 1), stranger))
-                    .unwrap();
-            }
-        }
-        assert_eq!(book.len(), MAX_JOB_RECORDS);
-        for nonce in 0..10 {
-            let id = job_id(&me.public().to_peer_id(), nonce);
-            assert!(book.get(id).is_some(), "its own job {nonce} stays");
-        }
-        // A book that keeps no one's records first drops the oldest: those same jobs.
-        let mut plain = JobBook::default();
-        for nonce in 0..10 {
-            plain
-                .put(nonce, SignedJob::sign(record(&me, nonce, 1), &me))
-                .unwrap();
-        }
-        for (i, stranger) in strangers.iter().enumerate() {
-            for nonce in 0..per {
-                let at = 10 + i as u64 * per + nonce;
-                plain
-                    .put(at, SignedJob::sign(record(stranger, nonce, 1), stranger))
-                    .unwrap();
-            }
-        }
-        assert!(plain.get(job_id(&me.public().to_peer_id(), 0)).is_none());
-    }
-
-    #[test]
-    fn records_expire_and_the_book_is_bounded() {
-        let schedulers: Vec<Keypair> = (0..5).map(|_| Keypair::generate_ed25519()).collect();
-        let id_of =
-            |scheduler: &Keypair, nonce: u64| job_id(&scheduler.public().to_peer_id(), nonce);
-        let mut book = JobBook::default();
-        // Five schedulers' worth: each at its quota, the book over its bound.
-        let per = MAX_JOB_RECORDS_PER_SCHEDULER as u64;
-        for nonce in 0..5 * per {
-            let scheduler = &schedulers[(nonce / per) as usize];
-            let mut r = record(scheduler, nonce, 1);
-            // Records dated in the future do not count: arrival does.
-            r.updated_at_ms = u64::MAX - nonce;
-            book.put(nonce, SignedJob::sign(r, scheduler)).unwrap();
-        }
-        assert_eq!(book.len(), MAX_JOB_RECORDS);
-        assert!(
-            book.get(id_of(&schedulers[0], 0)).is_none(),
-            "the oldest went first"
-        );
-        assert!(book.get(id_of(&schedulers[4], 5 * per - 1)).is_some());
-        // One scheduler flooding the book pushes out only its own records.
-        for nonce in 5 * per..6 * per {
-            let r = record(&schedulers[4], nonce, 1);
-            book.put(nonce, SignedJob::sign(r, &schedulers[4])).unwrap();
-        }
-        assert!(
-            book.get(id_of(&schedulers[2], 2 * per)).is_some(),
-            "another scheduler's record stays"
-        );
-        assert!(book.get(id_of(&schedulers[4], 4 * per)).is_none());
-        let later = JOB_RECORD_TTL.as_millis() as u64 + 6 * per + 100;
-        let mut r = record(&schedulers[0], u64::MAX, 1);
-        r.updated_at_ms = later;
-        book.put(later, SignedJob::sign(r, &schedulers[0])).unwrap();
-        assert_eq!(book.len(), 1, "the rest expired");
-        // A copy passed on from peer to peer keeps its version's age.
-        let mut old = record(&schedulers[1], 1, 1);
-        old.updated_at_ms = later - JOB_RECORD_TTL.as_millis() as u64;
-        let old_id = old.job_id;
-        assert_eq!(
-            book.put(later, SignedJob::sign(old, &schedulers[1])),
-            Err(JobRecordError::Expired(old_id))
-        );
     }
 }

@@ -16,7 +16,7 @@
 //! that carries out a call owns them.
 
 use super::Market;
-use super::jobs::{JobBook, MAX_REPUBLISHED_PER_ROUND};
+use super::jobs::{JobBook, MAX_REPUBLISHED_PER_ROUND, book_limits};
 use flotilla_offers::holder::Holder;
 use flotilla_offers::offerer::{Action, Offerer};
 use flotilla_scheduler::supertraders::SuperTraders;
@@ -62,7 +62,7 @@ impl Machines {
             holder,
             offerer,
             super_traders,
-            jobs: JobBook::keeping_own(me),
+            jobs: JobBook::keeping_own(book_limits(), me),
             outbox: Vec::new(),
         }
     }
@@ -203,7 +203,7 @@ impl Market {
                 _ = republishing.tick() => {
                     let due = machines.jobs.due_for_republishing(
                         self.now(),
-                        republish_every,
+                        republish_every.as_millis() as u64,
                         MAX_REPUBLISHED_PER_ROUND,
                     );
                     if !due.is_empty() {
