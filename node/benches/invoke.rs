@@ -108,11 +108,13 @@ fn call(module: &str) -> FunctionCall {
     }
 }
 
-/// Node 0 is the client, node 1 the scheduler, the rest lend `lent` each.
-async fn network(dir: &std::path::Path, n: usize, lent: ByteSize) -> Vec<RunningNode> {
+/// Node 0 is the client, node 1 the scheduler, the rest lend `lent` each; calls on
+/// links if `links`.
+async fn network(dir: &std::path::Path, n: usize, lent: ByteSize, links: bool) -> Vec<RunningNode> {
     let nodes = start_network_with(dir, n, |i, config| {
         let config = NodeConfig {
             notify_interval: Duration::from_millis(200),
+            call_links: links,
             ..config
         };
         match i {
@@ -153,81 +155,15 @@ async fn main() {
     println!("| measurement | result |");
     println!("|---|---|");
 
-    // Warm invoke on five nodes.
-    let nodes = network(&dir.path().join("warm"), 5, ByteSize::gib(1)).await;
-    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
-    for _ in 0..20 {
-        invoke(&nodes[0], call(&module)).await;
+    // Warm invoke on five nodes: first with every call a request-response exchange,
+    // then (the default) with calls on links kept open.
+    let without_links = network(&dir.path().join("warm-rr"), 5, ByteSize::gib(1), false).await;
+    warm(&without_links, ", calls by request-response").await;
+    for node in without_links {
+        node.stop().await;
     }
-    // Volunteers lending 1 GiB each make one offer each, in the 1 GiB tier: a call of
-    // 128 MiB finds no offer in its own tier's region, a call of 1 GiB does. Warm, both
-    // are placed on an offer its volunteer confirmed free in the answer to the call
-    // before, with no probe; the exchanges each cost are counted. Last, the scheduler
-    // invokes: a client that is a scheduler places its own calls.
-    for (client, memory_mib, case) in [
-        (0, 128, "128 MiB: its tier has no offers"),
-        (0, 1024, "1 GiB: in the offers' tier"),
-        (1, 1024, "1 GiB, the client a scheduler itself"),
-    ] {
-        let client: &RunningNode = &nodes[client];
-        for _ in 0..5 {
-            invoke(
-                client,
-                FunctionCall {
-                    memory_mib,
-                    ..call(&module)
-                },
-            )
-            .await;
-        }
-        let mut totals = Vec::new();
-        let mut discovery = Vec::new();
-        let mut volunteer = Vec::new();
-        let mut probes = Vec::new();
-        let mut exchanges = Vec::new();
-        let before = requests_received(&nodes).await;
-        for _ in 0..WARM_CALLS {
-            let c = FunctionCall {
-                memory_mib,
-                ..call(&module)
-            };
-            let (invocation, ms) = invoke(client, c).await;
-            totals.push(ms);
-            discovery.push(invocation.discover_us as f64 / 1000.0);
-            probes.push(f64::from(invocation.probes));
-            exchanges.push(f64::from(invocation.exchanges));
-            let t = invocation.execution.timings;
-            volunteer.push(
-                (t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us) as f64
-                    / 1000.0,
-            );
-        }
-        let after = requests_received(&nodes).await;
-        let (totals, discovery, volunteer) = (sorted(totals), sorted(discovery), sorted(volunteer));
-        println!(
-            "| warm invoke of a no-op, 5 nodes ({WARM_CALLS} calls), {case} | p50 {:.2} ms, p99 {:.2} ms (median {:.0} probes, {:.0} exchanges; max {:.0} exchanges) |",
-            percentile(&totals, 0.5),
-            percentile(&totals, 0.99),
-            percentile(&sorted(probes), 0.5),
-            percentile(&sorted(exchanges.clone()), 0.5),
-            percentile(&sorted(exchanges), 1.0)
-        );
-        println!(
-            "| … of which discovery (probes and lookups, when made) | p50 {:.2} ms, p99 {:.2} ms |",
-            percentile(&discovery, 0.5),
-            percentile(&discovery, 0.99)
-        );
-        println!(
-            "| … of which the volunteer (fetch check, load, instantiate, run, store) | p50 {:.2} ms, p99 {:.2} ms |",
-            percentile(&volunteer, 0.5),
-            percentile(&volunteer, 0.99)
-        );
-        println!(
-            "| … requests received per call, all nodes, by protocol | {} |",
-            per_call(&before, &after, WARM_CALLS)
-        );
-    }
-
+    let nodes = network(&dir.path().join("warm"), 5, ByteSize::gib(1), true).await;
+    warm(&nodes, "").await;
     // Cold invoke of a 1 MiB module.
     let mut cold = Vec::new();
     for _ in 0..COLD_CALLS {
@@ -278,8 +214,20 @@ async fn main() {
         percentile(&instantiate, 0.99)
     );
 
+    throughput(
+        &dir.path().join("throughput-rr"),
+        false,
+        ", calls by request-response",
+    )
+    .await;
+    throughput(&dir.path().join("throughput"), true, "").await;
+}
+
+/// Invocations per second through one volunteer, calls on links if `links`; `how` is
+/// added to the row's name.
+async fn throughput(dir: &std::path::Path, links: bool, how: &str) {
     // Throughput of one volunteer.
-    let nodes = network(&dir.path().join("throughput"), 3, ByteSize::gib(4)).await;
+    let nodes = network(dir, 3, ByteSize::gib(4), links).await;
     let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
     invoke(&nodes[0], call(&module)).await;
     let started = Instant::now();
@@ -311,10 +259,87 @@ async fn main() {
         format!("; failed: {}", failures.join(", "))
     };
     println!(
-        "| invocations per second, one 4 GiB volunteer, {CALLERS} callers | {:.0} /s ({ok} of {THROUGHPUT_CALLS} succeeded{failures}) |",
+        "| invocations per second, one 4 GiB volunteer, {CALLERS} callers{how} | {:.0} /s ({ok} of {THROUGHPUT_CALLS} succeeded{failures}) |",
         ok as f64 / seconds
     );
     for node in nodes {
         node.stop().await;
+    }
+}
+
+/// Warm calls of the no-op on a 5-node network, one table row each for three cases;
+/// `how` is added to each case's name.
+async fn warm(nodes: &[RunningNode], how: &str) {
+    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    for _ in 0..20 {
+        invoke(&nodes[0], call(&module)).await;
+    }
+    // Volunteers lending 1 GiB each make one offer each, in the 1 GiB tier: a call of
+    // 128 MiB finds no offer in its own tier's region, a call of 1 GiB does. Warm, both
+    // are placed on an offer its volunteer confirmed free in the answer to the call
+    // before, with no probe; the exchanges each cost are counted. Last, the scheduler
+    // invokes: a client that is a scheduler places its own calls.
+    for (client, memory_mib, case) in [
+        (0, 128, "128 MiB: its tier has no offers"),
+        (0, 1024, "1 GiB: in the offers' tier"),
+        (1, 1024, "1 GiB, the client a scheduler itself"),
+    ] {
+        let client: &RunningNode = &nodes[client];
+        for _ in 0..5 {
+            invoke(
+                client,
+                FunctionCall {
+                    memory_mib,
+                    ..call(&module)
+                },
+            )
+            .await;
+        }
+        let mut totals = Vec::new();
+        let mut discovery = Vec::new();
+        let mut volunteer = Vec::new();
+        let mut probes = Vec::new();
+        let mut exchanges = Vec::new();
+        let before = requests_received(nodes).await;
+        for _ in 0..WARM_CALLS {
+            let c = FunctionCall {
+                memory_mib,
+                ..call(&module)
+            };
+            let (invocation, ms) = invoke(client, c).await;
+            totals.push(ms);
+            discovery.push(invocation.discover_us as f64 / 1000.0);
+            probes.push(f64::from(invocation.probes));
+            exchanges.push(f64::from(invocation.exchanges));
+            let t = invocation.execution.timings;
+            volunteer.push(
+                (t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us) as f64
+                    / 1000.0,
+            );
+        }
+        let after = requests_received(nodes).await;
+        let (totals, discovery, volunteer) = (sorted(totals), sorted(discovery), sorted(volunteer));
+        println!(
+            "| warm invoke of a no-op, 5 nodes ({WARM_CALLS} calls), {case}{how} | p50 {:.2} ms, p99 {:.2} ms (median {:.0} probes, {:.0} exchanges; max {:.0} exchanges) |",
+            percentile(&totals, 0.5),
+            percentile(&totals, 0.99),
+            percentile(&sorted(probes), 0.5),
+            percentile(&sorted(exchanges.clone()), 0.5),
+            percentile(&sorted(exchanges), 1.0)
+        );
+        println!(
+            "| … of which discovery (probes and lookups, when made) | p50 {:.2} ms, p99 {:.2} ms |",
+            percentile(&discovery, 0.5),
+            percentile(&discovery, 0.99)
+        );
+        println!(
+            "| … of which the volunteer (fetch check, load, instantiate, run, store) | p50 {:.2} ms, p99 {:.2} ms |",
+            percentile(&volunteer, 0.5),
+            percentile(&volunteer, 0.99)
+        );
+        println!(
+            "| … requests received per call, all nodes, by protocol | {} |",
+            per_call(&before, &after, WARM_CALLS)
+        );
     }
 }

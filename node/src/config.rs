@@ -40,6 +40,7 @@
 
 use flotilla_offers::holder::HolderConfig;
 use flotilla_offers::offerer::{OffererConfig, Slicing};
+use flotilla_overlay::network::NetworkConfig;
 use flotilla_overlay::regions::KeySpace;
 use flotilla_scheduler::discovery::DiscoveryConfig;
 use flotilla_scheduler::placement::Policy;
@@ -99,6 +100,9 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Most established connections in all.
     pub max_connections: u32,
+    /// Whether calls to a peer already reached go on a stream kept open to it (a link)
+    /// rather than a request-response exchange each.
+    pub call_links: bool,
     /// Most bytes of blocks stored.
     pub store_capacity: bytesize::ByteSize,
     /// Memory lent to others' functions (`None`: this node lends nothing).
@@ -169,6 +173,7 @@ impl Default for NodeConfig {
             api: DEFAULT_API.parse().expect("valid socket address"),
             mdns: true,
             max_connections: 256,
+            call_links: NetworkConfig::default().call_links.is_some(),
             store_capacity: bytesize::ByteSize::gib(10),
             offer_memory: None,
             slicing: offerer.slicing,

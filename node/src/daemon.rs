@@ -85,6 +85,10 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
             bootstrap: config.bootstrap.clone(),
             mdns: config.mdns,
             max_connections: config.max_connections,
+            call_links: config
+                .call_links
+                .then(|| NetworkConfig::default().call_links)
+                .flatten(),
             // A call's answer can take as long as the function runs: each request is
             // bounded by its caller's own timeout instead.
             request_timeout: config.max_deadline * 2 + Duration::from_secs(300),

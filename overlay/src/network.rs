@@ -7,9 +7,10 @@
 //! pending replies are kept by Kademlia query id or request id.
 
 use crate::bitswap::Bitswap;
+use crate::link::{self, LinkConfig, Links};
 use crate::liveness::{self, Liveness};
 use crate::record_store::SplitStore;
-use crate::rpc::{BytesCodec, Concern, Inbound, InboundRequest, Outgoing, RpcError};
+use crate::rpc::{BytesCodec, Concern, Inbound, InboundRequest, Outgoing, Reply, RpcError};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, GetClosestPeersError, GetProvidersOk, QueryId, QueryResult, RecordKey};
@@ -54,6 +55,9 @@ pub struct NetworkConfig {
     pub request_timeout: Duration,
     /// Inbound requests queued for the application before more are dropped.
     pub inbound_queue: usize,
+    /// Calls to a peer already reached go on a stream kept open to it ([`crate::link`]),
+    /// with these timings; `None`: every call is a request-response exchange.
+    pub call_links: Option<LinkConfig>,
 }
 
 impl Default for NetworkConfig {
@@ -68,6 +72,7 @@ impl Default for NetworkConfig {
             timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             inbound_queue: 256,
+            call_links: Some(LinkConfig::default()),
         }
     }
 }
@@ -187,6 +192,9 @@ enum PendingQuery {
 pub struct Network {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    /// Streams kept open for calls, unless [`NetworkConfig::call_links`] is `None`.
+    links: Option<Links>,
+    request_timeout: Duration,
 }
 
 /// A swarm that is listening but whose event loop has not started yet.
@@ -197,7 +205,17 @@ pub struct StartingNetwork {
     commands: mpsc::Receiver<Command>,
     responses: mpsc::Receiver<Outgoing>,
     inbound: Option<Inbound>,
+    /// Links other peers open to us, served once the network runs.
+    link_server: Option<LinkServer>,
     handle: Network,
+}
+
+/// What serving other peers' links needs.
+struct LinkServer {
+    incoming: libp2p_stream::IncomingStreams,
+    queue: mpsc::Sender<InboundRequest>,
+    received: Counter,
+    config: LinkConfig,
 }
 
 impl Network {
@@ -235,13 +253,35 @@ impl Network {
             pending.insert(id, addr.clone());
         }
         let control = swarm.behaviour().stream.new_control();
+        let queue = || mpsc::channel(config.inbound_queue.max(1));
+        let ((offers_tx, offers), (calls_tx, calls), (jobs_tx, jobs)) = (queue(), queue(), queue());
+        let (links, link_server) = if let Some(link_config) = config.call_links {
+            let mut control = swarm.behaviour().stream.new_control();
+            let incoming = control
+                .accept(link::PROTOCOL)
+                .expect("links are accepted once per swarm");
+            let calls_received = Concern::ALL
+                .iter()
+                .position(|c| *c == Concern::Calls)
+                .map(|i| requests_received[i].clone())
+                .expect("calls are a concern");
+            let server = LinkServer {
+                incoming,
+                queue: calls_tx.clone(),
+                received: calls_received,
+                config: link_config,
+            };
+            (Some(Links::new(control, link_config)), Some(server))
+        } else {
+            (None, None)
+        };
         let (tx, commands) = mpsc::channel(256);
         let handle = Network {
             commands: tx,
             local_peer_id: *swarm.local_peer_id(),
+            links: links.clone(),
+            request_timeout: config.request_timeout,
         };
-        let queue = || mpsc::channel(config.inbound_queue.max(1));
-        let ((offers_tx, offers), (calls_tx, calls), (jobs_tx, jobs)) = (queue(), queue(), queue());
         let (respond, responses) = mpsc::channel(256);
         let mut event_loop = EventLoop {
             swarm,
@@ -259,6 +299,8 @@ impl Network {
                 jobs: jobs_tx,
             },
             respond,
+            links,
+            link_server: None,
         };
         let deadline = tokio::time::sleep(config.timeout);
         tokio::pin!(deadline);
@@ -291,6 +333,7 @@ impl Network {
                 calls,
                 jobs,
             }),
+            link_server,
             handle,
         })
     }
@@ -362,6 +405,15 @@ impl Network {
         if peer == self.local_peer_id {
             return Err(RpcError::ToSelf);
         }
+        let links = self.links.as_ref().filter(|_| concern == Concern::Calls);
+        if let Some(links) = links {
+            let on_link = tokio::time::timeout(self.request_timeout, links.request(peer, &bytes));
+            match on_link.await {
+                Ok(Some(answer)) => return answer,
+                Ok(None) => {}
+                Err(_) => return Err(RpcError::Timeout(peer)),
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Command::Request {
             concern,
@@ -372,7 +424,17 @@ impl Network {
         })
         .await
         .map_err(|_| RpcError::Stopped)?;
-        rx.await.map_err(|_| RpcError::Stopped)?
+        let answer = rx.await.map_err(|_| RpcError::Stopped)?;
+        if let (Some(links), Ok(_)) = (links, &answer) {
+            // The peer is reached and answers: its next calls go on a link.
+            links.open(peer);
+        }
+        answer
+    }
+
+    /// Whether calls to `peer` go on a link now.
+    pub fn has_link(&self, peer: &PeerId) -> bool {
+        self.links.as_ref().is_some_and(|l| l.is_open(peer))
     }
 
     /// The peers we are connected to.
@@ -420,6 +482,15 @@ impl StartingNetwork {
         bitswap: Bitswap,
     ) -> Result<(Network, tokio::task::JoinHandle<()>), NetworkError> {
         self.event_loop.bitswap = Some(bitswap);
+        if let Some(server) = self.link_server.take() {
+            let serving = link::serve(
+                server.incoming,
+                server.queue,
+                server.received,
+                server.config,
+            );
+            self.event_loop.link_server = Some(tokio::spawn(serving).abort_handle());
+        }
         if !bootstrap.is_empty() {
             self.event_loop.join(bootstrap).await?;
         }
@@ -572,6 +643,10 @@ struct EventLoop {
     requests_received: [Counter; Concern::ALL.len()],
     inbound: InboundSenders,
     respond: mpsc::Sender<Outgoing>,
+    /// The links we opened, closed when the loop stops.
+    links: Option<Links>,
+    /// The task serving others' links, stopped with the loop.
+    link_server: Option<tokio::task::AbortHandle>,
 }
 
 impl EventLoop {
@@ -648,6 +723,12 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().rpc(concern).send_response(channel, bytes);
                 }
             }
+        }
+        if let Some(server) = self.link_server.take() {
+            server.abort();
+        }
+        if let Some(links) = &self.links {
+            links.close_all();
         }
         tracing::info!("network stopped");
     }
@@ -783,8 +864,10 @@ impl EventLoop {
                     peer,
                     concern,
                     bytes: request,
-                    channel,
-                    respond: self.respond.clone(),
+                    reply: Reply::Swarm {
+                        channel,
+                        respond: self.respond.clone(),
+                    },
                 };
                 if self.inbound.of(concern).try_send(inbound).is_err() {
                     // Dropping the channel tells the sender its request failed.

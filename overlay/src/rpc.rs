@@ -123,18 +123,40 @@ pub struct InboundRequest {
     pub concern: Concern,
     /// Its bytes (at most [`MAX_REQUEST_BYTES`]).
     pub bytes: Vec<u8>,
-    pub(crate) channel: ResponseChannel<Vec<u8>>,
-    pub(crate) respond: mpsc::Sender<Outgoing>,
+    pub(crate) reply: Reply,
+}
+
+/// Where a request's response goes: back through the swarm, or onto the link it came
+/// on.
+pub(crate) enum Reply {
+    /// Request-response: the swarm's task sends it on the request's own stream.
+    Swarm {
+        channel: ResponseChannel<Vec<u8>>,
+        respond: mpsc::Sender<Outgoing>,
+    },
+    /// A link ([`crate::link`]): written straight onto it.
+    Link(crate::link::Responder),
 }
 
 impl InboundRequest {
+    /// Whether it came on a link ([`crate::link`]) rather than by request-response.
+    pub fn on_link(&self) -> bool {
+        matches!(self.reply, Reply::Link(_))
+    }
+
     /// Sends `bytes` back as the response. Fails only if the network has stopped; a
     /// requester that has gone away is not an error.
     pub async fn respond(self, bytes: Vec<u8>) -> Result<(), RpcError> {
-        self.respond
-            .send((self.concern, self.channel, bytes))
-            .await
-            .map_err(|_| RpcError::Stopped)
+        match self.reply {
+            Reply::Swarm { channel, respond } => respond
+                .send((self.concern, channel, bytes))
+                .await
+                .map_err(|_| RpcError::Stopped),
+            Reply::Link(responder) => {
+                responder.answer(bytes).await;
+                Ok(())
+            }
+        }
     }
 }
 

@@ -1,0 +1,861 @@
+//! Calls on streams kept open per peer ("links"), beside request-response.
+//!
+//! A request-response exchange opens a yamux stream for each request and passes
+//! through the swarm's task on both sides, both ways. Calls are the hot path (a warm
+//! call is two exchanges), so once a request on [`Concern::Calls`] has reached a peer
+//! the long way, the requester opens one stream to it on [`PROTOCOL`] and sends its
+//! later calls there: many requests in flight on one stream, each frame tagged with
+//! its id, answers matched by id. The stream is read and written by the tasks that use
+//! it, straight through `libp2p-stream` to the connection, never through the swarm.
+//! Request-response stays the way to reach a peer (it dials, with addresses) and the
+//! fallback whenever there is no link.
+//!
+//! Frames: a request is `id (u64) ‖ length (u32) ‖ bytes`; an answer is
+//! `id (u64) ‖ status (u8) ‖ length (u32) ‖ bytes`, all big-endian. Everything a peer
+//! can make us hold is bounded: a frame's length is checked before anything is
+//! allocated ([`MAX_REQUEST_BYTES`], [`MAX_RESPONSE_BYTES`]); one link carries at most
+//! [`Concern::max_streams`] requests at once (the reader waits for one to end before it
+//! reads on, which pushes back through yamux's window); a peer keeps at most
+//! [`LINKS_PER_PEER`] links to us, and [`MAX_LINKS`] in all; a link with nothing in
+//! flight is closed after [`LinkConfig::idle`], and a frame must arrive whole within
+//! [`LinkConfig::frame_timeout`] of its first byte. A request that finds the calls queue
+//! full is answered at once with a refusal frame, so the requester does not wait out
+//! its timeout.
+
+use crate::rpc::{Concern, InboundRequest, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Reply, RpcError};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use libp2p::{PeerId, StreamProtocol};
+use prometheus_client::metrics::counter::Counter;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+/// The protocol links speak.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/calls/link/1.0.0");
+/// Links one peer may keep open to us at once (one, and one more while it replaces it).
+pub const LINKS_PER_PEER: usize = 2;
+/// Links open to us at once, from all peers.
+pub const MAX_LINKS: usize = 1024;
+
+/// An answer's status byte: the request's answer follows.
+const ANSWERED: u8 = 0;
+/// An answer's status byte: the request was not taken (the queue was full).
+const REFUSED: u8 = 1;
+
+/// A link's timings.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// A link with nothing in flight for this long is closed (by either side).
+    pub idle: Duration,
+    /// Longest time between a frame's first byte and its last.
+    pub frame_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            idle: Duration::from_secs(30),
+            frame_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Reads a frame's body of `len` bytes, refusing one over `limit` before allocating.
+async fn read_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u32,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
+    let len = len as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes, over {limit}"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_be_bytes(word)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_be_bytes(word)
+}
+
+/// A frame read: its id, status (always [`ANSWERED`] for a request) and body.
+type Frame = (u64, u8, Vec<u8>);
+
+/// One frame being read, with the reader handed back at the end: the read runs as a
+/// future that is never cancelled half way (the caller polls it beside its idle timer).
+type Reading = std::pin::Pin<Box<dyn Future<Output = (Reader, io::Result<Option<Frame>>)> + Send>>;
+
+/// The reading half of a link's stream.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The writing half of a link, shared by the tasks that send on it.
+type Writer = Arc<tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
+
+/// A link's stream cut in its two halves.
+fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: S) -> (Reader, Writer) {
+    let (reader, writer) = stream.split();
+    (
+        Box::new(reader),
+        Arc::new(tokio::sync::Mutex::new(Box::new(writer))),
+    )
+}
+
+/// Reads an answer frame if `answer`, else a request frame, its body bounded by `limit`;
+/// `None` at a clean end of the stream. Once its first byte has come, the rest of the
+/// frame must follow within `frame_timeout`.
+fn read_frame(mut reader: Reader, answer: bool, limit: usize, frame_timeout: Duration) -> Reading {
+    async move {
+        let result = async {
+            let mut header = [0u8; 13];
+            let header = if answer {
+                &mut header[..]
+            } else {
+                &mut header[..12]
+            };
+            if reader.read(&mut header[..1]).await? == 0 {
+                return Ok(None);
+            }
+            let rest = async {
+                reader.read_exact(&mut header[1..]).await?;
+                let (status, len) = if answer {
+                    (header[8], u32_at(header, 9))
+                } else {
+                    (ANSWERED, u32_at(header, 8))
+                };
+                let body = read_body(&mut reader, len, limit).await?;
+                Ok::<_, io::Error>((u64_at(header, 0), status, body))
+            };
+            match tokio::time::timeout(frame_timeout, rest).await {
+                Ok(frame) => frame.map(Some),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a frame arrived too slowly",
+                )),
+            }
+        }
+        .await;
+        (reader, result)
+    }
+    .boxed()
+}
+
+async fn write_frame(writer: &Writer, header: &[u8], body: &[u8]) -> io::Result<()> {
+    let mut frame = Vec::with_capacity(header.len() + body.len());
+    frame.extend_from_slice(header);
+    frame.extend_from_slice(body);
+    let mut writer = writer.lock().await;
+    writer.write_all(&frame).await?;
+    writer.flush().await
+}
+
+/// Where an answer to a request that came on a link goes.
+pub(crate) struct Responder {
+    id: u64,
+    writer: Writer,
+    /// The link's place for this request, given back once answered.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Responder {
+    /// Writes the answer. A link that has closed is not an error: the requester has
+    /// gone.
+    pub(crate) async fn answer(self, bytes: Vec<u8>) {
+        if bytes.len() > MAX_RESPONSE_BYTES {
+            return self.refuse().await;
+        }
+        let mut header = [0u8; 13];
+        header[..8].copy_from_slice(&self.id.to_be_bytes());
+        header[8] = ANSWERED;
+        header[9..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+        let _ = write_frame(&self.writer, &header, &bytes).await;
+    }
+
+    async fn refuse(self) {
+        let mut header = [0u8; 13];
+        header[..8].copy_from_slice(&self.id.to_be_bytes());
+        header[8] = REFUSED;
+        let _ = write_frame(&self.writer, &header, &[]).await;
+    }
+}
+
+/// Serves the links other peers open to us: every request read goes into `queue` (the
+/// calls' inbound queue, the one request-response fills), counted in `received`. Runs
+/// until aborted; aborting it closes every link it serves.
+pub(crate) async fn serve(
+    mut incoming: impl futures::Stream<Item = (PeerId, libp2p::Stream)> + Unpin,
+    queue: mpsc::Sender<InboundRequest>,
+    received: Counter,
+    config: LinkConfig,
+) {
+    use futures::StreamExt;
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { break };
+                let count = {
+                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                    let total: usize = open.values().sum();
+                    let of_peer = open.entry(peer).or_default();
+                    if *of_peer >= LINKS_PER_PEER || total >= MAX_LINKS {
+                        None
+                    } else {
+                        *of_peer += 1;
+                        Some(*of_peer)
+                    }
+                };
+                let Some(count) = count else {
+                    tracing::debug!(%peer, "link refused: too many open");
+                    drop(stream);
+                    continue;
+                };
+                tracing::trace!(%peer, links = count, "link opened");
+                let open = open.clone();
+                let queue = queue.clone();
+                let received = received.clone();
+                links.spawn(async move {
+                    serve_link(peer, stream, queue, received, config).await;
+                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = open.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            open.remove(&peer);
+                        }
+                    }
+                });
+            }
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+        }
+    }
+}
+
+/// Reads `peer`'s requests on one link until it closes, errs, or idles.
+async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    peer: PeerId,
+    stream: S,
+    queue: mpsc::Sender<InboundRequest>,
+    received: Counter,
+    config: LinkConfig,
+) {
+    let (reader, writer) = halves(stream);
+    let places = Arc::new(Semaphore::new(Concern::Calls.max_streams()));
+    let mut reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
+    let idle = tokio::time::sleep(config.idle);
+    tokio::pin!(idle);
+    loop {
+        let (reader, frame) = tokio::select! {
+            read = &mut reading => read,
+            () = &mut idle => {
+                if places.available_permits() == Concern::Calls.max_streams() {
+                    tracing::debug!(%peer, "idle link closed");
+                    break;
+                }
+                idle.as_mut().reset(tokio::time::Instant::now() + config.idle);
+                continue;
+            }
+        };
+        let (id, bytes) = match frame {
+            Ok(Some((id, _, bytes))) => (id, bytes),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "link closed");
+                break;
+            }
+        };
+        received.inc();
+        // The reader waits for a place before reading on: at most `max_streams`
+        // requests of one link are in flight.
+        let Ok(permit) = places.clone().acquire_owned().await else {
+            break;
+        };
+        let responder = Responder {
+            id,
+            writer: writer.clone(),
+            _permit: permit,
+        };
+        let request = InboundRequest {
+            peer,
+            concern: Concern::Calls,
+            bytes,
+            reply: Reply::Link(responder),
+        };
+        if let Err(full) = queue.try_send(request) {
+            tracing::debug!(%peer, "inbound calls queue full; request on a link refused");
+            if let Reply::Link(responder) = full.into_inner().reply {
+                responder.refuse().await;
+            }
+        }
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + config.idle);
+        reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
+    }
+    let _ = writer.lock().await.close().await;
+}
+
+/// Requests waiting for their answers on one link, by id.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
+    /// Set once the link has failed: nothing more is sent on it.
+    closed: bool,
+}
+
+/// One link we opened to a peer.
+struct Link {
+    peer: PeerId,
+    writer: Writer,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    /// Requests in flight, at most [`Concern::max_streams`]: beyond, the caller waits.
+    places: Arc<Semaphore>,
+}
+
+impl Link {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails every request waiting on this link and refuses new ones.
+    fn fail_all(&self, reason: &str) {
+        let waiting = {
+            let mut pending = self.pending();
+            pending.closed = true;
+            std::mem::take(&mut pending.waiting)
+        };
+        for (_, reply) in waiting {
+            let _ = reply.send(Err(RpcError::Failed {
+                peer: self.peer,
+                reason: reason.to_string(),
+            }));
+        }
+    }
+}
+
+/// The links this node opened to others, and the requests it sends on them.
+#[derive(Clone)]
+pub struct Links {
+    control: libp2p_stream::Control,
+    config: LinkConfig,
+    links: Arc<Mutex<HashMap<PeerId, Slot>>>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+#[derive(Clone)]
+enum Slot {
+    Opening,
+    Open(Arc<Link>),
+}
+
+/// Removes a request's entry if it is dropped (timed out) before its answer came.
+struct Waiting<'a> {
+    link: &'a Link,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.link.pending().waiting.remove(&self.id);
+    }
+}
+
+impl Links {
+    /// Links opened with `control`.
+    pub fn new(control: libp2p_stream::Control, config: LinkConfig) -> Links {
+        Links {
+            control,
+            config,
+            links: Arc::default(),
+            tasks: Arc::default(),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Slot>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a link to `peer` is open.
+    pub fn is_open(&self, peer: &PeerId) -> bool {
+        matches!(self.slots().get(peer), Some(Slot::Open(_)))
+    }
+
+    /// Sends `bytes` to `peer` on its link and waits for the answer. `None` when there
+    /// is no open link to `peer` (nothing was sent: the caller sends it the long way).
+    pub async fn request(&self, peer: PeerId, bytes: &[u8]) -> Option<Result<Vec<u8>, RpcError>> {
+        if bytes.len() > MAX_REQUEST_BYTES {
+            return None;
+        }
+        let link = match self.slots().get(&peer) {
+            Some(Slot::Open(link)) => link.clone(),
+            _ => return None,
+        };
+        let Ok(_place) = link.places.clone().acquire_owned().await else {
+            return None;
+        };
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut pending = link.pending();
+            if pending.closed {
+                return None;
+            }
+            pending.waiting.insert(id, reply);
+        }
+        let waiting = Waiting { link: &link, id };
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&id.to_be_bytes());
+        header[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+        if let Err(e) = write_frame(&link.writer, &header, bytes).await {
+            self.forget(&link);
+            link.fail_all(&e.to_string());
+            return Some(Err(RpcError::Failed {
+                peer,
+                reason: format!("link: {e}"),
+            }));
+        }
+        let answer = answer.await.unwrap_or(Err(RpcError::Stopped));
+        drop(waiting);
+        Some(answer)
+    }
+
+    /// Opens a link to `peer` in the background, unless one is open or opening. Call it
+    /// once a request reached `peer` the long way (so a connection is there to open it
+    /// on).
+    pub fn open(&self, peer: PeerId) {
+        {
+            let mut slots = self.slots();
+            if slots.contains_key(&peer) {
+                return;
+            }
+            slots.insert(peer, Slot::Opening);
+        }
+        let links = self.clone();
+        let mut control = self.control.clone();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished tasks are reaped here, so the set stays as large as the links open.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            let opened = tokio::time::timeout(
+                links.config.frame_timeout,
+                control.open_stream(peer, PROTOCOL),
+            )
+            .await;
+            let stream = match opened {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "no link opened");
+                    links.slots().remove(&peer);
+                    return;
+                }
+                Err(_) => {
+                    links.slots().remove(&peer);
+                    return;
+                }
+            };
+            let (reader, writer) = halves(stream);
+            let link = Arc::new(Link {
+                peer,
+                writer,
+                pending: Mutex::default(),
+                next_id: AtomicU64::new(0),
+                places: Arc::new(Semaphore::new(Concern::Calls.max_streams())),
+            });
+            links.slots().insert(peer, Slot::Open(link.clone()));
+            links.read_answers(link, reader).await;
+        });
+    }
+
+    /// Takes `link` out of the table, if it is still the one there.
+    fn forget(&self, link: &Arc<Link>) {
+        let mut slots = self.slots();
+        if let Some(Slot::Open(current)) = slots.get(&link.peer)
+            && Arc::ptr_eq(current, link)
+        {
+            slots.remove(&link.peer);
+        }
+    }
+
+    /// Hands each answer on `link` to its request, until the link fails or idles.
+    async fn read_answers(&self, link: Arc<Link>, reader: Reader) {
+        let config = self.config;
+        let mut reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
+        let idle = tokio::time::sleep(config.idle);
+        tokio::pin!(idle);
+        let reason = loop {
+            let (reader, frame) = tokio::select! {
+                read = &mut reading => read,
+                () = &mut idle => {
+                    let quiet = {
+                        let mut pending = link.pending();
+                        let quiet = pending.waiting.is_empty();
+                        if quiet {
+                            pending.closed = true;
+                        }
+                        quiet
+                    };
+                    if quiet {
+                        break "idle".to_string();
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + config.idle);
+                    continue;
+                }
+            };
+            match frame {
+                Ok(Some((id, status, body))) => {
+                    let reply = link.pending().waiting.remove(&id);
+                    if let Some(reply) = reply {
+                        let answer = match status {
+                            ANSWERED => Ok(body),
+                            _ => Err(RpcError::Failed {
+                                peer: link.peer,
+                                reason: "busy: its queue of calls is full".into(),
+                            }),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
+                Ok(None) => break "closed by the peer".to_string(),
+                Err(e) => break e.to_string(),
+            }
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + config.idle);
+            reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
+        };
+        tracing::debug!(peer = %link.peer, %reason, "link closed");
+        self.forget(&link);
+        link.fail_all(&reason);
+        let _ = link.writer.lock().await.close().await;
+    }
+
+    /// Closes every link (the node is stopping).
+    pub fn close_all(&self) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
+        self.slots().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    fn request_frame(id: u64, body: &[u8]) -> Vec<u8> {
+        let mut frame = id.to_be_bytes().to_vec();
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    fn reader(bytes: Vec<u8>) -> Reader {
+        Box::new(futures::io::Cursor::new(bytes))
+    }
+
+    /// Yields its bytes one poll at a time, then never anything more (and never wakes).
+    struct Stall(Vec<u8>);
+
+    impl AsyncRead for Stall {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.0.is_empty() || buf.is_empty() {
+                return Poll::Pending;
+            }
+            buf[0] = self.0.remove(0);
+            Poll::Ready(Ok(1))
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn frames_are_read_whole_and_a_clean_end_is_no_frame() {
+        let mut bytes = request_frame(7, b"hello");
+        bytes.extend(request_frame(8, b""));
+        let (rest, frame) = read_frame(reader(bytes), false, 64, SECOND).await;
+        assert_eq!(frame.unwrap(), Some((7, ANSWERED, b"hello".to_vec())));
+        let (rest, frame) = read_frame(rest, false, 64, SECOND).await;
+        assert_eq!(frame.unwrap(), Some((8, ANSWERED, Vec::new())));
+        let (_, frame) = read_frame(rest, false, 64, SECOND).await;
+        assert_eq!(frame.unwrap(), None);
+        // An answer frame carries its status.
+        let mut answer = 9u64.to_be_bytes().to_vec();
+        answer.push(REFUSED);
+        answer.extend_from_slice(&0u32.to_be_bytes());
+        let (_, frame) = read_frame(reader(answer), true, 64, SECOND).await;
+        assert_eq!(frame.unwrap(), Some((9, REFUSED, Vec::new())));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_its_bound_is_refused_before_its_body_is_read() {
+        // A header claiming 4 GiB and no body: refused on the header alone.
+        let mut header = 1u64.to_be_bytes().to_vec();
+        header.extend_from_slice(&u32::MAX.to_be_bytes());
+        let (_, frame) = read_frame(reader(header), false, MAX_REQUEST_BYTES, SECOND).await;
+        assert_eq!(frame.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let over = request_frame(1, &[0; 65]);
+        let (_, frame) = read_frame(reader(over), false, 64, SECOND).await;
+        assert_eq!(frame.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_stops_half_way_times_out() {
+        let started = tokio::time::Instant::now();
+        let half = request_frame(1, b"hello")[..10].to_vec();
+        let (_, frame) = read_frame(Box::new(Stall(half)), false, 64, 10 * SECOND).await;
+        assert_eq!(frame.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), 10 * SECOND);
+    }
+
+    /// A link served on one end of an in-memory pipe; the other end is returned.
+    fn served(
+        queue: mpsc::Sender<InboundRequest>,
+        config: LinkConfig,
+    ) -> (tokio_util::compat::Compat<tokio::io::DuplexStream>, Counter) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let received = Counter::default();
+        let counted = received.clone();
+        tokio::spawn(async move {
+            serve_link(PeerId::random(), theirs.compat(), queue, counted, config).await;
+        });
+        (ours.compat(), received)
+    }
+
+    async fn read_answer<R: AsyncRead + Unpin>(r: &mut R) -> (u64, u8, Vec<u8>) {
+        let mut header = [0u8; 13];
+        r.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; u32_at(&header, 9) as usize];
+        r.read_exact(&mut body).await.unwrap();
+        (u64_at(&header, 0), header[8], body)
+    }
+
+    #[tokio::test]
+    async fn answers_go_back_on_the_link_by_id_in_any_order() {
+        let (queue, mut requests) = mpsc::channel(8);
+        let (mut client, received) = served(queue, LinkConfig::default());
+        for (id, body) in [(5u64, b"five"), (6, b"six_"), (7, b"seve")] {
+            client.write_all(&request_frame(id, body)).await.unwrap();
+        }
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            taken.push(requests.recv().await.unwrap());
+        }
+        assert_eq!(received.get(), 3);
+        // Answered last first.
+        for request in taken.into_iter().rev() {
+            let mut answer = request.bytes.clone();
+            answer.reverse();
+            request.respond(answer).await.unwrap();
+        }
+        assert_eq!(
+            read_answer(&mut client).await,
+            (7, ANSWERED, b"eves".to_vec())
+        );
+        assert_eq!(
+            read_answer(&mut client).await,
+            (6, ANSWERED, b"_xis".to_vec())
+        );
+        assert_eq!(
+            read_answer(&mut client).await,
+            (5, ANSWERED, b"evif".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_finds_the_queue_full_is_refused_at_once() {
+        // Room for one request, and nobody taking it.
+        let (queue, _requests) = mpsc::channel(1);
+        let (mut client, _) = served(queue, LinkConfig::default());
+        client.write_all(&request_frame(1, b"a")).await.unwrap();
+        client.write_all(&request_frame(2, b"b")).await.unwrap();
+        assert_eq!(read_answer(&mut client).await, (2, REFUSED, Vec::new()));
+    }
+
+    #[tokio::test]
+    async fn an_oversize_request_closes_its_link() {
+        let (queue, _requests) = mpsc::channel(8);
+        let (mut client, received) = served(queue, LinkConfig::default());
+        let mut header = 1u64.to_be_bytes().to_vec();
+        header.extend_from_slice(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
+        client.write_all(&header).await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "closed without an answer");
+        assert_eq!(received.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_link_is_closed_but_not_one_with_a_call_in_flight() {
+        let config = LinkConfig {
+            idle: 30 * SECOND,
+            frame_timeout: SECOND,
+        };
+        let (queue, mut requests) = mpsc::channel(8);
+        let (mut client, _) = served(queue, config);
+        client
+            .write_all(&request_frame(1, b"long call"))
+            .await
+            .unwrap();
+        let request = requests.recv().await.unwrap();
+        // The call runs for two idle periods: the link stays open for its answer.
+        tokio::time::sleep(60 * SECOND).await;
+        request.respond(b"done".to_vec()).await.unwrap();
+        assert_eq!(
+            read_answer(&mut client).await,
+            (1, ANSWERED, b"done".to_vec())
+        );
+        // Then, with nothing in flight, it is closed an idle period later.
+        let quiet = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert!(
+            quiet.elapsed() <= 30 * SECOND,
+            "closed after {:?}",
+            quiet.elapsed()
+        );
+    }
+}
+
+/// Two real overlays on loopback: calls go on a link once one request got through,
+/// and back to request-response when the link is gone.
+#[cfg(test)]
+mod loopback {
+    use crate::bitswap::BitswapConfig;
+    use crate::fetch::FetchConfig;
+    use crate::network::NetworkConfig;
+    use crate::rpc::{Concern, Inbound, InboundRequest};
+    use crate::service::{Overlay, OverlayConfig};
+    use libp2p::identity::Keypair;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::{Multiaddr, PeerId};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    use super::LinkConfig;
+
+    async fn overlay(dir: &std::path::Path, bootstrap: Vec<Multiaddr>, idle: Duration) -> Overlay {
+        let config = OverlayConfig {
+            store_dir: dir.to_path_buf(),
+            store_capacity: 1 << 20,
+            network: NetworkConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap,
+                mdns: false,
+                call_links: Some(LinkConfig {
+                    idle,
+                    ..LinkConfig::default()
+                }),
+                ..NetworkConfig::default()
+            },
+            bitswap: BitswapConfig::default(),
+            fetch: FetchConfig::default(),
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (overlay, _task) = Overlay::start(config, Keypair::generate_ed25519(), &mut registry)
+            .await
+            .unwrap();
+        overlay
+    }
+
+    /// Answers each call with its bytes reversed; reports whether it came on a link.
+    fn echo(inbound: Inbound) -> mpsc::Receiver<bool> {
+        let (seen, rx) = mpsc::channel(64);
+        let mut calls = inbound.calls;
+        tokio::spawn(async move {
+            while let Some(request) = calls.recv().await {
+                let on_link = request.on_link();
+                let mut bytes = request.bytes.clone();
+                bytes.reverse();
+                InboundRequest::respond(request, bytes).await.unwrap();
+                let _ = seen.send(on_link).await;
+            }
+        });
+        rx
+    }
+
+    async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_go_on_a_link_after_the_first_and_back_by_request_response_once_it_idles() {
+        let dir = tempfile::tempdir().unwrap();
+        let idle = Duration::from_millis(300);
+        let server = overlay(&dir.path().join("a"), Vec::new(), idle).await;
+        let mut addr = server.listen_addrs()[0].clone();
+        addr.push(Protocol::P2p(server.peer_id()));
+        let client = overlay(&dir.path().join("b"), vec![addr], idle).await;
+        let mut seen = echo(server.take_inbound_requests().unwrap());
+        let to: PeerId = server.peer_id();
+        let ask = |bytes: &'static [u8]| {
+            let network = client.network().clone();
+            async move {
+                network
+                    .request(Concern::Calls, to, Vec::new(), bytes.to_vec())
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(ask(b"one").await, b"eno");
+        assert!(
+            !seen.recv().await.unwrap(),
+            "the first goes by request-response"
+        );
+        wait_for("a link opens", || client.network().has_link(&to)).await;
+        // Many at once, all on the one link, each answered with its own bytes.
+        let asks = [&b"two"[..], b"three", b"four", b"five"].map(ask);
+        let answers = futures::future::join_all(asks).await;
+        assert_eq!(answers, [&b"owt"[..], b"eerht", b"ruof", b"evif"]);
+        for _ in 0..4 {
+            assert!(seen.recv().await.unwrap(), "later calls go on the link");
+        }
+        // Offers and jobs never go on links: an offer request is not taken as a call
+        // (nobody takes offers here, so it gets no answer).
+        let offer = client
+            .network()
+            .request(Concern::Offers, to, Vec::new(), b"x".to_vec())
+            .await;
+        assert!(
+            offer.is_err() || offer.as_deref() == Ok(&b""[..]),
+            "{offer:?}"
+        );
+        // Idle, the link closes; the next call goes the long way, then on a new link.
+        wait_for("the idle link closes", || !client.network().has_link(&to)).await;
+        assert_eq!(ask(b"six").await, b"xis");
+        assert!(!seen.recv().await.unwrap());
+        wait_for("a new link opens", || client.network().has_link(&to)).await;
+        assert_eq!(ask(b"seven").await, b"neves");
+        assert!(seen.recv().await.unwrap());
+    }
+}
