@@ -275,3 +275,62 @@ async fn a_peer_holding_many_half_sent_streams_does_not_stop_the_node_serving() 
         node.stop().await;
     }
 }
+
+/// Sends a request frame on a link and reads the answer frame's id and status.
+async fn ask_on_link(stream: &mut libp2p::Stream, id: u64, body: &[u8]) -> (u64, u8) {
+    let mut frame = id.to_be_bytes().to_vec();
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    stream.write_all(&frame).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut header = [0u8; 13];
+    stream.read_exact(&mut header).await.unwrap();
+    let len = u32::from_be_bytes(header[9..13].try_into().unwrap());
+    let mut answer = vec![0u8; len as usize];
+    stream.read_exact(&mut answer).await.unwrap();
+    (
+        u64::from_be_bytes(header[..8].try_into().unwrap()),
+        header[8],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_keeps_at_most_two_links_and_an_oversize_frame_closes_only_its_own() {
+    use flotilla_overlay::link::{LINKS_PER_PEER, PROTOCOL as LINK};
+    let (_dir, nodes) = network(1).await;
+    let node = &nodes[0];
+    let peer = RawPeer::connect(node).await;
+    let mut control = peer.control.clone();
+    let mut open = Vec::new();
+    for _ in 0..LINKS_PER_PEER {
+        open.push(control.open_stream(node.peer_id(), LINK).await.unwrap());
+    }
+    // Each link is served (a request that is no call is answered with a refusal).
+    for (i, link) in open.iter_mut().enumerate() {
+        assert_eq!(
+            ask_on_link(link, i as u64 + 10, b"junk").await,
+            (i as u64 + 10, 0)
+        );
+    }
+    // One more is closed at once, unanswered.
+    let mut extra = control.open_stream(node.peer_id(), LINK).await.unwrap();
+    let mut frame = 1u64.to_be_bytes().to_vec();
+    frame.extend_from_slice(&4u32.to_be_bytes());
+    frame.extend_from_slice(b"junk");
+    let _ = extra.write_all(&frame).await;
+    let _ = extra.flush().await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a third link was served: {closed:?}"
+    );
+    // A frame claiming 4 GiB closes its own link, not the other.
+    let mut header = 2u64.to_be_bytes().to_vec();
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    let _ = open[0].write_all(&header).await;
+    let _ = open[0].flush().await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), open[0].read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert_eq!(ask_on_link(&mut open[1], 3, b"junk").await, (3, 0));
+}

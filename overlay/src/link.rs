@@ -29,10 +29,10 @@ use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 /// The protocol links speak.
@@ -106,15 +106,21 @@ type Reading = std::pin::Pin<Box<dyn Future<Output = (Reader, io::Result<Option<
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// The writing half of a link, shared by the tasks that send on it.
-type Writer = Arc<tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
+type Writer = Arc<FrameWriter>;
 
-/// A link's stream cut in its two halves.
-fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(stream: S) -> (Reader, Writer) {
+/// A link's stream cut in its two halves; each write is bounded by `timeout`.
+fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    stream: S,
+    timeout: Duration,
+) -> (Reader, Writer) {
     let (reader, writer) = stream.split();
-    (
-        Box::new(reader),
-        Arc::new(tokio::sync::Mutex::new(Box::new(writer))),
-    )
+    let writer = FrameWriter {
+        half: tokio::sync::Mutex::new(Box::new(writer)),
+        timeout,
+        broken: AtomicBool::new(false),
+        breaking: Notify::new(),
+    };
+    (Box::new(reader), Arc::new(writer))
 }
 
 /// Reads an answer frame if `answer`, else a request frame, its body bounded by `limit`;
@@ -156,13 +162,75 @@ fn read_frame(mut reader: Reader, answer: bool, limit: usize, frame_timeout: Dur
     .boxed()
 }
 
-async fn write_frame(writer: &Writer, header: &[u8], body: &[u8]) -> io::Result<()> {
-    let mut frame = Vec::with_capacity(header.len() + body.len());
-    frame.extend_from_slice(header);
-    frame.extend_from_slice(body);
-    let mut writer = writer.lock().await;
-    writer.write_all(&frame).await?;
-    writer.flush().await
+/// The writing half of a link. A frame is written whole or the link is broken: a
+/// write that fails, takes longer than `timeout` (a peer that does not read), or is
+/// dropped half way would leave the next frame's bytes inside this one, so the link's
+/// reader is told to close it ([`FrameWriter::broken`]).
+struct FrameWriter {
+    half: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
+    timeout: Duration,
+    broken: AtomicBool,
+    breaking: Notify,
+}
+
+/// Breaks the link if dropped before [`Unbroken::done`]: a frame cut half way.
+struct Unbroken<'a>(Option<&'a FrameWriter>);
+
+impl Unbroken<'_> {
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unbroken<'_> {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0 {
+            writer.broken.store(true, Ordering::Release);
+            writer.breaking.notify_one();
+        }
+    }
+}
+
+impl FrameWriter {
+    /// Writes `header` then `body` as one frame, within the timeout.
+    async fn send(&self, header: &[u8], body: &[u8]) -> io::Result<()> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link broken"));
+        }
+        let mut frame = Vec::with_capacity(header.len() + body.len());
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(body);
+        let write = async {
+            let mut half = self.half.lock().await;
+            // From here on, stopping half way breaks the link.
+            let unbroken = Unbroken(Some(self));
+            half.write_all(&frame).await?;
+            half.flush().await?;
+            unbroken.done();
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, write)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer does not read",
+                ))
+            })
+    }
+
+    /// Resolves once a frame was cut half way: the link must close.
+    async fn broken(&self) {
+        if !self.broken.load(Ordering::Acquire) {
+            self.breaking.notified().await;
+        }
+    }
+
+    /// Closes the writing half, within the timeout.
+    async fn close(&self) {
+        let close = async { self.half.lock().await.close().await };
+        let _ = tokio::time::timeout(self.timeout, close).await;
+    }
 }
 
 /// Where an answer to a request that came on a link goes.
@@ -184,14 +252,14 @@ impl Responder {
         header[..8].copy_from_slice(&self.id.to_be_bytes());
         header[8] = ANSWERED;
         header[9..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-        let _ = write_frame(&self.writer, &header, &bytes).await;
+        let _ = self.writer.send(&header, &bytes).await;
     }
 
     async fn refuse(self) {
         let mut header = [0u8; 13];
         header[..8].copy_from_slice(&self.id.to_be_bytes());
         header[8] = REFUSED;
-        let _ = write_frame(&self.writer, &header, &[]).await;
+        let _ = self.writer.send(&header, &[]).await;
     }
 }
 
@@ -255,20 +323,27 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     received: Counter,
     config: LinkConfig,
 ) {
-    let (reader, writer) = halves(stream);
+    let (reader, writer) = halves(stream, config.frame_timeout);
     let places = Arc::new(Semaphore::new(Concern::Calls.max_streams()));
     let mut reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
-    let idle = tokio::time::sleep(config.idle);
+    // Twice the requester's idle time: a requester closes an idle link first, so a
+    // request it sends is never met by our closing.
+    let idle_for = config.idle * 2;
+    let idle = tokio::time::sleep(idle_for);
     tokio::pin!(idle);
     loop {
         let (reader, frame) = tokio::select! {
             read = &mut reading => read,
+            () = writer.broken() => {
+                tracing::debug!(%peer, "link closed: an answer was cut short");
+                break;
+            }
             () = &mut idle => {
                 if places.available_permits() == Concern::Calls.max_streams() {
                     tracing::debug!(%peer, "idle link closed");
                     break;
                 }
-                idle.as_mut().reset(tokio::time::Instant::now() + config.idle);
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                 continue;
             }
         };
@@ -303,19 +378,29 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 responder.refuse().await;
             }
         }
-        idle.as_mut()
-            .reset(tokio::time::Instant::now() + config.idle);
+        idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
         reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
     }
-    let _ = writer.lock().await.close().await;
+    writer.close().await;
+}
+
+/// What a request sent on a link comes to.
+enum Outcome {
+    /// The peer's answer, or why there is none.
+    Answer(Result<Vec<u8>, RpcError>),
+    /// The link failed before the peer ever answered on it: perhaps it does not speak
+    /// links (an older node), so the request goes again the long way.
+    NeverAnswered,
 }
 
 /// Requests waiting for their answers on one link, by id.
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
+    waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     /// Set once the link has failed: nothing more is sent on it.
     closed: bool,
+    /// Whether the peer answered anything on it yet.
+    answered: bool,
 }
 
 /// One link we opened to a peer.
@@ -333,19 +418,25 @@ impl Link {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Fails every request waiting on this link and refuses new ones.
-    fn fail_all(&self, reason: &str) {
-        let waiting = {
+    /// Fails every request waiting on this link and refuses new ones; answers whether
+    /// the peer ever answered on it.
+    fn fail_all(&self, reason: &str) -> bool {
+        let (waiting, answered) = {
             let mut pending = self.pending();
             pending.closed = true;
-            std::mem::take(&mut pending.waiting)
+            (std::mem::take(&mut pending.waiting), pending.answered)
         };
         for (_, reply) in waiting {
-            let _ = reply.send(Err(RpcError::Failed {
-                peer: self.peer,
-                reason: reason.to_string(),
-            }));
+            let _ = reply.send(if answered {
+                Outcome::Answer(Err(RpcError::Failed {
+                    peer: self.peer,
+                    reason: format!("link: {reason}"),
+                }))
+            } else {
+                Outcome::NeverAnswered
+            });
         }
+        answered
     }
 }
 
@@ -355,8 +446,16 @@ pub struct Links {
     control: libp2p_stream::Control,
     config: LinkConfig,
     links: Arc<Mutex<HashMap<PeerId, Slot>>>,
+    /// Peers whose links failed before answering anything, and until when no link is
+    /// opened to them again ([`NO_LINK_FOR`]); at most [`MAX_NO_LINK`] remembered.
+    no_link: Arc<Mutex<HashMap<PeerId, tokio::time::Instant>>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
+
+/// How long a peer whose link never answered is asked the long way only.
+pub const NO_LINK_FOR: Duration = Duration::from_secs(600);
+/// Peers remembered as not answering on links, at most.
+const MAX_NO_LINK: usize = 4096;
 
 #[derive(Clone)]
 enum Slot {
@@ -383,8 +482,13 @@ impl Links {
             control,
             config,
             links: Arc::default(),
+            no_link: Arc::default(),
             tasks: Arc::default(),
         }
+    }
+
+    fn no_link(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, tokio::time::Instant>> {
+        self.no_link.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Slot>> {
@@ -422,23 +526,26 @@ impl Links {
         let mut header = [0u8; 12];
         header[..8].copy_from_slice(&id.to_be_bytes());
         header[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-        if let Err(e) = write_frame(&link.writer, &header, bytes).await {
-            self.forget(&link);
-            link.fail_all(&e.to_string());
-            return Some(Err(RpcError::Failed {
-                peer,
-                reason: format!("link: {e}"),
-            }));
-        }
-        let answer = answer.await.unwrap_or(Err(RpcError::Stopped));
+        // A failed write breaks the link; its reader then fails what waits on it.
+        let _ = link.writer.send(&header, bytes).await;
+        let outcome = answer.await;
         drop(waiting);
-        Some(answer)
+        match outcome {
+            Ok(Outcome::Answer(answer)) => Some(answer),
+            Ok(Outcome::NeverAnswered) => None,
+            Err(_) => Some(Err(RpcError::Stopped)),
+        }
     }
 
     /// Opens a link to `peer` in the background, unless one is open or opening. Call it
     /// once a request reached `peer` the long way (so a connection is there to open it
     /// on).
     pub fn open(&self, peer: PeerId) {
+        if let Some(until) = self.no_link().get(&peer)
+            && *until > tokio::time::Instant::now()
+        {
+            return;
+        }
         {
             let mut slots = self.slots();
             if slots.contains_key(&peer) {
@@ -448,38 +555,50 @@ impl Links {
         }
         let links = self.clone();
         let mut control = self.control.clone();
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        // Finished tasks are reaped here, so the set stays as large as the links open.
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
+        self.spawn(async move {
             let opened = tokio::time::timeout(
                 links.config.frame_timeout,
                 control.open_stream(peer, PROTOCOL),
             )
             .await;
-            let stream = match opened {
-                Ok(Ok(stream)) => stream,
+            match opened {
+                Ok(Ok(stream)) => links.attach(peer, stream).await,
                 Ok(Err(e)) => {
+                    // Most likely a peer that does not speak links: ask it no more.
                     tracing::debug!(%peer, error = %e, "no link opened");
                     links.slots().remove(&peer);
-                    return;
+                    links.remember_no_link(peer);
                 }
                 Err(_) => {
                     links.slots().remove(&peer);
-                    return;
                 }
-            };
-            let (reader, writer) = halves(stream);
-            let link = Arc::new(Link {
-                peer,
-                writer,
-                pending: Mutex::default(),
-                next_id: AtomicU64::new(0),
-                places: Arc::new(Semaphore::new(Concern::Calls.max_streams())),
-            });
-            links.slots().insert(peer, Slot::Open(link.clone()));
-            links.read_answers(link, reader).await;
+            }
         });
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished tasks are reaped here, so the set stays as large as the links open.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Makes `stream` the link to `peer` and reads its answers until it closes.
+    async fn attach<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+        &self,
+        peer: PeerId,
+        stream: S,
+    ) {
+        let (reader, writer) = halves(stream, self.config.frame_timeout);
+        let link = Arc::new(Link {
+            peer,
+            writer,
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            places: Arc::new(Semaphore::new(Concern::Calls.max_streams())),
+        });
+        self.slots().insert(peer, Slot::Open(link.clone()));
+        self.read_answers(link, reader).await;
     }
 
     /// Takes `link` out of the table, if it is still the one there.
@@ -501,6 +620,7 @@ impl Links {
         let reason = loop {
             let (reader, frame) = tokio::select! {
                 read = &mut reading => read,
+                () = link.writer.broken() => break "a request was cut short".to_string(),
                 () = &mut idle => {
                     let quiet = {
                         let mut pending = link.pending();
@@ -519,7 +639,12 @@ impl Links {
             };
             match frame {
                 Ok(Some((id, status, body))) => {
-                    let reply = link.pending().waiting.remove(&id);
+                    let reply = {
+                        let mut pending = link.pending();
+                        pending.answered = true;
+                        pending.waiting.remove(&id)
+                    };
+                    // Only an answer someone waits for keeps the link from idling.
                     if let Some(reply) = reply {
                         let answer = match status {
                             ANSWERED => Ok(body),
@@ -528,20 +653,34 @@ impl Links {
                                 reason: "busy: its queue of calls is full".into(),
                             }),
                         };
-                        let _ = reply.send(answer);
+                        let _ = reply.send(Outcome::Answer(answer));
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + config.idle);
                     }
                 }
                 Ok(None) => break "closed by the peer".to_string(),
                 Err(e) => break e.to_string(),
             }
-            idle.as_mut()
-                .reset(tokio::time::Instant::now() + config.idle);
             reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         };
         tracing::debug!(peer = %link.peer, %reason, "link closed");
         self.forget(&link);
-        link.fail_all(&reason);
-        let _ = link.writer.lock().await.close().await;
+        if !link.fail_all(&reason) {
+            self.remember_no_link(link.peer);
+        }
+        link.writer.close().await;
+    }
+
+    /// Opens no link to `peer` for [`NO_LINK_FOR`].
+    fn remember_no_link(&self, peer: PeerId) {
+        let now = tokio::time::Instant::now();
+        let mut no_link = self.no_link();
+        if no_link.len() >= MAX_NO_LINK {
+            no_link.retain(|_, until| *until > now);
+        }
+        if no_link.len() < MAX_NO_LINK {
+            no_link.insert(peer, now + NO_LINK_FOR);
+        }
     }
 
     /// Closes every link (the node is stopping).
@@ -652,6 +791,139 @@ mod tests {
         (u64_at(&header, 0), header[8], body)
     }
 
+    /// Links whose one link, to a random peer, is an in-memory pipe: the other end,
+    /// for the test to play the peer, is returned.
+    async fn linked(
+        config: LinkConfig,
+    ) -> (
+        Links,
+        PeerId,
+        tokio_util::compat::Compat<tokio::io::DuplexStream>,
+    ) {
+        let control = libp2p_stream::Behaviour::new().new_control();
+        let links = Links::new(control, config);
+        let peer = PeerId::random();
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let attaching = links.clone();
+        links.spawn(async move { attaching.attach(peer, ours.compat()).await });
+        while !links.is_open(&peer) {
+            tokio::task::yield_now().await;
+        }
+        (links, peer, theirs.compat())
+    }
+
+    /// Reads a request frame off the peer's end.
+    async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> (u64, Vec<u8>) {
+        let mut header = [0u8; 12];
+        r.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; u32_at(&header, 8) as usize];
+        r.read_exact(&mut body).await.unwrap();
+        (u64_at(&header, 0), body)
+    }
+
+    fn answer_frame(id: u64, status: u8, body: &[u8]) -> Vec<u8> {
+        let mut frame = id.to_be_bytes().to_vec();
+        frame.push(status);
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_link_that_fails_before_any_answer_sends_its_request_the_long_way_and_no_more_links()
+    {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let asking = {
+            let links = links.clone();
+            tokio::spawn(async move { links.request(peer, b"hello").await })
+        };
+        assert_eq!(read_request(&mut theirs).await, (0, b"hello".to_vec()));
+        // The peer (one that does not speak links, say) closes without answering.
+        drop(theirs);
+        assert!(
+            asking.await.unwrap().is_none(),
+            "nothing came back: the caller sends it by request-response"
+        );
+        assert!(!links.is_open(&peer));
+        links.open(peer);
+        assert!(
+            !links.is_open(&peer) && links.slots().get(&peer).is_none(),
+            "no new link is tried"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_link_that_answered_then_failed_fails_what_waits_on_it() {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let first = {
+            let links = links.clone();
+            tokio::spawn(async move { links.request(peer, b"one").await })
+        };
+        let (id, _) = read_request(&mut theirs).await;
+        // An answer to no request is ignored; the real one is taken.
+        theirs
+            .write_all(&answer_frame(99, ANSWERED, b"stray"))
+            .await
+            .unwrap();
+        theirs
+            .write_all(&answer_frame(id, ANSWERED, b"eno"))
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap().unwrap().unwrap(), b"eno");
+        let second = {
+            let links = links.clone();
+            tokio::spawn(async move { links.request(peer, b"two").await })
+        };
+        let (id, _) = read_request(&mut theirs).await;
+        assert_eq!(id, 1);
+        drop(theirs);
+        // Sent, perhaps taken: not sent again, but failed.
+        let failed = second.await.unwrap().expect("answered on the link");
+        assert!(matches!(failed, Err(RpcError::Failed { .. })), "{failed:?}");
+        // A later call goes the long way, and a link may be opened again.
+        assert!(links.request(peer, b"three").await.is_none());
+        assert!(links.no_link().get(&peer).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_on_a_link_is_an_error_at_once() {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let asking = {
+            let links = links.clone();
+            tokio::spawn(async move { links.request(peer, b"x").await })
+        };
+        let (id, _) = read_request(&mut theirs).await;
+        theirs
+            .write_all(&answer_frame(id, REFUSED, b""))
+            .await
+            .unwrap();
+        let refused = asking.await.unwrap().unwrap();
+        assert!(
+            matches!(refused, Err(RpcError::Failed { .. })),
+            "{refused:?}"
+        );
+        assert!(links.is_open(&peer), "a refusal keeps the link");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stray_answers_do_not_keep_an_idle_link_open() {
+        let config = LinkConfig {
+            idle: 30 * SECOND,
+            frame_timeout: SECOND,
+        };
+        let (links, peer, mut theirs) = linked(config).await;
+        let started = tokio::time::Instant::now();
+        // A peer sending answers to nothing every 10 s.
+        while links.is_open(&peer) {
+            assert!(
+                started.elapsed() < 60 * SECOND,
+                "the link outlived its idle time"
+            );
+            let _ = theirs.write_all(&answer_frame(7, ANSWERED, b"junk")).await;
+            tokio::time::sleep(10 * SECOND).await;
+        }
+    }
+
     #[tokio::test]
     async fn answers_go_back_on_the_link_by_id_in_any_order() {
         let (queue, mut requests) = mpsc::channel(8);
@@ -709,6 +981,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_link_is_closed_but_not_one_with_a_call_in_flight() {
+        // The server waits twice the requester's idle time: 60 s.
         let config = LinkConfig {
             idle: 30 * SECOND,
             frame_timeout: SECOND,
@@ -721,7 +994,7 @@ mod tests {
             .unwrap();
         let request = requests.recv().await.unwrap();
         // The call runs for two idle periods: the link stays open for its answer.
-        tokio::time::sleep(60 * SECOND).await;
+        tokio::time::sleep(150 * SECOND).await;
         request.respond(b"done".to_vec()).await.unwrap();
         assert_eq!(
             read_answer(&mut client).await,
@@ -733,10 +1006,41 @@ mod tests {
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
         assert!(
-            quiet.elapsed() <= 30 * SECOND,
+            quiet.elapsed() <= 60 * SECOND,
             "closed after {:?}",
             quiet.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requester_that_reads_no_answers_loses_its_link_and_holds_nothing() {
+        // A pipe that holds 64 bytes: the requester sends, and never reads.
+        let (ours, theirs) = tokio::io::duplex(64);
+        let (queue, mut requests) = mpsc::channel(8);
+        let config = LinkConfig {
+            idle: 30 * SECOND,
+            frame_timeout: 10 * SECOND,
+        };
+        let serving = tokio::spawn(serve_link(
+            PeerId::random(),
+            theirs.compat(),
+            queue,
+            Counter::default(),
+            config,
+        ));
+        let mut client = ours.compat();
+        client.write_all(&request_frame(1, b"a")).await.unwrap();
+        let request = requests.recv().await.unwrap();
+        // The answer does not fit: its write gives up at the frame timeout instead of
+        // holding the answering task (and the call's slot) for good.
+        let answering = tokio::time::Instant::now();
+        request.respond(vec![7; 4096]).await.unwrap();
+        assert_eq!(answering.elapsed(), 10 * SECOND);
+        // And the link, its frame cut half way, is closed.
+        tokio::time::timeout(SECOND, serving)
+            .await
+            .expect("the link closes")
+            .unwrap();
     }
 }
 
@@ -758,6 +1062,15 @@ mod loopback {
     use super::LinkConfig;
 
     async fn overlay(dir: &std::path::Path, bootstrap: Vec<Multiaddr>, idle: Duration) -> Overlay {
+        overlay_with(dir, bootstrap, Some(idle)).await
+    }
+
+    /// An overlay whose calls go on links idling after `idle`; none if `None`.
+    async fn overlay_with(
+        dir: &std::path::Path,
+        bootstrap: Vec<Multiaddr>,
+        idle: Option<Duration>,
+    ) -> Overlay {
         let config = OverlayConfig {
             store_dir: dir.to_path_buf(),
             store_capacity: 1 << 20,
@@ -765,7 +1078,7 @@ mod loopback {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
                 bootstrap,
                 mdns: false,
-                call_links: Some(LinkConfig {
+                call_links: idle.map(|idle| LinkConfig {
                     idle,
                     ..LinkConfig::default()
                 }),
@@ -857,5 +1170,26 @@ mod loopback {
         wait_for("a new link opens", || client.network().has_link(&to)).await;
         assert_eq!(ask(b"seven").await, b"neves");
         assert!(seen.recv().await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_to_a_peer_that_speaks_no_links_all_go_by_request_response() {
+        let dir = tempfile::tempdir().unwrap();
+        // An older node: it serves calls by request-response only.
+        let server = overlay_with(&dir.path().join("a"), Vec::new(), None).await;
+        let mut addr = server.listen_addrs()[0].clone();
+        addr.push(Protocol::P2p(server.peer_id()));
+        let client = overlay(&dir.path().join("b"), vec![addr], Duration::from_secs(30)).await;
+        let mut seen = echo(server.take_inbound_requests().unwrap());
+        let to = server.peer_id();
+        for round in 0..6u8 {
+            let answer = client
+                .network()
+                .request(Concern::Calls, to, Vec::new(), vec![round, 1])
+                .await;
+            assert_eq!(answer.unwrap(), vec![1, round], "call {round}");
+            assert!(!seen.recv().await.unwrap());
+        }
+        assert!(!client.network().has_link(&to));
     }
 }
