@@ -334,3 +334,32 @@ async fn a_peer_keeps_at_most_two_links_and_an_oversize_frame_closes_only_its_ow
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     assert_eq!(ask_on_link(&mut open[1], 3, b"junk").await, (3, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_peer_that_speaks_none_of_our_protocols_fails_at_once() {
+    use flotilla_overlay::rpc::{Concern, RpcError};
+    let (_dir, nodes) = network(1).await;
+    let node = &nodes[0];
+    // A bare libp2p peer: it speaks libp2p-stream's protocols only (none registered).
+    let peer = RawPeer::connect(node).await;
+    for concern in Concern::ALL {
+        let asked = tokio::time::timeout(
+            Duration::from_secs(10),
+            node.overlay()
+                .network()
+                .request(concern, peer.peer_id, Vec::new(), b"hello".to_vec()),
+        )
+        .await
+        .expect("refused at once, not timed out");
+        let error = asked.unwrap_err();
+        eprintln!("{concern}: {error}");
+        assert_eq!(
+            error,
+            RpcError::Unsupported(peer.peer_id, concern),
+            "{error}"
+        );
+    }
+    // The node goes on serving.
+    let root = add(node, b"still here").await;
+    assert!(node.overlay().store().has(&root));
+}

@@ -119,6 +119,7 @@ fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         timeout,
         broken: AtomicBool::new(false),
         breaking: Notify::new(),
+        last_write: Mutex::new(tokio::time::Instant::now()),
     };
     (Box::new(reader), Arc::new(writer))
 }
@@ -165,12 +166,24 @@ fn read_frame(mut reader: Reader, answer: bool, limit: usize, frame_timeout: Dur
 /// The writing half of a link. A frame is written whole or the link is broken: a
 /// write that fails, takes longer than `timeout` (a peer that does not read), or is
 /// dropped half way would leave the next frame's bytes inside this one, so the link's
-/// reader is told to close it ([`FrameWriter::broken`]).
+/// reader is told to close it ([`FrameWriter::broken`]), and nothing more is written.
 struct FrameWriter {
     half: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     timeout: Duration,
     broken: AtomicBool,
     breaking: Notify,
+    /// When a frame was last written whole.
+    last_write: Mutex<tokio::time::Instant>,
+}
+
+/// Why a frame was not written.
+#[derive(Debug)]
+enum SendError {
+    /// Not a byte of it: the link was broken, or busy with a stuck frame past the
+    /// timeout.
+    NotSent,
+    /// Cut half way (the link is now broken).
+    Cut(io::Error),
 }
 
 /// Breaks the link if dropped before [`Unbroken::done`]: a frame cut half way.
@@ -192,38 +205,49 @@ impl Drop for Unbroken<'_> {
 }
 
 impl FrameWriter {
-    /// Writes `header` then `body` as one frame, within the timeout.
-    async fn send(&self, header: &[u8], body: &[u8]) -> io::Result<()> {
-        if self.broken.load(Ordering::Acquire) {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link broken"));
-        }
-        let mut frame = Vec::with_capacity(header.len() + body.len());
-        frame.extend_from_slice(header);
-        frame.extend_from_slice(body);
+    /// Writes `frame` whole, within the timeout.
+    async fn send(&self, frame: Vec<u8>) -> Result<(), SendError> {
         let write = async {
             let mut half = self.half.lock().await;
+            // Checked under the lock: a frame cut half way broke the link while it
+            // held the lock, so nothing is ever written after a partial frame.
+            if self.broken.load(Ordering::Acquire) {
+                return Err(SendError::NotSent);
+            }
             // From here on, stopping half way breaks the link.
             let unbroken = Unbroken(Some(self));
-            half.write_all(&frame).await?;
-            half.flush().await?;
+            half.write_all(&frame).await.map_err(SendError::Cut)?;
+            half.flush().await.map_err(SendError::Cut)?;
             unbroken.done();
+            *self.last_write.lock().unwrap_or_else(|e| e.into_inner()) =
+                tokio::time::Instant::now();
             Ok(())
         };
-        tokio::time::timeout(self.timeout, write)
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer does not read",
-                ))
-            })
+        match tokio::time::timeout(self.timeout, write).await {
+            Ok(sent) => sent,
+            // Timed out waiting for the lock (nothing written) or half way (the
+            // guard broke the link).
+            Err(_) if self.is_broken() => Err(SendError::Cut(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer does not read",
+            ))),
+            Err(_) => Err(SendError::NotSent),
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// Resolves once a frame was cut half way: the link must close.
     async fn broken(&self) {
-        if !self.broken.load(Ordering::Acquire) {
+        if !self.is_broken() {
             self.breaking.notified().await;
         }
+    }
+
+    fn last_write(&self) -> tokio::time::Instant {
+        *self.last_write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Closes the writing half, within the timeout.
@@ -233,34 +257,74 @@ impl FrameWriter {
     }
 }
 
+/// `now + after`, or far in the future if that overflows.
+fn later(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Where an answer to a request that came on a link goes.
 pub(crate) struct Responder {
     id: u64,
     writer: Writer,
-    /// The link's place for this request, given back once answered.
-    _permit: OwnedSemaphorePermit,
+    /// The request's place among its peer's requests in flight, given back once
+    /// answered.
+    permit: OwnedSemaphorePermit,
+    /// Held until answered: the link is not idle while any is held.
+    busy: Arc<()>,
 }
 
 impl Responder {
-    /// Writes the answer. A link that has closed is not an error: the requester has
-    /// gone.
-    pub(crate) async fn answer(self, bytes: Vec<u8>) {
+    /// Writes the answer, without waiting for the peer: a frame that cannot go at once
+    /// goes on in a task of its own (bounded by the link's write timeout), so a peer
+    /// that reads nothing never holds up whoever answers. A link that has closed is
+    /// not an error: the requester has gone.
+    pub(crate) fn answer(self, bytes: Vec<u8>) {
         if bytes.len() > MAX_RESPONSE_BYTES {
-            return self.refuse().await;
+            return self.refuse();
         }
-        let mut header = [0u8; 13];
-        header[..8].copy_from_slice(&self.id.to_be_bytes());
-        header[8] = ANSWERED;
-        header[9..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-        let _ = self.writer.send(&header, &bytes).await;
+        self.write(ANSWERED, bytes);
     }
 
-    async fn refuse(self) {
-        let mut header = [0u8; 13];
-        header[..8].copy_from_slice(&self.id.to_be_bytes());
-        header[8] = REFUSED;
-        let _ = self.writer.send(&header, &[]).await;
+    fn refuse(self) {
+        self.write(REFUSED, Vec::new());
     }
+
+    fn write(self, status: u8, body: Vec<u8>) {
+        let mut frame = Vec::with_capacity(13 + body.len());
+        frame.extend_from_slice(&self.id.to_be_bytes());
+        frame.push(status);
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let Responder {
+            writer,
+            permit,
+            busy,
+            ..
+        } = self;
+        let mut sending = async move {
+            let _ = writer.send(frame).await;
+            drop((permit, busy));
+        }
+        .boxed();
+        // Most answers go at once, on the answering task: no hand-off.
+        if (&mut sending).now_or_never().is_none() {
+            tokio::spawn(sending);
+        }
+    }
+}
+
+/// Requests one peer may have in flight on its links to us, all of them together: one
+/// peer cannot take the whole calls queue through its links.
+pub const IN_FLIGHT_PER_PEER: usize = 64;
+
+/// The links peers have open to us, and their places for requests in flight.
+#[derive(Default)]
+struct Served {
+    /// Per peer: links open, and the places its requests share.
+    peers: HashMap<PeerId, (usize, Arc<Semaphore>)>,
+    links: usize,
 }
 
 /// Serves the links other peers open to us: every request read goes into `queue` (the
@@ -273,39 +337,52 @@ pub(crate) async fn serve(
     config: LinkConfig,
 ) {
     use futures::StreamExt;
-    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    let served: Arc<Mutex<Served>> = Arc::default();
+    fn lock(served: &Mutex<Served>) -> std::sync::MutexGuard<'_, Served> {
+        served.lock().unwrap_or_else(|e| e.into_inner())
+    }
     let mut links = JoinSet::new();
     loop {
         tokio::select! {
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
-                let count = {
-                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-                    let total: usize = open.values().sum();
-                    let of_peer = open.entry(peer).or_default();
-                    if *of_peer >= LINKS_PER_PEER || total >= MAX_LINKS {
+                let places = {
+                    let mut served = lock(&served);
+                    let full = served.links >= MAX_LINKS;
+                    let entry = served
+                        .peers
+                        .entry(peer)
+                        .or_insert_with(|| (0, Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER))));
+                    if entry.0 >= LINKS_PER_PEER || full {
                         None
                     } else {
-                        *of_peer += 1;
-                        Some(*of_peer)
+                        entry.0 += 1;
+                        let places = entry.1.clone();
+                        served.links += 1;
+                        Some(places)
                     }
                 };
-                let Some(count) = count else {
+                let Some(places) = places else {
                     tracing::debug!(%peer, "link refused: too many open");
+                    let mut served = lock(&served);
+                    if served.peers.get(&peer).is_some_and(|(n, _)| *n == 0) {
+                        served.peers.remove(&peer);
+                    }
                     drop(stream);
                     continue;
                 };
-                tracing::trace!(%peer, links = count, "link opened");
-                let open = open.clone();
+                tracing::trace!(%peer, "link opened");
+                let served = served.clone();
                 let queue = queue.clone();
                 let received = received.clone();
                 links.spawn(async move {
-                    serve_link(peer, stream, queue, received, config).await;
-                    let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(n) = open.get_mut(&peer) {
+                    serve_link(peer, stream, queue, received, places, config).await;
+                    let mut served = lock(&served);
+                    served.links -= 1;
+                    if let Some((n, _)) = served.peers.get_mut(&peer) {
                         *n -= 1;
                         if *n == 0 {
-                            open.remove(&peer);
+                            served.peers.remove(&peer);
                         }
                     }
                 });
@@ -315,20 +392,24 @@ pub(crate) async fn serve(
     }
 }
 
-/// Reads `peer`'s requests on one link until it closes, errs, or idles.
+/// Reads `peer`'s requests on one link until it closes, errs, or idles; `places` are
+/// the peer's requests in flight, shared by its links.
 async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     peer: PeerId,
     stream: S,
     queue: mpsc::Sender<InboundRequest>,
     received: Counter,
+    places: Arc<Semaphore>,
     config: LinkConfig,
 ) {
     let (reader, writer) = halves(stream, config.frame_timeout);
-    let places = Arc::new(Semaphore::new(Concern::Calls.max_streams()));
     let mut reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
-    // Twice the requester's idle time: a requester closes an idle link first, so a
-    // request it sends is never met by our closing.
-    let idle_for = config.idle * 2;
+    // Twice the requester's idle time, counted from the last request or answer: a
+    // requester closes an idle link first, so a request it sends never meets our
+    // closing.
+    let idle_for = config.idle.saturating_mul(2);
+    let mut last_request = tokio::time::Instant::now();
+    let busy = Arc::new(());
     let idle = tokio::time::sleep(idle_for);
     tokio::pin!(idle);
     loop {
@@ -339,11 +420,13 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 break;
             }
             () = &mut idle => {
-                if places.available_permits() == Concern::Calls.max_streams() {
+                let last = last_request.max(writer.last_write());
+                if Arc::strong_count(&busy) == 1 && last.elapsed() >= idle_for {
                     tracing::debug!(%peer, "idle link closed");
                     break;
                 }
-                idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+                let next = last.checked_add(idle_for).unwrap_or_else(|| later(idle_for));
+                idle.as_mut().reset(next.max(later(Duration::from_millis(1))));
                 continue;
             }
         };
@@ -356,15 +439,21 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             }
         };
         received.inc();
-        // The reader waits for a place before reading on: at most `max_streams`
-        // requests of one link are in flight.
-        let Ok(permit) = places.clone().acquire_owned().await else {
+        last_request = tokio::time::Instant::now();
+        // The reader waits for a place before reading on: at most
+        // `IN_FLIGHT_PER_PEER` requests of the peer's are in flight.
+        let permit = tokio::select! {
+            permit = places.clone().acquire_owned() => permit,
+            () = writer.broken() => break,
+        };
+        let Ok(permit) = permit else {
             break;
         };
         let responder = Responder {
             id,
             writer: writer.clone(),
-            _permit: permit,
+            permit,
+            busy: busy.clone(),
         };
         let request = InboundRequest {
             peer,
@@ -375,10 +464,10 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         if let Err(full) = queue.try_send(request) {
             tracing::debug!(%peer, "inbound calls queue full; request on a link refused");
             if let Reply::Link(responder) = full.into_inner().reply {
-                responder.refuse().await;
+                responder.refuse();
             }
         }
-        idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+        idle.as_mut().reset(later(idle_for));
         reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
     }
     writer.close().await;
@@ -388,9 +477,9 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
 enum Outcome {
     /// The peer's answer, or why there is none.
     Answer(Result<Vec<u8>, RpcError>),
-    /// The link failed before the peer ever answered on it: perhaps it does not speak
-    /// links (an older node), so the request goes again the long way.
-    NeverAnswered,
+    /// The peer refused the link's protocol (an older node): it read none of the
+    /// requests, so they go again the long way.
+    NotTaken,
 }
 
 /// Requests waiting for their answers on one link, by id.
@@ -399,8 +488,6 @@ struct Pending {
     waiting: HashMap<u64, oneshot::Sender<Outcome>>,
     /// Set once the link has failed: nothing more is sent on it.
     closed: bool,
-    /// Whether the peer answered anything on it yet.
-    answered: bool,
 }
 
 /// One link we opened to a peer.
@@ -418,25 +505,24 @@ impl Link {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Fails every request waiting on this link and refuses new ones; answers whether
-    /// the peer ever answered on it.
-    fn fail_all(&self, reason: &str) -> bool {
-        let (waiting, answered) = {
+    /// Ends every request waiting on this link, as not taken if the peer refused the
+    /// link's protocol (`refused`), else as failed; refuses new ones.
+    fn fail_all(&self, reason: &str, refused: bool) {
+        let waiting = {
             let mut pending = self.pending();
             pending.closed = true;
-            (std::mem::take(&mut pending.waiting), pending.answered)
+            std::mem::take(&mut pending.waiting)
         };
         for (_, reply) in waiting {
-            let _ = reply.send(if answered {
+            let _ = reply.send(if refused {
+                Outcome::NotTaken
+            } else {
                 Outcome::Answer(Err(RpcError::Failed {
                     peer: self.peer,
                     reason: format!("link: {reason}"),
                 }))
-            } else {
-                Outcome::NeverAnswered
             });
         }
-        answered
     }
 }
 
@@ -446,14 +532,16 @@ pub struct Links {
     control: libp2p_stream::Control,
     config: LinkConfig,
     links: Arc<Mutex<HashMap<PeerId, Slot>>>,
-    /// Peers whose links failed before answering anything, and until when no link is
-    /// opened to them again ([`NO_LINK_FOR`]); at most [`MAX_NO_LINK`] remembered.
+    /// Peers that refused links (or did not open one in time), and until when no link
+    /// is opened to them again; at most [`MAX_NO_LINK`] remembered.
     no_link: Arc<Mutex<HashMap<PeerId, tokio::time::Instant>>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
-/// How long a peer whose link never answered is asked the long way only.
+/// How long a peer that refused links is asked the long way only.
 pub const NO_LINK_FOR: Duration = Duration::from_secs(600);
+/// How long a peer that did not open a link in time is asked the long way only.
+pub const NO_LINK_AFTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Peers remembered as not answering on links, at most.
 const MAX_NO_LINK: usize = 4096;
 
@@ -526,13 +614,26 @@ impl Links {
         let mut header = [0u8; 12];
         header[..8].copy_from_slice(&id.to_be_bytes());
         header[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-        // A failed write breaks the link; its reader then fails what waits on it.
-        let _ = link.writer.send(&header, bytes).await;
+        let mut frame = Vec::with_capacity(header.len() + bytes.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(bytes);
+        match link.writer.send(frame).await {
+            Ok(()) => {}
+            // Not a byte went: the caller sends it the long way.
+            Err(SendError::NotSent) => return None,
+            // Cut half way, the link is broken (its reader fails what waits on it).
+            Err(SendError::Cut(e)) => {
+                return Some(Err(RpcError::Failed {
+                    peer,
+                    reason: format!("link: {e}"),
+                }));
+            }
+        }
         let outcome = answer.await;
         drop(waiting);
         match outcome {
             Ok(Outcome::Answer(answer)) => Some(answer),
-            Ok(Outcome::NeverAnswered) => None,
+            Ok(Outcome::NotTaken) => None,
             Err(_) => Some(Err(RpcError::Stopped)),
         }
     }
@@ -564,13 +665,17 @@ impl Links {
             match opened {
                 Ok(Ok(stream)) => links.attach(peer, stream).await,
                 Ok(Err(e)) => {
-                    // Most likely a peer that does not speak links: ask it no more.
                     tracing::debug!(%peer, error = %e, "no link opened");
                     links.slots().remove(&peer);
-                    links.remember_no_link(peer);
+                    let refused =
+                        matches!(e, libp2p_stream::OpenStreamError::UnsupportedProtocol(_));
+                    if refused {
+                        links.remember_no_link(peer, NO_LINK_FOR);
+                    }
                 }
                 Err(_) => {
                     links.slots().remove(&peer);
+                    links.remember_no_link(peer, NO_LINK_AFTER_TIMEOUT);
                 }
             }
         });
@@ -617,10 +722,10 @@ impl Links {
         let mut reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         let idle = tokio::time::sleep(config.idle);
         tokio::pin!(idle);
-        let reason = loop {
+        let (reason, refused) = loop {
             let (reader, frame) = tokio::select! {
                 read = &mut reading => read,
-                () = link.writer.broken() => break "a request was cut short".to_string(),
+                () = link.writer.broken() => break ("a request was cut short".to_string(), false),
                 () = &mut idle => {
                     let quiet = {
                         let mut pending = link.pending();
@@ -631,19 +736,15 @@ impl Links {
                         quiet
                     };
                     if quiet {
-                        break "idle".to_string();
+                        break ("idle".to_string(), false);
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + config.idle);
+                    idle.as_mut().reset(later(config.idle));
                     continue;
                 }
             };
             match frame {
                 Ok(Some((id, status, body))) => {
-                    let reply = {
-                        let mut pending = link.pending();
-                        pending.answered = true;
-                        pending.waiting.remove(&id)
-                    };
+                    let reply = link.pending().waiting.remove(&id);
                     // Only an answer someone waits for keeps the link from idling.
                     if let Some(reply) = reply {
                         let answer = match status {
@@ -654,32 +755,32 @@ impl Links {
                             }),
                         };
                         let _ = reply.send(Outcome::Answer(answer));
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + config.idle);
+                        idle.as_mut().reset(later(config.idle));
                     }
                 }
-                Ok(None) => break "closed by the peer".to_string(),
-                Err(e) => break e.to_string(),
+                Ok(None) => break ("closed by the peer".to_string(), false),
+                Err(e) => break (e.to_string(), crate::rpc::refused_protocol(&e)),
             }
             reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         };
         tracing::debug!(peer = %link.peer, %reason, "link closed");
         self.forget(&link);
-        if !link.fail_all(&reason) {
-            self.remember_no_link(link.peer);
+        link.fail_all(&reason, refused);
+        if refused {
+            self.remember_no_link(link.peer, NO_LINK_FOR);
         }
         link.writer.close().await;
     }
 
-    /// Opens no link to `peer` for [`NO_LINK_FOR`].
-    fn remember_no_link(&self, peer: PeerId) {
+    /// Opens no link to `peer` for `how_long`.
+    fn remember_no_link(&self, peer: PeerId, how_long: Duration) {
         let now = tokio::time::Instant::now();
         let mut no_link = self.no_link();
         if no_link.len() >= MAX_NO_LINK {
             no_link.retain(|_, until| *until > now);
         }
         if no_link.len() < MAX_NO_LINK {
-            no_link.insert(peer, now + NO_LINK_FOR);
+            no_link.insert(peer, later(how_long));
         }
     }
 
@@ -778,7 +879,16 @@ mod tests {
         let received = Counter::default();
         let counted = received.clone();
         tokio::spawn(async move {
-            serve_link(PeerId::random(), theirs.compat(), queue, counted, config).await;
+            let places = Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER));
+            serve_link(
+                PeerId::random(),
+                theirs.compat(),
+                queue,
+                counted,
+                places,
+                config,
+            )
+            .await;
         });
         (ours.compat(), received)
     }
@@ -829,27 +939,69 @@ mod tests {
         frame
     }
 
+    /// The far end of a link whose peer refused its protocol (an older node): writes
+    /// vanish, and once one was made, reading fails as multistream-select's "no".
+    #[derive(Default)]
+    struct Refusing {
+        written: bool,
+        reader: Option<std::task::Waker>,
+    }
+
+    impl AsyncRead for Refusing {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.written {
+                let refusal = libp2p::core::upgrade::NegotiationError::Failed;
+                return Poll::Ready(Err(io::Error::other(refusal)));
+            }
+            self.reader = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Refusing {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written = true;
+            if let Some(reader) = self.reader.take() {
+                reader.wake();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
     #[tokio::test]
-    async fn a_link_that_fails_before_any_answer_sends_its_request_the_long_way_and_no_more_links()
-    {
-        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
-        let asking = {
-            let links = links.clone();
-            tokio::spawn(async move { links.request(peer, b"hello").await })
-        };
-        assert_eq!(read_request(&mut theirs).await, (0, b"hello".to_vec()));
-        // The peer (one that does not speak links, say) closes without answering.
-        drop(theirs);
+    async fn a_link_whose_protocol_the_peer_refuses_sends_its_request_the_long_way_and_no_more_links()
+     {
+        let links = Links::new(
+            libp2p_stream::Behaviour::new().new_control(),
+            LinkConfig::default(),
+        );
+        let peer = PeerId::random();
+        let attaching = links.clone();
+        links.spawn(async move { attaching.attach(peer, Refusing::default()).await });
+        while !links.is_open(&peer) {
+            tokio::task::yield_now().await;
+        }
         assert!(
-            asking.await.unwrap().is_none(),
-            "nothing came back: the caller sends it by request-response"
+            links.request(peer, b"hello").await.is_none(),
+            "not taken: the caller sends it by request-response"
         );
         assert!(!links.is_open(&peer));
         links.open(peer);
-        assert!(
-            !links.is_open(&peer) && links.slots().get(&peer).is_none(),
-            "no new link is tried"
-        );
+        assert!(links.slots().get(&peer).is_none(), "no new link is tried");
     }
 
     #[tokio::test]
@@ -877,12 +1029,26 @@ mod tests {
         let (id, _) = read_request(&mut theirs).await;
         assert_eq!(id, 1);
         drop(theirs);
-        // Sent, perhaps taken: not sent again, but failed.
+        // Sent, perhaps taken (a call may be running): not sent again, but failed.
         let failed = second.await.unwrap().expect("answered on the link");
         assert!(matches!(failed, Err(RpcError::Failed { .. })), "{failed:?}");
         // A later call goes the long way, and a link may be opened again.
         assert!(links.request(peer, b"three").await.is_none());
         assert!(links.no_link().get(&peer).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_link_closed_before_any_answer_fails_its_request_rather_than_send_it_twice() {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let asking = {
+            let links = links.clone();
+            tokio::spawn(async move { links.request(peer, b"hello").await })
+        };
+        assert_eq!(read_request(&mut theirs).await, (0, b"hello".to_vec()));
+        // The peer read the request (it may be running it) and the link went down.
+        drop(theirs);
+        let failed = asking.await.unwrap().expect("not sent again");
+        assert!(matches!(failed, Err(RpcError::Failed { .. })), "{failed:?}");
     }
 
     #[tokio::test]
@@ -1012,6 +1178,138 @@ mod tests {
         );
     }
 
+    /// Takes `accepts` bytes, then nothing more (and never wakes); keeps what it took.
+    struct Clogged {
+        accepts: usize,
+        took: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for Clogged {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.accepts);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.accepts -= n;
+            self.took.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_written_after_a_frame_cut_half_way() {
+        let took = Arc::new(Mutex::new(Vec::new()));
+        let clogged = Clogged {
+            accepts: 10,
+            took: took.clone(),
+        };
+        let writer = FrameWriter {
+            half: tokio::sync::Mutex::new(Box::new(clogged)),
+            timeout: 10 * SECOND,
+            broken: AtomicBool::new(false),
+            breaking: Notify::new(),
+            last_write: Mutex::new(tokio::time::Instant::now()),
+        };
+        // The first frame takes the lock and is cut after 10 bytes; the second waits
+        // for the lock meanwhile.
+        let (first, second) = tokio::join!(writer.send(vec![1; 100]), async {
+            tokio::task::yield_now().await;
+            writer.send(vec![2; 100]).await
+        });
+        assert!(matches!(first, Err(SendError::Cut(_))), "{first:?}");
+        assert!(matches!(second, Err(SendError::NotSent)), "{second:?}");
+        assert_eq!(
+            *took.lock().unwrap(),
+            vec![1; 10],
+            "not a byte of the second"
+        );
+        assert!(writer.is_broken());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_call_s_answer_restarts_the_answering_side_s_idle_time() {
+        // The asker idles 30 s after an answer; the answerer must wait longer than that
+        // after its answer, however long the call took.
+        let config = LinkConfig {
+            idle: 30 * SECOND,
+            frame_timeout: SECOND,
+        };
+        let (queue, mut requests) = mpsc::channel(8);
+        let (mut client, _) = served(queue, config);
+        client.write_all(&request_frame(1, b"long")).await.unwrap();
+        let request = requests.recv().await.unwrap();
+        tokio::time::sleep(40 * SECOND).await;
+        request.respond(b"done".to_vec()).await.unwrap();
+        assert_eq!(
+            read_answer(&mut client).await,
+            (1, ANSWERED, b"done".to_vec())
+        );
+        // 29 s after the answer the asker still counts the link open, and uses it.
+        tokio::time::sleep(29 * SECOND).await;
+        client.write_all(&request_frame(2, b"next")).await.unwrap();
+        let next = requests.recv().await.expect("the link was still served");
+        assert_eq!(next.bytes, b"next");
+    }
+
+    #[tokio::test]
+    async fn a_peer_s_links_share_its_places_for_requests_in_flight() {
+        let places = Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER));
+        let (queue, mut requests) = mpsc::channel(IN_FLIGHT_PER_PEER + 8);
+        let peer = PeerId::random();
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (ours, theirs) = tokio::io::duplex(1 << 20);
+            let (queue, places) = (queue.clone(), places.clone());
+            let config = LinkConfig::default();
+            tokio::spawn(async move {
+                serve_link(
+                    peer,
+                    theirs.compat(),
+                    queue,
+                    Counter::default(),
+                    places,
+                    config,
+                )
+                .await;
+            });
+            clients.push(ours.compat());
+        }
+        // Half the places through each link, then one more through the first.
+        for (i, client) in clients.iter_mut().enumerate() {
+            for n in 0..IN_FLIGHT_PER_PEER / 2 {
+                let id = (i * 1000 + n) as u64;
+                client.write_all(&request_frame(id, b"x")).await.unwrap();
+            }
+        }
+        clients[0]
+            .write_all(&request_frame(999, b"over"))
+            .await
+            .unwrap();
+        let mut taken = Vec::new();
+        for _ in 0..IN_FLIGHT_PER_PEER {
+            taken.push(requests.recv().await.unwrap());
+        }
+        assert_eq!(places.available_permits(), 0);
+        // The one over the peer's share waits until one of its requests is answered.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(requests.try_recv().is_err(), "over the peer's share");
+        taken.pop().unwrap().respond(b"ok".to_vec()).await.unwrap();
+        let over = requests.recv().await.unwrap();
+        assert_eq!(over.bytes, b"over");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_requester_that_reads_no_answers_loses_its_link_and_holds_nothing() {
         // A pipe that holds 64 bytes: the requester sends, and never reads.
@@ -1021,26 +1319,32 @@ mod tests {
             idle: 30 * SECOND,
             frame_timeout: 10 * SECOND,
         };
+        let places = Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER));
         let serving = tokio::spawn(serve_link(
             PeerId::random(),
             theirs.compat(),
             queue,
             Counter::default(),
+            places.clone(),
             config,
         ));
         let mut client = ours.compat();
         client.write_all(&request_frame(1, b"a")).await.unwrap();
         let request = requests.recv().await.unwrap();
-        // The answer does not fit: its write gives up at the frame timeout instead of
-        // holding the answering task (and the call's slot) for good.
+        assert_eq!(places.available_permits(), IN_FLIGHT_PER_PEER - 1);
+        // The answer does not fit, and the answerer (the node's calls loop, say) does
+        // not wait for it: the write goes on beside it.
         let answering = tokio::time::Instant::now();
         request.respond(vec![7; 4096]).await.unwrap();
-        assert_eq!(answering.elapsed(), 10 * SECOND);
-        // And the link, its frame cut half way, is closed.
-        tokio::time::timeout(SECOND, serving)
+        assert_eq!(answering.elapsed(), Duration::ZERO);
+        // It gives up at the frame timeout, the link (its frame cut half way) closes,
+        // and the request's place is given back.
+        tokio::time::timeout(11 * SECOND, serving)
             .await
             .expect("the link closes")
             .unwrap();
+        assert_eq!(answering.elapsed(), 10 * SECOND);
+        assert_eq!(places.available_permits(), IN_FLIGHT_PER_PEER);
     }
 }
 

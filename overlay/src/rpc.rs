@@ -104,12 +104,24 @@ impl RpcError {
             OutboundFailure::DialFailure => RpcError::Unreachable(peer),
             OutboundFailure::Timeout => RpcError::Timeout(peer),
             OutboundFailure::UnsupportedProtocols => RpcError::Unsupported(peer, concern),
+            // Streams are negotiated lazily (`V1Lazy`), so a peer's "no" to the protocol
+            // arrives as the stream's first read failing.
+            OutboundFailure::Io(e) if refused_protocol(&e) => RpcError::Unsupported(peer, concern),
             other => RpcError::Failed {
                 peer,
                 reason: other.to_string(),
             },
         }
     }
+}
+
+/// Whether `error` is multistream-select's "no protocol agreed upon".
+pub(crate) fn refused_protocol(error: &io::Error) -> bool {
+    use libp2p::core::upgrade::NegotiationError;
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<NegotiationError>())
+        .is_some_and(|e| matches!(e, NegotiationError::Failed))
 }
 
 /// A response on its way back: its concern, the channel it answers, its bytes.
@@ -153,7 +165,7 @@ impl InboundRequest {
                 .await
                 .map_err(|_| RpcError::Stopped),
             Reply::Link(responder) => {
-                responder.answer(bytes).await;
+                responder.answer(bytes);
                 Ok(())
             }
         }
