@@ -317,6 +317,11 @@ impl Offerer {
         }
     }
 
+    /// Its settings.
+    pub fn config(&self) -> &OffererConfig {
+        &self.config
+    }
+
     fn sign(
         &self,
         slot: &Slot,

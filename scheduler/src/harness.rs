@@ -23,7 +23,7 @@ use flotilla_offers::holder::{Holder, HolderConfig};
 use flotilla_offers::ledger::{ReservationState, RunKey};
 use flotilla_offers::offer::SignedOffer;
 use flotilla_offers::offerer::{Action, Event as OffererEvent, Offerer, OffererConfig};
-use flotilla_overlay::regions::{Tier, hash_key};
+use flotilla_overlay::regions::{KeySpace, Tier, hash_key};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use rand::rngs::StdRng;
@@ -87,6 +87,23 @@ pub struct HarnessConfig {
 }
 
 impl HarnessConfig {
+    /// The baseline Caravela compared to, on the same machines: offers published to
+    /// random keys anywhere, probes of random keys anywhere, no fallback list (nor the
+    /// offers it saw free a moment ago).
+    pub fn baseline(self) -> HarnessConfig {
+        let mut config = self;
+        config.placer.discovery.key_space = KeySpace::Whole;
+        config.placer.discovery.fallback = false;
+        config
+    }
+
+    /// Whether this is the [`HarnessConfig::baseline`].
+    pub fn is_baseline(&self) -> bool {
+        !self.placer.discovery.fallback
+    }
+}
+
+impl HarnessConfig {
     /// `nodes` nodes, `schedulers` of them schedulers, volunteers lending 512 MiB to
     /// 2 GiB, default timings.
     pub fn new(nodes: usize, schedulers: usize, seed: u64) -> HarnessConfig {
@@ -133,6 +150,10 @@ pub struct Stats {
     pub dropped: u64,
     /// Runs started on volunteers.
     pub runs: u32,
+    /// Region probes made (Kademlia lookups of a random key in a region).
+    pub probes: u64,
+    /// Discoveries that went to the fallback list.
+    pub fallbacks: u32,
 }
 
 /// One message between nodes.
@@ -285,6 +306,7 @@ impl Harness {
                     keypair.clone(),
                     OffererConfig {
                         answer_timeout_ms: config.net.answer_timeout_ms,
+                        key_space: config.placer.discovery.key_space,
                         ..OffererConfig::new(lent, Vec::new())
                     },
                     rng.next_u64() >> 1,
@@ -295,7 +317,10 @@ impl Harness {
                 id,
                 alive: true,
                 isolated: false,
-                holder: Holder::new(HolderConfig::default()),
+                holder: Holder::new(HolderConfig {
+                    key_space: config.placer.discovery.key_space,
+                    ..HolderConfig::default()
+                }),
                 offerer,
                 schedule: scheduler.then(|| SuperTraders::new(SuperTraderConfig::default())),
                 offerer_due: None,
@@ -353,6 +378,15 @@ impl Harness {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Memory lent by all volunteers, alive or not, in MiB.
+    pub fn lent_mib(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.offerer.as_ref())
+            .map(|o| o.config().memory_mib)
+            .sum()
     }
 
     /// Whether node `i` lends memory.
@@ -457,10 +491,10 @@ impl Harness {
         self.stats.calls += 1;
         let call = self.next_call;
         self.next_call += 1;
-        let recent = self.nodes[scheduler]
-            .schedule
-            .as_ref()
-            .map_or(Vec::new(), |list| list.recent(self.now_ms, mib, 2_000));
+        let recent = match &self.nodes[scheduler].schedule {
+            Some(list) if !self.config.is_baseline() => list.recent(self.now_ms, mib, 2_000),
+            _ => Vec::new(),
+        };
         let started = Placer::start(
             self.now_ms,
             u64::from(mib) * MIB,
@@ -537,6 +571,7 @@ impl Harness {
         match step {
             Step::Discovery(discovery::Step::FindClosest { key }) => {
                 self.stats.messages += 1;
+                self.stats.probes += 1;
                 let done = self.now_ms + self.config.net.lookup_ms;
                 match deadline {
                     // A lookup is cut at the discovery's deadline, as the node cuts it.
@@ -569,6 +604,7 @@ impl Harness {
                 self.timeout(call, waiting);
             }
             Step::Discovery(discovery::Step::Fallback) => {
+                self.stats.fallbacks += 1;
                 let mib = c.placer.request_mib();
                 let offers = self.nodes[scheduler]
                     .schedule

@@ -17,12 +17,15 @@
 //! * [`harness`]: N nodes' machines wired through a simulated network (delay, loss,
 //!   duplicates, cuts, isolation, crashes) in virtual time, checking the market's
 //!   invariants at every step;
-//! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`).
+//! * [`sim`]: the discovery simulator over thousands of virtual peers (`flotilla-sim`);
+//! * [`market_sim`]: the whole market over time on the harness, calls at a rate and
+//!   volunteers crashing, beside the baseline (`flotilla-sim market`).
 
 pub mod book;
 pub mod discovery;
 pub mod harness;
 pub mod job;
+pub mod market_sim;
 pub mod placement;
 pub mod placer;
 pub mod registry;

@@ -2,10 +2,15 @@
 //! of the probes stay in the request's own tier, and the fraction of schedulers, beside
 //! the plain-random-probing baseline, and writes `results.csv` and SVG plots of success
 //! rate, probes per request and fallback share.
+//!
+//! `flotilla-sim market` runs the whole market over time instead, on the virtual-time
+//! harness (`flotilla_scheduler::market_sim`): calls at each of a list of rates, and
+//! volunteers crashing, beside the baseline on the same machines; it prints a table
+//! and writes `market.csv`.
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use flotilla_offers::offerer::Slicing;
 use flotilla_scheduler::discovery::DiscoveryConfig;
 use flotilla_scheduler::sim::{Network, Outcome};
@@ -17,6 +22,51 @@ use std::time::Instant;
 /// Simulates discovery over virtual peers (no sockets) and writes CSV and SVG plots.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    sweep: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the whole market over time on the virtual-time harness (publishing,
+    /// reports, probes, reserve-and-run, retries, crashes), beside the baseline.
+    Market(MarketArgs),
+}
+
+/// The market over time.
+#[derive(Debug, clap::Args)]
+struct MarketArgs {
+    /// Nodes
+    #[arg(long, default_value_t = 10_000)]
+    peers: usize,
+    /// Fraction of nodes that are schedulers
+    #[arg(long, default_value_t = 0.05)]
+    schedulers: f64,
+    /// Calls per second of virtual time, over the network, to sweep
+    #[arg(long, value_delimiter = ',', default_value = "100,400,800")]
+    rates: Vec<f64>,
+    /// Virtual seconds of calls per run
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Shortest and longest run of a call, in ms
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    run_ms: Vec<u64>,
+    /// Share of volunteers that crash per minute
+    #[arg(long, default_value_t = 0.05)]
+    churn: f64,
+    /// Random seed (the same seed gives the same figures)
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory
+    #[arg(long, default_value = "sim-out")]
+    out: PathBuf,
+}
+
+/// The discovery sweep.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Virtual peers
     #[arg(long, default_value_t = 10_000)]
@@ -114,7 +164,11 @@ struct Row {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Market(market)) => return run_market(&market),
+        None => cli.sweep,
+    };
     anyhow::ensure!(args.peers >= 2, "--peers must be at least 2");
     anyhow::ensure!(
         args.utilisation.iter().all(|u| (0.0..=1.0).contains(u)),
@@ -348,4 +402,105 @@ fn plot(
         Ok(())
     };
     draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
+}
+
+/// `flotilla-sim market`: each rate, ours and the baseline, on threads of their own.
+fn run_market(args: &MarketArgs) -> anyhow::Result<()> {
+    use flotilla_scheduler::market_sim::{self, Load};
+    anyhow::ensure!(args.peers >= 2, "--peers must be at least 2");
+    anyhow::ensure!(
+        args.schedulers > 0.0 && args.schedulers <= 1.0,
+        "--schedulers lies in (0, 1]"
+    );
+    anyhow::ensure!(args.rates.iter().all(|r| *r > 0.0), "rates must be above 0");
+    anyhow::ensure!((0.0..=1.0).contains(&args.churn), "--churn lies in [0, 1]");
+    let [shortest, longest] = args.run_ms[..] else {
+        anyhow::bail!("--run-ms takes two numbers: shortest,longest");
+    };
+    anyhow::ensure!(shortest <= longest, "--run-ms: shortest first");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let started = Instant::now();
+    let loads: Vec<Load> = args
+        .rates
+        .iter()
+        .flat_map(|&rate| {
+            [false, true].map(|baseline| Load {
+                nodes: args.peers,
+                schedulers: args.schedulers,
+                rate,
+                seconds: args.seconds,
+                run_ms: (shortest, longest),
+                churn: args.churn,
+                seed: args.seed,
+                baseline,
+            })
+        })
+        .collect();
+    let runs: Vec<(Load, market_sim::Run)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = loads
+            .iter()
+            .map(|&load| scope.spawn(move || (load, market_sim::run(load))))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("runs do not panic"))
+            .collect()
+    });
+    let mut csv = String::from(
+        "mode,peers,schedulers,rate,seconds,churn,offered_load,calls,placed,success,probes_per_call,fallback_share,messages_per_placement,violations,wall_ms\n",
+    );
+    println!(
+        "| mode | calls/s | offered load | calls | success | probes / call | fallback share | messages / placement | invariants broken | wall |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (load, run) in &runs {
+        let mode = if load.baseline {
+            "baseline"
+        } else {
+            "regions + fallback"
+        };
+        println!(
+            "| {mode} | {} | {:.0}% | {} | {:.1}% | {:.2} | {:.0}% | {:.1} | {} | {:.1} s |",
+            load.rate,
+            run.offered_load * 100.0,
+            run.stats.calls,
+            run.success_rate() * 100.0,
+            run.probes_per_call(),
+            run.fallback_share() * 100.0,
+            run.messages_per_placement(),
+            run.violations,
+            run.wall_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            csv,
+            "{mode},{},{},{},{},{},{:.4},{},{},{:.4},{:.4},{:.4},{:.2},{},{}",
+            load.nodes,
+            load.schedulers,
+            load.rate,
+            load.seconds,
+            load.churn,
+            run.offered_load,
+            run.stats.calls,
+            run.stats.placed,
+            run.success_rate(),
+            run.probes_per_call(),
+            run.fallback_share(),
+            run.messages_per_placement(),
+            run.violations,
+            run.wall_ms
+        );
+        if let Some(first) = &run.first_violation {
+            eprintln!(
+                "{mode} at {} calls/s broke an invariant: {first}",
+                load.rate
+            );
+        }
+    }
+    let path = args.out.join("market.csv");
+    std::fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {} in {:.1?}", path.display(), started.elapsed());
+    let broken: usize = runs.iter().map(|(_, run)| run.violations).sum();
+    anyhow::ensure!(broken == 0, "{broken} invariant(s) broken");
+    Ok(())
 }
