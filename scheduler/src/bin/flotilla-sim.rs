@@ -163,12 +163,25 @@ struct Row {
     outcome: Outcome,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is one line on stderr and exit status 1, whatever
+/// `RUST_BACKTRACE` says.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Market(market)) => return run_market(&market),
-        None => cli.sweep,
+    let ran = match cli.command {
+        Some(Command::Market(market)) => run_market(&market),
+        None => run_sweep(cli.sweep),
     };
+    match ran {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The discovery sweep.
+fn run_sweep(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.peers >= 2, "--peers must be at least 2");
     anyhow::ensure!(
         args.utilisation.iter().all(|u| (0.0..=1.0).contains(u)),
