@@ -46,6 +46,11 @@ pub const MAX_LINKS: usize = 1024;
 const ANSWERED: u8 = 0;
 /// An answer's status byte: the request was not taken (the queue was full).
 const REFUSED: u8 = 1;
+/// An answer's status byte: the answer was over [`MAX_RESPONSE_BYTES`].
+const TOO_LARGE: u8 = 2;
+/// An answer's status byte, on a frame of id [`u64::MAX`]: the link itself is refused
+/// (too many open), nothing on it was read.
+const LINK_REFUSED: u8 = 3;
 
 /// A link's timings.
 #[derive(Debug, Clone, Copy)]
@@ -205,18 +210,32 @@ impl Drop for Unbroken<'_> {
 }
 
 impl FrameWriter {
-    /// Writes `frame` whole, within the timeout.
+    /// Writes `frame` whole: waits at most the timeout for the link (another frame
+    /// being written), then at most the timeout for the frame to go.
     async fn send(&self, frame: Vec<u8>) -> Result<(), SendError> {
+        let Ok(mut half) = tokio::time::timeout(self.timeout, self.half.lock()).await else {
+            return Err(SendError::NotSent);
+        };
+        // Checked under the lock: a frame cut half way broke the link while it held
+        // the lock, so nothing is ever written after a partial frame.
+        if self.is_broken() {
+            return Err(SendError::NotSent);
+        }
         let write = async {
-            let mut half = self.half.lock().await;
-            // Checked under the lock: a frame cut half way broke the link while it
-            // held the lock, so nothing is ever written after a partial frame.
-            if self.broken.load(Ordering::Acquire) {
-                return Err(SendError::NotSent);
+            // From the first byte on, stopping half way breaks the link.
+            let mut unbroken = Unbroken(None);
+            let mut written = 0;
+            while written < frame.len() {
+                match half.write(&frame[written..]).await {
+                    Ok(0) | Err(_) if written == 0 => return Err(SendError::NotSent),
+                    Ok(0) => return Err(SendError::Cut(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        written += n;
+                        unbroken.0 = Some(self);
+                    }
+                    Err(e) => return Err(SendError::Cut(e)),
+                }
             }
-            // From here on, stopping half way breaks the link.
-            let unbroken = Unbroken(Some(self));
-            half.write_all(&frame).await.map_err(SendError::Cut)?;
             half.flush().await.map_err(SendError::Cut)?;
             unbroken.done();
             *self.last_write.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -225,8 +244,7 @@ impl FrameWriter {
         };
         match tokio::time::timeout(self.timeout, write).await {
             Ok(sent) => sent,
-            // Timed out waiting for the lock (nothing written) or half way (the
-            // guard broke the link).
+            // Timed out half way (the guard broke the link) or before the first byte.
             Err(_) if self.is_broken() => Err(SendError::Cut(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the peer does not read",
@@ -282,7 +300,7 @@ impl Responder {
     /// not an error: the requester has gone.
     pub(crate) fn answer(self, bytes: Vec<u8>) {
         if bytes.len() > MAX_RESPONSE_BYTES {
-            return self.refuse();
+            return self.write(TOO_LARGE, Vec::new());
         }
         self.write(ANSWERED, bytes);
     }
@@ -330,8 +348,8 @@ struct Served {
 /// Serves the links other peers open to us: every request read goes into `queue` (the
 /// calls' inbound queue, the one request-response fills), counted in `received`. Runs
 /// until aborted; aborting it closes every link it serves.
-pub(crate) async fn serve(
-    mut incoming: impl futures::Stream<Item = (PeerId, libp2p::Stream)> + Unpin,
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    mut incoming: impl futures::Stream<Item = (PeerId, S)> + Unpin,
     queue: mpsc::Sender<InboundRequest>,
     received: Counter,
     config: LinkConfig,
@@ -342,12 +360,19 @@ pub(crate) async fn serve(
         served.lock().unwrap_or_else(|e| e.into_inner())
     }
     let mut links = JoinSet::new();
+    let mut refusing = JoinSet::new();
     loop {
         tokio::select! {
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
                 let places = {
                     let mut served = lock(&served);
+                    // A peer with no link open keeps its places while its requests
+                    // are in flight (each holds the semaphore): closing its links and
+                    // opening others does not give it more.
+                    served
+                        .peers
+                        .retain(|_, (n, places)| *n > 0 || Arc::strong_count(places) > 1);
                     let full = served.links >= MAX_LINKS;
                     let entry = served
                         .peers
@@ -364,11 +389,12 @@ pub(crate) async fn serve(
                 };
                 let Some(places) = places else {
                     tracing::debug!(%peer, "link refused: too many open");
-                    let mut served = lock(&served);
-                    if served.peers.get(&peer).is_some_and(|(n, _)| *n == 0) {
-                        served.peers.remove(&peer);
+                    // Told so (briefly: at most a second), so the requester sends what
+                    // it wrote on it the long way; while as many refusals are being
+                    // told as links may be open, the rest are just dropped.
+                    if refusing.len() < MAX_LINKS {
+                        refusing.spawn(refuse_link(stream));
                     }
-                    drop(stream);
                     continue;
                 };
                 tracing::trace!(%peer, "link opened");
@@ -381,15 +407,26 @@ pub(crate) async fn serve(
                     served.links -= 1;
                     if let Some((n, _)) = served.peers.get_mut(&peer) {
                         *n -= 1;
-                        if *n == 0 {
-                            served.peers.remove(&peer);
-                        }
                     }
                 });
             }
             Some(_) = links.join_next(), if !links.is_empty() => {}
+            Some(_) = refusing.join_next(), if !refusing.is_empty() => {}
         }
     }
+}
+
+/// Tells the requester its link is refused (a frame of id `u64::MAX`), within a second,
+/// and closes it.
+async fn refuse_link<S: AsyncWrite + Unpin>(mut stream: S) {
+    let mut frame = u64::MAX.to_be_bytes().to_vec();
+    frame.push(LINK_REFUSED);
+    frame.extend_from_slice(&0u32.to_be_bytes());
+    let tell = async {
+        stream.write_all(&frame).await?;
+        stream.close().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), tell).await;
 }
 
 /// Reads `peer`'s requests on one link until it closes, errs, or idles; `places` are
@@ -420,13 +457,18 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
                 break;
             }
             () = &mut idle => {
+                if Arc::strong_count(&busy) > 1 {
+                    // A call under way: looked at again an idle period from now.
+                    idle.as_mut().reset(later(idle_for));
+                    continue;
+                }
                 let last = last_request.max(writer.last_write());
-                if Arc::strong_count(&busy) == 1 && last.elapsed() >= idle_for {
+                if last.elapsed() >= idle_for {
                     tracing::debug!(%peer, "idle link closed");
                     break;
                 }
                 let next = last.checked_add(idle_for).unwrap_or_else(|| later(idle_for));
-                idle.as_mut().reset(next.max(later(Duration::from_millis(1))));
+                idle.as_mut().reset(next);
                 continue;
             }
         };
@@ -496,7 +538,8 @@ struct Link {
     writer: Writer,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
-    /// Requests in flight, at most [`Concern::max_streams`]: beyond, the caller waits.
+    /// Requests in flight, at most [`IN_FLIGHT_PER_PEER`] (what the peer takes from
+    /// us): beyond, requests go the long way.
     places: Arc<Semaphore>,
 }
 
@@ -540,7 +583,8 @@ pub struct Links {
 
 /// How long a peer that refused links is asked the long way only.
 pub const NO_LINK_FOR: Duration = Duration::from_secs(600);
-/// How long a peer that did not open a link in time is asked the long way only.
+/// How long a peer that did not open a link in time, or had too many open, is asked the
+/// long way only.
 pub const NO_LINK_AFTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Peers remembered as not answering on links, at most.
 const MAX_NO_LINK: usize = 4096;
@@ -598,7 +642,7 @@ impl Links {
             Some(Slot::Open(link)) => link.clone(),
             _ => return None,
         };
-        let Ok(_place) = link.places.clone().acquire_owned().await else {
+        let Ok(_place) = link.places.clone().try_acquire_owned() else {
             return None;
         };
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -700,7 +744,7 @@ impl Links {
             writer,
             pending: Mutex::default(),
             next_id: AtomicU64::new(0),
-            places: Arc::new(Semaphore::new(Concern::Calls.max_streams())),
+            places: Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER)),
         });
         self.slots().insert(peer, Slot::Open(link.clone()));
         self.read_answers(link, reader).await;
@@ -722,10 +766,12 @@ impl Links {
         let mut reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         let idle = tokio::time::sleep(config.idle);
         tokio::pin!(idle);
-        let (reason, refused) = loop {
+        // Why it ended, and, if the peer read none of what waits on it (it refused the
+        // protocol, or the link), for how long to ask it the long way only.
+        let (reason, refused): (String, Option<Duration>) = loop {
             let (reader, frame) = tokio::select! {
                 read = &mut reading => read,
-                () = link.writer.broken() => break ("a request was cut short".to_string(), false),
+                () = link.writer.broken() => break ("a request was cut short".to_string(), None),
                 () = &mut idle => {
                     let quiet = {
                         let mut pending = link.pending();
@@ -736,38 +782,48 @@ impl Links {
                         quiet
                     };
                     if quiet {
-                        break ("idle".to_string(), false);
+                        break ("idle".to_string(), None);
                     }
                     idle.as_mut().reset(later(config.idle));
                     continue;
                 }
             };
             match frame {
+                Ok(Some((u64::MAX, LINK_REFUSED, _))) => {
+                    let busy = "the peer has too many links open".to_string();
+                    break (busy, Some(NO_LINK_AFTER_TIMEOUT));
+                }
                 Ok(Some((id, status, body))) => {
                     let reply = link.pending().waiting.remove(&id);
                     // Only an answer someone waits for keeps the link from idling.
                     if let Some(reply) = reply {
+                        let refusal = |reason: &str| RpcError::Failed {
+                            peer: link.peer,
+                            reason: reason.to_string(),
+                        };
                         let answer = match status {
                             ANSWERED => Ok(body),
-                            _ => Err(RpcError::Failed {
-                                peer: link.peer,
-                                reason: "busy: its queue of calls is full".into(),
-                            }),
+                            TOO_LARGE => Err(refusal("its answer was over 512 KiB")),
+                            _ => Err(refusal("busy: its queue of calls is full")),
                         };
                         let _ = reply.send(Outcome::Answer(answer));
                         idle.as_mut().reset(later(config.idle));
                     }
                 }
-                Ok(None) => break ("closed by the peer".to_string(), false),
-                Err(e) => break (e.to_string(), crate::rpc::refused_protocol(&e)),
+                Ok(None) => break ("closed by the peer".to_string(), None),
+                // An older node refuses the protocol for good.
+                Err(e) => {
+                    let refused = crate::rpc::refused_protocol(&e).then_some(NO_LINK_FOR);
+                    break (e.to_string(), refused);
+                }
             }
             reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         };
         tracing::debug!(peer = %link.peer, %reason, "link closed");
         self.forget(&link);
-        link.fail_all(&reason, refused);
-        if refused {
-            self.remember_no_link(link.peer, NO_LINK_FOR);
+        link.fail_all(&reason, refused.is_some());
+        if let Some(how_long) = refused {
+            self.remember_no_link(link.peer, how_long);
         }
         link.writer.close().await;
     }
@@ -786,6 +842,17 @@ impl Links {
 
     /// Closes every link (the node is stopping).
     pub fn close_all(&self) {
+        let open: Vec<Arc<Link>> = self
+            .slots()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Open(link) => Some(link.clone()),
+                Slot::Opening => None,
+            })
+            .collect();
+        for link in open {
+            link.fail_all("this node is stopping", false);
+        }
         self.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -922,6 +989,16 @@ mod tests {
         (links, peer, theirs.compat())
     }
 
+    /// Sends `bytes` to `peer` on its link, in a task of its own.
+    fn ask(
+        links: &Links,
+        peer: PeerId,
+        bytes: &'static [u8],
+    ) -> tokio::task::JoinHandle<Option<Result<Vec<u8>, RpcError>>> {
+        let links = links.clone();
+        tokio::spawn(async move { links.request(peer, bytes).await })
+    }
+
     /// Reads a request frame off the peer's end.
     async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> (u64, Vec<u8>) {
         let mut header = [0u8; 12];
@@ -1007,10 +1084,7 @@ mod tests {
     #[tokio::test]
     async fn a_link_that_answered_then_failed_fails_what_waits_on_it() {
         let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
-        let first = {
-            let links = links.clone();
-            tokio::spawn(async move { links.request(peer, b"one").await })
-        };
+        let first = ask(&links, peer, b"one");
         let (id, _) = read_request(&mut theirs).await;
         // An answer to no request is ignored; the real one is taken.
         theirs
@@ -1022,10 +1096,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(first.await.unwrap().unwrap().unwrap(), b"eno");
-        let second = {
-            let links = links.clone();
-            tokio::spawn(async move { links.request(peer, b"two").await })
-        };
+        let second = ask(&links, peer, b"two");
         let (id, _) = read_request(&mut theirs).await;
         assert_eq!(id, 1);
         drop(theirs);
@@ -1040,10 +1111,7 @@ mod tests {
     #[tokio::test]
     async fn a_link_closed_before_any_answer_fails_its_request_rather_than_send_it_twice() {
         let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
-        let asking = {
-            let links = links.clone();
-            tokio::spawn(async move { links.request(peer, b"hello").await })
-        };
+        let asking = ask(&links, peer, b"hello");
         assert_eq!(read_request(&mut theirs).await, (0, b"hello".to_vec()));
         // The peer read the request (it may be running it) and the link went down.
         drop(theirs);
@@ -1054,10 +1122,7 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_on_a_link_is_an_error_at_once() {
         let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
-        let asking = {
-            let links = links.clone();
-            tokio::spawn(async move { links.request(peer, b"x").await })
-        };
+        let asking = ask(&links, peer, b"x");
         let (id, _) = read_request(&mut theirs).await;
         theirs
             .write_all(&answer_frame(id, REFUSED, b""))
@@ -1172,7 +1237,7 @@ mod tests {
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
         assert!(
-            quiet.elapsed() <= 60 * SECOND,
+            quiet.elapsed() == 60 * SECOND,
             "closed after {:?}",
             quiet.elapsed()
         );
@@ -1261,7 +1326,7 @@ mod tests {
         assert_eq!(next.bytes, b"next");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_peer_s_links_share_its_places_for_requests_in_flight() {
         let places = Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER));
         let (queue, mut requests) = mpsc::channel(IN_FLIGHT_PER_PEER + 8);
@@ -1284,30 +1349,107 @@ mod tests {
             });
             clients.push(ours.compat());
         }
-        // Half the places through each link, then one more through the first.
+        // Half the places through each link, all taken; then one more.
         for (i, client) in clients.iter_mut().enumerate() {
             for n in 0..IN_FLIGHT_PER_PEER / 2 {
                 let id = (i * 1000 + n) as u64;
                 client.write_all(&request_frame(id, b"x")).await.unwrap();
             }
         }
-        clients[0]
-            .write_all(&request_frame(999, b"over"))
-            .await
-            .unwrap();
         let mut taken = Vec::new();
         for _ in 0..IN_FLIGHT_PER_PEER {
             taken.push(requests.recv().await.unwrap());
         }
         assert_eq!(places.available_permits(), 0);
-        // The one over the peer's share waits until one of its requests is answered.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(requests.try_recv().is_err(), "over the peer's share");
+        clients[0]
+            .write_all(&request_frame(999, b"over"))
+            .await
+            .unwrap();
+        // It waits (virtual time runs on only once every task is idle) until one of
+        // the peer's requests is answered.
+        let waited = tokio::time::timeout(10 * SECOND, requests.recv()).await;
+        assert!(waited.is_err(), "over the peer's share");
         taken.pop().unwrap().respond(b"ok".to_vec()).await.unwrap();
         let over = requests.recv().await.unwrap();
         assert_eq!(over.bytes, b"over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_cannot_get_more_places_by_closing_its_links_nor_open_more_than_two() {
+        let (queue, mut requests) = mpsc::channel(IN_FLIGHT_PER_PEER + 8);
+        let (mut open, incoming) = futures::channel::mpsc::channel(8);
+        tokio::spawn(serve(
+            incoming,
+            queue,
+            Counter::default(),
+            LinkConfig::default(),
+        ));
+        let peer = PeerId::random();
+        let link = |open: &mut futures::channel::mpsc::Sender<_>| {
+            let (ours, theirs) = tokio::io::duplex(1 << 20);
+            open.try_send((peer, theirs.compat())).unwrap();
+            ours.compat()
+        };
+        // Every place taken through one link, which then closes.
+        let mut first = link(&mut open);
+        for n in 0..IN_FLIGHT_PER_PEER as u64 {
+            first.write_all(&request_frame(n, b"x")).await.unwrap();
+        }
+        let mut taken = Vec::new();
+        for _ in 0..IN_FLIGHT_PER_PEER {
+            taken.push(requests.recv().await.unwrap());
+        }
+        drop(first);
+        // A new link gets no new places while those requests are in flight.
+        let mut second = link(&mut open);
+        second
+            .write_all(&request_frame(100, b"more"))
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(10 * SECOND, requests.recv()).await;
+        assert!(waited.is_err(), "a closed link's places came back early");
+        taken.pop().unwrap().respond(b"ok".to_vec()).await.unwrap();
+        assert_eq!(requests.recv().await.unwrap().bytes, b"more");
+        // Two links open: a third is refused, and told so.
+        let _third = link(&mut open);
+        let mut fourth = link(&mut open);
+        assert_eq!(
+            read_answer(&mut fourth).await,
+            (u64::MAX, LINK_REFUSED, Vec::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_link_sends_what_waits_on_it_the_long_way_and_is_not_tried_for_a_while() {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let asking = ask(&links, peer, b"hello");
+        read_request(&mut theirs).await;
+        theirs
+            .write_all(&answer_frame(u64::MAX, LINK_REFUSED, b""))
+            .await
+            .unwrap();
+        assert!(
+            asking.await.unwrap().is_none(),
+            "not taken: sent the long way"
+        );
+        let until = *links.no_link().get(&peer).expect("remembered");
+        assert!(until <= later(NO_LINK_AFTER_TIMEOUT));
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_peer_s_share_go_the_long_way() {
+        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
+        let asking: Vec<_> = (0..IN_FLIGHT_PER_PEER)
+            .map(|_| ask(&links, peer, b"x"))
+            .collect();
+        for _ in 0..IN_FLIGHT_PER_PEER {
+            read_request(&mut theirs).await;
+        }
+        assert!(links.request(peer, b"one more").await.is_none());
+        drop(theirs);
+        for asked in asking {
+            assert!(matches!(asked.await.unwrap(), Some(Err(_))));
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1495,5 +1637,10 @@ mod loopback {
             assert!(!seen.recv().await.unwrap());
         }
         assert!(!client.network().has_link(&to));
+        let links = client.network().links().unwrap();
+        assert!(
+            links.no_link().contains_key(&to),
+            "a link was tried, and refused"
+        );
     }
 }

@@ -432,6 +432,12 @@ impl Network {
         answer
     }
 
+    /// The links this node opened (tests look inside).
+    #[cfg(test)]
+    pub(crate) fn links(&self) -> Option<&Links> {
+        self.links.as_ref()
+    }
+
     /// Whether calls to `peer` go on a link now.
     pub fn has_link(&self, peer: &PeerId) -> bool {
         self.links.as_ref().is_some_and(|l| l.is_open(peer))
