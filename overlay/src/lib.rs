@@ -10,6 +10,7 @@
 //! * [`liveness`]: closing connections that stopped answering pings;
 //! * [`rpc`]: bounded request-response messages for the protocols built on the overlay;
 //! * [`link`]: calls on streams kept open per peer, beside request-response;
+//! * [`fair`]: the queue per peer, served round robin, that requests wait in;
 //! * [`record_store`]: Kademlia's store, our provider records apart from others';
 //! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
 //! * [`service`]: [`Overlay`], all of the above as one running peer.
@@ -17,6 +18,7 @@
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
+pub mod fair;
 pub mod fetch;
 pub mod link;
 pub mod liveness;

@@ -22,6 +22,7 @@
 //! full is answered at once with a refusal frame, so the requester does not wait out
 //! its timeout.
 
+use crate::fair::FairSender;
 use crate::rpc::{Concern, InboundRequest, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Reply, RpcError};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use libp2p::{PeerId, StreamProtocol};
@@ -32,7 +33,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 /// The protocol links speak.
@@ -305,7 +306,7 @@ impl Responder {
         self.write(ANSWERED, bytes);
     }
 
-    fn refuse(self) {
+    pub(crate) fn refuse(self) {
         self.write(REFUSED, Vec::new());
     }
 
@@ -350,7 +351,7 @@ struct Served {
 /// until aborted; aborting it closes every link it serves.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     mut incoming: impl futures::Stream<Item = (PeerId, S)> + Unpin,
-    queue: mpsc::Sender<InboundRequest>,
+    queue: FairSender<InboundRequest>,
     received: Counter,
     config: LinkConfig,
 ) {
@@ -434,7 +435,7 @@ async fn refuse_link<S: AsyncWrite + Unpin>(mut stream: S) {
 async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     peer: PeerId,
     stream: S,
-    queue: mpsc::Sender<InboundRequest>,
+    queue: FairSender<InboundRequest>,
     received: Counter,
     places: Arc<Semaphore>,
     config: LinkConfig,
@@ -503,12 +504,7 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
             bytes,
             reply: Reply::Link(responder),
         };
-        if let Err(full) = queue.try_send(request) {
-            tracing::debug!(%peer, "inbound calls queue full; request on a link refused");
-            if let Reply::Link(responder) = full.into_inner().reply {
-                responder.refuse();
-            }
-        }
+        crate::rpc::enqueue(&queue, request);
         idle.as_mut().reset(later(idle_for));
         reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
     }
@@ -939,7 +935,7 @@ mod tests {
 
     /// A link served on one end of an in-memory pipe; the other end is returned.
     fn served(
-        queue: mpsc::Sender<InboundRequest>,
+        queue: FairSender<InboundRequest>,
         config: LinkConfig,
     ) -> (tokio_util::compat::Compat<tokio::io::DuplexStream>, Counter) {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
@@ -1157,7 +1153,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_go_back_on_the_link_by_id_in_any_order() {
-        let (queue, mut requests) = mpsc::channel(8);
+        let (queue, mut requests) = crate::fair::fair_queue(8, 8);
         let (mut client, received) = served(queue, LinkConfig::default());
         for (id, body) in [(5u64, b"five"), (6, b"six_"), (7, b"seve")] {
             client.write_all(&request_frame(id, body)).await.unwrap();
@@ -1190,7 +1186,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_finds_the_queue_full_is_refused_at_once() {
         // Room for one request, and nobody taking it.
-        let (queue, _requests) = mpsc::channel(1);
+        let (queue, _requests) = crate::fair::fair_queue(1, 1);
         let (mut client, _) = served(queue, LinkConfig::default());
         client.write_all(&request_frame(1, b"a")).await.unwrap();
         client.write_all(&request_frame(2, b"b")).await.unwrap();
@@ -1199,7 +1195,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversize_request_closes_its_link() {
-        let (queue, _requests) = mpsc::channel(8);
+        let (queue, _requests) = crate::fair::fair_queue(8, 8);
         let (mut client, received) = served(queue, LinkConfig::default());
         let mut header = 1u64.to_be_bytes().to_vec();
         header.extend_from_slice(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
@@ -1217,7 +1213,7 @@ mod tests {
             idle: 30 * SECOND,
             frame_timeout: SECOND,
         };
-        let (queue, mut requests) = mpsc::channel(8);
+        let (queue, mut requests) = crate::fair::fair_queue(8, 8);
         let (mut client, _) = served(queue, config);
         client
             .write_all(&request_frame(1, b"long call"))
@@ -1309,7 +1305,7 @@ mod tests {
             idle: 30 * SECOND,
             frame_timeout: SECOND,
         };
-        let (queue, mut requests) = mpsc::channel(8);
+        let (queue, mut requests) = crate::fair::fair_queue(8, 8);
         let (mut client, _) = served(queue, config);
         client.write_all(&request_frame(1, b"long")).await.unwrap();
         let request = requests.recv().await.unwrap();
@@ -1329,7 +1325,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_peer_s_links_share_its_places_for_requests_in_flight() {
         let places = Arc::new(Semaphore::new(IN_FLIGHT_PER_PEER));
-        let (queue, mut requests) = mpsc::channel(IN_FLIGHT_PER_PEER + 8);
+        let (queue, mut requests) =
+            crate::fair::fair_queue(IN_FLIGHT_PER_PEER + 8, IN_FLIGHT_PER_PEER + 8);
         let peer = PeerId::random();
         let mut clients = Vec::new();
         for _ in 0..2 {
@@ -1376,7 +1373,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_cannot_get_more_places_by_closing_its_links_nor_open_more_than_two() {
-        let (queue, mut requests) = mpsc::channel(IN_FLIGHT_PER_PEER + 8);
+        let (queue, mut requests) =
+            crate::fair::fair_queue(IN_FLIGHT_PER_PEER + 8, IN_FLIGHT_PER_PEER + 8);
         let (mut open, incoming) = futures::channel::mpsc::channel(8);
         tokio::spawn(serve(
             incoming,
@@ -1456,7 +1454,7 @@ mod tests {
     async fn a_requester_that_reads_no_answers_loses_its_link_and_holds_nothing() {
         // A pipe that holds 64 bytes: the requester sends, and never reads.
         let (ours, theirs) = tokio::io::duplex(64);
-        let (queue, mut requests) = mpsc::channel(8);
+        let (queue, mut requests) = crate::fair::fair_queue(8, 8);
         let config = LinkConfig {
             idle: 30 * SECOND,
             frame_timeout: 10 * SECOND,

@@ -7,6 +7,7 @@
 //! pending replies are kept by Kademlia query id or request id.
 
 use crate::bitswap::Bitswap;
+use crate::fair::FairSender;
 use crate::link::{self, LinkConfig, Links};
 use crate::liveness::{self, Liveness};
 use crate::record_store::SplitStore;
@@ -213,7 +214,7 @@ pub struct StartingNetwork {
 /// What serving other peers' links needs.
 struct LinkServer {
     incoming: libp2p_stream::IncomingStreams,
-    queue: mpsc::Sender<InboundRequest>,
+    queue: FairSender<InboundRequest>,
     received: Counter,
     config: LinkConfig,
 }
@@ -253,7 +254,8 @@ impl Network {
             pending.insert(id, addr.clone());
         }
         let control = swarm.behaviour().stream.new_control();
-        let queue = || mpsc::channel(config.inbound_queue.max(1));
+        let total = config.inbound_queue.max(1);
+        let queue = || crate::fair::fair_queue(total, total.div_ceil(crate::rpc::QUEUE_SHARE));
         let ((offers_tx, offers), (calls_tx, calls), (jobs_tx, jobs)) = (queue(), queue(), queue());
         let (links, link_server) = if let Some(link_config) = config.call_links {
             let mut control = swarm.behaviour().stream.new_control();
@@ -598,13 +600,13 @@ fn rpc_behaviour(
 
 /// Where requests of each concern go.
 struct InboundSenders {
-    offers: mpsc::Sender<InboundRequest>,
-    calls: mpsc::Sender<InboundRequest>,
-    jobs: mpsc::Sender<InboundRequest>,
+    offers: FairSender<InboundRequest>,
+    calls: FairSender<InboundRequest>,
+    jobs: FairSender<InboundRequest>,
 }
 
 impl InboundSenders {
-    fn of(&self, concern: Concern) -> &mpsc::Sender<InboundRequest> {
+    fn of(&self, concern: Concern) -> &FairSender<InboundRequest> {
         match concern {
             Concern::Offers => &self.offers,
             Concern::Calls => &self.calls,
@@ -875,10 +877,8 @@ impl EventLoop {
                         respond: self.respond.clone(),
                     },
                 };
-                if self.inbound.of(concern).try_send(inbound).is_err() {
-                    // Dropping the channel tells the sender its request failed.
-                    tracing::debug!(%peer, %concern, "inbound request queue full; request dropped");
-                }
+                // A request refused is dropped: its sender sees it fail.
+                crate::rpc::enqueue(self.inbound.of(concern), inbound);
             }
             request_response::Event::Message {
                 message:

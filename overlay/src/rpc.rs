@@ -10,6 +10,7 @@
 //! more. Requests that arrive while their inbound queue is full are dropped, which the
 //! sender sees as a failed request; the node keeps serving.
 
+use crate::fair::{FairReceiver, FairSender, Pushed};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::request_response::{self, OutboundFailure, ResponseChannel};
 use libp2p::{PeerId, StreamProtocol};
@@ -151,6 +152,15 @@ pub(crate) enum Reply {
 }
 
 impl InboundRequest {
+    /// Refuses it: a request-response sender sees its request fail, one on a link gets
+    /// a refusal frame.
+    pub(crate) fn refuse(self) {
+        match self.reply {
+            Reply::Swarm { .. } => {}
+            Reply::Link(responder) => responder.refuse(),
+        }
+    }
+
     /// Whether it came on a link ([`crate::link`]) rather than by request-response.
     pub fn on_link(&self) -> bool {
         matches!(self.reply, Reply::Link(_))
@@ -172,14 +182,38 @@ impl InboundRequest {
     }
 }
 
-/// The queues of requests other peers send, one per concern.
+/// The queues of requests other peers send, one per concern, each a line per peer
+/// served round robin ([`crate::fair`]).
 pub struct Inbound {
     /// Requests on [`Concern::Offers`].
-    pub offers: mpsc::Receiver<InboundRequest>,
+    pub offers: FairReceiver<InboundRequest>,
     /// Requests on [`Concern::Calls`].
-    pub calls: mpsc::Receiver<InboundRequest>,
+    pub calls: FairReceiver<InboundRequest>,
     /// Requests on [`Concern::Jobs`].
-    pub jobs: mpsc::Receiver<InboundRequest>,
+    pub jobs: FairReceiver<InboundRequest>,
+}
+
+/// The share of a concern's queue one peer may fill: a quarter.
+pub const QUEUE_SHARE: usize = 4;
+
+/// Puts `request` in its concern's queue `queue`; one refused, or pushed out for
+/// another peer's, is refused to its sender at once (a request-response sender sees a
+/// failed request, one on a link a refusal frame). Answers whether it was queued.
+pub(crate) fn enqueue(queue: &FairSender<InboundRequest>, request: InboundRequest) -> bool {
+    let peer = request.peer;
+    match queue.push(peer, request) {
+        Pushed::Queued => true,
+        Pushed::Displaced(other) => {
+            tracing::debug!(peer = %other.peer, concern = %other.concern, "request pushed out of a full queue");
+            other.refuse();
+            true
+        }
+        Pushed::Refused(request) | Pushed::Closed(request) => {
+            tracing::debug!(%peer, concern = %request.concern, "inbound queue full for this peer; request refused");
+            request.refuse();
+            false
+        }
+    }
 }
 
 /// Requests and responses as byte strings, each bounded, read until the writer closes.

@@ -1,6 +1,7 @@
 //! Answering other peers: one protocol per concern — offers, calls, jobs — each read from
 //! its own queue by its own task and answered by its own handler, so a flood of one
-//! concern cannot hold up another. A request that arrives on another concern's protocol
+//! concern cannot hold up another; each queue is a line per peer served round robin
+//! (`flotilla_overlay::fair`), so a flood of one peer cannot hold up another. A request that arrives on another concern's protocol
 //! is refused. Calls to this node itself come to the same handlers in-process
 //! ([`Market::handle`]), without a wire round trip.
 
@@ -8,12 +9,12 @@ use super::Market;
 use super::protocol::{
     Concern, Request, RequestEnvelope as Envelope, Response, decode_request, encode_response,
 };
+use flotilla_overlay::fair::FairReceiver;
 use flotilla_overlay::rpc::{Inbound, InboundRequest};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 impl Market {
     /// Starts a task per concern answering its queue until the node stops.
@@ -25,7 +26,7 @@ impl Market {
 
     /// Answers `concern`'s requests, one at a time; calls, which take many round trips
     /// or a whole run, go on beside it (as many as their bounds allow).
-    async fn serve(self, concern: Concern, mut inbound: mpsc::Receiver<InboundRequest>) {
+    async fn serve(self, concern: Concern, mut inbound: FairReceiver<InboundRequest>) {
         while let Some(request) = inbound.recv().await {
             let envelope = match decode_request(&request.bytes) {
                 Ok(envelope) if envelope.request.concern() == concern => envelope,
