@@ -308,7 +308,13 @@ async fn a_peer_keeps_at_most_two_links_and_an_oversize_frame_closes_only_its_ow
     let mut control = peer.control.clone();
     let mut open = Vec::new();
     for _ in 0..LINKS_PER_PEER {
-        open.push(control.open_stream(node.peer_id(), LINK).await.unwrap());
+        let mut link = control.open_stream(node.peer_id(), LINK).await.unwrap();
+        link.flush().await.unwrap();
+        // The node greets a link it takes (id u64::MAX, status 4) before anything else.
+        let mut greeting = [0u8; 13];
+        link.read_exact(&mut greeting).await.unwrap();
+        assert_eq!((&greeting[..8], greeting[8]), (&u64::MAX.to_be_bytes()[..], 4));
+        open.push(link);
     }
     // Each link is served (a request that is no call is answered with a refusal).
     for (i, link) in open.iter_mut().enumerate() {
@@ -317,8 +323,8 @@ async fn a_peer_keeps_at_most_two_links_and_an_oversize_frame_closes_only_its_ow
             (i as u64 + 10, 0)
         );
     }
-    // One more is told it is refused (a frame of id u64::MAX, status 3), then closed;
-    // the request written on it is not read.
+    // One more is told it is refused instead (status 3), then closed; a request written
+    // on it anyway is not read.
     let mut extra = control.open_stream(node.peer_id(), LINK).await.unwrap();
     let mut frame = 1u64.to_be_bytes().to_vec();
     frame.extend_from_slice(&4u32.to_be_bytes());

@@ -49,9 +49,22 @@ const ANSWERED: u8 = 0;
 const REFUSED: u8 = 1;
 /// An answer's status byte: the answer was over [`MAX_RESPONSE_BYTES`].
 const TOO_LARGE: u8 = 2;
-/// An answer's status byte, on a frame of id [`u64::MAX`]: the link itself is refused
-/// (too many open), nothing on it was read.
+/// An answer's status byte, on the first frame (id [`u64::MAX`]): the link itself is
+/// refused (too many open), and nothing on it is read.
 const LINK_REFUSED: u8 = 3;
+/// An answer's status byte, on the first frame (id [`u64::MAX`]): the link is taken.
+/// The requester sends nothing on a link before this comes: a stream the peer dropped
+/// unread (its acceptor was busy, or it does not speak links) never carries a request.
+const LINK_ACCEPTED: u8 = 4;
+
+/// The first frame on a link, from the answering side: `status` is [`LINK_ACCEPTED`]
+/// or [`LINK_REFUSED`].
+fn greeting(status: u8) -> Vec<u8> {
+    let mut frame = u64::MAX.to_be_bytes().to_vec();
+    frame.push(status);
+    frame.extend_from_slice(&0u32.to_be_bytes());
+    frame
+}
 
 /// A link's timings.
 #[derive(Debug, Clone, Copy)]
@@ -269,6 +282,13 @@ impl FrameWriter {
         *self.last_write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Flushes the writing half (a lazily negotiated stream sends its protocol's name),
+    /// within the timeout.
+    async fn flush(&self) {
+        let flush = async { self.half.lock().await.flush().await };
+        let _ = tokio::time::timeout(self.timeout, flush).await;
+    }
+
     /// Closes the writing half, within the timeout.
     async fn close(&self) {
         let close = async { self.half.lock().await.close().await };
@@ -420,9 +440,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
 /// Tells the requester its link is refused (a frame of id `u64::MAX`), within a second,
 /// and closes it.
 async fn refuse_link<S: AsyncWrite + Unpin>(mut stream: S) {
-    let mut frame = u64::MAX.to_be_bytes().to_vec();
-    frame.push(LINK_REFUSED);
-    frame.extend_from_slice(&0u32.to_be_bytes());
+    let frame = greeting(LINK_REFUSED);
     let tell = async {
         stream.write_all(&frame).await?;
         stream.close().await
@@ -441,6 +459,9 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     config: LinkConfig,
 ) {
     let (reader, writer) = halves(stream, config.frame_timeout);
+    if writer.send(greeting(LINK_ACCEPTED)).await.is_err() {
+        return;
+    }
     let mut reading = read_frame(reader, false, MAX_REQUEST_BYTES, config.frame_timeout);
     // Twice the requester's idle time, counted from the last request or answer: a
     // requester closes an idle link first, so a request it sends never meets our
@@ -728,13 +749,44 @@ impl Links {
         tasks.spawn(task);
     }
 
-    /// Makes `stream` the link to `peer` and reads its answers until it closes.
+    /// Makes `stream` the link to `peer` once the peer has taken it, and reads its
+    /// answers until it closes.
     async fn attach<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         &self,
         peer: PeerId,
         stream: S,
     ) {
         let (reader, writer) = halves(stream, self.config.frame_timeout);
+        // Its first frame says whether the peer took the link; nothing is sent before
+        // (but the protocol's name, which a lazily negotiated stream sends on a flush).
+        writer.flush().await;
+        let first = read_frame(reader, true, 0, self.config.frame_timeout);
+        let (reader, taken) = match tokio::time::timeout(self.config.frame_timeout, first).await {
+            Ok((reader, Ok(Some((u64::MAX, LINK_ACCEPTED, _))))) => (reader, Ok(())),
+            Ok((_, Ok(Some((u64::MAX, LINK_REFUSED, _))))) => (
+                Box::new(futures::io::empty()) as Reader,
+                Err(Some(NO_LINK_AFTER_TIMEOUT)),
+            ),
+            // An older node refuses the protocol for good.
+            Ok((_, Err(e))) if crate::rpc::refused_protocol(&e) => (
+                Box::new(futures::io::empty()) as Reader,
+                Err(Some(NO_LINK_FOR)),
+            ),
+            Ok(_) => (Box::new(futures::io::empty()) as Reader, Err(None)),
+            Err(_) => (
+                Box::new(futures::io::empty()) as Reader,
+                Err(Some(NO_LINK_AFTER_TIMEOUT)),
+            ),
+        };
+        if let Err(refused) = taken {
+            tracing::debug!(%peer, "link not taken");
+            self.slots().remove(&peer);
+            if let Some(how_long) = refused {
+                self.remember_no_link(peer, how_long);
+            }
+            writer.close().await;
+            return;
+        }
         let link = Arc::new(Link {
             peer,
             writer,
@@ -785,10 +837,6 @@ impl Links {
                 }
             };
             match frame {
-                Ok(Some((u64::MAX, LINK_REFUSED, _))) => {
-                    let busy = "the peer has too many links open".to_string();
-                    break (busy, Some(NO_LINK_AFTER_TIMEOUT));
-                }
                 Ok(Some((id, status, body))) => {
                     let reply = link.pending().waiting.remove(&id);
                     // Only an answer someone waits for keeps the link from idling.
@@ -956,6 +1004,19 @@ mod tests {
         (ours.compat(), received)
     }
 
+    /// A link served on one end of a pipe, its greeting read off the other end.
+    async fn served_and_greeted(
+        queue: FairSender<InboundRequest>,
+        config: LinkConfig,
+    ) -> (tokio_util::compat::Compat<tokio::io::DuplexStream>, Counter) {
+        let (mut client, received) = served(queue, config);
+        assert_eq!(
+            read_answer(&mut client).await,
+            (u64::MAX, LINK_ACCEPTED, Vec::new())
+        );
+        (client, received)
+    }
+
     async fn read_answer<R: AsyncRead + Unpin>(r: &mut R) -> (u64, u8, Vec<u8>) {
         let mut header = [0u8; 13];
         r.read_exact(&mut header).await.unwrap();
@@ -977,12 +1038,14 @@ mod tests {
         let links = Links::new(control, config);
         let peer = PeerId::random();
         let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let mut theirs = theirs.compat();
+        theirs.write_all(&greeting(LINK_ACCEPTED)).await.unwrap();
         let attaching = links.clone();
         links.spawn(async move { attaching.attach(peer, ours.compat()).await });
         while !links.is_open(&peer) {
             tokio::task::yield_now().await;
         }
-        (links, peer, theirs.compat())
+        (links, peer, theirs)
     }
 
     /// Sends `bytes` to `peer` on its link, in a task of its own.
@@ -1012,39 +1075,27 @@ mod tests {
         frame
     }
 
-    /// The far end of a link whose peer refused its protocol (an older node): writes
-    /// vanish, and once one was made, reading fails as multistream-select's "no".
-    #[derive(Default)]
-    struct Refusing {
-        written: bool,
-        reader: Option<std::task::Waker>,
-    }
+    /// The far end of a stream whose peer refused its protocol (an older node): writes
+    /// vanish, and reading fails as multistream-select's "no".
+    struct Refusing;
 
     impl AsyncRead for Refusing {
         fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
             _: &mut [u8],
         ) -> Poll<io::Result<usize>> {
-            if self.written {
-                let refusal = libp2p::core::upgrade::NegotiationError::Failed;
-                return Poll::Ready(Err(io::Error::other(refusal)));
-            }
-            self.reader = Some(cx.waker().clone());
-            Poll::Pending
+            let refusal = libp2p::core::upgrade::NegotiationError::Failed;
+            Poll::Ready(Err(io::Error::other(refusal)))
         }
     }
 
     impl AsyncWrite for Refusing {
         fn poll_write(
-            mut self: Pin<&mut Self>,
+            self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.written = true;
-            if let Some(reader) = self.reader.take() {
-                reader.wake();
-            }
             Poll::Ready(Ok(buf.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1055,26 +1106,62 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_link_whose_protocol_the_peer_refuses_sends_its_request_the_long_way_and_no_more_links()
-     {
-        let links = Links::new(
+    fn fresh_links() -> Links {
+        Links::new(
             libp2p_stream::Behaviour::new().new_control(),
             LinkConfig::default(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_link_whose_protocol_the_peer_refuses_is_never_used_nor_tried_again() {
+        let links = fresh_links();
         let peer = PeerId::random();
-        let attaching = links.clone();
-        links.spawn(async move { attaching.attach(peer, Refusing::default()).await });
-        while !links.is_open(&peer) {
-            tokio::task::yield_now().await;
-        }
+        links.slots().insert(peer, Slot::Opening);
+        links.attach(peer, Refusing).await;
+        assert!(!links.is_open(&peer));
         assert!(
             links.request(peer, b"hello").await.is_none(),
-            "not taken: the caller sends it by request-response"
+            "sent the long way"
         );
-        assert!(!links.is_open(&peer));
+        let until = *links.no_link().get(&peer).expect("remembered");
+        assert!(until > later(NO_LINK_FOR - SECOND));
         links.open(peer);
         assert!(links.slots().get(&peer).is_none(), "no new link is tried");
+    }
+
+    #[tokio::test]
+    async fn a_link_refused_for_too_many_open_is_never_used_and_tried_again_later() {
+        let links = fresh_links();
+        let peer = PeerId::random();
+        let (ours, theirs) = tokio::io::duplex(1 << 10);
+        let mut theirs = theirs.compat();
+        theirs.write_all(&greeting(LINK_REFUSED)).await.unwrap();
+        links.attach(peer, ours.compat()).await;
+        assert!(!links.is_open(&peer));
+        let until = *links.no_link().get(&peer).expect("remembered");
+        assert!(until <= later(NO_LINK_AFTER_TIMEOUT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_sent_on_a_link_before_the_peer_takes_it() {
+        let links = fresh_links();
+        let peer = PeerId::random();
+        // A peer that dropped the stream unread, or is slow: no greeting comes.
+        let (ours, theirs) = tokio::io::duplex(1 << 10);
+        let attaching = links.clone();
+        let attached = tokio::spawn(async move { attaching.attach(peer, ours.compat()).await });
+        tokio::task::yield_now().await;
+        assert!(
+            links.request(peer, b"hello").await.is_none(),
+            "sent the long way"
+        );
+        attached.await.unwrap();
+        assert!(!links.is_open(&peer));
+        let mut theirs = theirs.compat();
+        let mut sent = Vec::new();
+        theirs.read_to_end(&mut sent).await.unwrap();
+        assert!(sent.is_empty(), "not a byte was sent: {sent:?}");
     }
 
     #[tokio::test]
@@ -1154,7 +1241,7 @@ mod tests {
     #[tokio::test]
     async fn answers_go_back_on_the_link_by_id_in_any_order() {
         let (queue, mut requests) = crate::fair::fair_queue(8, 8);
-        let (mut client, received) = served(queue, LinkConfig::default());
+        let (mut client, received) = served_and_greeted(queue, LinkConfig::default()).await;
         for (id, body) in [(5u64, b"five"), (6, b"six_"), (7, b"seve")] {
             client.write_all(&request_frame(id, body)).await.unwrap();
         }
@@ -1187,7 +1274,7 @@ mod tests {
     async fn a_request_that_finds_the_queue_full_is_refused_at_once() {
         // Room for one request, and nobody taking it.
         let (queue, _requests) = crate::fair::fair_queue(1, 1);
-        let (mut client, _) = served(queue, LinkConfig::default());
+        let (mut client, _) = served_and_greeted(queue, LinkConfig::default()).await;
         client.write_all(&request_frame(1, b"a")).await.unwrap();
         client.write_all(&request_frame(2, b"b")).await.unwrap();
         assert_eq!(read_answer(&mut client).await, (2, REFUSED, Vec::new()));
@@ -1196,7 +1283,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversize_request_closes_its_link() {
         let (queue, _requests) = crate::fair::fair_queue(8, 8);
-        let (mut client, received) = served(queue, LinkConfig::default());
+        let (mut client, received) = served_and_greeted(queue, LinkConfig::default()).await;
         let mut header = 1u64.to_be_bytes().to_vec();
         header.extend_from_slice(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
         client.write_all(&header).await.unwrap();
@@ -1214,7 +1301,7 @@ mod tests {
             frame_timeout: SECOND,
         };
         let (queue, mut requests) = crate::fair::fair_queue(8, 8);
-        let (mut client, _) = served(queue, config);
+        let (mut client, _) = served_and_greeted(queue, config).await;
         client
             .write_all(&request_frame(1, b"long call"))
             .await
@@ -1306,7 +1393,7 @@ mod tests {
             frame_timeout: SECOND,
         };
         let (queue, mut requests) = crate::fair::fair_queue(8, 8);
-        let (mut client, _) = served(queue, config);
+        let (mut client, _) = served_and_greeted(queue, config).await;
         client.write_all(&request_frame(1, b"long")).await.unwrap();
         let request = requests.recv().await.unwrap();
         tokio::time::sleep(40 * SECOND).await;
@@ -1415,23 +1502,6 @@ mod tests {
             read_answer(&mut fourth).await,
             (u64::MAX, LINK_REFUSED, Vec::new())
         );
-    }
-
-    #[tokio::test]
-    async fn a_refused_link_sends_what_waits_on_it_the_long_way_and_is_not_tried_for_a_while() {
-        let (links, peer, mut theirs) = linked(LinkConfig::default()).await;
-        let asking = ask(&links, peer, b"hello");
-        read_request(&mut theirs).await;
-        theirs
-            .write_all(&answer_frame(u64::MAX, LINK_REFUSED, b""))
-            .await
-            .unwrap();
-        assert!(
-            asking.await.unwrap().is_none(),
-            "not taken: sent the long way"
-        );
-        let until = *links.no_link().get(&peer).expect("remembered");
-        assert!(until <= later(NO_LINK_AFTER_TIMEOUT));
     }
 
     #[tokio::test]

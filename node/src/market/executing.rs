@@ -172,14 +172,10 @@ impl Drop for RunGuard<'_> {
 }
 
 impl Market {
-    /// A place for one more execution taken from the network, or `None` when as many
-    /// are taken as allowed.
-    pub(super) fn execution_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.shared
-            .executions_taken
-            .clone()
-            .try_acquire_owned()
-            .ok()
+    /// A place for one more execution taken from `from`, or `None` when as many are
+    /// taken as allowed, or `from` holds its share.
+    pub(super) fn execution_slot(&self, from: PeerId) -> Option<super::slots::Slot> {
+        self.shared.executions_taken.take(from)
     }
 
     /// Runs a call for `from` (a scheduler, or this node), at most once per invocation

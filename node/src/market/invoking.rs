@@ -14,6 +14,7 @@
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{ExecuteRequest, InvokeRequest, Request, Response};
 use super::scheduling::Exchanges;
+use super::slots::Slot;
 use super::{CallError, Market};
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::placer::{self, Outcome, PlaceError, Placer, PlacerConfig};
@@ -22,7 +23,6 @@ use libp2p::PeerId;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 /// Volunteers a scheduler tries for one call.
@@ -78,13 +78,10 @@ fn execution_allowance(call: &FunctionCall, fetch_timeout: Duration) -> Duration
 }
 
 impl Market {
-    /// A place for one more invocation, or `None` when as many run as allowed.
-    pub(super) fn invocation_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.shared
-            .invocations_taken
-            .clone()
-            .try_acquire_owned()
-            .ok()
+    /// A place for one more invocation of `from`'s, or `None` when as many run as
+    /// allowed, or `from` holds its share.
+    pub(super) fn invocation_slot(&self, from: PeerId) -> Option<Slot> {
+        self.shared.invocations_taken.take(from)
     }
 
     /// The answer to a call this node cannot take as scheduler: it is none, or the call
@@ -103,11 +100,7 @@ impl Market {
 
     /// Places and runs a client's call (once per invocation id) in the place `_slot`
     /// holds.
-    pub(super) async fn serve_invocation(
-        &self,
-        request: InvokeRequest,
-        _slot: OwnedSemaphorePermit,
-    ) -> Response {
+    pub(super) async fn serve_invocation(&self, request: InvokeRequest, _slot: Slot) -> Response {
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }

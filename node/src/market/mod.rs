@@ -39,6 +39,7 @@ mod invoking;
 mod offering;
 mod scheduling;
 mod serving;
+mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -182,8 +183,8 @@ struct Shared {
     executions: once::Once<(PeerId, u64), Response>,
     /// Answers of calls placed here, by invocation id.
     invocations: once::Once<u64, Response>,
-    invocations_taken: Arc<Semaphore>,
-    executions_taken: Arc<Semaphore>,
+    invocations_taken: slots::Pool,
+    executions_taken: slots::Pool,
     placements: Arc<Semaphore>,
     keypair: Keypair,
     jobs_held: Arc<Semaphore>,
@@ -194,7 +195,7 @@ struct Shared {
     metrics: MarketMetrics,
     offering: bool,
     schedulers: scheduling::SchedulerCache,
-    discoveries: Arc<Semaphore>,
+    discoveries: slots::Pool,
     next_request_id: AtomicU64,
 }
 
@@ -264,8 +265,8 @@ impl Market {
                 cancel: CancellationToken::new(),
                 executions: once::Once::new(REMEMBERED_RUNS),
                 invocations: once::Once::new(REMEMBERED_RUNS),
-                invocations_taken: Arc::new(Semaphore::new(MAX_TAKEN_INVOCATIONS)),
-                executions_taken: Arc::new(Semaphore::new(MAX_TAKEN_EXECUTIONS)),
+                invocations_taken: slots::Pool::new(MAX_TAKEN_INVOCATIONS),
+                executions_taken: slots::Pool::new(MAX_TAKEN_EXECUTIONS),
                 placements: Arc::new(Semaphore::new(MAX_CONCURRENT_PLACEMENTS)),
                 keypair: keypair.clone(),
                 jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
@@ -273,7 +274,7 @@ impl Market {
                 peer_id: overlay.peer_id(),
                 offering: offerer.is_some(),
                 schedulers: scheduling::SchedulerCache::default(),
-                discoveries: Arc::new(Semaphore::new(MAX_CONCURRENT_DISCOVERIES)),
+                discoveries: slots::Pool::new(MAX_CONCURRENT_DISCOVERIES),
                 next_request_id: AtomicU64::new(rand::rng().next_u64() >> 1),
                 metrics: MarketMetrics::new(registry),
                 config,

@@ -6,6 +6,7 @@ use super::protocol::{
     DiscoverRequest, Discovered, MAX_FOUND_OFFERS, OfferSummary, Placement, Request, ReserveTerms,
     Response,
 };
+use super::slots::Slot;
 use super::{InvokeError, Market, lock};
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::SignedOffer;
@@ -21,7 +22,6 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// How often a scheduler renews its registry record, so it outlives the peers that
 /// stored it.
@@ -147,18 +147,15 @@ impl Market {
         }
     }
 
-    /// A place for one more discovery, or `None` when as many run as allowed.
-    pub(super) fn discovery_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.shared.discoveries.clone().try_acquire_owned().ok()
+    /// A place for one more discovery of `from`'s, or `None` when as many run as
+    /// allowed, or `from` holds its share.
+    pub(super) fn discovery_slot(&self, from: PeerId) -> Option<Slot> {
+        self.shared.discoveries.take(from)
     }
 
     /// Runs one discovery for a client (and a reservation if it asks for one) in the
     /// place `_slot` holds.
-    pub(super) async fn serve_discovery(
-        &self,
-        request: DiscoverRequest,
-        _slot: OwnedSemaphorePermit,
-    ) -> Response {
+    pub(super) async fn serve_discovery(&self, request: DiscoverRequest, _slot: Slot) -> Response {
         if !self.is_scheduler() {
             return Response::Refused {
                 reason: "this node is not a scheduler".into(),

@@ -74,16 +74,16 @@ impl Market {
     async fn take_call(&self, request: InboundRequest, envelope: Envelope) {
         let from = request.peer;
         let serving: Option<BoxFuture<'static, Response>> = match envelope.request {
-            Request::Discover(discover) => self.discovery_slot().map(|slot| {
+            Request::Discover(discover) => self.discovery_slot(from).map(|slot| {
                 let market = self.clone();
                 async move { market.serve_discovery(discover, slot).await }.boxed()
             }),
-            Request::Invoke(invoke) => self.invocation_slot().map(|slot| {
+            Request::Invoke(invoke) => self.invocation_slot(from).map(|slot| {
                 let market = self.clone();
                 async move { market.serve_invocation(*invoke, slot).await }.boxed()
             }),
             // Bounded before admission (which then bounds runs by the memory lent).
-            Request::Execute(execute) => self.execution_slot().map(|slot| {
+            Request::Execute(execute) => self.execution_slot(from).map(|slot| {
                 let market = self.clone();
                 async move {
                     let answer = market.serve_execution(from, *execute).await;
@@ -145,11 +145,11 @@ impl Market {
     /// taken by `take_call`).
     async fn handle_calls(&self, from: PeerId, request: Request) -> Response {
         match request {
-            Request::Discover(request) => match self.discovery_slot() {
+            Request::Discover(request) => match self.discovery_slot(from) {
                 Some(slot) => self.serve_discovery(request, slot).await,
                 None => Response::Busy,
             },
-            Request::Invoke(request) => match self.invocation_slot() {
+            Request::Invoke(request) => match self.invocation_slot(from) {
                 Some(slot) => self.serve_invocation(*request, slot).await,
                 None => Response::Busy,
             },
