@@ -313,7 +313,10 @@ async fn a_peer_keeps_at_most_two_links_and_an_oversize_frame_closes_only_its_ow
         // The node greets a link it takes (id u64::MAX, status 4) before anything else.
         let mut greeting = [0u8; 13];
         link.read_exact(&mut greeting).await.unwrap();
-        assert_eq!((&greeting[..8], greeting[8]), (&u64::MAX.to_be_bytes()[..], 4));
+        assert_eq!(
+            (&greeting[..8], greeting[8]),
+            (&u64::MAX.to_be_bytes()[..], 4)
+        );
         open.push(link);
     }
     // Each link is served (a request that is no call is answered with a refusal).
