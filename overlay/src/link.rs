@@ -532,19 +532,11 @@ async fn serve_link<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     writer.close().await;
 }
 
-/// What a request sent on a link comes to.
-enum Outcome {
-    /// The peer's answer, or why there is none.
-    Answer(Result<Vec<u8>, RpcError>),
-    /// The peer refused the link's protocol (an older node): it read none of the
-    /// requests, so they go again the long way.
-    NotTaken,
-}
-
 /// Requests waiting for their answers on one link, by id.
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Outcome>>,
+    /// Each one's answer, or why there is none.
+    waiting: HashMap<u64, oneshot::Sender<Result<Vec<u8>, RpcError>>>,
     /// Set once the link has failed: nothing more is sent on it.
     closed: bool,
 }
@@ -565,23 +557,19 @@ impl Link {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ends every request waiting on this link, as not taken if the peer refused the
-    /// link's protocol (`refused`), else as failed; refuses new ones.
-    fn fail_all(&self, reason: &str, refused: bool) {
+    /// Fails every request waiting on this link (each was sent, and may be under way:
+    /// none is sent again) and refuses new ones.
+    fn fail_all(&self, reason: &str) {
         let waiting = {
             let mut pending = self.pending();
             pending.closed = true;
             std::mem::take(&mut pending.waiting)
         };
         for (_, reply) in waiting {
-            let _ = reply.send(if refused {
-                Outcome::NotTaken
-            } else {
-                Outcome::Answer(Err(RpcError::Failed {
-                    peer: self.peer,
-                    reason: format!("link: {reason}"),
-                }))
-            });
+            let _ = reply.send(Err(RpcError::Failed {
+                peer: self.peer,
+                reason: format!("link: {reason}"),
+            }));
         }
     }
 }
@@ -692,11 +680,7 @@ impl Links {
         }
         let outcome = answer.await;
         drop(waiting);
-        match outcome {
-            Ok(Outcome::Answer(answer)) => Some(answer),
-            Ok(Outcome::NotTaken) => None,
-            Err(_) => Some(Err(RpcError::Stopped)),
-        }
+        Some(outcome.unwrap_or(Err(RpcError::Stopped)))
     }
 
     /// Opens a link to `peer` in the background, unless one is open or opening. Call it
@@ -761,32 +745,29 @@ impl Links {
         // (but the protocol's name, which a lazily negotiated stream sends on a flush).
         writer.flush().await;
         let first = read_frame(reader, true, 0, self.config.frame_timeout);
-        let (reader, taken) = match tokio::time::timeout(self.config.frame_timeout, first).await {
-            Ok((reader, Ok(Some((u64::MAX, LINK_ACCEPTED, _))))) => (reader, Ok(())),
-            Ok((_, Ok(Some((u64::MAX, LINK_REFUSED, _))))) => (
-                Box::new(futures::io::empty()) as Reader,
-                Err(Some(NO_LINK_AFTER_TIMEOUT)),
-            ),
-            // An older node refuses the protocol for good.
-            Ok((_, Err(e))) if crate::rpc::refused_protocol(&e) => (
-                Box::new(futures::io::empty()) as Reader,
-                Err(Some(NO_LINK_FOR)),
-            ),
-            Ok(_) => (Box::new(futures::io::empty()) as Reader, Err(None)),
-            Err(_) => (
-                Box::new(futures::io::empty()) as Reader,
-                Err(Some(NO_LINK_AFTER_TIMEOUT)),
-            ),
-        };
-        if let Err(refused) = taken {
-            tracing::debug!(%peer, "link not taken");
-            self.slots().remove(&peer);
-            if let Some(how_long) = refused {
-                self.remember_no_link(peer, how_long);
+        // Taken: the reader; not taken: for how long to ask the peer the long way only.
+        let taken: Result<Reader, Option<Duration>> =
+            match tokio::time::timeout(self.config.frame_timeout, first).await {
+                Ok((reader, Ok(Some((u64::MAX, LINK_ACCEPTED, _))))) => Ok(reader),
+                Ok((_, Ok(Some((u64::MAX, LINK_REFUSED, _))))) => Err(Some(NO_LINK_AFTER_TIMEOUT)),
+                // An older node refuses the protocol for good.
+                Ok((_, Err(e))) if crate::rpc::refused_protocol(&e) => Err(Some(NO_LINK_FOR)),
+                // Dropped unread (its acceptor was busy) or nonsense: tried again later.
+                Ok(_) => Err(None),
+                Err(_) => Err(Some(NO_LINK_AFTER_TIMEOUT)),
+            };
+        let reader = match taken {
+            Ok(reader) => reader,
+            Err(refused) => {
+                tracing::debug!(%peer, "link not taken");
+                self.slots().remove(&peer);
+                if let Some(how_long) = refused {
+                    self.remember_no_link(peer, how_long);
+                }
+                writer.close().await;
+                return;
             }
-            writer.close().await;
-            return;
-        }
+        };
         let link = Arc::new(Link {
             peer,
             writer,
@@ -814,12 +795,10 @@ impl Links {
         let mut reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         let idle = tokio::time::sleep(config.idle);
         tokio::pin!(idle);
-        // Why it ended, and, if the peer read none of what waits on it (it refused the
-        // protocol, or the link), for how long to ask it the long way only.
-        let (reason, refused): (String, Option<Duration>) = loop {
+        let reason = loop {
             let (reader, frame) = tokio::select! {
                 read = &mut reading => read,
-                () = link.writer.broken() => break ("a request was cut short".to_string(), None),
+                () = link.writer.broken() => break "a request was cut short".to_string(),
                 () = &mut idle => {
                     let quiet = {
                         let mut pending = link.pending();
@@ -830,7 +809,7 @@ impl Links {
                         quiet
                     };
                     if quiet {
-                        break ("idle".to_string(), None);
+                        break "idle".to_string();
                     }
                     idle.as_mut().reset(later(config.idle));
                     continue;
@@ -850,25 +829,18 @@ impl Links {
                             TOO_LARGE => Err(refusal("its answer was over 512 KiB")),
                             _ => Err(refusal("busy: its queue of calls is full")),
                         };
-                        let _ = reply.send(Outcome::Answer(answer));
+                        let _ = reply.send(answer);
                         idle.as_mut().reset(later(config.idle));
                     }
                 }
-                Ok(None) => break ("closed by the peer".to_string(), None),
-                // An older node refuses the protocol for good.
-                Err(e) => {
-                    let refused = crate::rpc::refused_protocol(&e).then_some(NO_LINK_FOR);
-                    break (e.to_string(), refused);
-                }
+                Ok(None) => break "closed by the peer".to_string(),
+                Err(e) => break e.to_string(),
             }
             reading = read_frame(reader, true, MAX_RESPONSE_BYTES, config.frame_timeout);
         };
         tracing::debug!(peer = %link.peer, %reason, "link closed");
         self.forget(&link);
-        link.fail_all(&reason, refused.is_some());
-        if let Some(how_long) = refused {
-            self.remember_no_link(link.peer, how_long);
-        }
+        link.fail_all(&reason);
         link.writer.close().await;
     }
 
@@ -895,7 +867,7 @@ impl Links {
             })
             .collect();
         for link in open {
-            link.fail_all("this node is stopping", false);
+            link.fail_all("this node is stopping");
         }
         self.tasks
             .lock()
