@@ -8,6 +8,7 @@
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
 //! * [`liveness`]: closing connections that stopped answering pings;
+//! * [`presence`]: the peers connected now, from where, and when each leaves;
 //! * [`rpc`]: bounded request-response messages for the protocols built on the overlay;
 //! * [`link`]: calls on streams kept open per peer, beside request-response;
 //! * [`fair`]: the queue per peer, served round robin, that requests wait in;
@@ -24,6 +25,7 @@ pub mod link;
 pub mod liveness;
 pub mod metrics;
 pub mod network;
+pub mod presence;
 pub mod record_store;
 pub mod regions;
 pub mod rpc;

@@ -1678,9 +1678,13 @@ mod loopback {
         }
         assert!(!client.network().has_link(&to));
         let links = client.network().links().unwrap();
-        assert!(
-            links.no_link().contains_key(&to),
-            "a link was tried, and refused"
-        );
+        // The link is tried beside the calls: under load its refusal may come after them.
+        let refused = tokio::time::timeout(Duration::from_secs(20), async {
+            while !links.no_link().contains_key(&to) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(refused.await.is_ok(), "a link was tried, and refused");
+        assert!(!client.network().has_link(&to));
     }
 }

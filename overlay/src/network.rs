@@ -10,6 +10,7 @@ use crate::bitswap::Bitswap;
 use crate::fair::FairSender;
 use crate::link::{self, LinkConfig, Links};
 use crate::liveness::{self, Liveness};
+use crate::presence::Presence;
 use crate::record_store::SplitStore;
 use crate::rpc::{BytesCodec, Concern, Inbound, InboundRequest, Outgoing, Reply, RpcError};
 use futures::StreamExt;
@@ -30,6 +31,9 @@ use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Most closer peers [`Network::closer_peers_known`] counts: more than any `k` asked.
+pub const CLOSER_COUNTED: usize = 64;
 
 /// The identify protocol version we announce.
 const IDENTIFY_PROTOCOL: &str = "/flotilla/1.0.0";
@@ -176,6 +180,10 @@ enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    CloserKnown {
+        key: Vec<u8>,
+        reply: oneshot::Sender<usize>,
+    },
     Status {
         reply: oneshot::Sender<NetworkStatus>,
     },
@@ -196,6 +204,8 @@ pub struct Network {
     /// Streams kept open for calls, unless [`NetworkConfig::call_links`] is `None`.
     links: Option<Links>,
     request_timeout: Duration,
+    /// The peers connected now, and when each leaves.
+    presence: Presence,
 }
 
 /// A swarm that is listening but whose event loop has not started yet.
@@ -278,11 +288,13 @@ impl Network {
             (None, None)
         };
         let (tx, commands) = mpsc::channel(256);
+        let presence = Presence::default();
         let handle = Network {
             commands: tx,
             local_peer_id: *swarm.local_peer_id(),
             links: links.clone(),
             request_timeout: config.request_timeout,
+            presence: presence.clone(),
         };
         let (respond, responses) = mpsc::channel(256);
         let mut event_loop = EventLoop {
@@ -303,6 +315,7 @@ impl Network {
             respond,
             links,
             link_server: None,
+            presence,
         };
         let deadline = tokio::time::sleep(config.timeout);
         tokio::pin!(deadline);
@@ -443,6 +456,26 @@ impl Network {
     /// Whether calls to `peer` go on a link now.
     pub fn has_link(&self, peer: &PeerId) -> bool {
         self.links.as_ref().is_some_and(|l| l.is_open(peer))
+    }
+
+    /// How many peers this node's routing table knows that are closer to `key` than this
+    /// node is (counted up to [`CLOSER_COUNTED`]): 0 means this node is the closest it
+    /// knows of. No message is sent.
+    pub async fn closer_peers_known(&self, key: Vec<u8>) -> Result<usize, NetworkError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CloserKnown { key, reply }).await?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Whether this node is among the `k` peers closest to `key` that its routing table
+    /// knows (itself included).
+    pub async fn among_closest(&self, key: Vec<u8>, k: usize) -> Result<bool, NetworkError> {
+        Ok(self.closer_peers_known(key).await? < k)
+    }
+
+    /// The peers connected now, from where, and when each leaves.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
     }
 
     /// The peers we are connected to.
@@ -655,6 +688,8 @@ struct EventLoop {
     links: Option<Links>,
     /// The task serving others' links, stopped with the loop.
     link_server: Option<tokio::task::AbortHandle>,
+    /// The peers connected now, for the handles to read.
+    presence: Presence,
 }
 
 impl EventLoop {
@@ -738,6 +773,7 @@ impl EventLoop {
         if let Some(links) = &self.links {
             links.close_all();
         }
+        self.presence.clear();
         tracing::info!("network stopped");
     }
 
@@ -756,6 +792,21 @@ impl EventLoop {
                 .rpc(concern)
                 .send_request_with_addresses(&peer, bytes, addresses);
             self.requests.insert((concern, id), (peer, reply));
+            return;
+        }
+        if let Command::CloserKnown { key, reply } = command {
+            let target = kad::KBucketKey::new(key);
+            let me = kad::KBucketKey::from(*self.swarm.local_peer_id());
+            let mine = me.distance(&target);
+            let closer = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .get_closest_local_peers(&target)
+                .take_while(|p| p.distance(&target) < mine)
+                .take(CLOSER_COUNTED)
+                .count();
+            let _ = reply.send(closer);
             return;
         }
         let kad = &mut self.swarm.behaviour_mut().kad;
@@ -780,6 +831,7 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.connected.iter().copied().collect());
             }
+            Command::CloserKnown { .. } => {}
             Command::Status { reply } => {
                 let routing_table_size = kad.kbuckets().map(|b| b.num_entries()).sum();
                 let _ = reply.send(NetworkStatus {
@@ -812,8 +864,20 @@ impl EventLoop {
         }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 self.connected.insert(peer_id);
+                self.presence
+                    .connected(peer_id, endpoint.get_remote_address());
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                self.presence
+                    .disconnected(&peer_id, num_established as usize);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -821,6 +885,7 @@ impl EventLoop {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.presence.disconnected(&peer_id, 0);
                 if let Some(bitswap) = &self.bitswap {
                     bitswap.peer_disconnected(&peer_id);
                 }

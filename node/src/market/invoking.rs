@@ -100,7 +100,12 @@ impl Market {
 
     /// Places and runs a client's call (once per invocation id) in the place `_slot`
     /// holds.
-    pub(super) async fn serve_invocation(&self, request: InvokeRequest, _slot: Slot) -> Response {
+    pub(super) async fn serve_invocation(
+        &self,
+        from: PeerId,
+        request: InvokeRequest,
+        _slot: Slot,
+    ) -> Response {
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }
@@ -113,12 +118,16 @@ impl Market {
         );
         self.shared
             .invocations
-            .run(id, self.place_and_run(request).instrument(span))
+            .run(
+                (from, id),
+                self.place_and_run(from, request).instrument(span),
+            )
             .await
     }
 
     /// Places a call on a volunteer and runs it, as the [`Placer`] decides.
-    pub(super) async fn place_and_run(&self, request: InvokeRequest) -> Response {
+    /// Its discoveries take places among the placements within `from`'s share.
+    pub(super) async fn place_and_run(&self, from: PeerId, request: InvokeRequest) -> Response {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         metrics.invocations.inc();
@@ -162,13 +171,7 @@ impl Market {
             step = match step {
                 placer::Step::Discovery(discovery_step) => {
                     if placing.is_none() {
-                        placing = Some(
-                            self.shared
-                                .placements
-                                .acquire()
-                                .await
-                                .expect("the placement bound is never closed"),
-                        );
+                        placing = Some(self.shared.placements.acquire(from).await);
                     }
                     let discovering = Instant::now();
                     let (deadline, mib) = placer

@@ -21,7 +21,6 @@ use libp2p::PeerId;
 use rand::RngCore;
 use std::collections::VecDeque;
 use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
 
 pub use flotilla_api::job::{JobRecord, JobRecordError, JobState, SignedJob, job_id};
 
@@ -39,6 +38,10 @@ pub const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(600);
 pub const MAX_JOB_WAIT: Duration = Duration::from_secs(3600);
 /// Peers besides the scheduler that keep a copy of each job record.
 pub const JOB_REPLICAS: usize = 3;
+/// A node keeps a job record only if fewer than this many peers it knows are closer to
+/// the job's key: the [`JOB_REPLICAS`] a scheduler's lookup finds, with room for peers the
+/// lookup missed and this node knows (its routing table may be fuller).
+pub const JOB_KEEPERS: usize = 8;
 /// Most copies of job results' blocks a node fetches at once.
 pub const MAX_RESULT_COPIES: usize = 8;
 /// Most bytes of one job's results (stdout, stderr and output files stored as blocks)
@@ -116,7 +119,13 @@ impl Market {
     /// Takes a job for later placement, if there is room for it, and answers with its
     /// id. A nonce this scheduler already took a job for (a client's retry) is answered
     /// with that job's id and not run again.
-    pub(super) async fn take_job(&self, request: InvokeRequest, wait: Duration) -> Response {
+    /// `from`, the client, holds at most a share of the jobs this scheduler takes.
+    pub(super) async fn take_job(
+        &self,
+        from: PeerId,
+        request: InvokeRequest,
+        wait: Duration,
+    ) -> Response {
         let job_id = job_id(&self.peer_id(), request.invocation_id);
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
@@ -145,7 +154,7 @@ impl Market {
                 if m.jobs.get(job_id).is_some() {
                     return Ok(None);
                 }
-                let slot = jobs_held.try_acquire_owned().map_err(|_| ())?;
+                let slot = jobs_held.take(from).ok_or(())?;
                 if let Err(e) = m.jobs.put(now, first) {
                     tracing::warn!(job = job_id, error = %e, "cannot keep a job record");
                 }
@@ -157,14 +166,17 @@ impl Market {
             Ok(Ok(None)) => return Response::Accepted { job_id },
             Ok(Err(())) => {
                 return Response::Failed {
-                    reason: format!("the scheduler holds {MAX_JOBS} jobs already; try later"),
+                    reason: format!(
+                        "the scheduler holds {MAX_JOBS} jobs, or a quarter of them for this \
+                         client, already; try later"
+                    ),
                     retryable: true,
                 };
             }
             Err(_) => return Response::stopping(),
         };
         let market = self.clone();
-        self.spawn(async move { market.run_job(request, record, slot).await });
+        self.spawn(async move { market.run_job(from, request, record, slot).await });
         Response::Accepted { job_id }
     }
 
@@ -173,9 +185,10 @@ impl Market {
     /// allows, until it has ended (or the node stops).
     async fn run_job(
         self,
+        from: PeerId,
         request: InvokeRequest,
         mut record: JobRecord,
-        _slot: OwnedSemaphorePermit,
+        _slot: super::slots::Slot,
     ) {
         let retry_every = self
             .shared
@@ -201,7 +214,7 @@ impl Market {
                         run.on_published(self.now(), seq, keepers);
                     }
                     JobAction::Place => {
-                        let placed = match self.place_and_run(request.clone()).await {
+                        let placed = match self.place_and_run(from, request.clone()).await {
                             Response::Invoked(invocation) => {
                                 let invocation = self.recordable(*invocation).await;
                                 // The volunteer may leave before the client reads it.
@@ -309,20 +322,73 @@ impl Market {
     /// Keeps a job record another peer sent, and a copy of its result's blocks (stdout,
     /// stderr and output files, [`MAX_COPIED_RESULT_BYTES`] at most): the record
     /// outlives the scheduler and the volunteer, so must what it points to.
-    pub(super) async fn store_job(&self, job: SignedJob) -> Response {
+    ///
+    /// Only a node among the [`JOB_KEEPERS`] closest to the job's key keeps it (nobody
+    /// would look for it anywhere else), and only the first version with a result starts
+    /// a copy, charged to the job's scheduler's quota ([`super::copies`]): nothing a
+    /// stranger sends makes this node keep bytes beyond what it agreed to.
+    pub(super) async fn store_job(&self, from: PeerId, job: SignedJob) -> Response {
+        let id = job.record.job_id;
+        match self
+            .shared
+            .network
+            .among_closest(job_key(id), JOB_KEEPERS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(peer = %from, job = id, "job record refused: not near its key");
+                return Response::Refused {
+                    reason: format!(
+                        "this node is not among the {JOB_KEEPERS} peers closest to job \
+                         {id:016x}'s key"
+                    ),
+                };
+            }
+            Err(_) => return Response::stopping(),
+        }
         let blocks = job.record.result.as_ref().map(result_blocks);
-        let Ok(kept) = self.with(move |m, now| m.jobs.put(now, job)).await else {
+        let scheduler = job.record.scheduler.parse::<PeerId>().ok();
+        let kept = self
+            .with(move |m, now| {
+                let had_result = m.jobs.get(id).is_some_and(|j| j.record.result.is_some());
+                m.jobs.put(now, job).map(|()| had_result)
+            })
+            .await;
+        let Ok(kept) = kept else {
             return Response::stopping();
         };
         match kept {
-            Ok(()) => {
-                self.copy_result_blocks(blocks.unwrap_or_default());
+            Ok(had_result) => {
+                if let (false, Some(blocks), Some(scheduler)) = (had_result, blocks, scheduler) {
+                    self.copy_charged(scheduler, id, blocks);
+                }
                 Response::JobStored
             }
             Err(Refused::Stale(_)) => Response::JobStored,
             Err(e) => Response::Refused {
                 reason: e.to_string(),
             },
+        }
+    }
+
+    /// Copies a job's result blocks if its scheduler's quota has room for them all.
+    fn copy_charged(&self, scheduler: PeerId, job: u64, blocks: Vec<(cid::Cid, u64)>) {
+        let bytes: u64 = blocks.iter().map(|(_, size)| size).sum();
+        let (charged, total) = {
+            let mut quota = self
+                .shared
+                .copy_quota
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (quota.charge(scheduler, bytes), quota.total())
+        };
+        self.shared.metrics.copies_charged.set(total as i64);
+        if charged {
+            self.copy_result_blocks(blocks);
+        } else {
+            self.shared.metrics.copies_refused.inc();
+            tracing::info!(%scheduler, job, bytes, "job result not copied: over its scheduler's quota");
         }
     }
 
@@ -349,7 +415,7 @@ impl Market {
 
     /// How many detached jobs this node holds as scheduler (waiting or running).
     pub fn jobs_held(&self) -> usize {
-        MAX_JOBS - self.shared.jobs_held.available_permits()
+        self.shared.jobs_held.in_use()
     }
 
     /// The newest record of job `id` this node keeps itself (not asking others).

@@ -48,6 +48,12 @@ pub struct MarketMetrics {
     pub seconds: Histogram,
     /// Requests refused as malformed, or sent on another concern's protocol.
     pub malformed: Counter,
+    /// Discoveries and calls dropped because the peer that asked for them left.
+    pub abandoned: Counter,
+    /// Job results not copied because their scheduler's quota had no room.
+    pub copies_refused: Counter,
+    /// Bytes of others' job results this node agreed to copy.
+    pub copies_charged: Gauge,
     /// Commands of the market's loop that panicked (a bug; the loop goes on).
     pub command_panics: Counter,
     /// Calls this node placed as scheduler.
@@ -82,6 +88,9 @@ impl MarketMetrics {
             messages: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             malformed: Counter::default(),
+            abandoned: Counter::default(),
+            copies_refused: Counter::default(),
+            copies_charged: Gauge::default(),
             command_panics: Counter::default(),
             invocations: Counter::default(),
             invocations_failed: Counter::default(),
@@ -122,6 +131,21 @@ impl MarketMetrics {
             "malformed_requests",
             "Requests refused as malformed",
             m.malformed.clone(),
+        );
+        r.register(
+            "abandoned_requests",
+            "Discoveries and calls dropped because the peer that asked left",
+            m.abandoned.clone(),
+        );
+        r.register(
+            "copies_refused",
+            "Job results not copied because their scheduler's quota had no room",
+            m.copies_refused.clone(),
+        );
+        r.register(
+            "copies_charged_bytes",
+            "Bytes of others' job results this node agreed to copy",
+            m.copies_charged.clone(),
         );
         r.register(
             "command_panics",

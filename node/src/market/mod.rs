@@ -22,6 +22,8 @@
 //! * [`function`]: what an invocation carries; `invoking`: placing a call (scheduler)
 //!   and asking for one (client); `executing`: running one (volunteer); [`once`]: what
 //!   makes retries safe;
+//! * `copies`: the quota of job results copied for others;
+//! * `slots`: pools of places with a share per peer;
 //! * [`metrics`]: what it all counts.
 
 pub mod clock;
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod once;
 pub mod protocol;
 
+mod copies;
 mod executing;
 mod failure;
 mod holding;
@@ -181,15 +184,18 @@ struct Shared {
     cancel: CancellationToken,
     /// Answers of calls run here, by the peer that asked and its invocation id.
     executions: once::Once<(PeerId, u64), Response>,
-    /// Answers of calls placed here, by invocation id.
-    invocations: once::Once<u64, Response>,
+    /// Answers of calls placed here, by the peer that asked and its invocation id (never
+    /// replayed to another peer).
+    invocations: once::Once<(PeerId, u64), Response>,
     invocations_taken: slots::Pool,
     executions_taken: slots::Pool,
-    placements: Arc<Semaphore>,
+    placements: slots::Pool,
     keypair: Keypair,
-    jobs_held: Arc<Semaphore>,
+    jobs_held: slots::Pool,
     /// Copies of job results' stdout and stderr being fetched (see `jobs`).
     result_copies: Arc<Semaphore>,
+    /// What this node agreed to keep of others' job results.
+    copy_quota: Mutex<copies::CopyQuota>,
     peer_id: PeerId,
     config: MarketConfig,
     metrics: MarketMetrics,
@@ -267,10 +273,11 @@ impl Market {
                 invocations: once::Once::new(REMEMBERED_RUNS),
                 invocations_taken: slots::Pool::new(MAX_TAKEN_INVOCATIONS),
                 executions_taken: slots::Pool::new(MAX_TAKEN_EXECUTIONS),
-                placements: Arc::new(Semaphore::new(MAX_CONCURRENT_PLACEMENTS)),
+                placements: slots::Pool::new(MAX_CONCURRENT_PLACEMENTS),
                 keypair: keypair.clone(),
-                jobs_held: Arc::new(Semaphore::new(jobs::MAX_JOBS)),
+                jobs_held: slots::Pool::new(jobs::MAX_JOBS),
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
+                copy_quota: Mutex::default(),
                 peer_id: overlay.peer_id(),
                 offering: offerer.is_some(),
                 schedulers: scheduling::SchedulerCache::default(),

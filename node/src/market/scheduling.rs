@@ -37,6 +37,9 @@ const DISCOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
 /// Most refusal reasons one discovery reports.
 const MAX_REFUSALS_REPORTED: usize = 4;
+/// Offers one discovery asks to reserve, in all: a list of stale or fake offers costs
+/// this many messages, never one per offer.
+pub const MAX_RESERVE_ATTEMPTS: u32 = 8;
 
 /// Why a discovery could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +251,7 @@ impl Market {
         let mut reserve_messages = 0;
         let mut placement = None;
         let mut refusals = Vec::new();
+        let mut out_of_attempts = false;
         loop {
             step = match step {
                 Step::Done => {
@@ -261,7 +265,14 @@ impl Market {
                     let ranked = placement::rank(found, request_mib, policy, &mut rng);
                     let mut refused_by = Vec::new();
                     for offer in ranked {
+                        // Within the discovery's budget and its cap on attempts.
+                        let left = discovery.deadline_ms().saturating_sub(self.now());
+                        if reserve_messages >= MAX_RESERVE_ATTEMPTS || left == 0 {
+                            out_of_attempts = true;
+                            break;
+                        }
                         reserve_messages += 1;
+                        let timeout = timeout.min(Duration::from_millis(left));
                         match self.reserve_offer(offer, terms, request_mib, timeout).await {
                             Ok(reservation) => {
                                 placement = Some(Placement {
@@ -278,7 +289,7 @@ impl Market {
                             }
                         }
                     }
-                    if placement.is_some() {
+                    if placement.is_some() || out_of_attempts {
                         break;
                     }
                     // Every offer found was stale: probe on without their offerers.
@@ -299,6 +310,13 @@ impl Market {
             report.failure = Some(format!(
                 "{why}; reservations refused: {}",
                 refusals.join("; ")
+            ));
+        }
+        if out_of_attempts && placement.is_none() {
+            let why = report.failure.take().unwrap_or_default();
+            report.failure = Some(format!(
+                "{why}; gave up after {reserve_messages} reservation attempts or the \
+                 discovery's time budget"
             ));
         }
         report.messages += lookup_requests + reserve_messages;

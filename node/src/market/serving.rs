@@ -51,7 +51,7 @@ impl Market {
                         .await;
                 }
                 Concern::Jobs => {
-                    let response = self.handle_jobs(envelope.request).await;
+                    let response = self.handle_jobs(request.peer, envelope.request).await;
                     let _ = request
                         .respond(encode_response(envelope.id, response))
                         .await;
@@ -76,11 +76,13 @@ impl Market {
         let serving: Option<BoxFuture<'static, Response>> = match envelope.request {
             Request::Discover(discover) => self.discovery_slot(from).map(|slot| {
                 let market = self.clone();
-                async move { market.serve_discovery(discover, slot).await }.boxed()
+                let serving = async move { market.serve_discovery(discover, slot).await };
+                self.until_asker_leaves(from, serving)
             }),
             Request::Invoke(invoke) => self.invocation_slot(from).map(|slot| {
                 let market = self.clone();
-                async move { market.serve_invocation(*invoke, slot).await }.boxed()
+                let serving = async move { market.serve_invocation(from, *invoke, slot).await };
+                self.until_asker_leaves(from, serving)
             }),
             // Bounded before admission (which then bounds runs by the memory lent).
             Request::Execute(execute) => self.execution_slot(from).map(|slot| {
@@ -109,13 +111,36 @@ impl Market {
         }
     }
 
+    /// Runs `serving` for `from` until it ends or `from` has no connection left: then it
+    /// is dropped, and with it the probes, reservations and places it held, since nobody
+    /// waits for its answer any more.
+    fn until_asker_leaves(
+        &self,
+        from: PeerId,
+        serving: impl std::future::Future<Output = Response> + Send + 'static,
+    ) -> BoxFuture<'static, Response> {
+        let left = self.shared.network.presence().until_left(&from);
+        let metrics = self.shared.metrics.clone();
+        async move {
+            tokio::select! {
+                response = serving => response,
+                _ = left.cancelled() => {
+                    metrics.abandoned.inc();
+                    tracing::debug!(peer = %from, "the asker left; its request is dropped");
+                    Response::Refused { reason: "the asker left".into() }
+                }
+            }
+        }
+        .boxed()
+    }
+
     /// Answers one request from `from` (this node itself for in-process calls) with its
     /// concern's handler.
     pub(super) async fn handle(&self, from: PeerId, request: Request) -> Response {
         match request.concern() {
             Concern::Offers => self.handle_offers(from, request).await,
             Concern::Calls => self.handle_calls(from, request).await,
-            Concern::Jobs => self.handle_jobs(request).await,
+            Concern::Jobs => self.handle_jobs(from, request).await,
         }
     }
 
@@ -150,7 +175,7 @@ impl Market {
                 None => Response::Busy,
             },
             Request::Invoke(request) => match self.invocation_slot(from) {
-                Some(slot) => self.serve_invocation(*request, slot).await,
+                Some(slot) => self.serve_invocation(from, *request, slot).await,
                 None => Response::Busy,
             },
             Request::Execute(request) => self.serve_execution(from, *request).await,
@@ -159,13 +184,13 @@ impl Market {
     }
 
     /// The jobs protocol: submissions, and the records peers keep.
-    async fn handle_jobs(&self, request: Request) -> Response {
+    async fn handle_jobs(&self, from: PeerId, request: Request) -> Response {
         match request {
             Request::Submit { request, wait_ms } => {
-                self.take_job(*request, Duration::from_millis(wait_ms))
+                self.take_job(from, *request, Duration::from_millis(wait_ms))
                     .await
             }
-            Request::StoreJob(job) => self.store_job(*job).await,
+            Request::StoreJob(job) => self.store_job(from, *job).await,
             Request::FindJob { job_id } => self.held_job(job_id).await,
             other => not_of(Concern::Jobs, &other),
         }

@@ -1,0 +1,165 @@
+//! Which peers are connected now, from where, and a signal for each that fires when it
+//! leaves: what lets work done for a peer stop once nobody waits for it (a discovery for a
+//! client that hung up), and what lets bounds be kept per address prefix rather than per
+//! PeerId, which costs nothing to make.
+//!
+//! The swarm's task ([`crate::network`]) is the only writer: it reports each connection
+//! opened and closed. Any task may read.
+
+use libp2p::PeerId;
+use libp2p::multiaddr::{Multiaddr, Protocol};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// One connected peer.
+struct Present {
+    connections: usize,
+    /// The remote IP of its first connection (the one its requests are charged to).
+    ip: Option<IpAddr>,
+    /// Cancelled when its last connection closes.
+    left: CancellationToken,
+}
+
+/// The peers connected now. Cheap to clone; clones share the table.
+#[derive(Clone, Default)]
+pub struct Presence {
+    peers: Arc<Mutex<HashMap<PeerId, Present>>>,
+}
+
+impl Presence {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Present>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection to `peer` opened, from or to `remote`.
+    pub(crate) fn connected(&self, peer: PeerId, remote: &Multiaddr) {
+        let mut table = self.table();
+        let present = table.entry(peer).or_insert_with(|| Present {
+            connections: 0,
+            ip: None,
+            left: CancellationToken::new(),
+        });
+        present.connections += 1;
+        if present.ip.is_none() {
+            present.ip = ip_of(remote);
+        }
+    }
+
+    /// A connection to `peer` closed; `remaining` are still open.
+    pub(crate) fn disconnected(&self, peer: &PeerId, remaining: usize) {
+        let mut table = self.table();
+        if remaining == 0 {
+            if let Some(present) = table.remove(peer) {
+                present.left.cancel();
+            }
+        } else if let Some(present) = table.get_mut(peer) {
+            present.connections = remaining;
+        }
+    }
+
+    /// Every peer left (the swarm stopped).
+    pub(crate) fn clear(&self) {
+        for (_, present) in self.table().drain() {
+            present.left.cancel();
+        }
+    }
+
+    /// A token cancelled when `peer` has no connection left: already cancelled if it has
+    /// none now.
+    pub fn until_left(&self, peer: &PeerId) -> CancellationToken {
+        match self.table().get(peer) {
+            Some(present) => present.left.clone(),
+            None => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        }
+    }
+
+    /// The remote IP `peer` is connected from (or was dialled at), if it is connected
+    /// over IP.
+    pub fn ip(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.table().get(peer).and_then(|p| p.ip)
+    }
+
+    /// Whether `peer` is connected.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.table().contains_key(peer)
+    }
+}
+
+/// The IP address at the start of `addr`, if any.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// The address prefix a bound per network is kept by: the /24 of an IPv4 address, the /48
+/// of an IPv6 one (what one site is usually given), so that one machine or site cannot
+/// pass for many peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Prefix {
+    /// The first three bytes of an IPv4 address.
+    V4([u8; 3]),
+    /// The first six bytes of an IPv6 address.
+    V6([u8; 6]),
+}
+
+impl Prefix {
+    /// The prefix `ip` belongs to (an IPv4-mapped IPv6 address as its IPv4 one).
+    pub fn of(ip: IpAddr) -> Prefix {
+        match ip {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                Prefix::V4([o[0], o[1], o[2]])
+            }
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Prefix::of(IpAddr::V4(v4)),
+                None => {
+                    let o = v6.octets();
+                    Prefix::V6([o[0], o[1], o[2], o[3], o[4], o[5]])
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_leaves_when_its_last_connection_closes() {
+        let presence = Presence::default();
+        let peer = PeerId::random();
+        assert!(presence.until_left(&peer).is_cancelled(), "not connected");
+        let addr: Multiaddr = "/ip4/10.1.2.3/tcp/4001".parse().unwrap();
+        presence.connected(peer, &addr);
+        presence.connected(peer, &"/ip4/10.9.9.9/tcp/1".parse().unwrap());
+        let left = presence.until_left(&peer);
+        assert_eq!(presence.ip(&peer), Some("10.1.2.3".parse().unwrap()));
+        presence.disconnected(&peer, 1);
+        assert!(!left.is_cancelled());
+        presence.disconnected(&peer, 0);
+        assert!(left.is_cancelled());
+        assert_eq!(presence.ip(&peer), None);
+        assert!(!presence.is_connected(&peer));
+    }
+
+    #[test]
+    fn prefixes_group_a_site() {
+        let a = Prefix::of("192.0.2.1".parse().unwrap());
+        assert_eq!(a, Prefix::of("192.0.2.250".parse().unwrap()));
+        assert_ne!(a, Prefix::of("192.0.3.1".parse().unwrap()));
+        assert_eq!(a, Prefix::of("::ffff:192.0.2.9".parse().unwrap()));
+        let b = Prefix::of("2001:db8:1::1".parse().unwrap());
+        assert_eq!(b, Prefix::of("2001:db8:1:ffff::2".parse().unwrap()));
+        assert_ne!(b, Prefix::of("2001:db8:2::1".parse().unwrap()));
+    }
+}
