@@ -125,6 +125,10 @@ pub struct NodeConfig {
     /// their keys.
     #[serde(with = "duration_text")]
     pub job_republish_interval: Duration,
+    /// The limits of the offers this node holds for others (the defaults; set by tests,
+    /// not read from config files).
+    #[serde(skip)]
+    pub holder: HolderConfig,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
     /// Region probes before the super-trader fallback, in all.
@@ -182,6 +186,7 @@ impl Default for NodeConfig {
             notify_interval: Duration::from_millis(offerer.notify_interval_ms),
             answer_timeout: Duration::from_millis(offerer.answer_timeout_ms),
             job_republish_interval: Duration::from_secs(60),
+            holder: HolderConfig::default(),
             scheduler: false,
             max_tries: discovery.max_tries,
             own_tier_probes: discovery.own_tier_probes,
@@ -369,7 +374,7 @@ impl NodeConfig {
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
             job_republish_interval: self.job_republish_interval,
-            holder: HolderConfig::default(),
+            holder: self.holder.clone(),
             super_traders: SuperTraderConfig::default(),
         }
     }

@@ -8,14 +8,21 @@
 //! reason. Entries are bounded per offerer and in total; a withdrawn offer leaves a
 //! tombstone (counted against its offerer) until its last expiry, so an older version
 //! cannot be replayed to bring it back.
+//!
+//! Offers from the network ([`Holder::receive_from`]) must also come from their offerer
+//! itself, so that each identity needs its own connection; under a key this holder is
+//! among the [`HolderConfig::closest_k`] closest to (as far as its routing table knows),
+//! since nobody probes for them elsewhere; and within a bound per address prefix of the
+//! connection they came on, since identities are free but addresses are not.
 
 use crate::offer::{OfferError, SignedOffer};
+use flotilla_overlay::presence::Prefix;
 use flotilla_overlay::regions::{KeySpace, Tier};
 use libp2p::PeerId;
 use std::collections::{BTreeMap, HashMap};
 
 /// Limits of a holder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HolderConfig {
     /// Most offers (live or withdrawn) kept per offerer (default 16).
     pub max_per_offerer: usize,
@@ -27,6 +34,13 @@ pub struct HolderConfig {
     /// their tier's region), and so which offers answer a probe ([`Holder::answer`]).
     /// Offerers and schedulers must use the same.
     pub key_space: KeySpace,
+    /// An offer from the network is held only if fewer peers than this that the holder
+    /// knows are closer to its key (default 20, Kademlia's replication factor: the
+    /// offerer's lookup may have missed peers the holder knows).
+    pub closest_k: usize,
+    /// Most offers (live or withdrawn) kept that came from one address prefix
+    /// ([`Prefix`]: a /24 or /48) (default 625, a sixteenth of the total).
+    pub max_per_prefix: usize,
 }
 
 impl Default for HolderConfig {
@@ -36,8 +50,21 @@ impl Default for HolderConfig {
             max_total: 10_000,
             max_lifetime_ms: 10 * 60 * 1000,
             key_space: KeySpace::Regions,
+            closest_k: 20,
+            max_per_prefix: 625,
         }
     }
+}
+
+/// How an offer reached the holder, as the node saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// The peer that sent it.
+    pub from: PeerId,
+    /// The address prefix of its connection (`None` when not over IP, or in-process).
+    pub prefix: Option<Prefix>,
+    /// Peers the holder knows closer to the key than itself.
+    pub closer_known: usize,
 }
 
 /// Why a holder refused an offer.
@@ -58,6 +85,12 @@ pub enum Rejection {
     Replayed,
     /// Its offerer already has the most offers allowed here.
     OffererFull,
+    /// It was sent by a peer other than its offerer.
+    NotFromOfferer,
+    /// This holder is not among the peers closest to the key it was sent under.
+    NotClosest,
+    /// Its sender's address prefix already has the most offers allowed here.
+    PrefixFull,
     /// This holder holds the most offers allowed.
     HolderFull,
 }
@@ -73,6 +106,9 @@ impl Rejection {
             Rejection::TooLong => "too_long",
             Rejection::Replayed => "replayed",
             Rejection::OffererFull => "offerer_full",
+            Rejection::NotFromOfferer => "not_from_offerer",
+            Rejection::NotClosest => "not_closest",
+            Rejection::PrefixFull => "prefix_full",
             Rejection::HolderFull => "holder_full",
         }
     }
@@ -94,6 +130,8 @@ struct Entry {
     expires_at_ms: u64,
     /// `None` once withdrawn.
     offer: Option<SignedOffer>,
+    /// The prefix its first version came from, which it is counted against.
+    prefix: Option<Prefix>,
 }
 
 /// The offers a peer holds for others.
@@ -101,6 +139,7 @@ pub struct Holder {
     config: HolderConfig,
     entries: HashMap<(PeerId, u64), Entry>,
     per_offerer: HashMap<PeerId, usize>,
+    per_prefix: HashMap<Prefix, usize>,
     rejected: BTreeMap<Rejection, u64>,
     expired: u64,
 }
@@ -112,19 +151,38 @@ impl Holder {
             config,
             entries: HashMap::new(),
             per_offerer: HashMap::new(),
+            per_prefix: HashMap::new(),
             rejected: BTreeMap::new(),
             expired: 0,
         }
     }
 
-    /// Takes an offer sent under `key` at time `now_ms`.
+    /// Takes an offer sent under `key` at time `now_ms` by its offerer, from no address
+    /// prefix, to the holder closest to the key: a trusted delivery (simulations).
     pub fn receive(
         &mut self,
         now_ms: u64,
         key: &[u8],
         offer: SignedOffer,
     ) -> Result<Accepted, Rejection> {
-        let outcome = self.check_and_store(now_ms, key, offer);
+        let delivery = Delivery {
+            from: offer.body.offerer,
+            prefix: None,
+            closer_known: 0,
+        };
+        self.receive_from(now_ms, key, offer, delivery)
+    }
+
+    /// Takes an offer sent under `key` at time `now_ms` over the network, as `delivery`
+    /// says.
+    pub fn receive_from(
+        &mut self,
+        now_ms: u64,
+        key: &[u8],
+        offer: SignedOffer,
+        delivery: Delivery,
+    ) -> Result<Accepted, Rejection> {
+        let outcome = self.check_and_store(now_ms, key, offer, delivery);
         if let Err(reason) = outcome {
             *self.rejected.entry(reason).or_default() += 1;
         }
@@ -136,7 +194,15 @@ impl Holder {
         now_ms: u64,
         key: &[u8],
         offer: SignedOffer,
+        delivery: Delivery,
     ) -> Result<Accepted, Rejection> {
+        // The cheap checks first, before the signature's.
+        if delivery.from != offer.body.offerer {
+            return Err(Rejection::NotFromOfferer);
+        }
+        if delivery.closer_known >= self.config.closest_k {
+            return Err(Rejection::NotClosest);
+        }
         offer.verify().map_err(|e| match e {
             OfferError::Invalid(_) => Rejection::Invalid,
             _ => Rejection::BadSignature,
@@ -177,14 +243,23 @@ impl Holder {
         {
             return Err(Rejection::OffererFull);
         }
+        if let Some(prefix) = delivery.prefix
+            && self.per_prefix.get(&prefix).copied().unwrap_or(0) >= self.config.max_per_prefix
+        {
+            return Err(Rejection::PrefixFull);
+        }
         if self.entries.len() >= self.config.max_total {
             return Err(Rejection::HolderFull);
         }
         *self.per_offerer.entry(body.offerer).or_default() += 1;
+        if let Some(prefix) = delivery.prefix {
+            *self.per_prefix.entry(prefix).or_default() += 1;
+        }
         let entry = Entry {
             seq: body.seq,
             expires_at_ms: body.expires_at_ms,
             offer: Some(offer),
+            prefix: delivery.prefix,
         };
         self.entries.insert(id, entry);
         Ok(Accepted::Stored)
@@ -194,7 +269,7 @@ impl Holder {
     /// offers expired.
     pub fn evict_expired(&mut self, now_ms: u64) -> usize {
         let mut expired_live = 0;
-        let per_offerer = &mut self.per_offerer;
+        let (per_offerer, per_prefix) = (&mut self.per_offerer, &mut self.per_prefix);
         self.entries.retain(|(offerer, _), entry| {
             if entry.expires_at_ms > now_ms {
                 return true;
@@ -202,11 +277,9 @@ impl Holder {
             if entry.offer.is_some() {
                 expired_live += 1;
             }
-            if let Some(n) = per_offerer.get_mut(offerer) {
-                *n -= 1;
-                if *n == 0 {
-                    per_offerer.remove(offerer);
-                }
+            uncount(per_offerer, offerer);
+            if let Some(prefix) = &entry.prefix {
+                uncount(per_prefix, prefix);
             }
             false
         });
@@ -254,6 +327,16 @@ impl Holder {
     /// Live offers that expired so far.
     pub fn expired(&self) -> u64 {
         self.expired
+    }
+}
+
+/// Takes one off `key`'s count, forgetting it at zero.
+fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
     }
 }
 
@@ -427,5 +510,82 @@ mod tests {
         holder.evict_expired(10_000);
         let again = SignedOffer::sign(body(&a, 2, 1, 20_000), &a).unwrap();
         assert_eq!(holder.receive(10_000, &key, again), Ok(Accepted::Stored));
+    }
+
+    fn delivery(from: &Keypair, prefix: &str, closer_known: usize) -> Delivery {
+        Delivery {
+            from: from.public().to_peer_id(),
+            prefix: Some(Prefix::of(prefix.parse().unwrap())),
+            closer_known,
+        }
+    }
+
+    #[test]
+    fn offers_from_the_network_come_from_their_offerer_near_their_key() {
+        let mut holder = Holder::new(HolderConfig::default());
+        let key = key_in(tier512(), 8);
+        let (a, relay) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let offer = SignedOffer::sign(body(&a, 1, 1, 10_000), &a).unwrap();
+        // One connection cannot bring many identities' offers.
+        assert_eq!(
+            holder.receive_from(0, &key, offer.clone(), delivery(&relay, "10.0.0.1", 0)),
+            Err(Rejection::NotFromOfferer)
+        );
+        // Nobody probes for it here when 20 peers are closer to its key.
+        assert_eq!(
+            holder.receive_from(0, &key, offer.clone(), delivery(&a, "10.0.0.1", 20)),
+            Err(Rejection::NotClosest)
+        );
+        assert_eq!(
+            holder.receive_from(0, &key, offer, delivery(&a, "10.0.0.1", 19)),
+            Ok(Accepted::Stored)
+        );
+        assert_eq!(holder.rejected(Rejection::NotFromOfferer), 1);
+        assert_eq!(holder.rejected(Rejection::NotClosest), 1);
+    }
+
+    #[test]
+    fn one_address_prefix_holds_a_bounded_share_however_many_identities_it_has() {
+        let config = HolderConfig {
+            max_per_prefix: 40,
+            ..HolderConfig::default()
+        };
+        let mut holder = Holder::new(config);
+        let key = key_in(tier512(), 9);
+        // 256 identities on one /24, 16 offers each: 40 are held.
+        let mut held = 0;
+        let mut sybils = Vec::new();
+        for i in 0..256u32 {
+            let sybil = Keypair::generate_ed25519();
+            let from = delivery(&sybil, &format!("192.0.2.{}", i % 250), 0);
+            for id in 0..16 {
+                let offer = SignedOffer::sign(body(&sybil, id, 1, 10_000), &sybil).unwrap();
+                held += usize::from(holder.receive_from(0, &key, offer, from).is_ok());
+            }
+            sybils.push(sybil);
+        }
+        assert_eq!(held, 40);
+        assert_eq!(holder.rejected(Rejection::PrefixFull), 256 * 16 - 40);
+        // An offerer elsewhere is still held, and the sybils' refreshes still pass.
+        let honest = Keypair::generate_ed25519();
+        let offer = SignedOffer::sign(body(&honest, 1, 1, 10_000), &honest).unwrap();
+        assert_eq!(
+            holder.receive_from(0, &key, offer, delivery(&honest, "198.51.100.7", 0)),
+            Ok(Accepted::Stored)
+        );
+        let first = &sybils[0];
+        let refresh = SignedOffer::sign(body(first, 0, 2, 20_000), first).unwrap();
+        assert_eq!(
+            holder.receive_from(1, &key, refresh, delivery(first, "192.0.2.0", 0)),
+            Ok(Accepted::Refreshed)
+        );
+        // Expiry gives the prefix its room back.
+        holder.evict_expired(10_000);
+        let late = Keypair::generate_ed25519();
+        let offer = SignedOffer::sign(body(&late, 1, 1, 30_000), &late).unwrap();
+        assert_eq!(
+            holder.receive_from(10_000, &key, offer, delivery(&late, "192.0.2.99", 0)),
+            Ok(Accepted::Stored)
+        );
     }
 }

@@ -544,7 +544,10 @@ mod tests {
         let k = Keypair::generate_ed25519();
         list.notify(3, vec![offer(&k, 7, 2048, 0), offer(&k, 8, 256, 200)]);
         assert_eq!(
-            d.on_fallback(4, list.fitting(4, d.request_mib())),
+            d.on_fallback(
+                4,
+                list.fitting(4, d.request_mib(), &mut StdRng::seed_from_u64(1))
+            ),
             Step::Done
         );
         let (found, report) = d.outcome().unwrap();

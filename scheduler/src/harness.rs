@@ -322,7 +322,7 @@ impl Harness {
                     ..HolderConfig::default()
                 }),
                 offerer,
-                schedule: scheduler.then(|| SuperTraders::new(SuperTraderConfig::default())),
+                schedule: scheduler.then(|| SuperTraders::new(SuperTraderConfig::trusting())),
                 offerer_due: None,
                 held_seq: HashMap::new(),
             });
@@ -492,7 +492,9 @@ impl Harness {
         let call = self.next_call;
         self.next_call += 1;
         let recent = match &self.nodes[scheduler].schedule {
-            Some(list) if !self.config.is_baseline() => list.recent(self.now_ms, mib, 2_000),
+            Some(list) if !self.config.is_baseline() => {
+                list.recent(self.now_ms, mib, 2_000, &mut self.rng)
+            }
             _ => Vec::new(),
         };
         let started = Placer::start(
@@ -529,7 +531,7 @@ impl Harness {
         let Some(list) = &self.nodes[scheduler].schedule else {
             return;
         };
-        let fitting = list.fitting(self.now_ms, mib);
+        let fitting = list.fitting(self.now_ms, mib, &mut self.rng);
         if fitting.is_empty() {
             return;
         }
@@ -609,7 +611,7 @@ impl Harness {
                 let offers = self.nodes[scheduler]
                     .schedule
                     .as_ref()
-                    .map_or(Vec::new(), |l| l.fitting(self.now_ms, mib));
+                    .map_or(Vec::new(), |l| l.fitting(self.now_ms, mib, &mut self.rng));
                 let now = self.now_ms;
                 let step = self
                     .calls

@@ -4,9 +4,21 @@
 //! Each entry is a signed offer (checked like a holder checks it, but without a key
 //! region), kept until its TTL here or its own expiry, whichever comes first. The list is
 //! bounded per offerer and in total; when full, the entry heard of longest ago goes.
+//!
+//! Reporting costs nothing and PeerIds are free, so an offer is only trusted once its
+//! offerer has answered this scheduler (a reservation granted or refused): a **proven**
+//! offerer. Offers of unproven offerers fill at most `max_unproven` places, so a flood
+//! of fresh identities can only push out other unproven offers, never a proven one; a
+//! lookup hands out the proven offers that fit, and only when there are none, at most
+//! `unproven_tried` unproven ones picked at random, so blackhole offers cost a discovery
+//! a bounded number of tries. An offerer
+//! that did not answer is forgotten with all its offers, and its reports are ignored for
+//! `failed_ms`.
 
 use flotilla_offers::offer::SignedOffer;
 use libp2p::PeerId;
+use rand::Rng;
+use rand::seq::IndexedRandom;
 use std::collections::HashMap;
 
 /// Limits of the list.
@@ -18,6 +30,27 @@ pub struct SuperTraderConfig {
     pub max_per_offerer: usize,
     /// How long an entry lasts after its last report, in ms (default 30 s).
     pub ttl_ms: u64,
+    /// Most offers kept of offerers that have not answered this scheduler yet (default
+    /// 1024).
+    pub max_unproven: usize,
+    /// Most offers of unproven offerers handed out by one lookup (default 4).
+    pub unproven_tried: usize,
+    /// How long the reports of an offerer that failed to answer are ignored, in ms
+    /// (default 60 s).
+    pub failed_ms: u64,
+}
+
+impl SuperTraderConfig {
+    /// A list that trusts every offerer as if it had answered: for simulations whose
+    /// peers are all honest, where the limits on unproven offerers would only change the
+    /// figures.
+    pub fn trusting() -> SuperTraderConfig {
+        SuperTraderConfig {
+            max_unproven: usize::MAX,
+            unproven_tried: usize::MAX,
+            ..SuperTraderConfig::default()
+        }
+    }
 }
 
 impl Default for SuperTraderConfig {
@@ -26,6 +59,9 @@ impl Default for SuperTraderConfig {
             max_offers: 4096,
             max_per_offerer: 16,
             ttl_ms: 30_000,
+            max_unproven: 1024,
+            unproven_tried: 4,
+            failed_ms: 60_000,
         }
     }
 }
@@ -39,6 +75,11 @@ struct Entry {
 pub struct SuperTraders {
     config: SuperTraderConfig,
     entries: HashMap<(PeerId, u64), Entry>,
+    /// Offerers that answered, and when they last did (at most `max_offers`).
+    proven: HashMap<PeerId, u64>,
+    /// Offerers that failed to answer, and until when their reports are ignored (at
+    /// most `max_offers`).
+    failed: HashMap<PeerId, u64>,
 }
 
 impl SuperTraders {
@@ -47,6 +88,63 @@ impl SuperTraders {
         SuperTraders {
             config,
             entries: HashMap::new(),
+            proven: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Whether `offerer` has answered this scheduler (or the list trusts everyone).
+    pub fn is_proven(&self, offerer: &PeerId) -> bool {
+        self.config.unproven_tried == usize::MAX || self.proven.contains_key(offerer)
+    }
+
+    /// Records that `offerer` answered a request (granted or refused it): its offers are
+    /// trusted from now on.
+    pub fn answered(&mut self, now_ms: u64, offerer: PeerId) {
+        self.failed.remove(&offerer);
+        if !self.proven.contains_key(&offerer)
+            && self.proven.len() >= self.config.max_offers
+            && let Some(stalest) = self.proven.iter().min_by_key(|(_, at)| **at)
+        {
+            let stalest = *stalest.0;
+            self.proven.remove(&stalest);
+        }
+        self.proven.insert(offerer, now_ms);
+    }
+
+    /// Records that `offerer` did not answer: its offers are forgotten and its reports
+    /// ignored for `failed_ms`.
+    pub fn failed(&mut self, now_ms: u64, offerer: PeerId) {
+        self.entries.retain(|(p, _), _| *p != offerer);
+        self.proven.remove(&offerer);
+        self.failed.retain(|_, until| *until > now_ms);
+        if self.failed.len() >= self.config.max_offers
+            && let Some(soonest) = self.failed.iter().min_by_key(|(_, until)| **until)
+        {
+            let soonest = *soonest.0;
+            self.failed.remove(&soonest);
+        }
+        self.failed
+            .insert(offerer, now_ms.saturating_add(self.config.failed_ms));
+    }
+
+    fn unproven_len(&self) -> usize {
+        self.entries
+            .keys()
+            .filter(|(p, _)| !self.is_proven(p))
+            .count()
+    }
+
+    /// Removes the entry heard of longest ago among those `eligible`.
+    fn evict_oldest(&mut self, eligible: impl Fn(&Self, &PeerId) -> bool) {
+        if let Some(oldest) = self
+            .entries
+            .iter()
+            .filter(|((p, _), _)| eligible(self, p))
+            .min_by_key(|(_, e)| e.heard_at_ms)
+            .map(|(k, _)| *k)
+        {
+            self.entries.remove(&oldest);
         }
     }
 
@@ -61,6 +159,13 @@ impl SuperTraders {
         let mut accepted = 0;
         for offer in offers {
             if offer.verify().is_err() || offer.body.expires_at_ms <= now_ms {
+                continue;
+            }
+            if self
+                .failed
+                .get(&offer.body.offerer)
+                .is_some_and(|until| *until > now_ms)
+            {
                 continue;
             }
             let id = (offer.body.offerer, offer.body.offer_id);
@@ -78,17 +183,25 @@ impl SuperTraders {
                 if from_offerer >= self.config.max_per_offerer {
                     continue;
                 }
-                if self.entries.len() >= self.config.max_offers {
+                let proven = self.is_proven(&id.0);
+                if self.entries.len() >= self.config.max_offers
+                    || (!proven && self.unproven_len() >= self.config.max_unproven)
+                {
                     self.evict(now_ms);
                 }
-                if self.entries.len() >= self.config.max_offers
-                    && let Some(oldest) = self
-                        .entries
-                        .iter()
-                        .min_by_key(|(_, e)| e.heard_at_ms)
-                        .map(|(k, _)| *k)
-                {
-                    self.entries.remove(&oldest);
+                if !proven && self.unproven_len() >= self.config.max_unproven {
+                    // An unproven offer only ever displaces another unproven one.
+                    self.evict_oldest(|list, p| !list.is_proven(p));
+                }
+                if self.entries.len() >= self.config.max_offers {
+                    // Unproven offers go first; a proven one only for another proven.
+                    if self.unproven_len() > 0 {
+                        self.evict_oldest(|list, p| !list.is_proven(p));
+                    } else if proven {
+                        self.evict_oldest(|_, _| true);
+                    } else {
+                        continue;
+                    }
                 }
             }
             self.entries.insert(
@@ -112,23 +225,45 @@ impl SuperTraders {
 
     /// Valid offers with at least `mib` MiB free whose offerer told of them within the
     /// last `within_ms`: offers confirmed free a moment ago, tried before any discovery.
-    pub fn recent(&self, now_ms: u64, mib: u32, within_ms: u64) -> Vec<SignedOffer> {
-        self.entries
-            .values()
-            .filter(|e| {
+    /// The proven ones, or if none, at most `unproven_tried` others picked at random.
+    pub fn recent(
+        &self,
+        now_ms: u64,
+        mib: u32,
+        within_ms: u64,
+        rng: &mut impl Rng,
+    ) -> Vec<SignedOffer> {
+        self.pick(
+            |e| {
                 e.heard_at_ms + within_ms > now_ms
                     && self.valid_until(e) > now_ms
                     && e.offer.body.free_mib() >= mib
-            })
-            .map(|e| e.offer.clone())
-            .collect()
+            },
+            rng,
+        )
     }
 
-    /// Valid offers with at least `mib` MiB free.
-    pub fn fitting(&self, now_ms: u64, mib: u32) -> Vec<SignedOffer> {
-        self.entries
+    /// Valid offers with at least `mib` MiB free: the proven ones, or if none, at most
+    /// `unproven_tried` others picked at random.
+    pub fn fitting(&self, now_ms: u64, mib: u32, rng: &mut impl Rng) -> Vec<SignedOffer> {
+        self.pick(
+            |e| self.valid_until(e) > now_ms && e.offer.body.free_mib() >= mib,
+            rng,
+        )
+    }
+
+    fn pick(&self, wanted: impl Fn(&Entry) -> bool, rng: &mut impl Rng) -> Vec<SignedOffer> {
+        let (proven, unproven): (Vec<&Entry>, Vec<&Entry>) = self
+            .entries
             .values()
-            .filter(|e| self.valid_until(e) > now_ms && e.offer.body.free_mib() >= mib)
+            .filter(|e| wanted(e))
+            .partition(|e| self.is_proven(&e.offer.body.offerer));
+        if !proven.is_empty() {
+            return proven.into_iter().map(|e| e.offer.clone()).collect();
+        }
+        let tried = self.config.unproven_tried.min(unproven.len());
+        unproven
+            .choose_multiple(rng, tried)
             .map(|e| e.offer.clone())
             .collect()
     }
@@ -162,6 +297,8 @@ mod tests {
     use super::*;
     use crate::placement::tests::offer;
     use libp2p::identity::Keypair;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
 
     #[test]
     fn reports_are_checked_kept_for_their_ttl_and_bounded() {
@@ -169,6 +306,7 @@ mod tests {
             max_offers: 3,
             max_per_offerer: 2,
             ttl_ms: 1_000,
+            ..SuperTraderConfig::trusting()
         };
         let mut list = SuperTraders::new(config);
         let a = Keypair::generate_ed25519();
@@ -184,8 +322,14 @@ mod tests {
             0,
             "two per offerer"
         );
-        assert_eq!(list.fitting(10, 300).len(), 1);
-        assert_eq!(list.fitting(10, 200).len(), 2);
+        assert_eq!(
+            list.fitting(10, 300, &mut StdRng::seed_from_u64(1)).len(),
+            1
+        );
+        assert_eq!(
+            list.fitting(10, 200, &mut StdRng::seed_from_u64(1)).len(),
+            2
+        );
         // Full: the entry heard of longest ago makes room.
         assert_eq!(
             list.notify(100, vec![offer(&b, 1, 128, 0), offer(&b, 2, 128, 0)]),
@@ -193,7 +337,10 @@ mod tests {
         );
         assert_eq!(list.len(), 3);
         // Past the TTL nothing is offered, and eviction empties the list.
-        assert!(list.fitting(1_100, 100).is_empty());
+        assert!(
+            list.fitting(1_100, 100, &mut StdRng::seed_from_u64(1))
+                .is_empty()
+        );
         list.evict(1_100);
         assert!(list.is_empty());
     }
@@ -217,5 +364,53 @@ mod tests {
         assert_eq!(list.len(), 1, "the newer version stays");
         list.remove(&offerer, 2, 2);
         assert!(list.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_fresh_identities_never_displaces_offerers_that_answered() {
+        let mut list = SuperTraders::new(SuperTraderConfig::default());
+        let mut rng = StdRng::seed_from_u64(7);
+        let honest = Keypair::generate_ed25519();
+        list.notify(0, vec![offer(&honest, 1, 512, 0)]);
+        list.answered(0, honest.public().to_peer_id());
+        // 256 identities report 16 blackhole offers each: 4096, the whole list.
+        for _ in 0..256 {
+            let sybil = Keypair::generate_ed25519();
+            let offers = (1..=16).map(|id| offer(&sybil, id, 512, 0)).collect();
+            list.notify(1, offers);
+        }
+        assert!(
+            list.len() <= 1 + 1024,
+            "unproven offers fill a quarter at most"
+        );
+        let fitting = list.fitting(2, 256, &mut rng);
+        assert_eq!(fitting.len(), 1, "only the proven offer while one fits");
+        assert_eq!(fitting[0].body.offerer, honest.public().to_peer_id());
+        assert_eq!(
+            list.fitting(2, 1024, &mut rng).len(),
+            0,
+            "nothing proven fits, and none of the rest does"
+        );
+        list.failed(3, honest.public().to_peer_id());
+        assert_eq!(
+            list.fitting(3, 256, &mut rng).len(),
+            4,
+            "nothing proven fits: 4 unproven"
+        );
+    }
+
+    #[test]
+    fn an_offerer_that_failed_to_answer_is_forgotten_and_ignored_for_a_while() {
+        let mut list = SuperTraders::new(SuperTraderConfig::default());
+        let liar = Keypair::generate_ed25519();
+        let peer = liar.public().to_peer_id();
+        list.notify(0, vec![offer(&liar, 1, 512, 0), offer(&liar, 2, 512, 0)]);
+        list.answered(0, peer);
+        assert!(list.is_proven(&peer));
+        list.failed(10, peer);
+        assert!(list.is_empty());
+        assert!(!list.is_proven(&peer));
+        assert_eq!(list.notify(20, vec![offer(&liar, 3, 512, 0)]), 0);
+        assert_eq!(list.notify(60_010, vec![offer(&liar, 3, 512, 0)]), 1);
     }
 }

@@ -4,16 +4,36 @@
 use super::Market;
 use super::metrics::MarketMetrics;
 use super::protocol::{MAX_FOUND_OFFERS, Response};
-use flotilla_offers::holder::Accepted;
+use flotilla_offers::holder::{Accepted, Delivery};
 use flotilla_offers::offer::SignedOffer;
+use flotilla_overlay::presence::Prefix;
 use flotilla_overlay::regions::Tier;
+use libp2p::PeerId;
 
 impl Market {
-    /// Takes a new version of an offer (create, refresh or withdraw) sent under `key`.
-    pub(super) async fn hold_offer(&self, key: Vec<u8>, offer: SignedOffer) -> Response {
+    /// Takes a new version of an offer (create, refresh or withdraw) that `from` sent
+    /// under `key`: the holder's rules for strangers apply (see
+    /// `flotilla_offers::holder`), with the prefix of `from`'s connection and how many
+    /// peers this node knows closer to the key.
+    pub(super) async fn hold_offer(
+        &self,
+        from: PeerId,
+        key: Vec<u8>,
+        offer: SignedOffer,
+    ) -> Response {
+        let network = &self.shared.network;
+        let prefix = network.presence().ip(&from).map(Prefix::of);
+        let Ok(closer_known) = network.closer_peers_known(key.clone()).await else {
+            return Response::stopping();
+        };
+        let delivery = Delivery {
+            from,
+            prefix,
+            closer_known,
+        };
         let held = self
             .with(move |m, now| {
-                let outcome = m.holder.receive(now, &key, offer);
+                let outcome = m.holder.receive_from(now, &key, offer, delivery);
                 (outcome, m.holder.live(now).count())
             })
             .await;

@@ -144,9 +144,9 @@ impl Market {
         let mib = call.memory_mib;
         let recent = self
             .with(move |m, now| {
-                m.super_traders
-                    .as_ref()
-                    .map_or(Vec::new(), |l| l.recent(now, mib, RECENT_OFFER_MS))
+                m.super_traders.as_ref().map_or(Vec::new(), |l| {
+                    l.recent(now, mib, RECENT_OFFER_MS, &mut rand::rng())
+                })
             })
             .await
             .unwrap_or_default();
@@ -203,7 +203,7 @@ impl Market {
                         }) => Some(&**newer),
                         _ => None,
                     };
-                    self.learn_version(&offer, newer).await;
+                    self.learn_version(&offer, newer, answer.is_ok()).await;
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {

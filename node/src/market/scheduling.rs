@@ -222,9 +222,9 @@ impl Market {
             }
             Step::Fallback => Probed::Fallback(
                 self.with(move |m, now| {
-                    m.super_traders
-                        .as_ref()
-                        .map_or(Vec::new(), |l| l.fitting(now, request_mib))
+                    m.super_traders.as_ref().map_or(Vec::new(), |l| {
+                        l.fitting(now, request_mib, &mut rand::rng())
+                    })
                 })
                 .await
                 .unwrap_or_default(),
@@ -371,7 +371,7 @@ impl Market {
             }) => Some(&**newer),
             _ => None,
         };
-        self.learn_version(offer, newer).await;
+        self.learn_version(offer, newer, answer.is_ok()).await;
         match answer {
             Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
             Ok(Response::Refused { reason }) => Err(NotReserved::Refused(reason)),
@@ -383,8 +383,14 @@ impl Market {
     /// Keeps the super-trader list current after asking `tried`'s offerer for something:
     /// the offer's `newer` version when the answer brought one (of the same offerer),
     /// else the version tried is out of date and goes (unless a newer one arrived
-    /// meanwhile, with another call's answer).
-    pub(super) async fn learn_version(&self, tried: &SignedOffer, newer: Option<&SignedOffer>) {
+    /// meanwhile, with another call's answer). An offerer that `answered` is proven from
+    /// now on; one that did not is forgotten, with all its offers.
+    pub(super) async fn learn_version(
+        &self,
+        tried: &SignedOffer,
+        newer: Option<&SignedOffer>,
+        answered: bool,
+    ) {
         if !self.is_scheduler() {
             return;
         }
@@ -396,6 +402,11 @@ impl Market {
                 let Some(list) = m.super_traders.as_mut() else {
                     return;
                 };
+                if !answered {
+                    list.failed(now, offerer);
+                    return;
+                }
+                list.answered(now, offerer);
                 match newer {
                     Some(newer) => {
                         list.notify(now, vec![newer]);

@@ -147,7 +147,7 @@ impl Market {
     /// The offers protocol: holding offers, probes, reports, reservations.
     async fn handle_offers(&self, from: PeerId, request: Request) -> Response {
         match request {
-            Request::Offer { key, offer } => self.hold_offer(key, offer).await,
+            Request::Offer { key, offer } => self.hold_offer(from, key, offer).await,
             Request::FindOffers { tier, min_free_mib } => {
                 self.find_offers(tier, min_free_mib).await
             }

@@ -121,9 +121,26 @@ impl Drop for RawPeer {
 }
 
 impl RawPeer {
-    /// Connects to `addr` and waits until the node has registered the connection.
+    /// Connects to `node` under a fresh identity and waits until the node has registered
+    /// the connection.
     pub async fn connect(node: &RunningNode) -> RawPeer {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        RawPeer::connect_as(node, libp2p::identity::Keypair::generate_ed25519()).await
+    }
+
+    /// Connects to `node` as `keypair`'s peer and waits until the node has registered
+    /// the connection.
+    pub async fn connect_as(node: &RunningNode, keypair: libp2p::identity::Keypair) -> RawPeer {
+        RawPeer::connect_to(node, node.bootstrap_addr(), keypair).await
+    }
+
+    /// Connects to `node` at `addr` (one of its listen addresses with its PeerId) as
+    /// `keypair`'s peer and waits until the node has registered the connection.
+    pub async fn connect_to(
+        node: &RunningNode,
+        addr: Multiaddr,
+        keypair: libp2p::identity::Keypair,
+    ) -> RawPeer {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(
                 tcp::Config::default(),
@@ -135,7 +152,6 @@ impl RawPeer {
             .unwrap()
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
-        let addr: Multiaddr = node.bootstrap_addr();
         swarm.dial(addr).unwrap();
         loop {
             match swarm.select_next_some().await {
@@ -165,4 +181,52 @@ impl RawPeer {
             task,
         }
     }
+}
+
+impl RawPeer {
+    /// Sends `request` (as request `id`) to `node` over its concern's request-response
+    /// protocol, as any libp2p peer can, and decodes the answer.
+    pub async fn ask(
+        &mut self,
+        node: &RunningNode,
+        id: u64,
+        request: flotilla_node::market::protocol::Request,
+    ) -> flotilla_node::market::protocol::Response {
+        use flotilla_node::market::protocol;
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = self
+            .control
+            .open_stream(node.peer_id(), request.concern().protocol())
+            .await
+            .unwrap();
+        stream
+            .write_all(&protocol::encode_request(id, request))
+            .await
+            .unwrap();
+        stream.close().await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        protocol::decode_response(&answer, id).unwrap()
+    }
+}
+
+/// An offer of `mib` MiB signed by `keypair`, at `addresses`, expiring in a minute.
+pub fn signed_offer(
+    keypair: &libp2p::identity::Keypair,
+    offer_id: u64,
+    mib: u32,
+    addresses: Vec<Multiaddr>,
+) -> flotilla_offers::offer::SignedOffer {
+    let body = flotilla_offers::offer::OfferBody {
+        offerer: keypair.public().to_peer_id(),
+        addresses,
+        tier: flotilla_overlay::regions::Tier::largest_within(u64::from(mib)).unwrap(),
+        memory_mib: mib,
+        in_use_mib: 0,
+        offer_id,
+        seq: 1,
+        expires_at_ms: flotilla_node::market::now_ms() + 60_000,
+        withdrawn: false,
+    };
+    flotilla_offers::offer::SignedOffer::sign(body, keypair).unwrap()
 }
