@@ -548,12 +548,29 @@ async fn malformed_and_forged_messages_are_refused_and_counted() {
     let mut forged = flotilla_offers::offer::SignedOffer::sign(body, &honest).unwrap();
     forged.signature = mallory.sign(b"something else").unwrap();
     let (key, _) = tier.region().random_key(&mut rand::rng());
-    let request = protocol::encode_request(7, Request::Offer { key, offer: forged });
+    // Sent by another peer than its offerer: refused at once.
+    let relayed = protocol::encode_request(
+        6,
+        Request::Offer {
+            key: key.clone(),
+            offer: forged.clone(),
+        },
+    );
     let answer = network
-        .request(Concern::Offers, target, Vec::new(), request)
+        .request(Concern::Offers, target, Vec::new(), relayed)
         .await
         .unwrap();
-    let refused = protocol::decode_response(&answer, 7).unwrap();
+    assert_eq!(
+        protocol::decode_response(&answer, 6).unwrap(),
+        Response::Refused {
+            reason: "offer refused: not_from_offerer".into()
+        }
+    );
+    // Sent by its offerer's peer.
+    let mut sender = common::RawPeer::connect_as(&nodes[1], honest.clone()).await;
+    let refused = sender
+        .ask(&nodes[1], 7, Request::Offer { key, offer: forged })
+        .await;
     assert_eq!(
         refused,
         Response::Refused {
