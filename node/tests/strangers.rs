@@ -1,5 +1,7 @@
 //! Strangers against the market, as real libp2p peers on loopback: a flood of fresh
-//! identities reporting blackhole offers to a scheduler's fallback list. Each test checks
+//! identities reporting blackhole offers to a scheduler's fallback list, identities from
+//! one address prefix filling a holder, and job records that would make a node store
+//! blocks. Each test checks
 //! that honest calls still succeed, that what the node keeps stays bounded, and that the
 //! attackers are refused or throttled.
 #![allow(clippy::unwrap_used)]
@@ -11,10 +13,11 @@ use common::{RawPeer, signed_offer, wait_until};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
-use flotilla_node::market::function::FunctionCall;
+use flotilla_node::market::function::{FunctionCall, Invocation};
+use flotilla_node::market::jobs::{self, JobRecord, JobState, SignedJob, job_id};
 use flotilla_node::market::protocol::{Request, Response};
 use futures::StreamExt;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -197,4 +200,167 @@ async fn identities_from_one_address_prefix_fill_only_their_share_of_a_holder() 
     let outcome = deliver(honest, holder.bootstrap_addr(), 1).await;
     assert!(held(&outcome[0]), "{outcome:?}");
     assert_eq!(holder.market().offers().await.held.len(), 33);
+}
+
+/// The rank of `me` among `everyone` by distance to `key` (0: the closest).
+fn rank(me: PeerId, everyone: &[PeerId], key: Vec<u8>) -> usize {
+    let target = libp2p::kad::KBucketKey::new(key);
+    let mine = libp2p::kad::KBucketKey::from(me).distance(&target);
+    everyone
+        .iter()
+        .filter(|p| libp2p::kad::KBucketKey::from(**p).distance(&target) < mine)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_job_records_make_a_node_keep_only_what_it_agreed_to() {
+    let dir = tempfile::tempdir().unwrap();
+    // Node 0 schedules, node 1 lends memory; the victim is node 2; 9 nodes in all.
+    let nodes = demo::start_network_with(dir.path(), 9, |i, config| {
+        let config = NodeConfig {
+            fetch_timeout: Duration::from_secs(3),
+            ..config
+        };
+        match i {
+            0 => NodeConfig {
+                scheduler: true,
+                ..config
+            },
+            1 => NodeConfig {
+                offer_memory: Some(ByteSize::mib(512)),
+                ..config
+            },
+            _ => config,
+        }
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "the volunteer's offer is on the scheduler's list",
+        || async { nodes[0].market().offers().await.super_traders == 1 },
+    )
+    .await;
+    // A real result, with an output file held by its volunteer.
+    let client = &nodes[0];
+    let mut count = echo_call(
+        &client
+            .overlay()
+            .add(&example("wordcount")[..])
+            .await
+            .unwrap()
+            .cid,
+        0,
+    );
+    count.args = vec!["words.txt".into()];
+    let words = client
+        .overlay()
+        .add(&b"one two three\n"[..])
+        .await
+        .unwrap()
+        .cid;
+    count.inputs = vec![("words.txt".into(), words)];
+    let result = client.market().invoke(count, None, None).await.unwrap();
+    let output: cid::Cid = result.execution.outputs[0].cid.parse().unwrap();
+
+    let victim = &nodes[2];
+    let mallory = libp2p::identity::Keypair::generate_ed25519();
+    let mallory_id = mallory.public().to_peer_id();
+    let mut everyone: Vec<PeerId> = nodes.iter().map(|n| n.peer_id()).collect();
+    everyone.push(mallory_id);
+    let job_key = |nonce| jobs::job_key(job_id(&mallory_id, nonce));
+    let victim_rank = |nonce| rank(victim.peer_id(), &everyone, job_key(nonce));
+    let record = |nonce: u64, seq: u64, result: Invocation| {
+        let now = flotilla_node::market::now_ms();
+        let record = JobRecord {
+            job_id: job_id(&mallory_id, nonce),
+            nonce,
+            seq,
+            scheduler: mallory_id.to_string(),
+            state: JobState::Done,
+            module: result.execution.volunteer.clone(),
+            submitted_at_ms: now,
+            wait_until_ms: now + 60_000,
+            updated_at_ms: now,
+            attempts: 1,
+            error: None,
+            result: Some(result),
+        };
+        Request::StoreJob(Box::new(SignedJob::sign(record, &mallory)))
+    };
+    let mut peer = RawPeer::connect_as(victim, mallory.clone()).await;
+    let metric = |name: &'static str| common::metric(victim, name);
+
+    // A job whose key the victim is not near: refused, nothing copied.
+    let far = (0..)
+        .find(|n| victim_rank(*n) == everyone.len() - 1)
+        .unwrap();
+    wait_until(
+        "the victim knows the peers closer to the far key",
+        || async {
+            victim
+                .overlay()
+                .network()
+                .closer_peers_known(job_key(far))
+                .await
+                .unwrap()
+                >= 8
+        },
+    )
+    .await;
+    let answer = peer.ask(victim, 1, record(far, 1, result.clone())).await;
+    assert!(
+        matches!(&answer, Response::Refused { reason } if reason.contains("not among")),
+        "{answer:?}"
+    );
+    assert_eq!(metric("flotilla_offers_copies_charged_bytes").await, 0.0);
+
+    // Near its key: the first version with a result is copied, and charged.
+    let near = (0..).find(|n| victim_rank(*n) == 0).unwrap();
+    let answer = peer.ask(victim, 2, record(near, 1, result.clone())).await;
+    assert_eq!(answer, Response::JobStored);
+    let charged = metric("flotilla_offers_copies_charged_bytes").await;
+    assert!(charged > 0.0);
+    wait_until("the victim copied the output", || async {
+        victim.overlay().store().has(&output)
+    })
+    .await;
+    // A newer version naming other blocks copies nothing more.
+    let mut other = result.clone();
+    other.execution.outputs[0].size = 1024 * 1024;
+    other.execution.outputs[0].cid = words_cid_of(client).await.to_string();
+    let answer = peer.ask(victim, 3, record(near, 2, other)).await;
+    assert_eq!(answer, Response::JobStored);
+    assert_eq!(
+        metric("flotilla_offers_copies_charged_bytes").await,
+        charged
+    );
+
+    // Records claiming 64 MiB each: with the first copy charged, three fit this
+    // scheduler's quota of 256 MiB, and the other two are refused.
+    let mut big = result.clone();
+    big.execution.outputs[0].size = 64 * 1024 * 1024;
+    let near_ones: Vec<u64> = (1_000..).filter(|n| victim_rank(*n) < 3).take(5).collect();
+    for (i, nonce) in near_ones.into_iter().enumerate() {
+        let answer = peer
+            .ask(victim, 10 + i as u64, record(nonce, 1, big.clone()))
+            .await;
+        assert_eq!(answer, Response::JobStored);
+    }
+    assert_eq!(metric("flotilla_offers_copies_refused_total").await, 2.0);
+    assert!(
+        metric("flotilla_offers_copies_charged_bytes").await <= (256 * 1024 * 1024) as f64,
+        "charged within the quota"
+    );
+}
+
+/// The CID of a 1 MiB file added on `node` (not on the victim).
+async fn words_cid_of(node: &RunningNode) -> cid::Cid {
+    let data = vec![7u8; 1024 * 1024];
+    node.overlay()
+        .add(&data[..])
+        .await
+        .unwrap()
+        .cid
+        .parse()
+        .unwrap()
 }
