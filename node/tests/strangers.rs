@@ -1,6 +1,7 @@
 //! Strangers against the market, as real libp2p peers on loopback: a flood of fresh
 //! identities reporting blackhole offers to a scheduler's fallback list, identities from
-//! one address prefix filling a holder, and job records that would make a node store
+//! one address prefix filling a holder, blackhole offers in the holders a discovery
+//! probes, and job records that would make a node store
 //! blocks. Each test checks
 //! that honest calls still succeed, that what the node keeps stays bounded, and that the
 //! attackers are refused or throttled.
@@ -16,6 +17,7 @@ use flotilla_node::demo;
 use flotilla_node::market::function::{FunctionCall, Invocation};
 use flotilla_node::market::jobs::{self, JobRecord, JobState, SignedJob, job_id};
 use flotilla_node::market::protocol::{Request, Response};
+use flotilla_node::market::{DiscoverRequest, ReserveTerms};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use std::path::PathBuf;
@@ -363,4 +365,72 @@ async fn words_cid_of(node: &RunningNode) -> cid::Cid {
         .cid
         .parse()
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_among_blackhole_offers_gives_up_after_a_few_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A scheduler and a plain node, both holders.
+    let nodes = demo::start_network_with(dir.path(), 2, |i, config| NodeConfig {
+        scheduler: i == 0,
+        answer_timeout: Duration::from_secs(1),
+        ..config
+    })
+    .await
+    .unwrap();
+    let tier = flotilla_overlay::regions::Tier::largest_within(128).unwrap();
+    let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+    // 256 identities place a blackhole offer on each holder.
+    let held: usize = futures::stream::iter(0..SYBILS)
+        .map(|_| {
+            let nowhere = nowhere.clone();
+            let nodes = &nodes;
+            async move {
+                let keypair = libp2p::identity::Keypair::generate_ed25519();
+                let mut held = 0;
+                for node in nodes {
+                    let (key, _) = tier.region().random_key(&mut rand::rng());
+                    let offer = signed_offer(&keypair, 1, 128, vec![nowhere.clone()]);
+                    let mut peer = RawPeer::connect_as(node, keypair.clone()).await;
+                    let answer = peer.ask(node, 1, Request::Offer { key, offer }).await;
+                    held += usize::from(matches!(answer, Response::Offer { .. }));
+                }
+                held
+            }
+        })
+        .buffer_unordered(16)
+        .fold(0, |sum, held| async move { sum + held })
+        .await;
+    assert_eq!(held, 2 * SYBILS);
+
+    let found = nodes[0]
+        .market()
+        .discover(DiscoverRequest {
+            memory_mib: 128,
+            max_tries: None,
+            reserve: Some(ReserveTerms {
+                reservation_id: 1,
+                hold_ms: 60_000,
+                policy: None,
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(found.placement.is_none());
+    let failure = found.report.failure.unwrap_or_default();
+    assert!(
+        failure.contains("gave up after 8 reservation attempts"),
+        "{failure}"
+    );
+    // Its place was given back: the next discovery runs (and gives up the same way).
+    let again = nodes[0]
+        .market()
+        .discover(DiscoverRequest {
+            memory_mib: 128,
+            max_tries: None,
+            reserve: None,
+        })
+        .await
+        .unwrap();
+    assert!(!again.offers.is_empty());
 }
