@@ -97,6 +97,7 @@ async fn fresh_identities_flooding_the_fallback_list_cost_an_honest_call_a_few_t
     // 256 identities each report 16 offers that fit better than the honest one, at an
     // address where nobody answers: 4096 blackhole offers, the whole list.
     let nowhere: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+    let rss_before = common::rss_kib();
     let accepted: Vec<u32> = futures::stream::iter(0..SYBILS)
         .map(|_| {
             let nowhere = nowhere.clone();
@@ -117,6 +118,11 @@ async fn fresh_identities_flooding_the_fallback_list_cost_an_honest_call_a_few_t
         .await;
     assert_eq!(accepted.len(), SYBILS);
     let kept = scheduler.market().offers().await.super_traders;
+    eprintln!(
+        "offers kept on the list after the flood: {kept}; RSS {} -> {} KiB",
+        rss_before,
+        common::rss_kib()
+    );
     assert!(
         (1..=1 + 1024).contains(&kept),
         "unproven offers fill at most 1024 places: {kept}"
@@ -134,6 +140,11 @@ async fn fresh_identities_flooding_the_fallback_list_cost_an_honest_call_a_few_t
         assert_eq!(
             invocation.execution.volunteer,
             nodes[1].peer_id().to_string()
+        );
+        assert!(
+            invocation.failed_attempts.is_empty(),
+            "{:?}",
+            invocation.failed_attempts
         );
     }
 }

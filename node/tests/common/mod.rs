@@ -230,3 +230,14 @@ pub fn signed_offer(
     };
     flotilla_offers::offer::SignedOffer::sign(body, keypair).unwrap()
 }
+
+/// This process's resident memory in KiB (the nodes of a test run in it), for the
+/// figures a flood test prints.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
