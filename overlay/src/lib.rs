@@ -4,6 +4,8 @@
 //! * [`regions`]: the hashed key space cut into one region per memory tier;
 //! * [`block`], [`blockstore`], [`unixfs`]: CIDv1 blocks, their on-disk store, and files
 //!   as UnixFS DAGs;
+//! * [`dagpb`]: dag-pb nodes decoded by counting links before allocating;
+//! * [`read`]: the limits of reading a DAG back (visits, bytes, depth, deadline);
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
@@ -19,6 +21,7 @@
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
+pub mod dagpb;
 pub mod fair;
 pub mod fetch;
 pub mod link;
@@ -26,6 +29,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod network;
 pub mod presence;
+pub mod read;
 pub mod record_store;
 pub mod regions;
 pub mod rpc;

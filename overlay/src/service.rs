@@ -7,6 +7,7 @@ use crate::blockstore::{Blockstore, StoreError, StoreStats};
 use crate::fetch::{FetchConfig, FetchError, FetchProgress, fetch_dag};
 use crate::metrics::OverlayMetrics;
 use crate::network::{Network, NetworkConfig, NetworkError, NetworkStatus};
+use crate::read::{ReadBudget, ReadError, ReadLimits};
 use crate::rpc::Inbound;
 use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node};
 use bytes::{Bytes, BytesMut};
@@ -61,6 +62,14 @@ pub enum OverlayError {
     /// Reading the input failed.
     #[error("cannot read input: {0}")]
     Input(std::io::Error),
+    /// Reading a DAG went past its limits (a DAG bomb, say).
+    #[error("cannot read {root}: {source}")]
+    Read {
+        /// The file's root.
+        root: Cid,
+        /// Which limit.
+        source: ReadError,
+    },
     /// A block the DAG needs is not in the local store.
     #[error("block {0} is not held locally")]
     Missing(Cid),
@@ -247,31 +256,54 @@ impl Overlay {
         }
     }
 
-    /// Reads the file under `root` from the local store, in order, as a stream of chunks.
-    /// Every block must be held; a missing one ends the stream with an error.
+    /// Reads the file under `root` from the local store, in order, as a stream of chunks,
+    /// under the default [`ReadLimits`] (no deadline). Every block must be held; a missing
+    /// one ends the stream with an error.
     pub fn read_file(
         &self,
         root: Cid,
     ) -> impl Stream<Item = Result<Bytes, OverlayError>> + Send + 'static {
+        self.read_file_within(root, ReadLimits::default())
+    }
+
+    /// Reads the file under `root` as [`Overlay::read_file`] does, within `limits`: a DAG
+    /// that visits more nodes than its blocks and bytes pay for, yields more than its root
+    /// declares or `limits` allow, is too deep, or outlasts the deadline ends the stream
+    /// with [`OverlayError::Read`].
+    pub fn read_file_within(
+        &self,
+        root: Cid,
+        limits: ReadLimits,
+    ) -> impl Stream<Item = Result<Bytes, OverlayError>> + Send + 'static {
         let store = self.store.clone();
-        futures::stream::unfold(Some(vec![root]), move |stack| {
+        let start = (vec![(root, 0u32)], ReadBudget::new(limits));
+        futures::stream::unfold(Some(start), move |state| {
             let store = store.clone();
             async move {
-                let mut stack = stack?;
-                while let Some(cid) = stack.pop() {
+                let (mut stack, mut budget) = state?;
+                let fail = |e: OverlayError| Some((Err(e), None));
+                while let Some((cid, depth)) = stack.pop() {
+                    if let Err(e) = budget.visit(&cid, depth, Instant::now()) {
+                        return fail(OverlayError::Read { root, source: e });
+                    }
                     let node = match store.get_async(cid).await {
                         Ok(Some(block)) => decode_file_node(&block),
-                        Ok(None) => return Some((Err(OverlayError::Missing(cid)), None)),
-                        Err(e) => return Some((Err(e.into()), None)),
+                        Ok(None) => return fail(OverlayError::Missing(cid)),
+                        Err(e) => return fail(e.into()),
                     };
-                    match node {
-                        Ok(node) => {
-                            stack.extend(node.links.iter().rev());
-                            if !node.data.is_empty() {
-                                return Some((Ok(node.data), Some(stack)));
-                            }
+                    let node = match node {
+                        Ok(node) => node,
+                        Err(e) => return fail(e.into()),
+                    };
+                    if let (0, Some(size)) = (depth, node.filesize) {
+                        budget.declare(size);
+                    }
+                    stack.extend(node.links.iter().rev().map(|c| (*c, depth + 1)));
+                    if !node.data.is_empty() {
+                        if let Err(e) = budget.yielding(node.data.len() as u64) {
+                            return fail(OverlayError::Read { root, source: e });
                         }
-                        Err(e) => return Some((Err(e.into()), None)),
+                        return Some((Ok(node.data), Some((stack, budget))));
                     }
                 }
                 None

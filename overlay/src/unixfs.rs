@@ -7,6 +7,7 @@
 //! layout. The reader accepts any UnixFS file DAG (raw or dag-pb leaves).
 
 use crate::block::{Block, BlockError, DAG_PB, RAW};
+use crate::dagpb;
 use bytes::{Bytes, BytesMut};
 use cid::Cid;
 use prost::Message;
@@ -58,15 +59,6 @@ struct PbLink {
     name: Option<String>,
     #[prost(uint64, optional, tag = "3")]
     tsize: Option<u64>,
-}
-
-/// The protobuf `PBNode` of dag-pb (decoding only; encoding is canonical, by hand).
-#[derive(Clone, PartialEq, Message)]
-struct PbNode {
-    #[prost(bytes = "vec", optional, tag = "1")]
-    data: Option<Vec<u8>>,
-    #[prost(message, repeated, tag = "2")]
-    links: Vec<PbLink>,
 }
 
 /// UnixFS node types.
@@ -225,36 +217,31 @@ pub struct FileNode {
     pub data: Bytes,
     /// Children, in file order.
     pub links: Vec<Cid>,
+    /// The size of the file under this block, as it declares it (a raw block's length).
+    pub filesize: Option<u64>,
 }
 
-/// Decodes one block of a UnixFS file DAG.
+/// Decodes one block of a UnixFS file DAG (dag-pb by [`crate::dagpb`], which counts
+/// links before it allocates).
 pub fn decode_file_node(block: &Block) -> Result<FileNode, UnixfsError> {
     let cid = *block.cid();
     match cid.codec() {
         RAW => Ok(FileNode {
             data: block.data().clone(),
             links: Vec::new(),
+            filesize: Some(block.data().len() as u64),
         }),
         DAG_PB => {
-            let malformed = |reason: String| UnixfsError::Malformed { cid, reason };
-            let node =
-                PbNode::decode(block.data().clone()).map_err(|e| malformed(e.to_string()))?;
-            let links = node
-                .links
-                .iter()
-                .map(|l| {
-                    let hash = l
-                        .hash
-                        .as_deref()
-                        .ok_or_else(|| malformed("link without hash".into()))?;
-                    Cid::try_from(hash).map_err(|e| malformed(format!("bad link CID: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let data = node
-                .data
-                .ok_or_else(|| malformed("node without data".into()))?;
-            let unixfs =
-                UnixfsData::decode(data.as_slice()).map_err(|e| malformed(e.to_string()))?;
+            let malformed = |e: dagpb::DagPbError| UnixfsError::Malformed {
+                cid,
+                reason: e.to_string(),
+            };
+            let node = dagpb::decode(block.data()).map_err(malformed)?;
+            let data = node.data.ok_or_else(|| UnixfsError::Malformed {
+                cid,
+                reason: "node without data".into(),
+            })?;
+            let unixfs = dagpb::decode_unixfs(&data).map_err(malformed)?;
             if unixfs.kind != DataType::File as i32 && unixfs.kind != DataType::Raw as i32 {
                 return Err(UnixfsError::NotAFile {
                     cid,
@@ -262,8 +249,9 @@ pub fn decode_file_node(block: &Block) -> Result<FileNode, UnixfsError> {
                 });
             }
             Ok(FileNode {
-                data: Bytes::from(unixfs.data.unwrap_or_default()),
-                links,
+                data: unixfs.data,
+                links: node.links,
+                filesize: unixfs.filesize,
             })
         }
         codec => Err(UnixfsError::UnsupportedCodec { cid, codec }),
@@ -277,21 +265,12 @@ pub fn links_of(block: &Block) -> Result<Vec<Cid>, UnixfsError> {
         return Ok(Vec::new());
     }
     let cid = *block.cid();
-    let node = PbNode::decode(block.data().clone()).map_err(|e| UnixfsError::Malformed {
-        cid,
-        reason: e.to_string(),
-    })?;
-    node.links
-        .iter()
-        .map(|l| {
-            Cid::try_from(l.hash.as_deref().unwrap_or_default()).map_err(|e| {
-                UnixfsError::Malformed {
-                    cid,
-                    reason: format!("bad link CID: {e}"),
-                }
-            })
+    dagpb::decode(block.data())
+        .map(|node| node.links)
+        .map_err(|e| UnixfsError::Malformed {
+            cid,
+            reason: e.to_string(),
         })
-        .collect()
 }
 
 #[cfg(test)]

@@ -14,14 +14,21 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use flotilla_overlay::fetch::FetchProgress;
+use flotilla_overlay::read::{ReadError, ReadLimits};
 use flotilla_overlay::{Cid, Overlay, OverlayError};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::io::StreamReader;
+
+/// How long `/v0/fetch` may run before it fails.
+pub const FETCH_DEADLINE: Duration = Duration::from_secs(600);
+/// How long `/v0/cat` may stream one file before it fails (the read is also bounded in
+/// nodes visited and bytes, by [`ReadLimits`]).
+pub const CAT_DEADLINE: Duration = Duration::from_secs(600);
 
 /// How often `/v0/fetch` reports progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -95,6 +102,7 @@ impl From<OverlayError> for ApiError {
         let status = match e {
             OverlayError::Input(_) | OverlayError::Unixfs(_) => StatusCode::BAD_REQUEST,
             OverlayError::Missing(_) => StatusCode::NOT_FOUND,
+            OverlayError::Read { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -125,7 +133,17 @@ async fn cat(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<R
             format!("{cid} is not held by this node; fetch it first"),
         ));
     }
-    let stream = app.overlay.read_file(cid).map_err(std::io::Error::other);
+    let limits = ReadLimits::default().until(Instant::now() + CAT_DEADLINE);
+    let mut file = Box::pin(app.overlay.read_file_within(cid, limits));
+    // A file that fails before its first byte (a DAG bomb, say) is an error answer, not
+    // an empty body cut short.
+    let first = match file.next().await {
+        Some(Err(e)) => return Err(e.into()),
+        first => first,
+    };
+    let stream = futures::stream::iter(first)
+        .chain(file)
+        .map_err(std::io::Error::other);
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(stream),
@@ -163,7 +181,15 @@ async fn fetch(
     let cid = parse_cid(&q.cid)?;
     let (tx, rx) = watch::channel(FetchProgress::default());
     let overlay = app.overlay.clone();
-    let task = tokio::spawn(async move { overlay.fetch(cid, &tx).await });
+    let task = tokio::spawn(async move {
+        match tokio::time::timeout(FETCH_DEADLINE, overlay.fetch(cid, &tx)).await {
+            Ok(done) => done,
+            Err(_) => Err(OverlayError::Read {
+                root: cid,
+                source: ReadError::DeadlinePassed,
+            }),
+        }
+    });
     let state = FetchStream {
         task: Some(task),
         progress: rx,

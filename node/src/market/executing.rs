@@ -21,7 +21,9 @@ use super::protocol::{ExecuteRequest, Response};
 use crate::executor::Job;
 use cid::Cid;
 use flotilla_offers::ledger::{RunKey, StartError};
+use flotilla_overlay::OverlayError;
 use flotilla_overlay::fetch::FetchProgress;
+use flotilla_overlay::read::{ReadError, ReadLimits};
 use libp2p::PeerId;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -370,12 +372,15 @@ impl Market {
     }
 
     /// Fetches `part` of the call, the file under the CID `text` names (unless held
-    /// already), and reads it, refusing one of more than `max` bytes.
+    /// already), and reads it, refusing one of more than `max` bytes. Fetch and read run
+    /// under one deadline, `fetch_timeout` from now, and the read within
+    /// [`ReadLimits`] (so a DAG bomb fails the call instead of holding its reservation).
     async fn fetch_part(&self, part: Part, text: &str, max: u64) -> Result<Vec<u8>, Failure> {
         let cid = parse_cid(&part.to_string(), text)?;
-        match self.fetch_at_most(cid, max).await {
+        let timeout = self.shared.config.fetch_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        match self.fetch_at_most_by(cid, max, deadline).await {
             Err(Fetched::TimedOut) => {
-                let timeout = self.shared.config.fetch_timeout;
                 let at = PartAt::boxed(&part, cid);
                 return Err(Failure::NotProvided { at, timeout });
             }
@@ -392,25 +397,37 @@ impl Market {
             }
             Ok(()) => {}
         }
-        let overlay = &self.shared.overlay;
+        let limits = ReadLimits::default()
+            .at_most(max)
+            .until(deadline.into_std());
+        let read = tokio::time::timeout_at(deadline, self.read_part(cid, limits)).await;
+        let failed = |source: OverlayError| Failure::ReadFailed {
+            at: PartAt::boxed(&part, cid),
+            source: Box::new(source),
+        };
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(OverlayError::Read {
+                source: ReadError::TooLarge { .. },
+                ..
+            })) => Err(Failure::TooLarge {
+                at: PartAt::boxed(&part, cid),
+                max,
+            }),
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => Err(failed(OverlayError::Read {
+                root: cid,
+                source: ReadError::DeadlinePassed,
+            })),
+        }
+    }
+
+    /// Reads the file under `cid` into memory, within `limits`.
+    async fn read_part(&self, cid: Cid, limits: ReadLimits) -> Result<Vec<u8>, OverlayError> {
         let mut bytes = Vec::new();
-        let mut file = std::pin::pin!(overlay.read_file(cid));
+        let mut file = std::pin::pin!(self.shared.overlay.read_file_within(cid, limits));
         while let Some(chunk) = futures::StreamExt::next(&mut file).await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(source) => {
-                    let at = PartAt::boxed(&part, cid);
-                    return Err(Failure::ReadFailed {
-                        at,
-                        source: Box::new(source),
-                    });
-                }
-            };
-            if bytes.len() as u64 + chunk.len() as u64 > max {
-                let at = PartAt::boxed(&part, cid);
-                return Err(Failure::TooLarge { at, max });
-            }
-            bytes.extend_from_slice(&chunk);
+            bytes.extend_from_slice(&chunk?);
         }
         Ok(bytes)
     }
@@ -418,10 +435,22 @@ impl Market {
     /// Fetches the file under `cid` (unless held already) within `fetch_timeout`, giving
     /// up once more than a file of `max` bytes would take has arrived.
     pub(super) async fn fetch_at_most(&self, cid: Cid, max: u64) -> Result<(), Fetched> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.fetch_timeout;
+        self.fetch_at_most_by(cid, max, deadline).await
+    }
+
+    /// Fetches the file under `cid` (unless held already) by `deadline`, giving up once
+    /// more than a file of `max` bytes would take has arrived.
+    async fn fetch_at_most_by(
+        &self,
+        cid: Cid,
+        max: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Fetched> {
         let (progress, mut watching) = watch::channel(FetchProgress::default());
         // Blocks carry a little framing beyond the file's bytes.
         let max_fetched = max + max / 8 + MIB;
-        let fetched = tokio::time::timeout(self.shared.config.fetch_timeout, async {
+        let fetched = tokio::time::timeout_at(deadline, async {
             let fetch = self.shared.overlay.fetch(cid, &progress);
             tokio::pin!(fetch);
             loop {
