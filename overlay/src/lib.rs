@@ -5,6 +5,7 @@
 //! * [`block`], [`blockstore`], [`unixfs`]: CIDv1 blocks, their on-disk store, and files
 //!   as UnixFS DAGs;
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
+//! * [`dht`]: two Kademlias, IPFS's for content and Flotilla's own for market keys;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
 //! * [`liveness`]: closing connections that stopped answering pings;
@@ -19,6 +20,7 @@
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
+pub mod dht;
 pub mod fair;
 pub mod fetch;
 pub mod link;
