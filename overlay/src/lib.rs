@@ -7,6 +7,7 @@
 //! * [`dagpb`]: dag-pb nodes decoded by counting links before allocating;
 //! * [`read`]: the limits of reading a DAG back (visits, bytes, depth, deadline);
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
+//! * [`dht`]: two Kademlias, IPFS's for content and Flotilla's own for market keys;
 //! * [`network`]: the swarm (Kademlia, identify, ping, mDNS, connection limits) and its
 //!   event loop;
 //! * [`liveness`]: closing connections that stopped answering pings;
@@ -22,6 +23,7 @@ pub mod bitswap;
 pub mod block;
 pub mod blockstore;
 pub mod dagpb;
+pub mod dht;
 pub mod fair;
 pub mod fetch;
 pub mod link;

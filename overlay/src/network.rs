@@ -1,12 +1,14 @@
 //! The libp2p swarm and the one task that owns it.
 //!
-//! The behaviour combines connection limits, Kademlia (`/ipfs/kad/1.0.0`, server mode),
+//! The behaviour combines connection limits, two Kademlias in server mode (IPFS's
+//! `/ipfs/kad/1.0.0` for content, Flotilla's own for market keys: see [`crate::dht`]),
 //! identify, ping, mDNS (optional), `libp2p-stream` (for bitswap) and request-response
 //! (for the offer protocols, see [`crate::rpc`]). One event loop owns the swarm; the
 //! cloneable [`Network`] handle sends it [`Command`]s that carry their reply channels, and
 //! pending replies are kept by Kademlia query id or request id.
 
 use crate::bitswap::Bitswap;
+use crate::dht::{self, Dht};
 use crate::fair::FairSender;
 use crate::link::{self, LinkConfig, Links};
 use crate::liveness::{self, Liveness};
@@ -119,14 +121,18 @@ pub struct NetworkStatus {
     pub listen_addrs: Vec<String>,
     /// Peers we have a connection to.
     pub connected_peers: Vec<String>,
-    /// Peers in the Kademlia routing table.
+    /// Peers in the content DHT's routing table (`/ipfs/kad/1.0.0`).
     pub routing_table_size: usize,
+    /// Peers in the market DHT's routing table (Flotilla peers only).
+    #[serde(default)]
+    pub market_routing_table_size: usize,
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
     kad: kad::Behaviour<SplitStore>,
+    market: kad::Behaviour<SplitStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -137,6 +143,14 @@ struct Behaviour {
 }
 
 impl Behaviour {
+    /// The Kademlia behaviour of `dht`.
+    fn dht(&mut self, dht: Dht) -> &mut kad::Behaviour<SplitStore> {
+        match dht {
+            Dht::Content => &mut self.kad,
+            Dht::Market => &mut self.market,
+        }
+    }
+
     /// The request-response behaviour of `concern`'s protocol.
     fn rpc(&mut self, concern: Concern) -> &mut request_response::Behaviour<BytesCodec> {
         match concern {
@@ -159,10 +173,12 @@ pub struct ClosestPeers {
 /// Requests to the event loop.
 enum Command {
     GetProviders {
+        dht: Dht,
         key: RecordKey,
         found: mpsc::Sender<PeerId>,
     },
     StartProviding {
+        dht: Dht,
         key: RecordKey,
         done: oneshot::Sender<Result<(), NetworkError>>,
     },
@@ -368,31 +384,49 @@ impl Network {
     /// Starts a provider lookup for `key`; providers arrive on the returned channel as
     /// they are found (and are dialled), and the channel closes when the lookup ends.
     /// Dropping the receiver ends the lookup early.
+    /// The lookup runs in the content DHT; see [`Network::get_providers_in`].
     pub async fn get_providers(
         &self,
         key: RecordKey,
     ) -> Result<mpsc::Receiver<PeerId>, NetworkError> {
+        self.get_providers_in(Dht::Content, key).await
+    }
+
+    /// [`Network::get_providers`] in `dht`.
+    pub async fn get_providers_in(
+        &self,
+        dht: Dht,
+        key: RecordKey,
+    ) -> Result<mpsc::Receiver<PeerId>, NetworkError> {
         let (found, rx) = mpsc::channel(64);
-        self.send(Command::GetProviders { key, found }).await?;
+        self.send(Command::GetProviders { dht, key, found }).await?;
         Ok(rx)
     }
 
-    /// Announces that we provide `key`, waiting until the record is placed.
+    /// Announces in the content DHT that we provide `key`, waiting until the record is
+    /// placed.
     pub async fn start_providing(&self, key: RecordKey) -> Result<(), NetworkError> {
+        self.start_providing_in(Dht::Content, key).await
+    }
+
+    /// [`Network::start_providing`] in `dht`.
+    pub async fn start_providing_in(&self, dht: Dht, key: RecordKey) -> Result<(), NetworkError> {
         let (done, rx) = oneshot::channel();
-        self.send(Command::StartProviding { key, done }).await?;
+        self.send(Command::StartProviding { dht, key, done })
+            .await?;
         rx.await.map_err(|_| NetworkError::Stopped)?
     }
 
-    /// The peers a Kademlia lookup finds closest to `key` (closest first, never
-    /// ourselves); an empty list if the lookup found nobody.
+    /// The peers a lookup in the market DHT finds closest to `key` (closest first, never
+    /// ourselves, only Flotilla peers); an empty list if the lookup found nobody.
     pub async fn closest_peers(&self, key: Vec<u8>) -> Result<ClosestPeers, NetworkError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::GetClosestPeers { key, reply }).await?;
         rx.await.map_err(|_| NetworkError::Stopped)
     }
 
-    /// The peer closest to `key` by Kademlia's XOR distance, ourselves included: the peer
+    /// The Flotilla peer closest to `key` by Kademlia's XOR distance (in the market
+    /// DHT), ourselves included: the peer
     /// responsible for the key. Also returns how many Kademlia requests the lookup sent.
     pub async fn responsible_peer(&self, key: Vec<u8>) -> Result<(PeerId, u32), NetworkError> {
         let target = kad::KBucketKey::new(key.clone());
@@ -458,7 +492,7 @@ impl Network {
         self.links.as_ref().is_some_and(|l| l.is_open(peer))
     }
 
-    /// How many peers this node's routing table knows that are closer to `key` than this
+    /// How many peers this node's market routing table knows that are closer to `key` than this
     /// node is (counted up to [`CLOSER_COUNTED`]): 0 means this node is the closest it
     /// knows of. No message is sent.
     pub async fn closer_peers_known(&self, key: Vec<u8>) -> Result<usize, NetworkError> {
@@ -467,8 +501,8 @@ impl Network {
         rx.await.map_err(|_| NetworkError::Stopped)
     }
 
-    /// Whether this node is among the `k` peers closest to `key` that its routing table
-    /// knows (itself included).
+    /// Whether this node is among the `k` peers closest to `key` that its market routing
+    /// table knows (itself included).
     pub async fn among_closest(&self, key: Vec<u8>, k: usize) -> Result<bool, NetworkError> {
         Ok(self.closer_peers_known(key).await? < k)
     }
@@ -547,13 +581,18 @@ fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetworkError> {
     let transport_err = |e: &dyn std::fmt::Display| NetworkError::Transport(e.to_string());
     let local_peer_id = keypair.public().to_peer_id();
-    let store = SplitStore::new(
-        local_peer_id,
-        config.max_provided_keys,
-        config.max_other_provider_keys,
+    let store = || {
+        SplitStore::new(
+            local_peer_id,
+            config.max_provided_keys,
+            config.max_other_provider_keys,
+        )
+    };
+    let query_timeout = config.timeout.max(Duration::from_secs(5));
+    let (kad, market) = (
+        Dht::Content.behaviour(local_peer_id, store(), query_timeout),
+        Dht::Market.behaviour(local_peer_id, store(), query_timeout),
     );
-    let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
-    kad_config.set_query_timeout(config.timeout.max(Duration::from_secs(5)));
     let mdns = config.mdns;
     let max_connections = config.max_connections;
     let rpc_config =
@@ -570,8 +609,6 @@ fn build_swarm(
         .with_bandwidth_metrics(registry)
         .with_behaviour(
             |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                let mut kad = kad::Behaviour::with_config(local_peer_id, store, kad_config);
-                kad.set_mode(Some(kad::Mode::Server));
                 let mdns = if mdns {
                     Some(mdns::tokio::Behaviour::new(
                         mdns::Config::default(),
@@ -589,6 +626,7 @@ fn build_swarm(
                             .with_max_pending_outgoing(Some(64)),
                     ),
                     kad,
+                    market,
                     identify: identify::Behaviour::new(identify::Config::new(
                         IDENTIFY_PROTOCOL.to_string(),
                         key.public(),
@@ -672,7 +710,7 @@ struct ProtocolLabel {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
-    queries: HashMap<QueryId, PendingQuery>,
+    queries: HashMap<(Dht, QueryId), PendingQuery>,
     /// Outbound requests by concern and id (each behaviour numbers its own).
     requests: HashMap<(Concern, OutboundRequestId), (PeerId, ReplySender)>,
     connected: HashSet<PeerId>,
@@ -701,10 +739,13 @@ impl EventLoop {
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                 return Err(NetworkError::BootstrapWithoutPeerId(addr.clone()));
             };
-            self.swarm
-                .behaviour_mut()
-                .kad
-                .add_address(&peer, addr.clone());
+            // Into both DHTs: identify takes it out of a DHT whose protocol it lacks.
+            for which in Dht::ALL {
+                self.swarm
+                    .behaviour_mut()
+                    .dht(which)
+                    .add_address(&peer, addr.clone());
+            }
             let opts = DialOpts::peer_id(peer)
                 .addresses(vec![addr.clone()])
                 .build();
@@ -743,8 +784,10 @@ impl EventLoop {
                 }
             }
         }
-        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-            tracing::debug!(error = %e, "kademlia bootstrap not started");
+        for which in Dht::ALL {
+            if let Err(e) = self.swarm.behaviour_mut().dht(which).bootstrap() {
+                tracing::debug!(error = %e, dht = ?which, "kademlia bootstrap not started");
+            }
         }
         Ok(())
     }
@@ -801,7 +844,7 @@ impl EventLoop {
             let closer = self
                 .swarm
                 .behaviour_mut()
-                .kad
+                .market
                 .get_closest_local_peers(&target)
                 .take_while(|p| p.distance(&target) < mine)
                 .take(CLOSER_COUNTED)
@@ -809,36 +852,45 @@ impl EventLoop {
             let _ = reply.send(closer);
             return;
         }
-        let kad = &mut self.swarm.behaviour_mut().kad;
+        let behaviour = self.swarm.behaviour_mut();
         match command {
             Command::GetClosestPeers { key, reply } => {
-                let id = kad.get_closest_peers(key);
-                self.queries.insert(id, PendingQuery::Closest(reply));
+                let id = behaviour.market.get_closest_peers(key);
+                self.queries
+                    .insert((Dht::Market, id), PendingQuery::Closest(reply));
             }
             Command::Request { .. } => {}
-            Command::GetProviders { key, found } => {
-                let id = kad.get_providers(key);
-                self.queries.insert(id, PendingQuery::Providers(found));
+            Command::GetProviders { dht, key, found } => {
+                let id = behaviour.dht(dht).get_providers(key);
+                self.queries
+                    .insert((dht, id), PendingQuery::Providers(found));
             }
-            Command::StartProviding { key, done } => match kad.start_providing(key) {
-                Ok(id) => {
-                    self.queries.insert(id, PendingQuery::Provide(done));
+            Command::StartProviding { dht, key, done } => {
+                match behaviour.dht(dht).start_providing(key) {
+                    Ok(id) => {
+                        self.queries.insert((dht, id), PendingQuery::Provide(done));
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(NetworkError::Provide(e.to_string())));
+                    }
                 }
-                Err(e) => {
-                    let _ = done.send(Err(NetworkError::Provide(e.to_string())));
-                }
-            },
+            }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.connected.iter().copied().collect());
             }
             Command::CloserKnown { .. } => {}
             Command::Status { reply } => {
-                let routing_table_size = kad.kbuckets().map(|b| b.num_entries()).sum();
+                let size = |kad: &mut kad::Behaviour<SplitStore>| {
+                    kad.kbuckets().map(|b| b.num_entries()).sum()
+                };
+                let routing_table_size = size(&mut behaviour.kad);
+                let market_routing_table_size = size(&mut behaviour.market);
                 let _ = reply.send(NetworkStatus {
                     peer_id: self.swarm.local_peer_id().to_string(),
                     listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
                     connected_peers: self.connected.iter().map(ToString::to_string).collect(),
                     routing_table_size,
+                    market_routing_table_size,
                 });
             }
             Command::Shutdown => {}
@@ -894,9 +946,14 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            })) if info.protocols.contains(&kad::PROTOCOL_NAME) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            })) => {
+                for which in Dht::ALL {
+                    dht::learn(
+                        which,
+                        self.swarm.behaviour_mut().dht(which),
+                        &peer_id,
+                        &info,
+                    );
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
@@ -906,7 +963,12 @@ impl EventLoop {
                     let _ = self.swarm.dial(DialOpts::peer_id(peer).build());
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.handle_kad(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => {
+                self.handle_kad(Dht::Content, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Market(event)) => {
+                self.handle_kad(Dht::Market, event)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::OffersRpc(event)) => {
                 self.handle_rpc(Concern::Offers, event)
             }
@@ -971,7 +1033,7 @@ impl EventLoop {
         }
     }
 
-    fn handle_kad(&mut self, event: kad::Event) {
+    fn handle_kad(&mut self, dht: Dht, event: kad::Event) {
         let kad::Event::OutboundQueryProgressed {
             id,
             result,
@@ -983,7 +1045,7 @@ impl EventLoop {
         };
         match result {
             QueryResult::GetProviders(result) => {
-                let Some(PendingQuery::Providers(found)) = self.queries.get(&id) else {
+                let Some(PendingQuery::Providers(found)) = self.queries.get(&(dht, id)) else {
                     return;
                 };
                 let mut finished = step.last;
@@ -1000,17 +1062,17 @@ impl EventLoop {
                     }
                 }
                 if found.is_closed() && !finished {
-                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    if let Some(mut query) = self.swarm.behaviour_mut().dht(dht).query_mut(&id) {
                         query.finish();
                     }
                     finished = true;
                 }
                 if finished {
-                    self.queries.remove(&id);
+                    self.queries.remove(&(dht, id));
                 }
             }
             QueryResult::GetClosestPeers(result) => {
-                if let Some(PendingQuery::Closest(reply)) = self.queries.remove(&id) {
+                if let Some(PendingQuery::Closest(reply)) = self.queries.remove(&(dht, id)) {
                     let peers = match result {
                         Ok(ok) => ok.peers,
                         Err(GetClosestPeersError::Timeout { peers, .. }) => peers,
@@ -1022,7 +1084,7 @@ impl EventLoop {
                 }
             }
             QueryResult::StartProviding(result) => {
-                if let Some(PendingQuery::Provide(done)) = self.queries.remove(&id) {
+                if let Some(PendingQuery::Provide(done)) = self.queries.remove(&(dht, id)) {
                     // Too few peers to replicate to is not a failure: the record is in our
                     // own store, and peers that look it up through us find it.
                     let outcome = match result {

@@ -54,8 +54,8 @@ pub fn status(status: &OverlayStatus) {
     }
     println!("connected peers: {}", status.network.connected_peers.len());
     println!(
-        "routing table:   {} peers",
-        status.network.routing_table_size
+        "routing tables:  {} peers (content), {} (market)",
+        status.network.routing_table_size, status.network.market_routing_table_size
     );
     println!(
         "blocks held:     {} ({} of {})",

@@ -10,6 +10,7 @@ use super::slots::Slot;
 use super::{InvokeError, Market, lock};
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::SignedOffer;
+use flotilla_overlay::dht::Dht;
 use flotilla_overlay::regions::{RegionError, Tier};
 use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
 use flotilla_scheduler::placement;
@@ -71,7 +72,12 @@ impl Market {
         loop {
             ticks.tick().await;
             let key = RecordKey::new(&registry_key());
-            if let Err(e) = self.shared.network.start_providing(key).await {
+            if let Err(e) = self
+                .shared
+                .network
+                .start_providing_in(Dht::Market, key)
+                .await
+            {
                 tracing::warn!(error = %e, "cannot announce this scheduler");
             }
         }
@@ -99,7 +105,7 @@ impl Market {
             peers.push(self.peer_id());
         }
         let key = RecordKey::new(&registry_key());
-        if let Ok(mut found) = self.shared.network.get_providers(key).await {
+        if let Ok(mut found) = self.shared.network.get_providers_in(Dht::Market, key).await {
             let deadline = tokio::time::sleep(self.shared.config.answer_timeout);
             tokio::pin!(deadline);
             loop {
