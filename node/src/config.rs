@@ -157,6 +157,11 @@ pub struct NodeConfig {
     pub max_deadline: Duration,
     /// The largest module a volunteer runs.
     pub max_module_size: bytesize::ByteSize,
+    /// For tests only (never read from a file): this volunteer alters the stdout of every
+    /// call it runs and signs the altered answer, as a volunteer that lies would.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub tamper_stdout: bool,
 }
 
 impl Default for NodeConfig {
@@ -198,6 +203,7 @@ impl Default for NodeConfig {
             default_deadline: Duration::from_secs(30),
             max_deadline: Duration::from_secs(600),
             max_module_size: bytesize::ByteSize::mib(16),
+            tamper_stdout: false,
         }
     }
 }
@@ -376,6 +382,7 @@ impl NodeConfig {
             job_republish_interval: self.job_republish_interval,
             holder: self.holder.clone(),
             super_traders: SuperTraderConfig::default(),
+            tamper_stdout: self.tamper_stdout,
         }
     }
 

@@ -506,6 +506,15 @@ fn functions_are_invoked_by_cid_and_detached_jobs_outlive_their_client_and_sched
     assert_eq!(result["execution"]["stdout"]["inline"], "x\n");
     assert_eq!(result["execution"]["exit_code"], 0);
     assert!(result["total_us"].as_u64().unwrap() > 0);
+    // With the volunteer's signed receipt, checked by the local node.
+    let receipt: flotilla_node::market::receipt::Receipt =
+        serde_json::from_value(result["execution"]["receipt"].clone()).unwrap();
+    receipt.verify().unwrap();
+    assert_eq!(
+        receipt.body.volunteer.to_string(),
+        result["execution"]["volunteer"]
+    );
+    assert_eq!(receipt.body.exit_code, 0);
     // Stdout over 16 KiB comes back by CID, and invoke prints all of it.
     let lines = |n: usize| -> String { (0..n).map(|i| format!("line {i}\n")).collect() };
     let big = root.join("big.txt");

@@ -464,6 +464,7 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
             call: big.clone(),
             max_tries: None,
             placement: None,
+            exclude: Vec::new(),
         }),
         wait_ms: 120_000,
     };

@@ -273,6 +273,9 @@ pub struct Execution {
     pub memory_mib: u32,
     /// Where the volunteer's time went.
     pub timings: ExecutionTimings,
+    /// The volunteer's signed receipt for this run (answers of older volunteers lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Box<crate::receipt::Receipt>>,
 }
 
 /// A volunteer that could not run a call, as the scheduler saw it.
@@ -372,6 +375,7 @@ mod tests {
                 failure: None,
                 memory_mib: 128,
                 timings: ExecutionTimings::default(),
+                receipt: None,
             },
             failed_attempts: Vec::new(),
             discover_us: 5,

@@ -67,6 +67,10 @@ pub struct InvokeBody {
     /// Which fitting offer to reserve (the scheduler's setting if absent).
     #[serde(default)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,
+    /// Run it on this many distinct volunteers and take the majority's answer (1 if
+    /// absent).
+    #[serde(default)]
+    pub replicas: Option<u32>,
 }
 
 /// The answer of `/v0/invoke`.
@@ -77,6 +81,9 @@ pub struct InvokeReply {
     pub invocation: crate::function::Invocation,
     /// From the local node taking the call to the answer, in µs.
     pub total_us: u64,
+    /// How the replicas compared, when the call asked for more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<crate::replicas::ReplicaReport>,
 }
 
 /// The body of `POST /v0/jobs`: a call to run as a detached job.

@@ -259,14 +259,16 @@ async fn invoke(
     Json(body): Json<InvokeBody>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let replicas = body.replicas.unwrap_or(1);
     match app
         .market
-        .invoke(body.call, body.max_tries, body.placement)
+        .invoke_replicated(body.call, body.max_tries, body.placement, replicas)
         .await
     {
-        Ok(invocation) => Ok(Json(InvokeReply {
+        Ok((invocation, replicas)) => Ok(Json(InvokeReply {
             invocation,
             total_us: started.elapsed().as_micros() as u64,
+            replicas,
         })
         .into_response()),
         Err(e) => Err(invoke_error(e)),
@@ -281,6 +283,7 @@ fn invoke_error(e: InvokeError) -> ApiError {
         } => StatusCode::UNPROCESSABLE_ENTITY,
         InvokeError::NoScheduler | InvokeError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
         InvokeError::Unanswered(_) => StatusCode::GATEWAY_TIMEOUT,
+        InvokeError::BadReceipt(_) | InvokeError::NoMajority(_) => StatusCode::BAD_GATEWAY,
     };
     ApiError(status, e.to_string())
 }
@@ -291,6 +294,10 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     let wait = body.wait_ms.map_or(DEFAULT_JOB_WAIT, Duration::from_millis);
     let invoke = body.invoke;
+    if invoke.replicas.is_some_and(|n| n > 1) {
+        let why = "a detached job runs on one volunteer (no --replicas)";
+        return Err(ApiError(StatusCode::BAD_REQUEST, why.into()));
+    }
     match app
         .market
         .submit(invoke.call, invoke.max_tries, invoke.placement, wait)

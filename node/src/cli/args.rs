@@ -158,6 +158,10 @@ pub struct InvokeArgs {
     /// Which fitting offer to reserve: best-fit, worst-fit or random [default: the scheduler's]
     #[arg(long)]
     pub placement: Option<flotilla_scheduler::placement::Policy>,
+    /// Run on N distinct volunteers and take the majority's answer (output CIDs, exit
+    /// status and stdout compared); a disagreement names the outvoted volunteers
+    #[arg(long, value_name = "N", conflicts_with = "detach", value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub replicas: Option<u32>,
     /// Return a job id at once; the job runs when an offer fits (see `flotilla job`)
     #[arg(long)]
     pub detach: bool,

@@ -175,6 +175,7 @@ async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Re
         },
         max_tries: None,
         placement: None,
+        replicas: None,
     };
     say(format!(
         "\n$ flotilla invoke {module} --memory 128MiB --stdin-cid {input}"

@@ -6,6 +6,9 @@
 //! like every other input; stdout or stderr that came back by CID is fetched and
 //! streamed. A function stopped at its deadline exits 124 (as `timeout(1)` does), one
 //! that trapped exits 134; errors of Flotilla itself exit 1 with a one-line message.
+//! The local node has checked the volunteer's signed receipt (`--json` shows it); with
+//! `--replicas N` the call ran on N volunteers and the majority's answer is printed,
+//! with a warning naming any volunteer outvoted.
 
 use crate::api::client::ApiClient;
 use crate::api::types::{InvokeBody, InvokeReply, SubmitBody, parse_job_id};
@@ -45,6 +48,7 @@ pub async fn run(client: &ApiClient, args: InvokeArgs, json: bool) -> anyhow::Re
         },
         max_tries: args.max_tries,
         placement: args.placement,
+        replicas: args.replicas,
     };
     body.call.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     if args.detach {
@@ -65,6 +69,12 @@ pub async fn run(client: &ApiClient, args: InvokeArgs, json: bool) -> anyhow::Re
     if json {
         output::json(&reply);
         return exit_with(&reply.invocation, false);
+    }
+    if let Some(report) = reply.replicas.as_ref().filter(|r| !r.dissenters.is_empty()) {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("warning: {}", report.describe());
+        }
     }
     print_result(client, &reply.invocation).await
 }

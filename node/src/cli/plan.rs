@@ -13,6 +13,7 @@
 //! module = { file = "../wasm/sha256.wasm" }
 //! memory = "128MiB"
 //! stdin = { job = "count", output = "counts.txt" }  # or "stdout" / "stderr"
+//! replicas = 3   # run on 3 volunteers, take the majority's answer
 //! ```
 
 use crate::executor::jobdir;
@@ -96,6 +97,10 @@ pub struct PlanJob {
     /// Jobs it waits for besides those whose outputs it reads.
     #[serde(default)]
     pub after: Vec<String>,
+    /// Run it on this many distinct volunteers and take the majority's answer (1 if
+    /// absent; at most 9).
+    #[serde(default)]
+    pub replicas: Option<u32>,
 }
 
 fn default_memory() -> bytesize::ByteSize {

@@ -189,6 +189,7 @@ fn call_of(
         call,
         max_tries: None,
         placement: None,
+        replicas: job.replicas,
     })
 }
 

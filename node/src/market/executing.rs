@@ -13,13 +13,14 @@
 use super::Market;
 use super::failure::{Failure, Part, PartAt};
 use super::function::{
-    Execution, ExecutionTimings, FunctionCall, MAX_INLINE_OUTPUT, MAX_OUTPUT_FILES, OutputFile,
-    OutputStream, parse_cid,
+    Execution, ExecutionTimings, MAX_INLINE_OUTPUT, MAX_OUTPUT_FILES, OutputFile, OutputStream,
+    parse_cid,
 };
 use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, Response};
 use crate::executor::Job;
 use cid::Cid;
+use flotilla_api::receipt::sha256_hex;
 use flotilla_offers::ledger::{RunKey, StartError};
 use flotilla_overlay::OverlayError;
 use flotilla_overlay::fetch::FetchProgress;
@@ -222,11 +223,11 @@ impl Market {
             ended: false,
         };
         let market = self;
-        let call = &request.call;
+        let request = &request;
         self.shared
             .executions
             .run((from, id), async move {
-                let outcome = market.run_call(call, started).await;
+                let outcome = market.run_call(from, request, started).await;
                 let offer = guard.end().await;
                 match outcome {
                     Ok(execution) => {
@@ -293,8 +294,15 @@ impl Market {
         }
     }
 
-    /// Fetches what the call needs, runs it with `mib` MiB, and stores its outputs.
-    async fn run_call(&self, call: &FunctionCall, mib: u32) -> Result<Execution, Failure> {
+    /// Fetches what the call needs, runs it with `mib` MiB, stores its outputs, and
+    /// signs a receipt for what `from` asked and what came out.
+    async fn run_call(
+        &self,
+        from: PeerId,
+        request: &ExecuteRequest,
+        mib: u32,
+    ) -> Result<Execution, Failure> {
+        let call = &request.call;
         let executor = self
             .shared
             .executor
@@ -340,6 +348,10 @@ impl Market {
                 .await??;
 
         let storing = Instant::now();
+        let mut outcome = outcome;
+        self.maybe_tamper(&mut outcome.stdout);
+        let stdout_sha256 = sha256_hex(&outcome.stdout);
+        let stderr_sha256 = sha256_hex(&outcome.stderr);
         let stdout = self.store_stream(outcome.stdout).await?;
         let stderr = self.store_stream(outcome.stderr).await?;
         let mut outputs = Vec::with_capacity(outcome.outputs.len().min(MAX_OUTPUT_FILES));
@@ -359,7 +371,7 @@ impl Market {
             execute_us: outcome.timings.execute_us,
             store_us: storing.elapsed().as_micros() as u64,
         };
-        Ok(Execution {
+        let mut execution = Execution {
             volunteer: self.peer_id().to_string(),
             exit_code: outcome.exit_code,
             stdout,
@@ -368,7 +380,11 @@ impl Market {
             failure: outcome.failure,
             memory_mib: mib,
             timings,
-        })
+            receipt: None,
+        };
+        let receipt = self.receipt_for(from, request, &execution, stdout_sha256, stderr_sha256);
+        execution.receipt = Some(Box::new(receipt));
+        Ok(execution)
     }
 
     /// Fetches `part` of the call, the file under the CID `text` names (unless held

@@ -12,10 +12,12 @@
 //! again, gets the one run's answer.
 
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
-use super::protocol::{ExecuteRequest, InvokeRequest, Request, Response};
+use super::protocol::{ExecuteRequest, InvokeRequest, MAX_EXCLUDED, Request, Response};
+use super::receipts;
 use super::scheduling::Exchanges;
 use super::slots::Slot;
 use super::{CallError, Market};
+use flotilla_api::receipt::ReceiptError;
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::placer::{self, Outcome, PlaceError, Placer, PlacerConfig};
 use flotilla_scheduler::registry;
@@ -65,6 +67,12 @@ pub enum InvokeError {
     /// Every scheduler tried failed to answer.
     #[error("no scheduler answered ({0})")]
     Unanswered(String),
+    /// The answer's receipt is missing, forged, or not for this call and answer.
+    #[error("the answer was refused: {0}")]
+    BadReceipt(ReceiptError),
+    /// The replicas of a call disagreed with no majority.
+    #[error("{0}")]
+    NoMajority(String),
 }
 
 /// How long a run of `call` may take on a volunteer, fetches and answer included (a call
@@ -108,6 +116,15 @@ impl Market {
     ) -> Response {
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
+        }
+        if request.exclude.len() > MAX_EXCLUDED {
+            return Response::Failed {
+                reason: format!(
+                    "{} volunteers excluded (at most {MAX_EXCLUDED})",
+                    request.exclude.len()
+                ),
+                retryable: false,
+            };
         }
         let id = request.invocation_id;
         let span = tracing::info_span!(
@@ -188,12 +205,19 @@ impl Market {
                 placer::Step::Run { offer } => {
                     placing = None;
                     let volunteer = offer.body.offerer;
-                    let execute = Request::Execute(Box::new(ExecuteRequest {
+                    if request.exclude.contains(&volunteer) {
+                        // It ran another replica of this call: the next offer.
+                        let reason = format!("{volunteer} ran another replica");
+                        step = placer.on_refused(self.now(), reason, &mut rng);
+                        continue;
+                    }
+                    let sent = ExecuteRequest {
                         invocation_id: request.invocation_id,
                         reservation_id: rng.next_u64() >> 1,
                         offer_id: Some(offer.body.offer_id),
                         call: call.clone(),
-                    }));
+                    };
+                    let execute = Request::Execute(Box::new(sent.clone()));
                     exchanges.count(self, volunteer);
                     let addresses = offer.body.addresses.clone();
                     let answer = self.call(volunteer, addresses, execute, allowance).await;
@@ -207,8 +231,19 @@ impl Market {
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {
-                            execution = Some(ran);
-                            placer.on_ran(now)
+                            // Only an answer with a receipt the volunteer signed for this
+                            // very call and reservation is passed on (or recorded).
+                            match receipts::check_from_volunteer(volunteer, &sent, &ran) {
+                                Ok(()) => {
+                                    execution = Some(ran);
+                                    placer.on_ran(now)
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%volunteer, error = %e, "bad receipt; placing the call again");
+                                    metrics.invocation_retries.inc();
+                                    placer.on_failed(now, e.to_string(), true, &mut rng)
+                                }
+                            }
                         }
                         Ok(Response::Refused { reason }) => {
                             placer.on_refused(now, reason, &mut rng)
@@ -287,12 +322,25 @@ impl Market {
     }
 
     /// Runs `call` on the network: through a scheduler picked at random from the registry,
-    /// trying another (with the same invocation id) if it does not answer.
+    /// trying another (with the same invocation id) if it does not answer. The answer
+    /// comes with the volunteer's receipt, checked against the call and the answer.
     pub async fn invoke(
         &self,
         call: FunctionCall,
         max_tries: Option<u32>,
         placement: Option<Policy>,
+    ) -> Result<Invocation, InvokeError> {
+        self.invoke_excluding(call, max_tries, placement, Vec::new())
+            .await
+    }
+
+    /// [`Market::invoke`], on none of the volunteers `exclude` names.
+    pub(super) async fn invoke_excluding(
+        &self,
+        call: FunctionCall,
+        max_tries: Option<u32>,
+        placement: Option<Policy>,
+        exclude: Vec<PeerId>,
     ) -> Result<Invocation, InvokeError> {
         call.validate()
             .map_err(|e| InvokeError::Rejected(e.to_string()))?;
@@ -302,6 +350,7 @@ impl Market {
             call,
             max_tries,
             placement,
+            exclude,
         };
         let timeout = execution_allowance(&request.call, self.shared.config.fetch_timeout)
             * MAX_ATTEMPTS as u32
@@ -314,6 +363,17 @@ impl Market {
                 if invocation.scheduler != self.peer_id().to_string() {
                     invocation.exchanges += 1;
                 }
+                if invocation.invocation_id != request.invocation_id {
+                    return Err(InvokeError::BadReceipt(ReceiptError::Mismatch(
+                        "invocation id",
+                    )));
+                }
+                receipts::check_for_client(
+                    request.invocation_id,
+                    &request.call,
+                    &invocation.execution,
+                )
+                .map_err(InvokeError::BadReceipt)?;
                 Ok(*invocation)
             }
             Response::Failed { reason, retryable } => {

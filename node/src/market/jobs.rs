@@ -454,6 +454,7 @@ impl Market {
             call,
             max_tries,
             placement,
+            exclude: Vec::new(),
         };
         let wait_ms = wait.min(MAX_JOB_WAIT).as_millis() as u64;
         self.ask_a_scheduler(
@@ -570,6 +571,7 @@ mod tests {
                 failure: None,
                 memory_mib: 128,
                 timings: Default::default(),
+                receipt: None,
             },
             failed_attempts: Vec::new(),
             discover_us: 0,

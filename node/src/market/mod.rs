@@ -22,6 +22,8 @@
 //! * [`function`]: what an invocation carries; `invoking`: placing a call (scheduler)
 //!   and asking for one (client); `executing`: running one (volunteer); [`once`]: what
 //!   makes retries safe;
+//! * `receipts`: the volunteer's signed receipt for each run, and the checks of it;
+//!   [`replicas`]: a call run on several volunteers and their answers compared;
 //! * `copies`: the quota of job results copied for others;
 //! * `slots`: pools of places with a share per peer;
 //! * [`metrics`]: what it all counts.
@@ -29,6 +31,8 @@
 pub mod clock;
 /// What an invocation carries: the crate `flotilla-api`'s module, re-exported.
 pub use flotilla_api::function;
+/// A volunteer's signed receipt for a run: the crate `flotilla-api`'s module, re-exported.
+pub use flotilla_api::receipt;
 pub mod jobs;
 pub mod metrics;
 pub mod once;
@@ -40,6 +44,8 @@ mod failure;
 mod holding;
 mod invoking;
 mod offering;
+mod receipts;
+pub mod replicas;
 mod scheduling;
 mod serving;
 mod slots;
@@ -138,6 +144,10 @@ pub struct MarketConfig {
     pub holder: HolderConfig,
     /// Bounds of the super-trader list.
     pub super_traders: SuperTraderConfig,
+    /// For tests only: this volunteer alters the stdout of every call it runs (and signs
+    /// the altered answer), as a volunteer that lies would.
+    #[doc(hidden)]
+    pub tamper_stdout: bool,
 }
 
 impl Default for MarketConfig {

@@ -169,7 +169,14 @@ pub struct InvokeRequest {
     pub max_tries: Option<u32>,
     /// Which fitting offer to prefer (the scheduler's setting if `None`).
     pub placement: Option<Policy>,
+    /// Volunteers not to run it on (those that ran its other replicas), at most
+    /// [`MAX_EXCLUDED`].
+    #[serde(default)]
+    pub exclude: Vec<libp2p::PeerId>,
 }
+
+/// Most volunteers one call may exclude.
+pub const MAX_EXCLUDED: usize = 16;
 
 /// A call for a volunteer to run on memory reserved there: reserved before (with
 /// `Reserve`), or in the same message (`offer_id`), which saves an exchange. Either way

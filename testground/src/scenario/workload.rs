@@ -192,6 +192,7 @@ impl Client {
             },
             max_tries: Some(self.max_tries),
             placement: None,
+            replicas: None,
         }
     }
 

@@ -1,0 +1,87 @@
+//! Receipts in the market: the volunteer signs one for each run it answers
+//! ([`Market::receipt_for`]); the scheduler checks it before it answers a client or signs
+//! a job record over it ([`check_from_volunteer`]); the client checks it against the call
+//! it made and the answer it got ([`check_for_client`]). The record itself and its checks
+//! are `flotilla_api::receipt`.
+
+use super::Market;
+use super::function::{Execution, FunctionCall, OutputStream};
+use super::protocol::ExecuteRequest;
+use flotilla_api::receipt::{Receipt, ReceiptBody, ReceiptError, StreamDigest, args_digest};
+use libp2p::PeerId;
+
+/// What a volunteer that lies adds to stdout (only with the test-only
+/// `MarketConfig::tamper_stdout` set).
+pub const TAMPERED: &[u8] = b"\n(altered by a lying volunteer)\n";
+
+impl Market {
+    /// Signs this node's receipt for the run of `request` it answers for `from` with
+    /// `execution`, whose stdout and stderr had these SHA-256 digests.
+    pub(super) fn receipt_for(
+        &self,
+        from: PeerId,
+        request: &ExecuteRequest,
+        execution: &Execution,
+        stdout_sha256: String,
+        stderr_sha256: String,
+    ) -> Receipt {
+        let call = &request.call;
+        let digest = |sha256: String, stream: &OutputStream| StreamDigest {
+            size: stream.size,
+            sha256,
+            cid: stream.cid.clone(),
+        };
+        let body = ReceiptBody {
+            volunteer: self.peer_id(),
+            scheduler: from,
+            invocation_id: request.invocation_id,
+            reservation_id: request.reservation_id,
+            module: call.module.clone(),
+            inputs: call.inputs.clone(),
+            args_digest: args_digest(call),
+            memory_mib: execution.memory_mib,
+            exit_code: execution.exit_code,
+            failure: execution.failure.clone(),
+            stdout: digest(stdout_sha256, &execution.stdout),
+            stderr: digest(stderr_sha256, &execution.stderr),
+            outputs: execution.outputs.clone(),
+            timings: execution.timings,
+        };
+        Receipt::sign(body, &self.shared.keypair)
+    }
+
+    /// For tests only: a volunteer that lies alters the stdout it is about to answer
+    /// (and then signs its lie, as a hostile volunteer can).
+    pub(super) fn maybe_tamper(&self, stdout: &mut Vec<u8>) {
+        if self.shared.config.tamper_stdout {
+            stdout.extend_from_slice(TAMPERED);
+        }
+    }
+}
+
+/// The scheduler's check of a volunteer's answer to its `request`: signed by
+/// `volunteer`, the peer it sent the call to, for this invocation and reservation, this
+/// call and this answer.
+pub(super) fn check_from_volunteer(
+    volunteer: PeerId,
+    request: &ExecuteRequest,
+    execution: &Execution,
+) -> Result<(), ReceiptError> {
+    let receipt = execution.receipt.as_deref().ok_or(ReceiptError::Missing)?;
+    receipt.verify_from(&volunteer.to_string())?;
+    if receipt.body.reservation_id != request.reservation_id {
+        return Err(ReceiptError::Mismatch("reservation"));
+    }
+    receipt.matches_call(request.invocation_id, &request.call)?;
+    receipt.matches_execution(execution)
+}
+
+/// The client's check of the answer to its invocation `invocation_id` of `call`.
+pub(super) fn check_for_client(
+    invocation_id: u64,
+    call: &FunctionCall,
+    execution: &Execution,
+) -> Result<(), ReceiptError> {
+    let receipt = execution.receipt.as_deref().ok_or(ReceiptError::Missing)?;
+    receipt.check(invocation_id, call, execution)
+}

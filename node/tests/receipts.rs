@@ -1,0 +1,141 @@
+//! Signed receipts and replicated calls end to end, on a loopback network of real nodes:
+//! one scheduler (the client) and three volunteers, one of which lies — it is built from
+//! the node's own code with the test-only `tamper_stdout` set, so it alters the stdout of
+//! every call it runs and signs the altered answer. Every answer carries a receipt that
+//! verifies; a call with `replicas = 3` runs on all three, and the liar is outvoted and
+//! named with its receipt.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytesize::ByteSize;
+use common::wait_until;
+use flotilla_node::api::client::ApiClient;
+use flotilla_node::api::types::InvokeBody;
+use flotilla_node::config::NodeConfig;
+use flotilla_node::daemon::RunningNode;
+use flotilla_node::demo;
+use flotilla_node::market::function::FunctionCall;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const VOLUNTEERS: usize = 3;
+/// The volunteer that lies.
+const LIAR: usize = 3;
+
+fn example(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/wasm")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Node 0 schedules (and is the client); nodes 1..=3 lend 512 MiB each, node 3 lies.
+async fn network() -> (tempfile::TempDir, Vec<RunningNode>) {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
+        let config = NodeConfig {
+            offer_ttl: Duration::from_secs(6),
+            offer_refresh_margin: Duration::from_secs(3),
+            answer_timeout: Duration::from_secs(1),
+            notify_interval: Duration::from_millis(300),
+            fetch_timeout: Duration::from_secs(3),
+            ..config
+        };
+        match i {
+            0 => NodeConfig {
+                scheduler: true,
+                ..config
+            },
+            _ => NodeConfig {
+                offer_memory: Some(ByteSize::mib(512)),
+                tamper_stdout: i == LIAR,
+                ..config
+            },
+        }
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "every volunteer's offer is on the scheduler's list",
+        || async { nodes[0].market().offers().await.super_traders == VOLUNTEERS },
+    )
+    .await;
+    (dir, nodes)
+}
+
+fn body(module: &str, replicas: Option<u32>) -> InvokeBody {
+    InvokeBody {
+        call: FunctionCall {
+            module: module.to_string(),
+            memory_mib: 128,
+            timeout_ms: Some(20_000),
+            args: vec!["hello".into()],
+            env: Vec::new(),
+            stdin: None,
+            inputs: Vec::new(),
+        },
+        max_tries: None,
+        placement: None,
+        replicas,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
+    let (_dir, nodes) = network().await;
+    let echo = nodes[0]
+        .overlay()
+        .add(&example("echo")[..])
+        .await
+        .unwrap()
+        .cid;
+    let api = ApiClient::new(nodes[0].api_addr());
+    let liar = nodes[LIAR].peer_id().to_string();
+
+    // A plain call: its answer carries the volunteer's receipt, which verifies, names the
+    // volunteer that ran it, and matches the call; the API's JSON shows it.
+    let reply = api.invoke(&body(&echo, None)).await.unwrap();
+    let execution = &reply.invocation.execution;
+    let receipt = execution.receipt.as_deref().expect("a receipt");
+    receipt
+        .check(
+            reply.invocation.invocation_id,
+            &body(&echo, None).call,
+            execution,
+        )
+        .unwrap();
+    assert_eq!(receipt.body.volunteer.to_string(), execution.volunteer);
+    assert_eq!(receipt.body.scheduler, nodes[0].peer_id());
+    assert!(reply.replicas.is_none());
+    let json = serde_json::to_value(&reply).unwrap();
+    assert!(
+        json["execution"]["receipt"]["signature"].is_string(),
+        "{json}"
+    );
+
+    // Three replicas: one on each volunteer; the two honest ones agree, the liar is
+    // outvoted and named, with its receipt showing what it signed.
+    let reply = api.invoke(&body(&echo, Some(3))).await.unwrap();
+    let execution = &reply.invocation.execution;
+    assert_eq!(execution.stdout.inline, b"hello\n");
+    assert_ne!(execution.volunteer, liar);
+    let report = reply.replicas.expect("a replica report");
+    assert_eq!(report.replicas, 3);
+    assert!(report.majority);
+    assert_eq!(report.dissenters, vec![liar.clone()]);
+    assert_eq!(report.sides.len(), 2);
+    assert_eq!(report.sides[0].volunteers.len(), 2);
+    let outvoted = &report.sides[1];
+    assert_eq!(outvoted.volunteers, vec![liar.clone()]);
+    let signed = &outvoted.receipts[0];
+    signed.verify_from(&liar).unwrap();
+    assert_ne!(
+        signed.body.stdout.sha256,
+        report.sides[0].answer.stdout_sha256
+    );
+
+    // More replicas than volunteers: the call cannot run on that many distinct ones.
+    let error = api.invoke(&body(&echo, Some(4))).await.unwrap_err();
+    assert!(error.to_string().contains("replica 4 of 4"), "{error}");
+}
