@@ -19,6 +19,7 @@
 //! * [`fetch`]: fetching a whole DAG from connected peers and DHT providers;
 //! * [`service`]: [`Overlay`], all of the above as one running peer.
 
+pub mod admission;
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;

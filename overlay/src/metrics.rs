@@ -27,6 +27,12 @@ pub struct OverlayMetrics {
     pub fetch_seconds: Histogram,
     /// Roots of fetched DAGs queued to be announced as provided.
     pub announcements_queued: Counter,
+    /// Inbound bitswap streams refused (the peer at its limit or its fair share).
+    pub bitswap_streams_refused: Counter,
+    /// Inbound bitswap streams closed to give their slot to a peer below its share.
+    pub bitswap_streams_evicted: Counter,
+    /// Inbound bitswap streams closed because no message started within the idle timeout.
+    pub bitswap_streams_idle: Counter,
 }
 
 impl OverlayMetrics {
@@ -43,6 +49,9 @@ impl OverlayMetrics {
             wants_dropped: Counter::default(),
             fetch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             announcements_queued: Counter::default(),
+            bitswap_streams_refused: Counter::default(),
+            bitswap_streams_evicted: Counter::default(),
+            bitswap_streams_idle: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("flotilla_bitswap");
         r.register("blocks_sent", "Blocks sent to peers", m.blocks_sent.clone());
@@ -80,6 +89,21 @@ impl OverlayMetrics {
             "wants_dropped",
             "Wants dropped because a peer's wantlist was full",
             m.wants_dropped.clone(),
+        );
+        r.register(
+            "streams_refused",
+            "Inbound streams refused: the peer was at its limit or its fair share",
+            m.bitswap_streams_refused.clone(),
+        );
+        r.register(
+            "streams_evicted",
+            "Inbound streams closed to give their slot to a peer below its fair share",
+            m.bitswap_streams_evicted.clone(),
+        );
+        r.register(
+            "streams_idle",
+            "Inbound streams closed because no message started within the idle timeout",
+            m.bitswap_streams_idle.clone(),
         );
         let flotilla = registry.sub_registry_with_prefix("flotilla");
         flotilla.register(

@@ -7,13 +7,14 @@
 //! cloneable [`Network`] handle sends it [`Command`]s that carry their reply channels, and
 //! pending replies are kept by Kademlia query id or request id.
 
+use crate::admission::{self, AdmissionConfig};
 use crate::bitswap::Bitswap;
 use crate::dht::{self, Dht};
 use crate::fair::FairSender;
 use crate::link::{self, LinkConfig, Links};
 use crate::liveness::{self, Liveness};
 use crate::presence::Presence;
-use crate::record_store::SplitStore;
+use crate::record_store::{SplitStore, StoreLimits};
 use crate::rpc::{BytesCodec, Concern, Inbound, InboundRequest, Outgoing, Reply, RpcError};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -51,10 +52,15 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// Most established connections in all.
     pub max_connections: u32,
+    /// Limits on inbound connections within `max_connections` ([`crate::admission`]).
+    pub admission: AdmissionConfig,
     /// Most provider records this node announces for itself.
     pub max_provided_keys: usize,
     /// Most keys of other peers' provider records this node keeps for the DHT.
     pub max_other_provider_keys: usize,
+    /// Other bounds of other peers' provider records (its `max_keys` is ignored for
+    /// `max_other_provider_keys`).
+    pub provider_limits: StoreLimits,
     /// Time allowed for startup steps (listening, reaching a bootstrap peer) and for a
     /// Kademlia query.
     pub timeout: Duration,
@@ -74,8 +80,10 @@ impl Default for NetworkConfig {
             bootstrap: Vec::new(),
             mdns: true,
             max_connections: 256,
+            admission: AdmissionConfig::default(),
             max_provided_keys: 65_536,
             max_other_provider_keys: 65_536,
+            provider_limits: StoreLimits::default(),
             timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             inbound_queue: 256,
@@ -130,6 +138,8 @@ pub struct NetworkStatus {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    // First: it may evict an inbound connection before the total limit refuses one.
+    admission: admission::Behaviour,
     limits: connection_limits::Behaviour,
     kad: kad::Behaviour<SplitStore>,
     market: kad::Behaviour<SplitStore>,
@@ -581,20 +591,28 @@ fn build_swarm(
 ) -> Result<Swarm<Behaviour>, NetworkError> {
     let transport_err = |e: &dyn std::fmt::Display| NetworkError::Transport(e.to_string());
     let local_peer_id = keypair.public().to_peer_id();
-    let store = || {
-        SplitStore::new(
-            local_peer_id,
-            config.max_provided_keys,
-            config.max_other_provider_keys,
-        )
+    let limits = StoreLimits {
+        max_keys: config.max_other_provider_keys,
+        ..config.provider_limits
+    };
+    let store = |metrics: Option<crate::record_store::StoreMetrics>| {
+        let store = SplitStore::with_limits(local_peer_id, config.max_provided_keys, limits);
+        match metrics {
+            Some(metrics) => store.with_metrics(metrics),
+            None => store,
+        }
     };
     let query_timeout = config.timeout.max(Duration::from_secs(5));
+    // The content DHT's store is the one IPFS peers fill: its use is measured.
+    let content_store = store(Some(crate::record_store::StoreMetrics::new(registry)));
     let (kad, market) = (
-        Dht::Content.behaviour(local_peer_id, store(), query_timeout),
-        Dht::Market.behaviour(local_peer_id, store(), query_timeout),
+        Dht::Content.behaviour(local_peer_id, content_store, query_timeout),
+        Dht::Market.behaviour(local_peer_id, store(None), query_timeout),
     );
     let mdns = config.mdns;
     let max_connections = config.max_connections;
+    let admission = config.admission;
+    let admission_metrics = admission::AdmissionMetrics::new(registry);
     let rpc_config =
         request_response::Config::default().with_request_timeout(config.request_timeout);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -618,6 +636,11 @@ fn build_swarm(
                     None
                 };
                 Ok(Behaviour {
+                    admission: admission::Behaviour::new(
+                        admission,
+                        max_connections,
+                        admission_metrics,
+                    ),
                     limits: connection_limits::Behaviour::new(
                         connection_limits::ConnectionLimits::default()
                             .with_max_established(Some(max_connections))

@@ -20,6 +20,9 @@ pub enum MessageError {
     /// The bytes are not a valid protobuf message.
     #[error("malformed bitswap message: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// A field of the message is malformed.
+    #[error("malformed bitswap message: bad {0}")]
+    Field(&'static str),
     /// A CID or CID prefix in the message is invalid.
     #[error("malformed CID in bitswap message: {0}")]
     Cid(String),
@@ -185,63 +188,121 @@ impl Message {
         .encode_to_vec()
     }
 
-    /// Decodes a protobuf message, keeping at most `max_entries` wantlist entries (as
-    /// boxo does: a peer's wantlist beyond our limit is cut, not refused).
+    /// Decodes a protobuf message, keeping at most `max_entries` wantlist entries, as
+    /// many blocks and as many presences (as boxo does: a peer's wantlist beyond our
+    /// limit is cut, not refused). The message is walked field by field and entries past
+    /// a limit are skipped without being decoded, so a frame of millions of empty entries
+    /// allocates no more than `max_entries` of each.
     pub fn decode(bytes: Bytes, max_entries: usize) -> Result<Message, MessageError> {
-        let pb = pb::Message::decode(bytes)?;
-        let (mut entries, full) = pb.wantlist.map(|w| (w.entries, w.full)).unwrap_or_default();
-        entries.truncate(max_entries);
-        let wants = entries
-            .into_iter()
-            .map(|e| {
-                Ok(WantEntry {
-                    cid: parse_cid(&e.block)?,
-                    priority: e.priority,
-                    cancel: e.cancel,
-                    want_type: if e.want_type == pb::WantType::Have as i32 {
-                        WantType::Have
+        let mut msg = Message::default();
+        let mut buf = bytes;
+        while let Some((tag, field)) = next_field(&mut buf)? {
+            match (tag, field) {
+                (1, Field::Len(wantlist)) => msg.decode_wantlist(wantlist, max_entries)?,
+                (2, Field::Len(data)) if msg.blocks.len() < max_entries => {
+                    // Bitswap 1.0.0 blocks are CIDv0: dag-pb, sha2-256.
+                    let hash =
+                        Multihash::wrap(SHA2_256, &Sha256::digest(&data)).expect("32 bytes fit");
+                    let cid = Cid::new_v0(hash).map_err(|e| MessageError::Cid(e.to_string()))?;
+                    msg.blocks.push(ReceivedBlock { cid, data });
+                }
+                (3, Field::Len(block)) if msg.blocks.len() < max_entries => {
+                    let block = pb::Block::decode(block)?;
+                    if let Some(cid) = cid_of(&block.prefix, &block.data)? {
+                        msg.blocks.push(ReceivedBlock {
+                            cid,
+                            data: block.data,
+                        });
+                    }
+                }
+                (4, Field::Len(presence)) if msg.presences.len() < max_entries => {
+                    let p = pb::BlockPresence::decode(presence)?;
+                    let presence = if p.r#type == pb::PresenceType::DontHave as i32 {
+                        Presence::DontHave
                     } else {
-                        WantType::Block
-                    },
-                    send_dont_have: e.send_dont_have,
-                })
-            })
-            .collect::<Result<Vec<_>, MessageError>>()?;
-        let mut blocks = Vec::with_capacity(pb.payload.len() + pb.blocks.len());
-        for block in pb.payload {
-            if let Some(cid) = cid_of(&block.prefix, &block.data)? {
-                blocks.push(ReceivedBlock {
-                    cid,
-                    data: block.data,
-                });
+                        Presence::Have
+                    };
+                    msg.presences.push((parse_cid(&p.cid)?, presence));
+                }
+                // Protobuf's int32 is sign-extended to 64 bits; the cut keeps its value.
+                (5, Field::Varint(n)) => msg.pending_bytes = n as i32,
+                _ => {} // unknown fields, and entries past a limit
             }
         }
-        for data in pb.blocks {
-            // Bitswap 1.0.0 blocks are CIDv0: dag-pb, sha2-256.
-            let hash = Multihash::wrap(SHA2_256, &Sha256::digest(&data)).expect("32 bytes fit");
-            let cid = Cid::new_v0(hash).map_err(|e| MessageError::Cid(e.to_string()))?;
-            blocks.push(ReceivedBlock { cid, data });
-        }
-        let presences = pb
-            .block_presences
-            .into_iter()
-            .map(|p| {
-                let presence = if p.r#type == pb::PresenceType::DontHave as i32 {
-                    Presence::DontHave
-                } else {
-                    Presence::Have
-                };
-                Ok((parse_cid(&p.cid)?, presence))
-            })
-            .collect::<Result<Vec<_>, MessageError>>()?;
-        Ok(Message {
-            wants,
-            full,
-            blocks,
-            presences,
-            pending_bytes: pb.pending_bytes,
-        })
+        Ok(msg)
     }
+
+    fn decode_wantlist(&mut self, bytes: Bytes, max_entries: usize) -> Result<(), MessageError> {
+        let mut buf = bytes;
+        while let Some((tag, field)) = next_field(&mut buf)? {
+            match (tag, field) {
+                (1, Field::Len(entry)) if self.wants.len() < max_entries => {
+                    let e = pb::Entry::decode(entry)?;
+                    self.wants.push(WantEntry {
+                        cid: parse_cid(&e.block)?,
+                        priority: e.priority,
+                        cancel: e.cancel,
+                        want_type: if e.want_type == pb::WantType::Have as i32 {
+                            WantType::Have
+                        } else {
+                            WantType::Block
+                        },
+                        send_dont_have: e.send_dont_have,
+                    });
+                }
+                (2, Field::Varint(full)) => self.full = full != 0,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One protobuf field's payload: a varint, or the bytes of a length-delimited field (a
+/// slice of the input, not a copy). Fixed-size fields are skipped.
+enum Field {
+    Varint(u64),
+    Len(Bytes),
+    Fixed,
+}
+
+/// Reads the next field of a protobuf message from `buf`; `None` at its end.
+fn next_field(buf: &mut Bytes) -> Result<Option<(u64, Field)>, MessageError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let bad = MessageError::Field;
+    let varint = |buf: &mut Bytes| -> Result<u64, MessageError> {
+        let (n, rest) = unsigned_varint::decode::u64(buf).map_err(|_| bad("varint"))?;
+        let used = buf.len() - rest.len();
+        let _ = buf.split_to(used);
+        Ok(n)
+    };
+    let key = varint(buf)?;
+    let tag = key >> 3;
+    let field = match key & 7 {
+        0 => Field::Varint(varint(buf)?),
+        1 | 5 => {
+            let n = if key & 7 == 1 { 8 } else { 4 };
+            if buf.len() < n {
+                return Err(bad("truncated fixed-size field"));
+            }
+            let _ = buf.split_to(n);
+            Field::Fixed
+        }
+        2 => {
+            let len = usize::try_from(varint(buf)?).map_err(|_| bad("length"))?;
+            if buf.len() < len {
+                return Err(bad("truncated length-delimited field"));
+            }
+            Field::Len(buf.split_to(len))
+        }
+        _ => return Err(bad("unsupported wire type")),
+    };
+    if tag == 0 {
+        return Err(bad("field number 0"));
+    }
+    Ok(Some((tag, field)))
 }
 
 fn parse_cid(bytes: &[u8]) -> Result<Cid, MessageError> {
@@ -443,6 +504,48 @@ mod tests {
         };
         let decoded = Message::decode(Bytes::from(msg.encode()), 4).unwrap();
         assert_eq!(decoded.wants, msg.wants[..4]);
+    }
+
+    #[test]
+    fn millions_of_empty_entries_decode_to_the_limits_only() {
+        // A 4 MiB frame of empty entries, presences and blocks, the way a hostile peer
+        // would send it: two bytes per entry. Only the first `max` of each are decoded.
+        let entry = pb::Entry {
+            block: raw_cid(b"x").to_bytes(),
+            ..Default::default()
+        };
+        let mut wantlist = Vec::new();
+        for _ in 0..1000 {
+            prost::encoding::message::encode(1, &entry, &mut wantlist);
+        }
+        while wantlist.len() < 2 * 1024 * 1024 {
+            wantlist.extend_from_slice(&[0x0a, 0x00]); // entry: field 1, empty
+        }
+        let mut frame = Vec::new();
+        prost::encoding::bytes::encode(1, &wantlist, &mut frame);
+        let presence = pb::BlockPresence {
+            cid: raw_cid(b"y").to_bytes(),
+            r#type: 0,
+        };
+        for _ in 0..16 {
+            prost::encoding::message::encode(4, &presence, &mut frame);
+        }
+        while frame.len() < 3 * 1024 * 1024 {
+            frame.extend_from_slice(&[0x22, 0x00]); // presence: field 4, empty
+        }
+        while frame.len() < 4 * 1024 * 1024 {
+            frame.extend_from_slice(&[0x12, 0x00]); // 1.0.0 block: field 2, empty
+        }
+        let msg = Message::decode(Bytes::from(frame), 16).unwrap();
+        assert_eq!(msg.wants.len(), 16);
+        assert_eq!(msg.blocks.len(), 16);
+        assert_eq!(msg.presences.len(), 16);
+        let mut only_presences = Vec::new();
+        for _ in 0..100_000 {
+            prost::encoding::message::encode(4, &presence, &mut only_presences);
+        }
+        let msg = Message::decode(Bytes::from(only_presences), 16).unwrap();
+        assert_eq!(msg.presences.len(), 16);
     }
 
     #[test]

@@ -11,11 +11,17 @@
 //! * [`server`]: a bounded wantlist per peer and a worker that answers it from the
 //!   blockstore with blocks and HAVE / DONT_HAVE presences.
 //!
-//! Every input is bounded: messages ≤ 4 MiB, blocks ≤ 2 MiB, ≤ 1024 wants per peer, a cap
-//! on concurrent inbound streams. A malformed or oversize message closes its stream only.
+//! Every input is bounded: messages ≤ 4 MiB, blocks ≤ 2 MiB, ≤ 1024 wants per peer (and
+//! as many blocks and presences per message, counted before they are decoded), a cap on
+//! concurrent inbound streams shared fairly among peers ([`slots`]), an idle timeout on
+//! inbound streams, and a byte budget for the replies queued to each peer ([`budget`]).
+//! A malformed or oversize message closes its stream only.
 
 pub mod message;
 pub mod wire;
+
+pub mod budget;
+pub mod slots;
 
 mod client;
 mod sender;
@@ -27,11 +33,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use message::Message;
-use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 pub use client::WantError;
 
@@ -58,8 +63,18 @@ pub struct BitswapConfig {
     /// Time allowed to open a stream or write one message (default 30 s), and to receive
     /// the rest of a message once its length has arrived.
     pub write_timeout: Duration,
-    /// Most inbound bitswap streams one peer may have open at once (default 16).
+    /// Most inbound bitswap streams one peer may have open at once (default 16). When
+    /// all `max_inbound_streams` are taken, a peer below its fair share takes one from the
+    /// peer holding the most ([`slots`]).
     pub max_inbound_streams_per_peer: usize,
+    /// How long an inbound stream may wait for the next message to start (default 60 s);
+    /// a silent stream is then closed and its slot freed.
+    pub inbound_idle_timeout: Duration,
+    /// Bytes of replies queued for one peer, blocks not yet written (default 8 MiB): the
+    /// server waits for room before reading the next block from disk ([`budget`]).
+    pub reply_bytes_per_peer: usize,
+    /// Bytes of replies queued for all peers together (default 256 MiB).
+    pub reply_bytes_total: usize,
 }
 
 impl Default for BitswapConfig {
@@ -73,6 +88,9 @@ impl Default for BitswapConfig {
             idle_stream_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             max_inbound_streams_per_peer: 16,
+            inbound_idle_timeout: Duration::from_secs(60),
+            reply_bytes_per_peer: 8 * 1024 * 1024,
+            reply_bytes_total: 256 * 1024 * 1024,
         }
     }
 }
@@ -91,44 +109,44 @@ struct Inner {
     senders: Mutex<sender::Senders>,
     client: Mutex<client::ClientState>,
     server: Mutex<server::ServerState>,
-    inbound_streams: Arc<Semaphore>,
-    inbound_per_peer: Mutex<HashMap<PeerId, usize>>,
+    slots: Mutex<slots::Slots<oneshot::Sender<()>>>,
+    budget: budget::ReplyBudget,
 }
 
-/// A place among the inbound streams we serve: one of the global permits and one of the
-/// peer's; both are given back on drop.
+/// A place among the inbound streams we serve ([`slots::Slots`]); given back on drop.
 struct InboundSlot {
     inner: Arc<Inner>,
     peer: PeerId,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    id: slots::SlotId,
 }
 
 impl InboundSlot {
-    fn take(inner: &Arc<Inner>, peer: PeerId) -> Option<InboundSlot> {
-        let permit = inner.inbound_streams.clone().try_acquire_owned().ok()?;
-        let mut per_peer = lock(&inner.inbound_per_peer);
-        let count = per_peer.entry(peer).or_default();
-        if *count >= inner.config.max_inbound_streams_per_peer {
-            return None;
-        }
-        *count += 1;
-        Some(InboundSlot {
+    /// Takes a slot for `peer`, perhaps from a peer holding more than its share (whose
+    /// stream then ends); the receiver resolves when this slot is taken away in turn.
+    fn take(inner: &Arc<Inner>, peer: PeerId) -> Option<(InboundSlot, oneshot::Receiver<()>)> {
+        let (stop, stopped) = oneshot::channel();
+        let id = match lock(&inner.slots).admit(peer, stop) {
+            slots::Admit::Given(id) => id,
+            slots::Admit::Evicted { slot, victim, stop } => {
+                tracing::debug!(%peer, %victim, "took an inbound bitswap slot from a peer over its share");
+                inner.metrics.bitswap_streams_evicted.inc();
+                drop(stop);
+                slot
+            }
+            slots::Admit::Refused => return None,
+        };
+        let slot = InboundSlot {
             inner: inner.clone(),
             peer,
-            _permit: permit,
-        })
+            id,
+        };
+        Some((slot, stopped))
     }
 }
 
 impl Drop for InboundSlot {
     fn drop(&mut self) {
-        let mut per_peer = lock(&self.inner.inbound_per_peer);
-        if let Some(count) = per_peer.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                per_peer.remove(&self.peer);
-            }
-        }
+        lock(&self.inner.slots).release(&self.peer, self.id);
     }
 }
 
@@ -151,7 +169,11 @@ impl Bitswap {
             .accept(PROTOCOL)
             .expect("bitswap registers its protocol once");
         let inner = Arc::new(Inner {
-            inbound_streams: Arc::new(Semaphore::new(config.max_inbound_streams)),
+            slots: Mutex::new(slots::Slots::new(
+                config.max_inbound_streams,
+                config.max_inbound_streams_per_peer,
+            )),
+            budget: budget::ReplyBudget::new(config.reply_bytes_per_peer, config.reply_bytes_total),
             config,
             store,
             metrics,
@@ -159,19 +181,22 @@ impl Bitswap {
             senders: Mutex::default(),
             client: Mutex::default(),
             server: Mutex::default(),
-            inbound_per_peer: Mutex::default(),
         });
         let accept = Arc::downgrade(&inner);
         tokio::spawn(async move {
             let mut incoming = incoming;
             while let Some((peer, stream)) = incoming.next().await {
                 let Some(inner) = accept.upgrade() else { break };
-                let Some(slot) = InboundSlot::take(&inner, peer) else {
+                let Some((slot, stopped)) = InboundSlot::take(&inner, peer) else {
                     tracing::debug!(%peer, "too many inbound bitswap streams; dropping one");
+                    inner.metrics.bitswap_streams_refused.inc();
                     continue;
                 };
                 tokio::spawn(async move {
-                    serve_inbound(&inner, peer, stream).await;
+                    tokio::select! {
+                        () = serve_inbound(&inner, peer, stream) => {}
+                        _ = stopped => {} // its slot went to a peer below its share
+                    }
                     drop(slot);
                 });
             }
@@ -211,10 +236,26 @@ impl Bitswap {
         server::block_added(&self.inner, cid);
     }
 
+    /// Inbound streams served now, from all peers.
+    pub fn inbound_streams(&self) -> usize {
+        lock(&self.inner.slots).used()
+    }
+
+    /// Inbound streams `peer` has open now.
+    pub fn inbound_streams_of(&self, peer: &PeerId) -> usize {
+        lock(&self.inner.slots).held_by(peer)
+    }
+
+    /// Bytes of replies queued and not yet written, to all peers.
+    pub fn reply_bytes_queued(&self) -> usize {
+        self.inner.budget.charged_total()
+    }
+
     /// Forgets a peer that disconnected: its wantlist, and our wants from it.
     pub fn peer_disconnected(&self, peer: &PeerId) {
         server::forget_peer(&self.inner, peer);
         client::fail_peer(&self.inner, peer, WantError::Disconnected);
+        self.inner.budget.forget(peer);
     }
 }
 
@@ -241,12 +282,22 @@ async fn serve_inbound(inner: &Arc<Inner>, peer: PeerId, mut stream: Stream) {
     let max = inner.config.max_message_size;
     loop {
         let read = tokio::select! {
-            read = wire::read_frame_within(&mut stream, max, Some(inner.config.write_timeout)) => read,
+            read = wire::read_frame_timed(
+                &mut stream,
+                max,
+                inner.config.inbound_idle_timeout,
+                inner.config.write_timeout,
+            ) => read,
             _ = &mut decoder => return, // the decoder refused a message
         };
         let frame = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
+            Err(e) if wire::is_idle(&e) => {
+                inner.metrics.bitswap_streams_idle.inc();
+                tracing::debug!(%peer, "closing an idle inbound bitswap stream");
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 inner.metrics.bad_messages.inc();
                 tracing::warn!(%peer, error = %e, "closing bitswap stream: bad frame");

@@ -7,6 +7,7 @@
 //! and loses its queue instead of holding the task forever. A task with nothing to send
 //! for the idle timeout closes its stream and ends.
 
+use super::budget::Charge;
 use super::message::Message;
 use super::{Inner, PROTOCOL, WantError, client, lock, wire};
 use libp2p::{PeerId, Stream};
@@ -15,12 +16,32 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// The queues of the running sender tasks, by peer.
-pub(super) type Senders = HashMap<PeerId, mpsc::Sender<Message>>;
+pub(super) type Senders = HashMap<PeerId, mpsc::Sender<Queued>>;
+
+/// A queued message and the reply bytes charged for it, given back once it is written
+/// or dropped.
+pub(super) struct Queued {
+    msg: Message,
+    charges: Vec<Charge>,
+}
 
 /// Queues `msg` for `peer`, starting its sender task if needed; waits while the queue is
 /// full.
 pub(super) async fn send(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
-    let mut msg = msg;
+    send_charged(inner, peer, msg, None).await;
+}
+
+/// [`send`], holding `charge` until the message is written or dropped.
+pub(super) async fn send_charged(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    msg: Message,
+    charge: Option<Charge>,
+) {
+    let mut msg = Queued {
+        msg,
+        charges: charge.into_iter().collect(),
+    };
     for _ in 0..3 {
         let tx = sender_for(inner, peer);
         match tx.send(msg).await {
@@ -37,11 +58,14 @@ pub(super) async fn send(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
 pub(super) fn try_send_existing(inner: &Arc<Inner>, peer: PeerId, msg: Message) {
     let tx = lock(&inner.senders).get(&peer).cloned();
     if let Some(tx) = tx {
-        let _ = tx.try_send(msg);
+        let _ = tx.try_send(Queued {
+            msg,
+            charges: Vec::new(),
+        });
     }
 }
 
-fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Message> {
+fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Queued> {
     let mut senders = lock(&inner.senders);
     if let Some(tx) = senders.get(&peer).filter(|tx| !tx.is_closed()) {
         return tx.clone();
@@ -52,9 +76,9 @@ fn sender_for(inner: &Arc<Inner>, peer: PeerId) -> mpsc::Sender<Message> {
     tx
 }
 
-async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Message>) {
+async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver<Queued>) {
     let mut stream: Option<Stream> = None;
-    let mut held: Option<Message> = None;
+    let mut held: Option<Queued> = None;
     let mut closing = false;
     loop {
         let Some(strong) = inner.upgrade() else { break };
@@ -80,7 +104,8 @@ async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver
         };
         let (msg, rest) = merge_queued(first, &mut rx, strong.config.response_budget);
         held = rest;
-        if !write(&strong, peer, &mut stream, &msg).await {
+        // `msg.charges` are given back when it goes out of scope: written or not.
+        if !write(&strong, peer, &mut stream, &msg.msg).await {
             // Unreachable: our wants to it fail, and its wantlist goes (a message that
             // arrived after it disconnected must not leave a ledger behind).
             client::fail_peer(&strong, &peer, WantError::Unreachable);
@@ -103,18 +128,22 @@ async fn run(inner: std::sync::Weak<Inner>, peer: PeerId, mut rx: mpsc::Receiver
 /// Merges queued messages into `first` while the result stays within `budget` bytes of
 /// blocks; returns the merged message and the first message that did not fit.
 fn merge_queued(
-    mut first: Message,
-    rx: &mut mpsc::Receiver<Message>,
+    mut first: Queued,
+    rx: &mut mpsc::Receiver<Queued>,
     budget: usize,
-) -> (Message, Option<Message>) {
-    while first.size_estimate() < budget {
+) -> (Queued, Option<Queued>) {
+    while first.msg.size_estimate() < budget {
         let Ok(next) = rx.try_recv() else { break };
-        if next.full || first.full || first.size_estimate() + next.size_estimate() > budget {
+        if next.msg.full
+            || first.msg.full
+            || first.msg.size_estimate() + next.msg.size_estimate() > budget
+        {
             return (first, Some(next));
         }
-        first.wants.extend(next.wants);
-        first.blocks.extend(next.blocks);
-        first.presences.extend(next.presences);
+        first.msg.wants.extend(next.msg.wants);
+        first.msg.blocks.extend(next.msg.blocks);
+        first.msg.presences.extend(next.msg.presences);
+        first.charges.extend(next.charges);
     }
     (first, None)
 }

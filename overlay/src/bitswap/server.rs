@@ -10,6 +10,7 @@
 
 use super::message::{Message, Presence, ReceivedBlock, WantEntry, WantType};
 use super::{Inner, lock, sender};
+use crate::block::MAX_BLOCK_SIZE;
 use cid::Cid;
 use libp2p::PeerId;
 use multihash::Multihash;
@@ -136,15 +137,24 @@ async fn work(inner: Arc<Inner>, peer: PeerId) {
         let mut msg = Message::default();
         for entry in batch {
             let mh = *entry.cid.hash();
-            let block = match entry.want_type {
-                WantType::Block => match inner.store.get_async(entry.cid).await {
-                    Ok(block) => block,
-                    Err(e) => {
-                        tracing::warn!(cid = %entry.cid, error = %e, "cannot read a wanted block");
-                        None
+            let (block, charge) = match entry.want_type {
+                WantType::Block => {
+                    // Room in the peer's reply budget first, then the read: a peer that
+                    // does not read its replies cannot make us hold more than its budget.
+                    let mut charge = inner.budget.charge(peer, MAX_BLOCK_SIZE).await;
+                    match inner.store.get_async(entry.cid).await {
+                        Ok(Some(block)) => {
+                            charge.shrink_to(block.data().len());
+                            (Some(block), Some(charge))
+                        }
+                        Ok(None) => (None, None),
+                        Err(e) => {
+                            tracing::warn!(cid = %entry.cid, error = %e, "cannot read a wanted block");
+                            (None, None)
+                        }
                     }
-                },
-                WantType::Have => None,
+                }
+                WantType::Have => (None, None),
             };
             match (entry.want_type, block) {
                 (WantType::Block, Some(block)) => {
@@ -155,7 +165,7 @@ async fn work(inner: Arc<Inner>, peer: PeerId) {
                         blocks: vec![ReceivedBlock { cid, data }],
                         ..Message::default()
                     };
-                    sender::send(&inner, peer, reply).await;
+                    sender::send_charged(&inner, peer, reply, charge).await;
                     served(&inner, &peer, &mh);
                 }
                 (WantType::Have, _) if inner.store.has(&entry.cid) => {

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::io;
+use std::time::Duration;
 
 /// The largest message we read or write: 4 MiB.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -21,8 +22,49 @@ pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Res
 pub async fn read_frame_within<R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
-    body_timeout: Option<std::time::Duration>,
+    body_timeout: Option<Duration>,
 ) -> io::Result<Option<Bytes>> {
+    let Some(len) = read_len(io, max).await? else {
+        return Ok(None);
+    };
+    read_body(io, len, body_timeout).await.map(Some)
+}
+
+/// [`read_frame_within`], also failing with [`FrameError::Idle`] (an `io::Error` of kind
+/// `TimedOut`) if no frame starts within `idle`: a silent stream cannot hold its reader,
+/// nor the slot that reader takes, for ever.
+pub async fn read_frame_timed<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+    idle: Duration,
+    body_timeout: Duration,
+) -> io::Result<Option<Bytes>> {
+    let len = tokio::time::timeout(idle, read_len(io, max))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, FrameError::Idle))??;
+    let Some(len) = len else {
+        return Ok(None);
+    };
+    read_body(io, len, Some(body_timeout)).await.map(Some)
+}
+
+/// Why a frame could not be read, besides I/O errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// No frame started within the idle timeout.
+    #[error("no message started within the idle timeout")]
+    Idle,
+}
+
+/// Whether `e` is [`FrameError::Idle`].
+pub fn is_idle(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<FrameError>())
+        .is_some_and(|f| *f == FrameError::Idle)
+}
+
+/// Reads a frame's length; `Ok(None)` at a clean end of stream.
+async fn read_len<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Option<usize>> {
     let len = match unsigned_varint::aio::read_usize(&mut *io).await {
         Ok(len) => len,
         Err(unsigned_varint::io::ReadError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -37,6 +79,15 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
             format!("message of {len} bytes is over the {max}-byte limit"),
         ));
     }
+    Ok(Some(len))
+}
+
+/// Reads a body of `len` bytes (its memory grows with the bytes that arrive).
+async fn read_body<R: AsyncRead + Unpin>(
+    io: &mut R,
+    len: usize,
+    body_timeout: Option<Duration>,
+) -> io::Result<Bytes> {
     let mut buf = Vec::with_capacity(len.min(256 * 1024));
     let mut limited = (&mut *io).take(len as u64);
     let body = limited.read_to_end(&mut buf);
@@ -55,7 +106,7 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(
             "stream ended inside a message",
         ));
     }
-    Ok(Some(Bytes::from(buf)))
+    Ok(Bytes::from(buf))
 }
 
 /// Writes one length-prefixed frame and flushes it.
@@ -113,5 +164,33 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_times_out_but_a_slow_one_does_not() {
+        let idle = Duration::from_secs(60);
+        let body = Duration::from_secs(30);
+        // Nothing ever arrives: the read ends after the idle timeout.
+        let (mut silent, _keep) = tokio::io::duplex(64);
+        let mut silent = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut silent);
+        let started = tokio::time::Instant::now();
+        let err = read_frame_timed(&mut silent, 1024, idle, body)
+            .await
+            .unwrap_err();
+        assert!(is_idle(&err), "{err}");
+        assert_eq!(started.elapsed(), idle);
+        // A frame that starts before the timeout is read whole.
+        let (mut reader, mut writer) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            tokio::time::sleep(idle / 2).await;
+            let mut w = tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(&mut writer);
+            write_frame(&mut w, b"late but in time").await.unwrap();
+            tokio::time::sleep(idle * 2).await;
+        });
+        let mut reader = tokio_util::compat::TokioAsyncReadCompatExt::compat(&mut reader);
+        let frame = read_frame_timed(&mut reader, 1024, idle, body)
+            .await
+            .unwrap();
+        assert_eq!(frame.unwrap(), &b"late but in time"[..]);
     }
 }
