@@ -343,11 +343,12 @@ async fn a_registry_captured_by_ground_identities_does_not_stop_an_honest_client
             .await,
         );
     }
-    for fake in &fakes {
-        for key in registry_keys() {
-            fake.provide(RecordKey::new(&key)).await;
-        }
-    }
+    let provided = fakes.iter().flat_map(|fake| {
+        registry_keys()
+            .into_iter()
+            .map(move |key| fake.provide(RecordKey::new(&key)))
+    });
+    futures::future::join_all(provided).await;
     // Ground identities: they provide, then are gone.
     drop(fakes);
     let bootstrap = vec![nodes[0].bootstrap_addr()];
