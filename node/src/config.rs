@@ -20,6 +20,7 @@
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
 //! | `job_republish_interval` |            | `60s`: how often kept job records are sent to the peers now closest to their keys |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
+//! | `trusted_schedulers` | `--trusted-schedulers` | none: the only schedulers asked (PeerIds), in place of the registry |
 //! | `max_tries`      | `--max-tries`      | `2`: region probes before the super-trader fallback, in all |
 //! | `own_tier_probes`|                    | `1`: of those, probes of the request's own tier before larger tiers' |
 //! | `discovery_budget`|                   | `10s`: time one discovery may take                        |
@@ -131,6 +132,8 @@ pub struct NodeConfig {
     pub holder: HolderConfig,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
+    /// The only schedulers this node asks, if any: the registry is not looked up then.
+    pub trusted_schedulers: Vec<libp2p::PeerId>,
     /// Region probes before the super-trader fallback, in all.
     pub max_tries: u32,
     /// Of those, probes of the request's own tier before going on to larger tiers (a
@@ -193,6 +196,7 @@ impl Default for NodeConfig {
             job_republish_interval: Duration::from_secs(60),
             holder: HolderConfig::default(),
             scheduler: false,
+            trusted_schedulers: Vec::new(),
             max_tries: discovery.max_tries,
             own_tier_probes: discovery.own_tier_probes,
             discovery_budget: Duration::from_millis(discovery.budget_ms),
@@ -372,6 +376,7 @@ impl NodeConfig {
             answer_timeout: self.answer_timeout,
             notify_interval: self.notify_interval,
             scheduler: self.scheduler,
+            trusted_schedulers: self.trusted_schedulers.clone(),
             max_tries: self.max_tries,
             own_tier_probes: self.own_tier_probes,
             discovery_budget: self.discovery_budget,

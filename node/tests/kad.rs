@@ -57,6 +57,11 @@ impl Drop for PlainPeer {
 impl PlainPeer {
     /// Listens on loopback and dials every node of `join`, putting each in its table.
     async fn start(join: &[&RunningNode]) -> PlainPeer {
+        PlainPeer::speaking(kad::PROTOCOL_NAME, join).await
+    }
+
+    /// [`PlainPeer::start`] with Kademlia on `protocol`.
+    async fn speaking(protocol: libp2p::StreamProtocol, join: &[&RunningNode]) -> PlainPeer {
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
@@ -70,7 +75,7 @@ impl PlainPeer {
                 let mut kad = kad::Behaviour::with_config(
                     peer_id,
                     MemoryStore::new(peer_id),
-                    kad::Config::new(kad::PROTOCOL_NAME),
+                    kad::Config::new(protocol),
                 );
                 kad.set_mode(Some(kad::Mode::Server));
                 IpfsBehaviour {
@@ -314,6 +319,94 @@ async fn market_lookups_land_only_on_flotilla_peers_and_content_stays_on_ipfs() 
     assert!(found.recv().await.is_none(), "not in the market DHT");
 
     for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Honest schedulers and clients of the registry, after 24 ground identities filled every
+/// registry key's 20 provider places at the peers keeping them and then left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_captured_by_ground_identities_does_not_stop_an_honest_client() {
+    use flotilla_scheduler::registry::registry_keys;
+    let dir = tempfile::tempdir().unwrap();
+    // A keeper and a volunteer first; the scheduler and the clients come after the flood.
+    let mut nodes = demo::start_network_with(dir.path(), 2, |i, c| role(i + 1, c))
+        .await
+        .unwrap();
+    let mut fakes = Vec::new();
+    for _ in 0..24 {
+        fakes.push(
+            PlainPeer::speaking(
+                flotilla_overlay::dht::MARKET_PROTOCOL,
+                &nodes.iter().collect::<Vec<_>>(),
+            )
+            .await,
+        );
+    }
+    let provided = fakes.iter().flat_map(|fake| {
+        registry_keys()
+            .into_iter()
+            .map(move |key| fake.provide(RecordKey::new(&key)))
+    });
+    futures::future::join_all(provided).await;
+    // Ground identities: they provide, then are gone.
+    drop(fakes);
+    let bootstrap = vec![nodes[0].bootstrap_addr()];
+    let scheduler = daemon::start(role(
+        0,
+        demo::loopback_config(&dir.path().join("scheduler"), bootstrap.clone()),
+    ))
+    .await
+    .unwrap();
+    let honest = scheduler.peer_id();
+    nodes.push(scheduler);
+    let client = daemon::start(role(
+        1,
+        demo::loopback_config(&dir.path().join("client"), bootstrap.clone()),
+    ))
+    .await
+    .unwrap();
+    let trusting = daemon::start(NodeConfig {
+        trusted_schedulers: vec![honest],
+        ..role(
+            1,
+            demo::loopback_config(&dir.path().join("trusting"), bootstrap),
+        )
+    })
+    .await
+    .unwrap();
+    wait_until("offers are published", || all_published(&nodes)).await;
+    // The registry is full of strangers.
+    let mut found = nodes[0]
+        .overlay()
+        .network()
+        .get_providers_in(Dht::Market, RecordKey::new(&registry_keys()[0]))
+        .await
+        .unwrap();
+    let mut providers = HashSet::new();
+    while let Some(peer) = found.recv().await {
+        providers.insert(peer);
+    }
+    assert!(
+        providers.len() >= 20,
+        "the registry is captured: {} providers",
+        providers.len()
+    );
+    for asker in [&client, &trusting] {
+        for _ in 0..3 {
+            let found = asker
+                .market()
+                .discover(DiscoverRequest {
+                    memory_mib: 256,
+                    max_tries: Some(4),
+                    reserve: None,
+                })
+                .await
+                .unwrap();
+            assert_eq!(found.scheduler, honest.to_string());
+        }
+    }
+    for node in nodes.into_iter().chain([client, trusting]) {
         node.stop().await;
     }
 }

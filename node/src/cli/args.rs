@@ -93,6 +93,9 @@ pub struct NodeArgs {
     /// Be a scheduler too: run discoveries for clients
     #[arg(long)]
     pub scheduler: bool,
+    /// Ask only these schedulers (PeerIds, comma-separated), never the registry's
+    #[arg(long, value_delimiter = ',')]
+    pub trusted_schedulers: Vec<libp2p::PeerId>,
     /// Region probes before the super-trader fallback [default: 2]
     #[arg(long)]
     pub max_tries: Option<u32>,

@@ -88,6 +88,9 @@ pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<No
     if let Some(slicing) = args.slicing {
         config.slicing = slicing;
     }
+    if !args.trusted_schedulers.is_empty() {
+        config.trusted_schedulers = args.trusted_schedulers;
+    }
     if args.scheduler {
         config.scheduler = true;
     }

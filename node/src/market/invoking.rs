@@ -404,7 +404,13 @@ impl Market {
                 self.peer_id()
             } else {
                 let schedulers = self.schedulers().await;
-                let Some(picked) = registry::pick(&schedulers, failed.as_ref(), &mut rng) else {
+                // Connected schedulers first: a registry filled with PeerIds nobody
+                // can reach (or that left) does not hide the ones that answer.
+                let presence = self.shared.network.presence();
+                let reachable = |p: &PeerId| presence.is_connected(p);
+                let picked =
+                    registry::pick_reachable(&schedulers, reachable, failed.as_ref(), &mut rng);
+                let Some(picked) = picked else {
                     return Err(InvokeError::NoScheduler);
                 };
                 picked

@@ -126,6 +126,9 @@ pub struct MarketConfig {
     pub job_republish_interval: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
+    /// The only schedulers this node asks, if any are named: the registry is not looked
+    /// up then.
+    pub trusted_schedulers: Vec<PeerId>,
     /// Region probes before the super-trader fallback, in all.
     pub max_tries: u32,
     /// Of those, probes of the request's own tier before going on to larger tiers.

@@ -15,7 +15,7 @@ use flotilla_overlay::regions::{RegionError, Tier};
 use flotilla_scheduler::discovery::{Discovery, DiscoveryConfig, Step};
 use flotilla_scheduler::placement;
 use flotilla_scheduler::placer::{self, Placer};
-use flotilla_scheduler::registry::registry_key;
+use flotilla_scheduler::registry::registry_keys;
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
 use rand::RngCore;
@@ -71,14 +71,12 @@ impl Market {
         let mut ticks = tokio::time::interval(REANNOUNCE_INTERVAL);
         loop {
             ticks.tick().await;
-            let key = RecordKey::new(&registry_key());
-            if let Err(e) = self
-                .shared
-                .network
-                .start_providing_in(Dht::Market, key)
-                .await
-            {
-                tracing::warn!(error = %e, "cannot announce this scheduler");
+            for key in registry_keys() {
+                let key = RecordKey::new(&key);
+                let provided = self.shared.network.start_providing_in(Dht::Market, key);
+                if let Err(e) = provided.await {
+                    tracing::warn!(error = %e, "cannot announce this scheduler");
+                }
             }
         }
     }
@@ -104,19 +102,32 @@ impl Market {
         if self.is_scheduler() {
             peers.push(self.peer_id());
         }
-        let key = RecordKey::new(&registry_key());
-        if let Ok(mut found) = self.shared.network.get_providers_in(Dht::Market, key).await {
-            let deadline = tokio::time::sleep(self.shared.config.answer_timeout);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    peer = found.recv() => match peer {
-                        Some(peer) if !peers.contains(&peer) && peers.len() < MAX_SCHEDULERS => peers.push(peer),
-                        Some(_) => {}
-                        None => break,
-                    },
-                    _ = &mut deadline => break,
-                }
+        let trusted = &self.shared.config.trusted_schedulers;
+        if !trusted.is_empty() {
+            // Configured schedulers override the registry, which strangers can fill.
+            peers.extend(trusted.iter().filter(|p| **p != self.peer_id()));
+            *lock(&cache.found) = Some((Instant::now(), peers.clone()));
+            return peers;
+        }
+        // Every registry key, looked up at once, within one answer timeout.
+        let mut lookups = Vec::new();
+        for key in registry_keys() {
+            let key = RecordKey::new(&key);
+            if let Ok(found) = self.shared.network.get_providers_in(Dht::Market, key).await {
+                lookups.push(stream_of(found));
+            }
+        }
+        let mut found = futures::stream::select_all(lookups);
+        let deadline = tokio::time::sleep(self.shared.config.answer_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                peer = futures::StreamExt::next(&mut found) => match peer {
+                    Some(peer) if !peers.contains(&peer) && peers.len() < MAX_SCHEDULERS => peers.push(peer),
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut deadline => break,
             }
         }
         *lock(&cache.found) = Some((Instant::now(), peers.clone()));
@@ -512,4 +523,11 @@ impl Probed {
             Probed::Fallback(offers) => p.on_fallback(now, offers, rng),
         }
     }
+}
+
+/// A receiver as a stream.
+fn stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Unpin {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
