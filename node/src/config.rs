@@ -165,6 +165,11 @@ pub struct NodeConfig {
     #[doc(hidden)]
     #[serde(skip)]
     pub tamper_stdout: bool,
+    /// For tests only (never read from a file): this volunteer alters stdout after
+    /// signing its receipt, so the receipt does not match the answer.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub forge_receipts: bool,
 }
 
 impl Default for NodeConfig {
@@ -208,6 +213,7 @@ impl Default for NodeConfig {
             max_deadline: Duration::from_secs(600),
             max_module_size: bytesize::ByteSize::mib(16),
             tamper_stdout: false,
+            forge_receipts: false,
         }
     }
 }
@@ -388,6 +394,7 @@ impl NodeConfig {
             holder: self.holder.clone(),
             super_traders: SuperTraderConfig::default(),
             tamper_stdout: self.tamper_stdout,
+            forge_receipts: self.forge_receipts,
         }
     }
 

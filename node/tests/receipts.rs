@@ -1,9 +1,10 @@
 //! Signed receipts and replicated calls end to end, on a loopback network of real nodes:
-//! one scheduler (the client) and three volunteers, one of which lies — it is built from
+//! one scheduler (the client) and four volunteers, one of which lies — it is built from
 //! the node's own code with the test-only `tamper_stdout` set, so it alters the stdout of
 //! every call it runs and signs the altered answer. Every answer carries a receipt that
-//! verifies; a call with `replicas = 3` runs on all three, and the liar is outvoted and
-//! named with its receipt.
+//! verifies; a call with `replicas = 3` runs on three, and the liar is outvoted and
+//! named with its receipt. A fourth volunteer alters its answers after signing: the
+//! scheduler refuses them for their receipts, so no replica counts it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -19,9 +20,11 @@ use flotilla_node::market::function::FunctionCall;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const VOLUNTEERS: usize = 3;
-/// The volunteer that lies.
+const VOLUNTEERS: usize = 4;
+/// The volunteer that lies (and signs its lie).
 const LIAR: usize = 3;
+/// The volunteer whose receipts do not match its answers.
+const FORGER: usize = 4;
 
 fn example(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,7 +33,8 @@ fn example(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Node 0 schedules (and is the client); nodes 1..=3 lend 512 MiB each, node 3 lies.
+/// Node 0 schedules (and is the client); nodes 1..=4 lend 512 MiB each, node 3 lies,
+/// node 4 answers with receipts that do not match.
 async fn network() -> (tempfile::TempDir, Vec<RunningNode>) {
     let dir = tempfile::tempdir().unwrap();
     let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
@@ -50,6 +54,7 @@ async fn network() -> (tempfile::TempDir, Vec<RunningNode>) {
             _ => NodeConfig {
                 offer_memory: Some(ByteSize::mib(512)),
                 tamper_stdout: i == LIAR,
+                forge_receipts: i == FORGER,
                 ..config
             },
         }
@@ -135,7 +140,15 @@ async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
         report.sides[0].answer.stdout_sha256
     );
 
-    // More replicas than volunteers: the call cannot run on that many distinct ones.
+    // A fourth replica can only go to the volunteer whose receipt does not match its
+    // answer: the scheduler refuses the answer, names it, and finds nobody else.
+    let forger = nodes[FORGER].peer_id().to_string();
     let error = api.invoke(&body(&echo, Some(4))).await.unwrap_err();
-    assert!(error.to_string().contains("replica 4 of 4"), "{error}");
+    let error = error.to_string();
+    assert!(error.contains("replica 4 of 4"), "{error}");
+    assert!(error.contains(&forger), "{error}");
+    assert!(
+        error.contains("the receipt does not match the stdout"),
+        "{error}"
+    );
 }

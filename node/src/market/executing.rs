@@ -384,6 +384,7 @@ impl Market {
         };
         let receipt = self.receipt_for(from, request, &execution, stdout_sha256, stderr_sha256);
         execution.receipt = Some(Box::new(receipt));
+        self.maybe_forge(&mut execution);
         Ok(execution)
     }
 

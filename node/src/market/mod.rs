@@ -151,6 +151,10 @@ pub struct MarketConfig {
     /// the altered answer), as a volunteer that lies would.
     #[doc(hidden)]
     pub tamper_stdout: bool,
+    /// For tests only: this volunteer alters stdout after signing its receipt, so the
+    /// receipt does not match the answer (as a relay altering answers would).
+    #[doc(hidden)]
+    pub forge_receipts: bool,
 }
 
 impl Default for MarketConfig {

@@ -44,9 +44,10 @@ impl Market {
                 ))
             })?;
             if exclude.contains(&volunteer) {
-                return Err(InvokeError::Unanswered(format!(
-                    "replica {n} ran on {volunteer}, which ran another replica"
-                )));
+                return Err(InvokeError::Failed {
+                    reason: format!("replica {n} ran on {volunteer}, which ran another replica"),
+                    retryable: true,
+                });
             }
             exclude.push(volunteer);
             runs.push(run);
