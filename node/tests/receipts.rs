@@ -141,14 +141,24 @@ async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
     );
 
     // A fourth replica can only go to the volunteer whose receipt does not match its
-    // answer: the scheduler refuses the answer, names it, and finds nobody else.
+    // answer: the scheduler refuses the answer, names it, and finds nobody else — or,
+    // if an earlier call met the forger already, the scheduler forgot it then (its
+    // fallback list drops a volunteer whose receipt is bad) and finds nobody at all.
     let forger = nodes[FORGER].peer_id().to_string();
     let error = api.invoke(&body(&echo, Some(4))).await.unwrap_err();
     let error = error.to_string();
     assert!(error.contains("replica 4 of 4"), "{error}");
-    assert!(error.contains(&forger), "{error}");
-    assert!(
-        error.contains("the receipt does not match the stdout"),
-        "{error}"
-    );
+    if error.contains(&forger) {
+        assert!(
+            error.contains("the receipt does not match the stdout"),
+            "{error}"
+        );
+    } else {
+        assert!(error.contains("found none"), "{error}");
+        assert_eq!(
+            nodes[0].market().offers().await.super_traders,
+            VOLUNTEERS - 1,
+            "the forger is off the scheduler's list"
+        );
+    }
 }

@@ -169,14 +169,17 @@ async fn identities_from_one_address_prefix_fill_only_their_share_of_a_holder() 
     .await
     .unwrap();
     let holder = &nodes[0];
-    let over_ipv6 = holder
-        .listen_addrs()
-        .iter()
-        .find(|a| a.to_string().starts_with("/ip6/"))
-        .unwrap()
-        .clone()
-        .with_p2p(holder.peer_id())
-        .unwrap();
+    let over = |family: &str| {
+        holder
+            .listen_addrs()
+            .iter()
+            .find(|a| a.to_string().starts_with(family))
+            .unwrap()
+            .clone()
+            .with_p2p(holder.peer_id())
+            .unwrap()
+    };
+    let (over_ipv6, over_ipv4) = (over("/ip6/"), over("/ip4/"));
     let tier = flotilla_overlay::regions::Tier::largest_within(128).unwrap();
     let deliver = |keypair: libp2p::identity::Keypair, addr: Multiaddr, offers: u64| async move {
         let mut peer = RawPeer::connect_to(holder, addr, keypair.clone()).await;
@@ -210,7 +213,7 @@ async fn identities_from_one_address_prefix_fill_only_their_share_of_a_holder() 
 
     // An honest offerer from elsewhere is still held, and the holder keeps its bound.
     let honest = libp2p::identity::Keypair::generate_ed25519();
-    let outcome = deliver(honest, holder.bootstrap_addr(), 1).await;
+    let outcome = deliver(honest, over_ipv4, 1).await;
     assert!(held(&outcome[0]), "{outcome:?}");
     assert_eq!(holder.market().offers().await.held.len(), 33);
 }

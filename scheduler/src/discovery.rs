@@ -440,6 +440,12 @@ impl Discovery {
         self.tier
     }
 
+    /// The offerers this discovery leaves out (volunteers that failed the call, offers
+    /// found stale).
+    pub fn excluded(&self) -> &[PeerId] {
+        &self.excluded
+    }
+
     /// Memory requested, in MiB.
     pub fn request_mib(&self) -> u32 {
         self.request_mib
@@ -546,7 +552,7 @@ mod tests {
         assert_eq!(
             d.on_fallback(
                 4,
-                list.fitting(4, d.request_mib(), &mut StdRng::seed_from_u64(1))
+                list.fitting(4, d.request_mib(), &[], &mut StdRng::seed_from_u64(1))
             ),
             Step::Done
         );

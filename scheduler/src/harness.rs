@@ -493,7 +493,7 @@ impl Harness {
         self.next_call += 1;
         let recent = match &self.nodes[scheduler].schedule {
             Some(list) if !self.config.is_baseline() => {
-                list.recent(self.now_ms, mib, 2_000, &mut self.rng)
+                list.recent(self.now_ms, mib, 2_000, &[], &mut self.rng)
             }
             _ => Vec::new(),
         };
@@ -531,7 +531,7 @@ impl Harness {
         let Some(list) = &self.nodes[scheduler].schedule else {
             return;
         };
-        let fitting = list.fitting(self.now_ms, mib, &mut self.rng);
+        let fitting = list.fitting(self.now_ms, mib, &[], &mut self.rng);
         if fitting.is_empty() {
             return;
         }
@@ -611,7 +611,9 @@ impl Harness {
                 let offers = self.nodes[scheduler]
                     .schedule
                     .as_ref()
-                    .map_or(Vec::new(), |l| l.fitting(self.now_ms, mib, &mut self.rng));
+                    .map_or(Vec::new(), |l| {
+                        l.fitting(self.now_ms, mib, &[], &mut self.rng)
+                    });
                 let now = self.now_ms;
                 let step = self
                     .calls

@@ -416,7 +416,7 @@ impl Network {
                     Step::Fallback => {
                         outcome.fallbacks += 1;
                         let fitting = scheduler.map_or(Vec::new(), |list| {
-                            list.fitting(NOW, discovery.request_mib(), &mut rng)
+                            list.fitting(NOW, discovery.request_mib(), &[], &mut rng)
                         });
                         discovery.on_fallback(NOW, fitting)
                     }
@@ -530,7 +530,7 @@ mod tests {
             let mut lists_of = HashMap::<PeerId, usize>::new();
             for list in &lists {
                 let offerers: std::collections::HashSet<PeerId> = list
-                    .fitting(NOW, 1, &mut rand::rng())
+                    .fitting(NOW, 1, &[], &mut rand::rng())
                     .iter()
                     .map(|o| o.body.offerer)
                     .collect();

@@ -225,17 +225,20 @@ impl SuperTraders {
 
     /// Valid offers with at least `mib` MiB free whose offerer told of them within the
     /// last `within_ms`: offers confirmed free a moment ago, tried before any discovery.
-    /// The proven ones, or if none, at most `unproven_tried` others picked at random.
+    /// The proven ones, or if none, at most `unproven_tried` others picked at random;
+    /// none of `excluded`'s.
     pub fn recent(
         &self,
         now_ms: u64,
         mib: u32,
         within_ms: u64,
+        excluded: &[PeerId],
         rng: &mut impl Rng,
     ) -> Vec<SignedOffer> {
         self.pick(
             |e| {
-                e.heard_at_ms + within_ms > now_ms
+                !excluded.contains(&e.offer.body.offerer)
+                    && e.heard_at_ms + within_ms > now_ms
                     && self.valid_until(e) > now_ms
                     && e.offer.body.free_mib() >= mib
             },
@@ -243,11 +246,22 @@ impl SuperTraders {
         )
     }
 
-    /// Valid offers with at least `mib` MiB free: the proven ones, or if none, at most
-    /// `unproven_tried` others picked at random.
-    pub fn fitting(&self, now_ms: u64, mib: u32, rng: &mut impl Rng) -> Vec<SignedOffer> {
+    /// Valid offers with at least `mib` MiB free, of offerers not `excluded` (those that
+    /// failed the call already): the proven ones, or if none, at most `unproven_tried`
+    /// others picked at random.
+    pub fn fitting(
+        &self,
+        now_ms: u64,
+        mib: u32,
+        excluded: &[PeerId],
+        rng: &mut impl Rng,
+    ) -> Vec<SignedOffer> {
         self.pick(
-            |e| self.valid_until(e) > now_ms && e.offer.body.free_mib() >= mib,
+            |e| {
+                !excluded.contains(&e.offer.body.offerer)
+                    && self.valid_until(e) > now_ms
+                    && e.offer.body.free_mib() >= mib
+            },
             rng,
         )
     }
@@ -323,11 +337,13 @@ mod tests {
             "two per offerer"
         );
         assert_eq!(
-            list.fitting(10, 300, &mut StdRng::seed_from_u64(1)).len(),
+            list.fitting(10, 300, &[], &mut StdRng::seed_from_u64(1))
+                .len(),
             1
         );
         assert_eq!(
-            list.fitting(10, 200, &mut StdRng::seed_from_u64(1)).len(),
+            list.fitting(10, 200, &[], &mut StdRng::seed_from_u64(1))
+                .len(),
             2
         );
         // Full: the entry heard of longest ago makes room.
@@ -338,7 +354,7 @@ mod tests {
         assert_eq!(list.len(), 3);
         // Past the TTL nothing is offered, and eviction empties the list.
         assert!(
-            list.fitting(1_100, 100, &mut StdRng::seed_from_u64(1))
+            list.fitting(1_100, 100, &[], &mut StdRng::seed_from_u64(1))
                 .is_empty()
         );
         list.evict(1_100);
@@ -383,17 +399,23 @@ mod tests {
             list.len() <= 1 + 1024,
             "unproven offers fill a quarter at most"
         );
-        let fitting = list.fitting(2, 256, &mut rng);
+        let fitting = list.fitting(2, 256, &[], &mut rng);
         assert_eq!(fitting.len(), 1, "only the proven offer while one fits");
         assert_eq!(fitting[0].body.offerer, honest.public().to_peer_id());
         assert_eq!(
-            list.fitting(2, 1024, &mut rng).len(),
+            list.fitting(2, 1024, &[], &mut rng).len(),
             0,
             "nothing proven fits, and none of the rest does"
         );
+        let excluded = [honest.public().to_peer_id()];
+        assert_eq!(
+            list.fitting(2, 256, &excluded, &mut rng).len(),
+            4,
+            "the proven offerer failed this call: 4 unproven"
+        );
         list.failed(3, honest.public().to_peer_id());
         assert_eq!(
-            list.fitting(3, 256, &mut rng).len(),
+            list.fitting(3, 256, &[], &mut rng).len(),
             4,
             "nothing proven fits: 4 unproven"
         );

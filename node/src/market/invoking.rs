@@ -159,10 +159,12 @@ impl Market {
         };
         let bytes = u64::from(call.memory_mib) * MIB;
         let mib = call.memory_mib;
+        // Volunteers that ran another replica of this call are left out from the start.
+        let replicas_ran = request.exclude.clone();
         let recent = self
             .with(move |m, now| {
                 m.super_traders.as_ref().map_or(Vec::new(), |l| {
-                    l.recent(now, mib, RECENT_OFFER_MS, &mut rand::rng())
+                    l.recent(now, mib, RECENT_OFFER_MS, &replicas_ran, &mut rand::rng())
                 })
             })
             .await
@@ -191,13 +193,14 @@ impl Market {
                         placing = Some(self.shared.placements.acquire(from).await);
                     }
                     let discovering = Instant::now();
-                    let (deadline, mib) = placer
+                    let (deadline, mib, mut excluded) = placer
                         .discovery()
-                        .map_or((self.now(), call.memory_mib), |d| {
-                            (d.deadline_ms(), d.request_mib())
+                        .map_or((self.now(), call.memory_mib, Vec::new()), |d| {
+                            (d.deadline_ms(), d.request_mib(), d.excluded().to_vec())
                         });
+                    excluded.extend(request.exclude.iter().copied());
                     let probed = self
-                        .probe(discovery_step, deadline, mib, &mut exchanges)
+                        .probe(discovery_step, deadline, mib, excluded, &mut exchanges)
                         .await;
                     discover_us += discovering.elapsed().as_micros() as u64;
                     probed.feed_placer(self.now(), &mut placer, &mut rng)
@@ -227,13 +230,23 @@ impl Market {
                         }) => Some(&**newer),
                         _ => None,
                     };
-                    self.learn_version(&offer, newer, answer.is_ok()).await;
+                    // An answer counts only with a receipt the volunteer signed for this
+                    // very call and reservation; a volunteer that signs what it did not
+                    // answer is forgotten like one that did not answer.
+                    let receipt = match &answer {
+                        Ok(Response::Executed { execution: ran, .. }) => {
+                            Some(receipts::check_from_volunteer(volunteer, &sent, ran))
+                        }
+                        _ => None,
+                    };
+                    let answered = answer.is_ok() && !matches!(receipt, Some(Err(_)));
+                    self.learn_version(&offer, newer, answered).await;
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {
                             // Only an answer with a receipt the volunteer signed for this
                             // very call and reservation is passed on (or recorded).
-                            match receipts::check_from_volunteer(volunteer, &sent, &ran) {
+                            match receipt.unwrap_or(Err(ReceiptError::Missing)) {
                                 Ok(()) => {
                                     execution = Some(ran);
                                     placer.on_ran(now)
@@ -357,7 +370,11 @@ impl Market {
             + PLACEMENT_ALLOWANCE;
         let ask = || Request::Invoke(Box::new(request.clone()));
         let span = tracing::info_span!("invoke", invocation = request.invocation_id);
-        match self.ask_a_scheduler(ask, timeout).instrument(span).await? {
+        let (scheduler, answer) = self
+            .ask_a_scheduler_who(ask, timeout)
+            .instrument(span)
+            .await?;
+        match answer {
             Response::Invoked(mut invocation) => {
                 // The exchange with the scheduler, unless this node placed it itself.
                 if invocation.scheduler != self.peer_id().to_string() {
@@ -368,12 +385,17 @@ impl Market {
                         "invocation id",
                     )));
                 }
-                receipts::check_for_client(
-                    request.invocation_id,
-                    &request.call,
-                    &invocation.execution,
-                )
-                .map_err(InvokeError::BadReceipt)?;
+                // This node's own scheduler checked the receipt before answering
+                // (`place_and_run`); another's answer is checked here, since a scheduler
+                // is a stranger too.
+                if scheduler != self.peer_id() {
+                    receipts::check_for_client(
+                        request.invocation_id,
+                        &request.call,
+                        &invocation.execution,
+                    )
+                    .map_err(InvokeError::BadReceipt)?;
+                }
                 Ok(*invocation)
             }
             Response::Failed { reason, retryable } => {
@@ -394,6 +416,15 @@ impl Market {
         request: impl Fn() -> Request,
         timeout: Duration,
     ) -> Result<Response, InvokeError> {
+        Ok(self.ask_a_scheduler_who(request, timeout).await?.1)
+    }
+
+    /// [`Market::ask_a_scheduler`], with the scheduler that answered.
+    async fn ask_a_scheduler_who(
+        &self,
+        request: impl Fn() -> Request,
+        timeout: Duration,
+    ) -> Result<(PeerId, Response), InvokeError> {
         let mut rng = StdRng::from_os_rng();
         let mut failures = Vec::new();
         let mut failed: Option<PeerId> = None;
@@ -420,7 +451,7 @@ impl Market {
                     failures.push(format!("{scheduler} refused: {reason}"));
                 }
                 Ok(Response::Busy) => failures.push(format!("{scheduler} is busy")),
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => return Ok((scheduler, answer)),
                 Err(e) => {
                     if matches!(e, CallError::Rpc(_) | CallError::Timeout(_)) {
                         self.forget_scheduler(&scheduler);

@@ -209,6 +209,7 @@ impl Market {
         step: Step,
         deadline_ms: u64,
         request_mib: u32,
+        excluded: Vec<PeerId>,
         exchanges: &mut Exchanges,
     ) -> Probed {
         let left = Duration::from_millis(deadline_ms.saturating_sub(self.now()));
@@ -240,7 +241,7 @@ impl Market {
             Step::Fallback => Probed::Fallback(
                 self.with(move |m, now| {
                     m.super_traders.as_ref().map_or(Vec::new(), |l| {
-                        l.fitting(now, request_mib, &mut rand::rng())
+                        l.fitting(now, request_mib, &excluded, &mut rand::rng())
                     })
                 })
                 .await
@@ -314,7 +315,10 @@ impl Market {
                 }
                 step => {
                     let (deadline, mib) = (discovery.deadline_ms(), discovery.request_mib());
-                    let probed = self.probe(step, deadline, mib, &mut exchanges).await;
+                    let excluded = discovery.excluded().to_vec();
+                    let probed = self
+                        .probe(step, deadline, mib, excluded, &mut exchanges)
+                        .await;
                     probed.feed_discovery(self.now(), &mut discovery, &mut rng)
                 }
             };
