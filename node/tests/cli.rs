@@ -611,7 +611,7 @@ fn a_plan_runs_its_jobs_in_dependency_order_and_bad_plans_are_refused() {
         &["--scheduler", "--offer-memory", "1GiB"],
     );
     poll_json(&node, &["offers", "--json"], |v| v["super_traders"] == 1);
-    let plan = examples("examples/plans/count-then-hash.toml");
+    let plan = examples("examples/count-then-hash.toml");
     let ran = node.cli(&["run", plan.to_str().unwrap(), "--json"]);
     let outcomes: serde_json::Value = serde_json::from_str(&stdout_text(&ran)).unwrap();
     for job in ["count", "hash", "shout"] {

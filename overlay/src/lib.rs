@@ -19,6 +19,7 @@
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
+pub mod closed;
 pub mod fair;
 pub mod fetch;
 pub mod link;
