@@ -9,6 +9,9 @@
 //! | `listen`         | `--listen` (many)  | `/ip4/0.0.0.0/tcp/4100`, `/ip4/0.0.0.0/udp/4100/quic-v1`  |
 //! | `bootstrap`      | `--bootstrap` (many)| none                                                     |
 //! | `api`            | `--api`            | `127.0.0.1:4180`                                          |
+//! | `api_allow_remote`| `--api-allow-remote`| `false`: `api` must be loopback; when set, requests need the token in `<data_dir>/api.token` |
+//! | `network_key`    | `--network-key`    | none: an open network; a swarm.key file closes it to its holders (TCP only, no QUIC) |
+//! | `schedulers`     | `--schedulers`     | none: any peer may reserve and run calls here; else only these PeerIds (and this node) |
 //! | `mdns`           | `--no-mdns` (off)  | `true`                                                    |
 //! | `max_connections`| `--max-connections`| `256`                                                     |
 //! | `store_capacity` | `--store-capacity` | `10GiB`                                                   |
@@ -97,6 +100,12 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Address of the local HTTP API.
     pub api: SocketAddr,
+    /// Whether `api` may be an address other hosts reach (then a token is required).
+    pub api_allow_remote: bool,
+    /// A pre-shared key file (`/key/swarm/psk/1.0.0/`): only peers holding it connect.
+    pub network_key: Option<PathBuf>,
+    /// The only peers that may reserve memory and run calls here (empty: anyone).
+    pub schedulers: Vec<libp2p::PeerId>,
     /// Whether to find peers on the local network with mDNS.
     pub mdns: bool,
     /// Most established connections in all.
@@ -188,6 +197,9 @@ impl Default for NodeConfig {
             ],
             bootstrap: Vec::new(),
             api: DEFAULT_API.parse().expect("valid socket address"),
+            api_allow_remote: false,
+            network_key: None,
+            schedulers: Vec::new(),
             mdns: true,
             max_connections: 256,
             call_links: NetworkConfig::default().call_links.is_some(),
@@ -284,6 +296,22 @@ impl NodeConfig {
                 });
             }
         }
+        if !self.api.ip().is_loopback() && !self.api_allow_remote {
+            return Err(ConfigError::Invalid {
+                key: "api",
+                reason: format!(
+                    "{} is not a loopback address: other hosts could use the node; pass --api-allow-remote (requests then need the token the node writes to <data_dir>/api.token)",
+                    self.api
+                ),
+            });
+        }
+        if self.network_key.is_some() && self.transport_listen(true).is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listen",
+                reason: "a closed network (network_key) runs on TCP only: give a TCP address"
+                    .into(),
+            });
+        }
         for addr in &self.bootstrap {
             if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
                 return Err(ConfigError::Invalid {
@@ -372,6 +400,31 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The addresses the transport listens on: all of `listen`, or on a closed network
+    /// only the TCP ones (QUIC cannot carry libp2p's pre-shared-key protection).
+    pub fn transport_listen(&self, closed: bool) -> Vec<Multiaddr> {
+        self.listen
+            .iter()
+            .filter(|addr| !closed || !addr.iter().any(|p| matches!(p, Protocol::QuicV1)))
+            .cloned()
+            .collect()
+    }
+
+    /// The network key, read from its file (`None`: an open network).
+    pub fn network_key(
+        &self,
+    ) -> Result<Option<flotilla_overlay::closed::PreSharedKey>, ConfigError> {
+        let Some(path) = &self.network_key else {
+            return Ok(None);
+        };
+        flotilla_overlay::closed::read_key(path)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                key: "network_key",
+                reason: e.to_string(),
+            })
+    }
+
     /// The market settings these make.
     pub fn market(&self) -> crate::market::MarketConfig {
         crate::market::MarketConfig {
@@ -390,6 +443,7 @@ impl NodeConfig {
             fallback: self.fallback,
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
+            schedulers: self.schedulers.clone(),
             job_republish_interval: self.job_republish_interval,
             holder: self.holder.clone(),
             super_traders: SuperTraderConfig::default(),

@@ -38,6 +38,14 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The API token could not be written.
+    #[error("cannot write the API token {}: {source}", path.display())]
+    Token {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The overlay could not start.
     #[error(transparent)]
     Overlay(#[from] OverlayError),
@@ -66,6 +74,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
 pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<RunningNode, StartError> {
     config.validate()?;
     let keypair = identity::load_or_create(&config.data_dir)?;
+    let access = if config.api_allow_remote {
+        let token =
+            api::guard::write_token(&config.data_dir).map_err(|source| StartError::Token {
+                path: api::guard::token_path(&config.data_dir),
+                source,
+            })?;
+        api::guard::Access::Token(token)
+    } else {
+        api::guard::Access::Loopback
+    };
+    let network_key = config.network_key()?;
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .map_err(|source| StartError::Api {
@@ -81,7 +100,8 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
         store_dir: config.data_dir.join("blockstore"),
         store_capacity: config.store_capacity.as_u64(),
         network: NetworkConfig {
-            listen: config.listen.clone(),
+            listen: config.transport_listen(network_key.is_some()),
+            network_key,
             bootstrap: config.bootstrap.clone(),
             mdns: config.mdns,
             max_connections: config.max_connections,
@@ -113,7 +133,7 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
         &mut registry,
     );
     let (stop_api, stopped) = oneshot::channel();
-    let app = api::server::router(overlay.clone(), market.clone(), Arc::new(registry));
+    let app = api::server::router(overlay.clone(), market.clone(), Arc::new(registry), access);
     let api_task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async {
             let _ = stopped.await;

@@ -25,6 +25,7 @@ pub mod block;
 pub mod blockstore;
 pub mod dagpb;
 pub mod dht;
+pub mod closed;
 pub mod fair;
 pub mod fetch;
 pub mod link;

@@ -24,9 +24,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
-use libp2p::{
-    Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, noise, ping, tcp, yamux,
-};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, ping, yamux};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -71,6 +69,8 @@ pub struct NetworkConfig {
     /// Calls to a peer already reached go on a stream kept open to it ([`crate::link`]),
     /// with these timings; `None`: every call is a request-response exchange.
     pub call_links: Option<LinkConfig>,
+    /// A closed network's key ([`crate::closed`]): TCP only, and only with its holders.
+    pub network_key: Option<crate::closed::PreSharedKey>,
 }
 
 impl Default for NetworkConfig {
@@ -88,6 +88,7 @@ impl Default for NetworkConfig {
             request_timeout: Duration::from_secs(30),
             inbound_queue: 256,
             call_links: Some(LinkConfig::default()),
+            network_key: None,
         }
     }
 }
@@ -613,17 +614,17 @@ fn build_swarm(
     let max_connections = config.max_connections;
     let admission = config.admission;
     let admission_metrics = admission::AdmissionMetrics::new(registry);
+    let network_key = config.network_key;
     let rpc_config =
         request_response::Config::default().with_request_timeout(config.request_timeout);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux_config,
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(crate::closed::transport(key, network_key, yamux_config())?)
+            },
         )
         .map_err(|e| transport_err(&e))?
-        .with_quic()
         .with_bandwidth_metrics(registry)
         .with_behaviour(
             |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {

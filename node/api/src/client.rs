@@ -48,6 +48,27 @@ impl ApiClient {
         }
     }
 
+    /// A client of the node whose API is at `addr`, sending `token` as a bearer token
+    /// with every request when there is one (a node started with `--api-allow-remote`
+    /// wants the one it wrote to its data dir).
+    pub fn with_token(addr: SocketAddr, token: Option<String>) -> ApiClient {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) =
+            token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            let mut value = value;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        ApiClient {
+            addr,
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
     /// The API address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

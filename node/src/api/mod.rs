@@ -10,6 +10,7 @@
 //! | GET    | `/v0/cat?cid=`  | the file under a CID held locally, as bytes                  |
 //! | GET    | `/metrics`      | Prometheus text: libp2p's metrics and ours                   |
 
+pub mod guard;
 pub mod server;
 pub use flotilla_api::{client, types};
 

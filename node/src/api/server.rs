@@ -1,5 +1,6 @@
 //! The API server: axum handlers over an [`Overlay`].
 
+use super::guard::Access;
 use super::types::{
     CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody,
     Submitted, job_id_text, parse_job_id,
@@ -40,8 +41,8 @@ struct AppState {
     registry: Arc<Registry>,
 }
 
-/// The API's routes.
-pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Router {
+/// The API's routes, answering whom `access` lets in.
+pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>, access: Access) -> Router {
     Router::new()
         .route("/v0/status", get(status))
         .route("/v0/offers", get(offers))
@@ -53,7 +54,10 @@ pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Rout
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn(refuse_browsers))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            guard,
+        ))
         .with_state(AppState {
             overlay,
             market,
@@ -61,29 +65,14 @@ pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>) -> Rout
         })
 }
 
-/// Refuses requests sent by web pages: a page the volunteer visits must not be able to
-/// add to or fetch through the node (browsers send `Origin` on cross-site requests), nor
-/// reach it under another host name by DNS rebinding. The CLI sends neither.
-async fn refuse_browsers(
+/// Refuses what [`Access`] refuses (web pages, non-loopback hosts, a missing token).
+async fn guard(
+    State(access): State<Arc<Access>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let from_browser = request.headers().contains_key(header::ORIGIN);
-    let host_ok = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .is_none_or(|host| {
-            let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
-            matches!(name, "127.0.0.1" | "localhost" | "[::1]")
-                || name.parse::<std::net::IpAddr>().is_ok()
-        });
-    if from_browser || !host_ok {
-        return ApiError(
-            StatusCode::FORBIDDEN,
-            "the node API answers local programs, not web pages".into(),
-        )
-        .into_response();
+    if let Some((status, why)) = access.refusal(request.headers()) {
+        return ApiError(status, why.into()).into_response();
     }
     next.run(request).await
 }

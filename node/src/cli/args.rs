@@ -12,6 +12,10 @@ pub struct Cli {
     /// Address of the node's local HTTP API [default: 127.0.0.1:4180]
     #[arg(long, global = true, env = "FLOTILLA_API")]
     pub api: Option<SocketAddr>,
+    /// File holding the API token, for a node started with --api-allow-remote
+    /// [default: api.token in $FLOTILLA_DATA or ~/.flotilla, if there]
+    #[arg(long, global = true, env = "FLOTILLA_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// Print results as JSON
     #[arg(long, global = true)]
     pub json: bool,
@@ -53,9 +57,16 @@ pub enum Command {
     /// Run an execution plan: named jobs, their inputs (files, CIDs or other jobs'
     /// outputs), in parallel where independent; prints each job's result CIDs
     Run {
-        /// The plan (TOML; see examples/plans/)
+        /// The plan (TOML; see examples/count-then-hash.toml)
         plan: PathBuf,
+        /// Let the plan name files outside its own directory (absolute paths, '..',
+        /// symlinks leading out); without it such a plan is refused
+        #[arg(long)]
+        allow_paths_outside: bool,
     },
+    /// Closed networks: make a key file for --network-key
+    #[command(subcommand)]
+    NetworkKey(NetworkKeyCommand),
     /// Start a local network on loopback, add an example function and invoke it by CID
     Demo(DemoArgs),
 }
@@ -75,6 +86,18 @@ pub struct NodeArgs {
     /// Peer to join through, as a multiaddr ending in /p2p/<PeerId>, repeatable
     #[arg(long)]
     pub bootstrap: Vec<Multiaddr>,
+    /// Let --api be an address other hosts can reach; requests then need the token the
+    /// node writes to <data dir>/api.token (0600)
+    #[arg(long)]
+    pub api_allow_remote: bool,
+    /// Join a closed network: only peers holding this key file (go-ipfs swarm.key
+    /// format; see `flotilla network-key new`) can connect. TCP only: QUIC is turned off
+    #[arg(long, value_name = "FILE")]
+    pub network_key: Option<PathBuf>,
+    /// Run calls only for these schedulers (comma-separated PeerIds): others cannot
+    /// reserve memory or run calls here [default: anyone]
+    #[arg(long, value_name = "PEERID,...", value_delimiter = ',')]
+    pub schedulers: Vec<libp2p::PeerId>,
     /// Do not discover peers on the local network with mDNS
     #[arg(long)]
     pub no_mdns: bool,
@@ -171,6 +194,16 @@ pub struct InvokeArgs {
     /// With --detach: how long the job may wait for an offer, e.g. 30m (at most 1h)
     #[arg(long, value_parser = humantime::parse_duration, requires = "detach")]
     pub wait: Option<std::time::Duration>,
+}
+
+/// `flotilla network-key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NetworkKeyCommand {
+    /// Write a new random key to FILE (which must not exist yet), readable by its owner only
+    New {
+        /// Where to write it
+        file: PathBuf,
+    },
 }
 
 /// `flotilla job` subcommands.

@@ -2,7 +2,7 @@
 
 use crate::api::client::ApiClient;
 use crate::api::types::DiscoverBody;
-use crate::cli::{Cli, Command, DiscoverArgs, NodeArgs};
+use crate::cli::{Cli, Command, DiscoverArgs, NetworkKeyCommand, NodeArgs};
 use crate::config::{DEFAULT_API, NodeConfig};
 use crate::{daemon, demo, invoke, output, run_plan};
 use anyhow::Context;
@@ -16,15 +16,20 @@ use tokio::io::AsyncWriteExt;
 
 /// Runs the command line's subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let api = cli
+    let addr = cli
         .api
         .unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
+    let token_file = cli
+        .api_token_file
+        .clone()
+        .unwrap_or_else(|| crate::api::guard::token_path(&NodeConfig::default().data_dir));
+    let api = || ApiClient::with_token(addr, crate::api::guard::read_token(&token_file));
     match cli.command {
         Command::Node(args) => daemon::run(node_config(args, cli.api)?, cli.json).await,
-        Command::Add { file } => add(&ApiClient::new(api), &file, cli.json).await,
-        Command::Get { cid, output } => get(&ApiClient::new(api), &cid, output, cli.json).await,
+        Command::Add { file } => add(&api(), &file, cli.json).await,
+        Command::Get { cid, output } => get(&api(), &cid, output, cli.json).await,
         Command::Status => {
-            let status = ApiClient::new(api).status().await?;
+            let status = api().status().await?;
             if cli.json {
                 output::json(&status)
             } else {
@@ -33,7 +38,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Offers => {
-            let view = ApiClient::new(api).offers().await?;
+            let view = api().offers().await?;
             if cli.json {
                 output::json(&view)
             } else {
@@ -41,10 +46,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Discover(args) => discover(&ApiClient::new(api), args, cli.json).await,
-        Command::Invoke(args) => invoke::run(&ApiClient::new(api), args, cli.json).await,
-        Command::Job(command) => invoke::job(&ApiClient::new(api), command, cli.json).await,
-        Command::Run { plan } => run_plan::run(&ApiClient::new(api), &plan, cli.json).await,
+        Command::Discover(args) => discover(&api(), args, cli.json).await,
+        Command::Invoke(args) => invoke::run(&api(), args, cli.json).await,
+        Command::Job(command) => invoke::job(&api(), command, cli.json).await,
+        Command::Run {
+            plan,
+            allow_paths_outside,
+        } => run_plan::run(&api(), &plan, allow_paths_outside, cli.json).await,
+        Command::NetworkKey(NetworkKeyCommand::New { file }) => network_key_new(&file),
         Command::Demo(args) => demo::run(args, cli.json).await,
     }
 }
@@ -72,6 +81,15 @@ pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<No
     }
     if let Some(api) = api {
         config.api = api;
+    }
+    if args.api_allow_remote {
+        config.api_allow_remote = true;
+    }
+    if let Some(key) = args.network_key {
+        config.network_key = Some(key);
+    }
+    if !args.schedulers.is_empty() {
+        config.schedulers = args.schedulers;
     }
     if args.no_mdns {
         config.mdns = false;
@@ -108,6 +126,26 @@ pub fn node_config(args: NodeArgs, api: Option<SocketAddr>) -> anyhow::Result<No
     }
     config.validate()?;
     Ok(config)
+}
+
+/// Writes a new network key to `file`, which must not exist (a key is never replaced
+/// by accident), readable by its owner only.
+fn network_key_new(file: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut out = options
+        .open(file)
+        .with_context(|| format!("cannot create {}", file.display()))?;
+    out.write_all(flotilla_overlay::closed::new_key_file().as_bytes())?;
+    out.sync_all()?;
+    output::line(&format!(
+        "wrote a new network key to {}; give it to the peers of your network (--network-key)",
+        file.display()
+    ));
+    Ok(())
 }
 
 async fn discover(client: &ApiClient, args: DiscoverArgs, json: bool) -> anyhow::Result<()> {

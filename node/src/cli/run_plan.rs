@@ -42,9 +42,17 @@ pub enum JobOutcome {
     },
 }
 
-/// Runs the plan at `path`.
-pub async fn run(client: &ApiClient, path: &Path, json: bool) -> anyhow::Result<()> {
+/// Runs the plan at `path`; its files must be inside its directory unless
+/// `allow_outside` ([`crate::plan_paths`]).
+pub async fn run(
+    client: &ApiClient,
+    path: &Path,
+    allow_outside: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let plan = plan::load(path)?;
+    crate::plan_paths::check(&plan, allow_outside)
+        .map_err(|e| anyhow::anyhow!("plan {}: {e}", path.display()))?;
     let files = add_files(client, &plan).await?;
     let mut outcomes: BTreeMap<String, JobOutcome> = BTreeMap::new();
     let mut running = FuturesUnordered::new();

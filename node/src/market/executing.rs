@@ -194,6 +194,12 @@ impl Market {
             scheduler = %from,
             module = %request.call.module
         );
+        if !self.shared.allowed.allow(&from) {
+            MarketMetrics::count(&self.shared.metrics.reservations_refused, "not_listed");
+            return Response::Refused {
+                reason: super::allowed::NOT_LISTED.into(),
+            };
+        }
         let started = match self.admit(from, &request).await {
             Ok(Admitted::Start(mib)) => mib,
             Ok(Admitted::Repeat) => {

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod once;
 pub mod protocol;
 
+mod allowed;
 mod copies;
 mod executing;
 mod failure;
@@ -121,6 +122,8 @@ pub struct MarketConfig {
     pub notify_interval: Duration,
     /// How long a volunteer waits for a call's module or one of its inputs to arrive.
     pub fetch_timeout: Duration,
+    /// The only peers that may reserve and run calls here (empty: anyone).
+    pub schedulers: Vec<PeerId>,
     /// How often a node sends the job records it keeps on to the peers now closest to
     /// their keys.
     pub job_republish_interval: Duration,
@@ -214,6 +217,8 @@ struct Shared {
     /// What this node agreed to keep of others' job results.
     copy_quota: Mutex<copies::CopyQuota>,
     peer_id: PeerId,
+    /// Who may reserve and run calls here.
+    allowed: allowed::Schedulers,
     config: MarketConfig,
     metrics: MarketMetrics,
     offering: bool,
@@ -296,6 +301,7 @@ impl Market {
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
                 copy_quota: Mutex::default(),
                 peer_id: overlay.peer_id(),
+                allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
                 offering: offerer.is_some(),
                 schedulers: scheduling::SchedulerCache::default(),
                 discoveries: slots::Pool::new(MAX_CONCURRENT_DISCOVERIES),

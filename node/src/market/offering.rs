@@ -110,6 +110,12 @@ impl Market {
                 reason: "this node lends no memory".into(),
             };
         }
+        if !self.shared.allowed.allow(&owner) {
+            MarketMetrics::count(&metrics.reservations_refused, "not_listed");
+            return Response::Refused {
+                reason: super::allowed::NOT_LISTED.into(),
+            };
+        }
         let reserved = self
             .with(move |m, now| {
                 let offerer = m.offerer.as_mut()?;
