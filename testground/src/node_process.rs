@@ -73,6 +73,16 @@ pub struct NodeProcess {
     pub addr: String,
     /// Its API address.
     pub api: SocketAddr,
+    /// The bearer token its API asks for: in a network namespace the API listens on the
+    /// namespace's address, which a node serves only with a token (its `api.token`).
+    pub api_token: Option<String>,
+}
+
+impl NodeProcess {
+    /// A client of its API.
+    pub fn api_client(&self) -> flotilla_api::client::ApiClient {
+        flotilla_api::client::ApiClient::with_token(self.api, self.api_token.clone())
+    }
 }
 
 impl NodeSpec {
@@ -105,8 +115,11 @@ impl NodeSpec {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen", &format!("/ip4/{}/tcp/0", self.ip)])
-            .args(["--api", &format!("{}:0", self.ip)])
-            .args(["--max-tries", &self.max_tries.to_string()])
+            .args(["--api", &format!("{}:0", self.ip)]);
+        if !self.ip.is_loopback() {
+            cmd.arg("--api-allow-remote");
+        }
+        cmd.args(["--max-tries", &self.max_tries.to_string()])
             .args(["--key-space", &self.key_space]);
         if !self.fallback {
             cmd.arg("--no-fallback");
@@ -172,11 +185,21 @@ impl NodeProcess {
             .map_err(NodeError::Start)?;
         // Keep reading stdout so the node never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // The node writes its token before it prints its API address.
+        let api_token = if spec.ip.is_loopback() {
+            None
+        } else {
+            let path = spec.data_dir.join("api.token");
+            let token = std::fs::read_to_string(&path)
+                .map_err(|e| NodeError::Start(format!("{}: {e}", path.display())))?;
+            Some(token.trim().to_string())
+        };
         Ok(NodeProcess {
             child,
             peer_id,
             addr,
             api,
+            api_token,
         })
     }
 

@@ -2,7 +2,6 @@
 //! the bytes its libp2p transports moved from its `/metrics`.
 
 use crate::records::{ResourceRow, unix_ms};
-use std::net::SocketAddr;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -60,13 +59,18 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// A sampler of the node `pid` whose API is at `api`.
-    pub fn new(instance: u32, generation: u32, pid: u32, api: SocketAddr) -> Sampler {
+    /// A sampler of the node `pid` whose API `api` reaches.
+    pub fn new(
+        instance: u32,
+        generation: u32,
+        pid: u32,
+        api: flotilla_api::client::ApiClient,
+    ) -> Sampler {
         Sampler {
             instance,
             generation,
             pid,
-            api: flotilla_api::client::ApiClient::new(api),
+            api,
             last: None,
         }
     }

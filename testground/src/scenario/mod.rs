@@ -124,11 +124,11 @@ pub(crate) struct Announce {
 }
 
 /// The node an instance runs now (churn replaces it), for the sampler.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Current {
     generation: u32,
     pid: u32,
-    api: std::net::SocketAddr,
+    api: flotilla_api::client::ApiClient,
 }
 
 /// Shared by an instance's tasks: its event log and its current node.
@@ -156,7 +156,7 @@ impl Book {
         let current = node.pid().map(|pid| Current {
             generation,
             pid,
-            api: node.api,
+            api: node.api_client(),
         });
         self.current.send_replace(current);
     }
@@ -313,7 +313,9 @@ async fn sample_forever(seq: u32, mut current: watch::Receiver<Option<Current>>,
     loop {
         tick.tick().await;
         if current.has_changed().unwrap_or(false) {
-            sampler = (*current.borrow_and_update())
+            sampler = current
+                .borrow_and_update()
+                .clone()
                 .map(|c| Sampler::new(seq, c.generation, c.pid, c.api));
         }
         let Some(s) = sampler.as_mut() else { continue };

@@ -35,7 +35,7 @@ pub const CALL_TIERS: &[(u32, u32)] = &[(128, 35), (256, 25), (512, 22), (1024, 
 
 /// Waits until every offer of a volunteer's node is published.
 pub async fn wait_until_offering(node: &NodeProcess) -> anyhow::Result<()> {
-    let api = ApiClient::new(node.api);
+    let api = node.api_client();
     let deadline = Instant::now() + super::BARRIER_LIMIT;
     loop {
         // A busy machine may drop a connection; only the deadline ends the wait.
@@ -111,7 +111,7 @@ impl Client {
         node: &NodeProcess,
         everyone: &[Announce],
     ) -> anyhow::Result<Client> {
-        let api = ApiClient::new(node.api);
+        let api = node.api_client();
         let added = add_with_retries(&api).await?;
         let lent: f64 = everyone.iter().map(|a| f64::from(a.lent_mib)).sum();
         let p = &instance.params;
