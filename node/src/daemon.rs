@@ -112,6 +112,7 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
             // A call's answer can take as long as the function runs: each request is
             // bounded by its caller's own timeout instead.
             request_timeout: config.max_deadline * 2 + Duration::from_secs(300),
+            announce_scheduler: config.scheduler,
             ..NetworkConfig::default()
         },
         bitswap: BitswapConfig::default(),

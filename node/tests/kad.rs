@@ -410,3 +410,29 @@ async fn a_registry_captured_by_ground_identities_does_not_stop_an_honest_client
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_learn_schedulers_from_the_peers_they_are_connected_to() {
+    let dir = tempfile::tempdir().unwrap();
+    // A plain client (node 0, which the others join through), a scheduler (node 1) and
+    // a volunteer (node 2).
+    let nodes = demo::start_network_with(dir.path(), 3, |i, c| match i {
+        0 => quick(c),
+        1 => role(0, c),
+        _ => role(1, c),
+    })
+    .await
+    .unwrap();
+    let (scheduler, volunteer) = (nodes[1].peer_id(), nodes[2].peer_id());
+    let presence = nodes[0].overlay().network().presence().clone();
+    // Identify tells the client that node 1 schedules, and that node 2 does not.
+    wait_until("identify told the client what both support", || {
+        let presence = presence.clone();
+        async move { presence.is_identified(&volunteer) && presence.is_identified(&scheduler) }
+    })
+    .await;
+    assert_eq!(presence.announced_schedulers(), vec![scheduler]);
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -71,6 +71,9 @@ pub struct NetworkConfig {
     pub call_links: Option<LinkConfig>,
     /// A closed network's key ([`crate::closed`]): TCP only, and only with its holders.
     pub network_key: Option<crate::closed::PreSharedKey>,
+    /// Announce in identify that this node schedules calls
+    /// ([`crate::presence::SCHEDULER_PROTOCOL`]).
+    pub announce_scheduler: bool,
 }
 
 impl Default for NetworkConfig {
@@ -89,6 +92,7 @@ impl Default for NetworkConfig {
             inbound_queue: 256,
             call_links: Some(LinkConfig::default()),
             network_key: None,
+            announce_scheduler: false,
         }
     }
 }
@@ -289,6 +293,19 @@ impl Network {
                     reason: transport_failure(&e),
                 })?;
             pending.insert(id, addr.clone());
+        }
+        if config.announce_scheduler {
+            // Supporting the protocol is the announcement: identify lists it. A stream
+            // opened on it carries nothing and is closed at once.
+            let mut control = swarm.behaviour().stream.new_control();
+            let mut incoming = control
+                .accept(crate::presence::SCHEDULER_PROTOCOL)
+                .expect("the scheduler protocol is accepted once per swarm");
+            tokio::spawn(async move {
+                while let Some((_, stream)) = futures::StreamExt::next(&mut incoming).await {
+                    drop(stream);
+                }
+            });
         }
         let control = swarm.behaviour().stream.new_control();
         let total = config.inbound_queue.max(1);
@@ -971,6 +988,7 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                self.presence.identified(&peer_id, &info.protocols);
                 for which in Dht::ALL {
                     dht::learn(
                         which,

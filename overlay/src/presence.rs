@@ -3,15 +3,23 @@
 //! client that hung up), and what lets bounds be kept per address prefix rather than per
 //! PeerId, which costs nothing to make.
 //!
+//! It also keeps which connected peers announce, in identify, that they schedule calls
+//! ([`SCHEDULER_PROTOCOL`]): clients learn schedulers from the peers they are connected
+//! to, not only from the DHT's registry, which strangers can fill.
+//!
 //! The swarm's task ([`crate::network`]) is the only writer: it reports each connection
-//! opened and closed. Any task may read.
+//! opened and closed, and what identify told of each peer. Any task may read.
 
-use libp2p::PeerId;
 use libp2p::multiaddr::{Multiaddr, Protocol};
+use libp2p::{PeerId, StreamProtocol};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
+
+/// The protocol a scheduler supports (it accepts streams on it and closes them), so that
+/// identify announces it to every peer it connects to.
+pub const SCHEDULER_PROTOCOL: StreamProtocol = StreamProtocol::new("/flotilla/scheduler/1.0.0");
 
 /// One connected peer.
 struct Present {
@@ -20,6 +28,10 @@ struct Present {
     ip: Option<IpAddr>,
     /// Cancelled when its last connection closes.
     left: CancellationToken,
+    /// Whether identify told what it supports yet.
+    identified: bool,
+    /// Whether identify said it supports [`SCHEDULER_PROTOCOL`].
+    schedules: bool,
 }
 
 /// The peers connected now. Cheap to clone; clones share the table.
@@ -40,6 +52,8 @@ impl Presence {
             connections: 0,
             ip: None,
             left: CancellationToken::new(),
+            identified: false,
+            schedules: false,
         });
         present.connections += 1;
         if present.ip.is_none() {
@@ -57,6 +71,28 @@ impl Presence {
         } else if let Some(present) = table.get_mut(peer) {
             present.connections = remaining;
         }
+    }
+
+    /// Identify told what `peer` supports.
+    pub(crate) fn identified(&self, peer: &PeerId, protocols: &[StreamProtocol]) {
+        if let Some(present) = self.table().get_mut(peer) {
+            present.identified = true;
+            present.schedules = protocols.contains(&SCHEDULER_PROTOCOL);
+        }
+    }
+
+    /// Whether `peer` is connected and identify told what it supports.
+    pub fn is_identified(&self, peer: &PeerId) -> bool {
+        self.table().get(peer).is_some_and(|p| p.identified)
+    }
+
+    /// The connected peers that announce they schedule calls.
+    pub fn announced_schedulers(&self) -> Vec<PeerId> {
+        self.table()
+            .iter()
+            .filter(|(_, p)| p.schedules)
+            .map(|(peer, _)| *peer)
+            .collect()
     }
 
     /// Every peer left (the swarm stopped).

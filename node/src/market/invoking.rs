@@ -434,10 +434,19 @@ impl Market {
             let scheduler = if attempt == 0 && self.is_scheduler() {
                 self.peer_id()
             } else {
-                let schedulers = self.schedulers().await;
+                let mut schedulers = self.schedulers().await;
+                let presence = self.shared.network.presence();
+                // Schedulers the peers we are connected to announced in identify too,
+                // unless a configured list of trusted schedulers overrides the rest.
+                if self.shared.config.trusted_schedulers.is_empty() {
+                    for peer in presence.announced_schedulers() {
+                        if !schedulers.contains(&peer) && peer != self.peer_id() {
+                            schedulers.push(peer);
+                        }
+                    }
+                }
                 // Connected schedulers first: a registry filled with PeerIds nobody
                 // can reach (or that left) does not hide the ones that answer.
-                let presence = self.shared.network.presence();
                 let reachable = |p: &PeerId| presence.is_connected(p);
                 let picked =
                     registry::pick_reachable(&schedulers, reachable, failed.as_ref(), &mut rng);
