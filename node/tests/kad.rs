@@ -436,3 +436,43 @@ async fn clients_learn_schedulers_from_the_peers_they_are_connected_to() {
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_list_of_trusted_schedulers_overrides_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    // A volunteer (node 0, which the others join through) and two schedulers.
+    let nodes = demo::start_network_with(dir.path(), 3, |i, c| match i {
+        0 => role(1, c),
+        _ => role(0, c),
+    })
+    .await
+    .unwrap();
+    let trusted = nodes[2].peer_id();
+    let client = daemon::start(NodeConfig {
+        trusted_schedulers: vec![trusted],
+        ..quick(demo::loopback_config(
+            &dir.path().join("client"),
+            vec![nodes[0].bootstrap_addr()],
+        ))
+    })
+    .await
+    .unwrap();
+    wait_until("offers are published", || all_published(&nodes[..1])).await;
+    // Both schedulers are registered and announce themselves; only the trusted one is
+    // asked.
+    for _ in 0..8 {
+        let found = client
+            .market()
+            .discover(DiscoverRequest {
+                memory_mib: 256,
+                max_tries: Some(4),
+                reserve: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.scheduler, trusted.to_string());
+    }
+    for node in nodes.into_iter().chain([client]) {
+        node.stop().await;
+    }
+}
