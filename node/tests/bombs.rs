@@ -8,25 +8,17 @@ mod common;
 
 use bytes::Bytes;
 use bytesize::ByteSize;
-use common::wait_until;
+use common::{example, wait_until};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
 use flotilla_node::market::function::FunctionCall;
 use flotilla_overlay::Cid;
 use flotilla_overlay::block::{Block, DAG_PB};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VOLUNTEERS: usize = 2;
-
-fn example(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/wasm")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Node 0 schedules and holds the bomb; nodes 1..=2 lend 512 MiB each.
 async fn bomb_network() -> (tempfile::TempDir, Vec<RunningNode>) {

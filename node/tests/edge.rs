@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::example;
+
 use bytesize::ByteSize;
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::{self, RunningNode};
@@ -17,7 +19,7 @@ use flotilla_node::market::protocol::{self, ExecuteRequest, Request, Response};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, Swarm};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -250,13 +252,6 @@ async fn plans_cannot_name_files_outside_their_directory() {
     let plan = dir.join("inside.toml");
     std::fs::write(&plan, "[jobs.a]\nmodule = { file = \"./m.wasm\" }\n").unwrap();
     assert!(run_plan(&plan, &[]).await.contains("no Flotilla node"));
-}
-
-fn example(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/wasm")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap()
 }
 
 fn echo_call(module: String) -> FunctionCall {

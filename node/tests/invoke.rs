@@ -7,7 +7,7 @@
 mod common;
 
 use bytesize::ByteSize;
-use common::{wait_until, wait_until_within};
+use common::{example, wait_until, wait_until_within};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
@@ -17,17 +17,9 @@ use flotilla_node::market::protocol::{self, ExecuteRequest, InvokeRequest, Reque
 use flotilla_node::market::{InvokeError, Market};
 use libp2p::PeerId;
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
 use std::time::Duration;
 
 const VOLUNTEERS: usize = 9;
-
-fn example(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/wasm")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Node 0 schedules (and is the client); nodes 1..=9 lend 512 MiB each.
 async fn function_network() -> (tempfile::TempDir, Vec<RunningNode>) {

@@ -10,14 +10,13 @@
 mod common;
 
 use bytesize::ByteSize;
-use common::wait_until;
+use common::{example, wait_until};
 use flotilla_node::api::client::ApiClient;
 use flotilla_node::api::types::InvokeBody;
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
 use flotilla_node::market::function::FunctionCall;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const VOLUNTEERS: usize = 4;
@@ -25,13 +24,6 @@ const VOLUNTEERS: usize = 4;
 const LIAR: usize = 3;
 /// The volunteer whose receipts do not match its answers.
 const FORGER: usize = 4;
-
-fn example(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/wasm")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Node 0 schedules (and is the client); nodes 1..=4 lend 512 MiB each, node 3 lies,
 /// node 4 answers with receipts that do not match.

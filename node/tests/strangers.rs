@@ -10,7 +10,7 @@
 mod common;
 
 use bytesize::ByteSize;
-use common::{RawPeer, signed_offer, wait_until};
+use common::{RawPeer, example, signed_offer, wait_until};
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::demo;
@@ -20,18 +20,10 @@ use flotilla_node::market::protocol::{Request, Response};
 use flotilla_node::market::{DiscoverRequest, ReserveTerms};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Identities in a flood.
 const SYBILS: usize = 256;
-
-fn example(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/wasm")
-        .join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// Node 0 schedules (and is the client); node 1 lends 512 MiB.
 async fn scheduler_and_volunteer() -> (tempfile::TempDir, Vec<RunningNode>) {
