@@ -7,11 +7,8 @@
 mod common;
 
 use bytes::Bytes;
-use bytesize::ByteSize;
 use common::{example, wait_until};
-use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
-use flotilla_node::demo;
 use flotilla_node::market::function::FunctionCall;
 use flotilla_overlay::Cid;
 use flotilla_overlay::block::{Block, DAG_PB};
@@ -22,34 +19,7 @@ const VOLUNTEERS: usize = 2;
 
 /// Node 0 schedules and holds the bomb; nodes 1..=2 lend 512 MiB each.
 async fn bomb_network() -> (tempfile::TempDir, Vec<RunningNode>) {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
-        let config = NodeConfig {
-            offer_ttl: Duration::from_secs(6),
-            offer_refresh_margin: Duration::from_secs(3),
-            answer_timeout: Duration::from_secs(1),
-            notify_interval: Duration::from_millis(300),
-            fetch_timeout: Duration::from_secs(10),
-            ..config
-        };
-        match i {
-            0 => NodeConfig {
-                scheduler: true,
-                ..config
-            },
-            _ => NodeConfig {
-                offer_memory: Some(ByteSize::mib(512)),
-                ..config
-            },
-        }
-    })
-    .await
-    .unwrap();
-    wait_until("every volunteer's offer is listed", || async {
-        nodes[0].market().offers().await.super_traders == VOLUNTEERS
-    })
-    .await;
-    (dir, nodes)
+    common::function_network(VOLUNTEERS, Duration::from_secs(10), |_, c| c).await
 }
 
 fn varint(mut n: u64, out: &mut Vec<u8>) {

@@ -23,44 +23,7 @@ const VOLUNTEERS: usize = 9;
 
 /// Node 0 schedules (and is the client); nodes 1..=9 lend 512 MiB each.
 async fn function_network() -> (tempfile::TempDir, Vec<RunningNode>) {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
-        let config = NodeConfig {
-            offer_ttl: Duration::from_secs(6),
-            offer_refresh_margin: Duration::from_secs(3),
-            answer_timeout: Duration::from_secs(1),
-            notify_interval: Duration::from_millis(300),
-            fetch_timeout: Duration::from_secs(3),
-            ..config
-        };
-        match i {
-            0 => NodeConfig {
-                scheduler: true,
-                ..config
-            },
-            _ => NodeConfig {
-                offer_memory: Some(ByteSize::mib(512)),
-                ..config
-            },
-        }
-    })
-    .await
-    .unwrap();
-    let volunteers = &nodes[1..];
-    wait_until(
-        "every volunteer's offer is on the scheduler's list",
-        || async {
-            for n in volunteers {
-                let view = n.market().offers().await;
-                if !view.sent.iter().all(|o| o.state == "published") {
-                    return false;
-                }
-            }
-            nodes[0].market().offers().await.super_traders == VOLUNTEERS
-        },
-    )
-    .await;
-    (dir, nodes)
+    common::function_network(VOLUNTEERS, Duration::from_secs(3), |_, c| c).await
 }
 
 async fn add(node: &RunningNode, bytes: &[u8]) -> String {

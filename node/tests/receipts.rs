@@ -9,13 +9,11 @@
 
 mod common;
 
-use bytesize::ByteSize;
-use common::{example, wait_until};
+use common::example;
 use flotilla_node::api::client::ApiClient;
 use flotilla_node::api::types::InvokeBody;
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
-use flotilla_node::demo;
 use flotilla_node::market::function::FunctionCall;
 use std::time::Duration;
 
@@ -28,37 +26,12 @@ const FORGER: usize = 4;
 /// Node 0 schedules (and is the client); nodes 1..=4 lend 512 MiB each, node 3 lies,
 /// node 4 answers with receipts that do not match.
 async fn network() -> (tempfile::TempDir, Vec<RunningNode>) {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = demo::start_network_with(dir.path(), 1 + VOLUNTEERS, |i, config| {
-        let config = NodeConfig {
-            offer_ttl: Duration::from_secs(6),
-            offer_refresh_margin: Duration::from_secs(3),
-            answer_timeout: Duration::from_secs(1),
-            notify_interval: Duration::from_millis(300),
-            fetch_timeout: Duration::from_secs(3),
-            ..config
-        };
-        match i {
-            0 => NodeConfig {
-                scheduler: true,
-                ..config
-            },
-            _ => NodeConfig {
-                offer_memory: Some(ByteSize::mib(512)),
-                tamper_stdout: i == LIAR,
-                forge_receipts: i == FORGER,
-                ..config
-            },
-        }
+    common::function_network(VOLUNTEERS, Duration::from_secs(3), |i, config| NodeConfig {
+        tamper_stdout: i == LIAR,
+        forge_receipts: i == FORGER,
+        ..config
     })
     .await
-    .unwrap();
-    wait_until(
-        "every volunteer's offer is on the scheduler's list",
-        || async { nodes[0].market().offers().await.super_traders == VOLUNTEERS },
-    )
-    .await;
-    (dir, nodes)
 }
 
 fn body(module: &str, replicas: Option<u32>) -> InvokeBody {

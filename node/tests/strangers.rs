@@ -27,33 +27,7 @@ const SYBILS: usize = 256;
 
 /// Node 0 schedules (and is the client); node 1 lends 512 MiB.
 async fn scheduler_and_volunteer() -> (tempfile::TempDir, Vec<RunningNode>) {
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = demo::start_network_with(dir.path(), 2, |i, config| {
-        let config = NodeConfig {
-            answer_timeout: Duration::from_secs(1),
-            notify_interval: Duration::from_millis(300),
-            fetch_timeout: Duration::from_secs(3),
-            ..config
-        };
-        match i {
-            0 => NodeConfig {
-                scheduler: true,
-                ..config
-            },
-            _ => NodeConfig {
-                offer_memory: Some(ByteSize::mib(512)),
-                ..config
-            },
-        }
-    })
-    .await
-    .unwrap();
-    wait_until(
-        "the volunteer's offer is on the scheduler's list",
-        || async { nodes[0].market().offers().await.super_traders == 1 },
-    )
-    .await;
-    (dir, nodes)
+    common::function_network(1, Duration::from_secs(3), |_, c| c).await
 }
 
 fn echo_call(module: &str, i: usize) -> FunctionCall {

@@ -249,3 +249,56 @@ pub fn example(name: &str) -> Vec<u8> {
         .join(format!("{name}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// Timings short enough for tests: offers live 6 s, answers wait 1 s, volunteers report
+/// every 300 ms, and a call's parts are fetched within `fetch_timeout`.
+pub fn quick(
+    config: flotilla_node::config::NodeConfig,
+    fetch_timeout: Duration,
+) -> flotilla_node::config::NodeConfig {
+    flotilla_node::config::NodeConfig {
+        offer_ttl: Duration::from_secs(6),
+        offer_refresh_margin: Duration::from_secs(3),
+        answer_timeout: Duration::from_secs(1),
+        notify_interval: Duration::from_millis(300),
+        fetch_timeout,
+        ..config
+    }
+}
+
+/// Node 0 schedules (and is the client); nodes 1..=`volunteers` lend 512 MiB each, with
+/// `adjust(i, config)` applied last; returns once every volunteer's offer is published
+/// and on the scheduler's list.
+pub async fn function_network(
+    volunteers: usize,
+    fetch_timeout: Duration,
+    adjust: impl Fn(usize, flotilla_node::config::NodeConfig) -> flotilla_node::config::NodeConfig,
+) -> (tempfile::TempDir, Vec<RunningNode>) {
+    use flotilla_node::config::NodeConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = demo::start_network_with(dir.path(), 1 + volunteers, |i, config| {
+        let config = quick(config, fetch_timeout);
+        let config = match i {
+            0 => NodeConfig {
+                scheduler: true,
+                ..config
+            },
+            _ => NodeConfig {
+                offer_memory: Some(bytesize::ByteSize::mib(512)),
+                ..config
+            },
+        };
+        adjust(i, config)
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "every volunteer's offer is on the scheduler's list",
+        || async {
+            all_published(&nodes[1..]).await
+                && nodes[0].market().offers().await.super_traders == volunteers
+        },
+    )
+    .await;
+    (dir, nodes)
+}
