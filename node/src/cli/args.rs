@@ -13,7 +13,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "FLOTILLA_API")]
     pub api: Option<SocketAddr>,
     /// File holding the API token, for a node started with --api-allow-remote
-    /// [default: api.token in $FLOTILLA_DATA or ~/.flotilla, if there]
+    /// [default: api.token in $FLOTILLA_DATA or ~/.flotilla, if there, sent only to a
+    /// loopback --api: another address gets a token only from this option]
     #[arg(long, global = true, env = "FLOTILLA_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// Print results as JSON

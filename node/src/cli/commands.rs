@@ -14,16 +14,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt;
 
+/// The file of the token to send to the API at `addr`: the one named, else the local
+/// node's (in `data_dir`) but only to a loopback address, so that `--api` naming another
+/// host never hands the local node's token to whoever listens there.
+fn token_file_for(addr: SocketAddr, named: Option<PathBuf>, data_dir: &Path) -> Option<PathBuf> {
+    named.or_else(|| {
+        addr.ip()
+            .is_loopback()
+            .then(|| crate::api::guard::token_path(data_dir))
+    })
+}
+
 /// Runs the command line's subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let addr = cli
         .api
         .unwrap_or_else(|| DEFAULT_API.parse().expect("valid default"));
-    let token_file = cli
-        .api_token_file
-        .clone()
-        .unwrap_or_else(|| crate::api::guard::token_path(&NodeConfig::default().data_dir));
-    let api = || ApiClient::with_token(addr, crate::api::guard::read_token(&token_file));
+    let default_data_dir = NodeConfig::default().data_dir;
+    let token = token_file_for(addr, cli.api_token_file.clone(), &default_data_dir)
+        .and_then(|file| crate::api::guard::read_token(&file));
+    let api = || ApiClient::with_token(addr, token.clone());
     match cli.command {
         Command::Node(args) => daemon::run(node_config(args, cli.api)?, cli.json).await,
         Command::Add { file } => add(&api(), &file, cli.json).await,
@@ -304,5 +314,25 @@ mod tests {
         assert!(Cli::try_parse_from(argv).is_err());
         let never = node_args(&["--no-fallback", "--max-tries", "0"]);
         assert!(node_config(never, None).is_err());
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn the_local_token_goes_only_to_a_loopback_api_unless_one_is_named() {
+        let dir = Path::new("/data");
+        let local = crate::api::guard::token_path(dir);
+        let loopback: SocketAddr = "127.0.0.1:4180".parse().unwrap();
+        let elsewhere: SocketAddr = "192.0.2.7:4180".parse().unwrap();
+        assert_eq!(token_file_for(loopback, None, dir), Some(local));
+        assert_eq!(token_file_for(elsewhere, None, dir), None);
+        let named = PathBuf::from("/keys/remote.token");
+        assert_eq!(
+            token_file_for(elsewhere, Some(named.clone()), dir),
+            Some(named)
+        );
     }
 }

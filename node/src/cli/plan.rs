@@ -5,12 +5,12 @@
 //!
 //! ```toml
 //! [jobs.count]
-//! module = { file = "../wasm/wordcount.wasm" }   # paths are relative to the plan
+//! module = { file = "wasm/wordcount.wasm" }   # relative to the plan, and inside its folder
 //! args = ["words.txt"]
-//! inputs = { "words.txt" = { file = "../data/words.txt" } }
+//! inputs = { "words.txt" = { file = "data/words.txt" } }
 //!
 //! [jobs.hash]
-//! module = { file = "../wasm/sha256.wasm" }
+//! module = { file = "wasm/sha256.wasm" }
 //! memory = "128MiB"
 //! stdin = { job = "count", output = "counts.txt" }  # or "stdout" / "stderr"
 //! replicas = 3   # run on 3 volunteers, take the majority's answer
