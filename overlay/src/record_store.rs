@@ -67,7 +67,13 @@ pub struct OthersStore {
     limits: StoreLimits,
     by_key: HashMap<RecordKey, Vec<ProviderRecord>>,
     bytes: usize,
+    /// When a full store last swept for expired records to make room: at most once per
+    /// [`FULL_SWEEP_EVERY`], so a flood of refused records costs no scan each.
+    last_full_sweep: Option<Instant>,
 }
+
+/// How often a full store may sweep for room.
+const FULL_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl OthersStore {
     /// An empty store with these limits.
@@ -76,6 +82,7 @@ impl OthersStore {
             limits,
             by_key: HashMap::new(),
             bytes: 0,
+            last_full_sweep: None,
         }
     }
 
@@ -101,23 +108,32 @@ impl OthersStore {
             .addresses
             .truncate(self.limits.max_addresses_per_provider);
         let size = record_bytes(&record);
-        let replaced = self
-            .by_key
-            .get(&record.key)
-            .and_then(|list| list.iter().find(|r| r.provider == record.provider))
-            .map(record_bytes);
+        // Looked up each time: a sweep may have removed the record being replaced.
+        let replaced = |s: &Self| {
+            s.by_key
+                .get(&record.key)
+                .and_then(|list| list.iter().find(|r| r.provider == record.provider))
+                .map(record_bytes)
+        };
         let key_full = |s: &Self| {
             s.by_key
                 .get(&record.key)
                 .is_some_and(|l| l.len() >= s.limits.max_providers_per_key)
         };
         let over = |s: &Self| {
+            let replaced = replaced(s);
             s.bytes - replaced.unwrap_or(0) + size > s.limits.max_bytes
                 || (replaced.is_none() && key_full(s))
                 || (!s.by_key.contains_key(&record.key) && s.by_key.len() >= s.limits.max_keys)
         };
         if over(self) {
-            self.sweep(now);
+            if self
+                .last_full_sweep
+                .is_none_or(|at| now.saturating_duration_since(at) >= FULL_SWEEP_EVERY)
+            {
+                self.last_full_sweep = Some(now);
+                self.sweep(now);
+            }
             if over(self) {
                 return Err(Error::MaxProvidedKeys);
             }

@@ -99,15 +99,11 @@ impl ReplyBudget {
         self.total_bytes - self.total.available_permits()
     }
 
-    /// Forgets a peer that left (charges still held give their bytes back as usual).
+    /// Forgets a peer that left. Charges still held keep its budget alive and give their
+    /// bytes back to the total as usual; the table keeps no entry for a peer gone, so
+    /// throwaway PeerIds cannot grow it.
     pub fn forget(&self, peer: &PeerId) {
-        let mut peers = super::lock(&self.peers);
-        if peers
-            .get(peer)
-            .is_some_and(|s| s.available_permits() == self.per_peer)
-        {
-            peers.remove(peer);
-        }
+        super::lock(&self.peers).remove(peer);
     }
 }
 

@@ -138,6 +138,8 @@ async fn work(inner: Arc<Inner>, peer: PeerId) {
         for entry in batch {
             let mh = *entry.cid.hash();
             let (block, charge) = match entry.want_type {
+                // A block we do not hold costs no charge (and waits for none).
+                WantType::Block if !inner.store.has(&entry.cid) => (None, None),
                 WantType::Block => {
                     // Room in the peer's reply budget first, then the read: a peer that
                     // does not read its replies cannot make us hold more than its budget.
