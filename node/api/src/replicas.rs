@@ -19,6 +19,11 @@ pub struct Answer {
     pub failure: Option<String>,
     /// SHA-256 of its stdout, in hex.
     pub stdout_sha256: String,
+    /// The CID its stdout was stored under, when too large to travel inline: voted on
+    /// too, since a receipt's digest of stdout stored by CID is only the volunteer's word
+    /// until the bytes are fetched, and the CID is what the client reads.
+    #[serde(default)]
+    pub stdout_cid: Option<String>,
     /// Its output files: name and CID.
     pub outputs: Vec<(String, String)>,
 }
@@ -31,6 +36,7 @@ impl Answer {
             exit_code: body.exit_code,
             failure: body.failure.clone(),
             stdout_sha256: body.stdout.sha256.clone(),
+            stdout_cid: body.stdout.cid.clone(),
             outputs: body
                 .outputs
                 .iter()
@@ -152,12 +158,21 @@ mod tests {
     use libp2p::identity::Keypair;
 
     fn run(stdout: &[u8]) -> Invocation {
+        run_stored(stdout, None)
+    }
+
+    /// A run whose receipt signs `stdout`'s digest, its stdout inline or stored by `cid`.
+    fn run_stored(stdout: &[u8], cid: Option<&str>) -> Invocation {
         let keypair = Keypair::generate_ed25519();
         let volunteer = keypair.public().to_peer_id();
         let stream = OutputStream {
             size: stdout.len() as u64,
-            inline: stdout.to_vec(),
-            cid: None,
+            inline: if cid.is_some() {
+                Vec::new()
+            } else {
+                stdout.to_vec()
+            },
+            cid: cid.map(str::to_string),
         };
         let body = ReceiptBody {
             volunteer,
@@ -173,7 +188,7 @@ mod tests {
             stdout: StreamDigest {
                 size: stream.size,
                 sha256: sha256_hex(stdout),
-                cid: None,
+                cid: cid.map(str::to_string),
             },
             stderr: StreamDigest::of(&[], &OutputStream::default()),
             outputs: Vec::new(),
@@ -212,6 +227,20 @@ mod tests {
         assert_eq!(report.sides.len(), 2);
         assert_eq!(report.sides[1].receipts.len(), 1);
         assert!(report.describe().contains(&runs[1].execution.volunteer));
+    }
+
+    #[test]
+    fn a_replica_signing_the_true_digest_over_another_stored_stdout_is_outvoted() {
+        // The liar signs the honest bytes' digest but answers other blocks under its own
+        // CID: the digest alone would put it with the majority.
+        let runs = [
+            run_stored(b"42\n", Some("bafyliar")),
+            run_stored(b"42\n", Some("bafyhonest")),
+            run_stored(b"42\n", Some("bafyhonest")),
+        ];
+        let (report, winner) = vote(&runs);
+        assert_eq!(winner, Some(1));
+        assert_eq!(report.dissenters, vec![runs[0].execution.volunteer.clone()]);
     }
 
     #[test]

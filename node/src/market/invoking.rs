@@ -14,7 +14,7 @@
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{ExecuteRequest, InvokeRequest, MAX_EXCLUDED, Request, Response};
 use super::receipts;
-use super::scheduling::Exchanges;
+use super::scheduling::{Exchanges, Heard};
 use super::slots::Slot;
 use super::{CallError, Market};
 use flotilla_api::receipt::ReceiptError;
@@ -239,8 +239,12 @@ impl Market {
                         }
                         _ => None,
                     };
-                    let answered = answer.is_ok() && !matches!(receipt, Some(Err(_)));
-                    self.learn_version(&offer, newer, answered).await;
+                    let heard = match (&answer, &receipt) {
+                        (Ok(_), Some(Ok(()))) => Heard::Served,
+                        (Ok(_), Some(Err(_))) | (Err(_), _) => Heard::Silent,
+                        (Ok(_), None) => Heard::Declined,
+                    };
+                    self.learn_version(&offer, newer, heard).await;
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {

@@ -65,6 +65,17 @@ pub(super) struct SchedulerCache {
     refreshing: tokio::sync::Mutex<()>,
 }
 
+/// What an offerer's answer to a request says of it, for the super-trader list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Heard {
+    /// It granted the reservation, or ran the call with a receipt that checks: proven.
+    Served,
+    /// It refused or was busy: nothing learnt (refusing costs a stranger nothing).
+    Declined,
+    /// No answer, or one with a bad receipt: forgotten for a while.
+    Silent,
+}
+
 impl Market {
     /// Announces this scheduler in the registry, again every [`REANNOUNCE_INTERVAL`].
     pub(super) async fn announce_scheduler(self) {
@@ -392,7 +403,13 @@ impl Market {
             }) => Some(&**newer),
             _ => None,
         };
-        self.learn_version(offer, newer, answer.is_ok()).await;
+        // Only a reservation granted proves an offerer: a refusal is free to send.
+        let heard = match &answer {
+            Ok(Response::Reserved { .. }) => Heard::Served,
+            Ok(_) => Heard::Declined,
+            Err(_) => Heard::Silent,
+        };
+        self.learn_version(offer, newer, heard).await;
         match answer {
             Ok(Response::Reserved { reservation, .. }) => Ok(reservation),
             Ok(Response::Refused { reason }) => Err(NotReserved::Refused(reason)),
@@ -404,13 +421,14 @@ impl Market {
     /// Keeps the super-trader list current after asking `tried`'s offerer for something:
     /// the offer's `newer` version when the answer brought one (of the same offerer),
     /// else the version tried is out of date and goes (unless a newer one arrived
-    /// meanwhile, with another call's answer). An offerer that `answered` is proven from
-    /// now on; one that did not is forgotten, with all its offers.
+    /// meanwhile, with another call's answer). An offerer that served the request is
+    /// proven from now on; one that did not answer (or answered with a bad receipt) is
+    /// forgotten, with all its offers.
     pub(super) async fn learn_version(
         &self,
         tried: &SignedOffer,
         newer: Option<&SignedOffer>,
-        answered: bool,
+        heard: Heard,
     ) {
         if !self.is_scheduler() {
             return;
@@ -423,11 +441,14 @@ impl Market {
                 let Some(list) = m.super_traders.as_mut() else {
                     return;
                 };
-                if !answered {
-                    list.failed(now, offerer);
-                    return;
+                match heard {
+                    Heard::Silent => {
+                        list.failed(now, offerer);
+                        return;
+                    }
+                    Heard::Served => list.answered(now, offerer),
+                    Heard::Declined => {}
                 }
-                list.answered(now, offerer);
                 match newer {
                     Some(newer) => {
                         list.notify(now, vec![newer]);
