@@ -961,8 +961,11 @@ impl EventLoop {
                 peer_id, endpoint, ..
             } => {
                 self.connected.insert(peer_id);
-                self.presence
-                    .connected(peer_id, endpoint.get_remote_address());
+                self.presence.connected(
+                    peer_id,
+                    endpoint.get_remote_address(),
+                    endpoint.is_dialer(),
+                );
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

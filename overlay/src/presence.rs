@@ -32,6 +32,9 @@ struct Present {
     identified: bool,
     /// Whether identify said it supports [`SCHEDULER_PROTOCOL`].
     schedules: bool,
+    /// Whether we dialled it (a peer we chose: bootstrap, mDNS, a lookup's answer),
+    /// rather than it us.
+    dialled: bool,
 }
 
 /// The peers connected now. Cheap to clone; clones share the table.
@@ -45,8 +48,8 @@ impl Presence {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection to `peer` opened, from or to `remote`.
-    pub(crate) fn connected(&self, peer: PeerId, remote: &Multiaddr) {
+    /// A connection to `peer` opened, from or to `remote`; `dialled` if we opened it.
+    pub(crate) fn connected(&self, peer: PeerId, remote: &Multiaddr, dialled: bool) {
         let mut table = self.table();
         let present = table.entry(peer).or_insert_with(|| Present {
             connections: 0,
@@ -54,7 +57,9 @@ impl Presence {
             left: CancellationToken::new(),
             identified: false,
             schedules: false,
+            dialled: false,
         });
+        present.dialled |= dialled;
         present.connections += 1;
         if present.ip.is_none() {
             present.ip = ip_of(remote);
@@ -86,11 +91,13 @@ impl Presence {
         self.table().get(peer).is_some_and(|p| p.identified)
     }
 
-    /// The connected peers that announce they schedule calls.
+    /// The connected peers that announce they schedule calls, among those we dialled:
+    /// any stranger can dial us and announce anything, so a peer that reached us on its
+    /// own is not taken at its word.
     pub fn announced_schedulers(&self) -> Vec<PeerId> {
         self.table()
             .iter()
-            .filter(|(_, p)| p.schedules)
+            .filter(|(_, p)| p.schedules && p.dialled)
             .map(|(peer, _)| *peer)
             .collect()
     }
@@ -176,8 +183,8 @@ mod tests {
         let peer = PeerId::random();
         assert!(presence.until_left(&peer).is_cancelled(), "not connected");
         let addr: Multiaddr = "/ip4/10.1.2.3/tcp/4001".parse().unwrap();
-        presence.connected(peer, &addr);
-        presence.connected(peer, &"/ip4/10.9.9.9/tcp/1".parse().unwrap());
+        presence.connected(peer, &addr, false);
+        presence.connected(peer, &"/ip4/10.9.9.9/tcp/1".parse().unwrap(), true);
         let left = presence.until_left(&peer);
         assert_eq!(presence.ip(&peer), Some("10.1.2.3".parse().unwrap()));
         presence.disconnected(&peer, 1);
@@ -186,6 +193,22 @@ mod tests {
         assert!(left.is_cancelled());
         assert_eq!(presence.ip(&peer), None);
         assert!(!presence.is_connected(&peer));
+    }
+
+    #[test]
+    fn only_schedulers_we_dialled_are_taken_at_their_word() {
+        let presence = Presence::default();
+        let addr: Multiaddr = "/ip4/10.1.2.3/tcp/4001".parse().unwrap();
+        let (chosen, stranger, plain) = (PeerId::random(), PeerId::random(), PeerId::random());
+        presence.connected(chosen, &addr, true);
+        presence.connected(stranger, &addr, false);
+        presence.connected(plain, &addr, true);
+        let announcing = [SCHEDULER_PROTOCOL];
+        presence.identified(&chosen, &announcing);
+        presence.identified(&stranger, &announcing);
+        presence.identified(&plain, &[]);
+        assert_eq!(presence.announced_schedulers(), vec![chosen]);
+        assert!(presence.is_identified(&plain));
     }
 
     #[test]
