@@ -354,6 +354,24 @@ async fn a_registry_captured_by_ground_identities_does_not_stop_an_honest_client
             .map(move |key| fake.provide(RecordKey::new(&key)))
     });
     futures::future::join_all(provided).await;
+    // The registry is full of strangers (asked while they are still there, until a
+    // lookup sees them all: their announcements travel unacknowledged).
+    let network = nodes[0].overlay().network().clone();
+    common::wait_until_within("the registry is captured", Duration::from_secs(30), || {
+        let network = network.clone();
+        async move {
+            let mut found = network
+                .get_providers_in(Dht::Market, RecordKey::new(&registry_keys()[0]))
+                .await
+                .unwrap();
+            let mut providers = HashSet::new();
+            while let Some(peer) = found.recv().await {
+                providers.insert(peer);
+            }
+            providers.len() >= 20
+        }
+    })
+    .await;
     // Ground identities: they provide, then are gone.
     drop(fakes);
     let bootstrap = vec![nodes[0].bootstrap_addr()];
@@ -381,24 +399,6 @@ async fn a_registry_captured_by_ground_identities_does_not_stop_an_honest_client
     .await
     .unwrap();
     wait_until("offers are published", || all_published(&nodes)).await;
-    // The registry is full of strangers (a lookup may end before it met every keeper:
-    // asked again until one sees them).
-    let network = nodes[0].overlay().network().clone();
-    common::wait_until_within("the registry is captured", Duration::from_secs(20), || {
-        let network = network.clone();
-        async move {
-            let mut found = network
-                .get_providers_in(Dht::Market, RecordKey::new(&registry_keys()[0]))
-                .await
-                .unwrap();
-            let mut providers = HashSet::new();
-            while let Some(peer) = found.recv().await {
-                providers.insert(peer);
-            }
-            providers.len() >= 20
-        }
-    })
-    .await;
     for asker in [&client, &trusting] {
         for _ in 0..3 {
             let found = asker
