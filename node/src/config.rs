@@ -174,8 +174,8 @@ pub struct NodeConfig {
     #[doc(hidden)]
     #[serde(skip)]
     pub tamper_stdout: bool,
-    /// For tests only (never read from a file): this volunteer alters stdout after
-    /// signing its receipt, so the receipt does not match the answer.
+    /// For tests only (never read from a file): this volunteer signs its receipts with
+    /// another key than its own, so they do not verify.
     #[doc(hidden)]
     #[serde(skip)]
     pub forge_receipts: bool,

@@ -3,8 +3,11 @@
 //! the node's own code with the test-only `tamper_stdout` set, so it alters the stdout of
 //! every call it runs and signs the altered answer. Every answer carries a receipt that
 //! verifies; a call with `replicas = 3` runs on three, and the liar is outvoted and
-//! named with its receipt. A fourth volunteer alters its answers after signing: the
-//! scheduler refuses them for their receipts, so no replica counts it.
+//! named with its receipt. A fourth volunteer signs its receipts with another key than
+//! its own: the scheduler refuses them, so no replica counts it. Last, a client that is
+//! not the scheduler: the scheduler leaves the signature to it (checking it only after
+//! it answered), the client refuses the forger's answer and asks again without it, and
+//! the scheduler forgets the forger.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -20,11 +23,11 @@ use std::time::Duration;
 const VOLUNTEERS: usize = 4;
 /// The volunteer that lies (and signs its lie).
 const LIAR: usize = 3;
-/// The volunteer whose receipts do not match its answers.
+/// The volunteer whose receipts do not verify.
 const FORGER: usize = 4;
 
 /// Node 0 schedules (and is the client); nodes 1..=4 lend 512 MiB each, node 3 lies,
-/// node 4 answers with receipts that do not match.
+/// node 4 answers with receipts that do not verify.
 async fn network() -> (tempfile::TempDir, Vec<RunningNode>) {
     common::function_network(VOLUNTEERS, Duration::from_secs(3), |i, config| NodeConfig {
         tamper_stdout: i == LIAR,
@@ -105,8 +108,8 @@ async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
         report.sides[0].answer.stdout_sha256
     );
 
-    // A fourth replica can only go to the volunteer whose receipt does not match its
-    // answer: the scheduler refuses the answer, names it, and finds nobody else — or,
+    // A fourth replica can only go to the volunteer whose receipt does not verify: the
+    // scheduler refuses the answer, names it, and finds nobody else — or,
     // if an earlier call met the forger already, the scheduler forgot it then (its
     // fallback list drops a volunteer whose receipt is bad) and finds nobody at all.
     let forger = nodes[FORGER].peer_id().to_string();
@@ -115,7 +118,7 @@ async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
     assert!(error.contains("replica 4 of 4"), "{error}");
     if error.contains(&forger) {
         assert!(
-            error.contains("the receipt does not match the stdout"),
+            error.contains("the receipt's signature does not verify"),
             "{error}"
         );
     } else {
@@ -126,4 +129,54 @@ async fn answers_carry_receipts_and_a_lying_volunteer_is_outvoted_and_named() {
             "the forger is off the scheduler's list"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_client_refuses_a_forged_receipt_and_the_scheduler_forgets_its_volunteer() {
+    // Node 0 schedules; node 1 forges its receipts and lends the least, so best fit
+    // places on it first; nodes 2 and 3 are honest, and node 3 is the client.
+    const FORGER: usize = 1;
+    const CLIENT: usize = 3;
+    let (_dir, nodes) =
+        common::function_network(3, Duration::from_secs(3), |i, config| NodeConfig {
+            forge_receipts: i == FORGER,
+            offer_memory: match i {
+                0 => None,
+                FORGER => Some(bytesize::ByteSize::mib(256)),
+                _ => Some(bytesize::ByteSize::mib(512)),
+            },
+            ..config
+        })
+        .await;
+    let echo = nodes[CLIENT]
+        .overlay()
+        .add(&example("echo")[..])
+        .await
+        .unwrap()
+        .cid;
+    let forger = nodes[FORGER].peer_id().to_string();
+    let api = ApiClient::new(nodes[CLIENT].api_addr());
+
+    // The scheduler passes the forger's answer on unchecked; the client refuses it, asks
+    // again without the forger, and gets an honest answer, with the refusal among the
+    // failed attempts.
+    let reply = api.invoke(&body(&echo, None)).await.unwrap();
+    let invocation = &reply.invocation;
+    assert_eq!(invocation.scheduler, nodes[0].peer_id().to_string());
+    assert_eq!(invocation.execution.stdout.inline, b"hello\n");
+    assert_ne!(invocation.execution.volunteer, forger);
+    let refusal = invocation
+        .failed_attempts
+        .iter()
+        .find(|a| a.volunteer == forger)
+        .expect("the forger's answer was refused");
+    assert!(
+        refusal.error.contains("signature does not verify"),
+        "{refusal:?}"
+    );
+    // The scheduler checked the signature after answering, and forgot the forger.
+    common::wait_until("the scheduler forgets the forger", || async {
+        nodes[0].market().offers().await.super_traders == 2
+    })
+    .await;
 }

@@ -162,22 +162,37 @@ impl Receipt {
         if self.public_key.len() > MAX_HEX || self.signature.len() > MAX_HEX {
             return Err(ReceiptError::BadSignature);
         }
-        let key = unhex(&self.public_key)
-            .and_then(|k| PublicKey::try_decode_protobuf(&k).ok())
-            .ok_or(ReceiptError::BadSignature)?;
         let signature = unhex(&self.signature).ok_or(ReceiptError::BadSignature)?;
-        if key.to_peer_id() != self.body.volunteer
-            || !key.verify(&self.body.signing_bytes(), &signature)
-        {
+        let (key, signer) =
+            known_keys::decode(&self.public_key).ok_or(ReceiptError::BadSignature)?;
+        if signer != self.body.volunteer || !key.verify(&self.body.signing_bytes(), &signature) {
             return Err(ReceiptError::BadSignature);
         }
+        known_keys::remember(&self.public_key, key, signer);
         Ok(())
     }
 
     /// Checks the signature and that the signer is `volunteer`, the peer the call ran on.
     pub fn verify_from(&self, volunteer: &str) -> Result<(), ReceiptError> {
-        self.verify()?;
-        if self.body.volunteer.to_string() != volunteer {
+        let expected = volunteer
+            .parse::<PeerId>()
+            .map_err(|_| ReceiptError::WrongSigner {
+                expected: volunteer.to_string(),
+                signer: self.body.volunteer.to_string(),
+            })?;
+        self.verify_by(&expected)
+    }
+
+    /// [`Receipt::verify_from`] with the volunteer as a [`PeerId`].
+    pub fn verify_by(&self, volunteer: &PeerId) -> Result<(), ReceiptError> {
+        self.signed_by(volunteer)?;
+        self.verify()
+    }
+
+    /// Checks only that the receipt names `volunteer` as its signer, not the signature
+    /// ([`Receipt::verify`] does that).
+    pub fn signed_by(&self, volunteer: &PeerId) -> Result<(), ReceiptError> {
+        if self.body.volunteer != *volunteer {
             return Err(ReceiptError::WrongSigner {
                 expected: volunteer.to_string(),
                 signer: self.body.volunteer.to_string(),
@@ -262,21 +277,82 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        text.push(char::from(DIGITS[usize::from(b >> 4)]));
+        text.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    text
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let text = text.as_bytes();
     if !text.len().is_multiple_of(2) {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+    text.chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
         .collect()
+}
+
+/// Public keys already decoded, with their PeerIds: decoding an ed25519 key decompresses
+/// a curve point, which costs as much as a fifth of the check. Only keys that signed a
+/// receipt that verified are kept, at most [`known_keys::MAX_KEYS`]; the table is emptied
+/// when full, so a flood of keys costs a stranger a valid signature each and the node at
+/// most the table.
+mod known_keys {
+    use super::{PeerId, PublicKey, unhex};
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+
+    /// Most keys kept.
+    pub(super) const MAX_KEYS: usize = 1024;
+
+    type Table = HashMap<String, (PublicKey, PeerId)>;
+    static KEYS: LazyLock<Mutex<Table>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+    /// The key `hex` encodes (protobuf, as libp2p does), and its PeerId.
+    pub(super) fn decode(hex: &str) -> Option<(PublicKey, PeerId)> {
+        if let Some(known) = KEYS.lock().ok()?.get(hex) {
+            return Some(known.clone());
+        }
+        let key = PublicKey::try_decode_protobuf(&unhex(hex)?).ok()?;
+        let peer = key.to_peer_id();
+        Some((key, peer))
+    }
+
+    /// Keeps `key`, encoded as `hex`, which just verified a receipt.
+    pub(super) fn remember(hex: &str, key: PublicKey, peer: PeerId) {
+        let Ok(mut keys) = KEYS.lock() else { return };
+        if keys.contains_key(hex) {
+            return;
+        }
+        if keys.len() >= MAX_KEYS {
+            keys.clear();
+        }
+        keys.insert(hex.to_string(), (key, peer));
+    }
+
+    /// How many keys are kept.
+    #[cfg(test)]
+    pub(super) fn len() -> usize {
+        KEYS.lock().map_or(0, |k| k.len())
+    }
+
+    /// Whether the key `hex` encodes is kept.
+    #[cfg(test)]
+    pub(super) fn knows(hex: &str) -> bool {
+        KEYS.lock().is_ok_and(|k| k.contains_key(hex))
+    }
 }
 
 #[cfg(test)]
@@ -470,5 +546,45 @@ mod tests {
             ..moved
         };
         assert!(!digest.matches(&moved));
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let text = hex(&bytes);
+        assert_eq!(&text[..8], "00010203");
+        assert_eq!(&text[text.len() - 4..], "feff");
+        assert_eq!(unhex(&text), Some(bytes));
+        assert_eq!(unhex("0A"), Some(vec![10]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("+1"), None);
+    }
+
+    #[test]
+    fn only_keys_that_verified_are_remembered_and_never_more_than_the_bound() {
+        let volunteer = Keypair::generate_ed25519();
+        let execution = execution(volunteer.public().to_peer_id());
+        // Mallory's key, over a body that names the volunteer: refused, not kept.
+        let mallory = Keypair::generate_ed25519();
+        let mut forged = signed(&volunteer, &call(), &execution);
+        forged.public_key = hex(&mallory.public().encode_protobuf());
+        forged.signature = hex(&mallory.sign(&forged.body.signing_bytes()).unwrap());
+        assert_eq!(forged.verify(), Err(ReceiptError::BadSignature));
+        assert!(!known_keys::knows(&forged.public_key));
+        // A remembered key still refuses a signature that does not verify.
+        let honest = signed(&volunteer, &call(), &execution);
+        honest.verify().unwrap();
+        assert!(known_keys::knows(&honest.public_key));
+        let mut altered = honest.clone();
+        altered.body.exit_code = 3;
+        assert_eq!(altered.verify(), Err(ReceiptError::BadSignature));
+        // A flood of valid keys: the table stays within its bound.
+        for _ in 0..known_keys::MAX_KEYS + 64 {
+            let key = Keypair::generate_ed25519();
+            let ran = super::tests::execution(key.public().to_peer_id());
+            signed(&key, &call(), &ran).verify().unwrap();
+            assert!(known_keys::len() <= known_keys::MAX_KEYS);
+        }
     }
 }

@@ -13,11 +13,12 @@
 
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
 use super::protocol::{ExecuteRequest, InvokeRequest, MAX_EXCLUDED, Request, Response};
-use super::receipts;
+use super::receipts::{self, SignatureCheck};
 use super::scheduling::{Exchanges, Heard};
 use super::slots::Slot;
 use super::{CallError, Market};
 use flotilla_api::receipt::ReceiptError;
+use flotilla_offers::offer::SignedOffer;
 use flotilla_scheduler::placement::Policy;
 use flotilla_scheduler::placer::{self, Outcome, PlaceError, Placer, PlacerConfig};
 use flotilla_scheduler::registry;
@@ -43,6 +44,21 @@ const ANSWER_MARGIN: Duration = Duration::from_secs(30);
 const PLACEMENT_ALLOWANCE: Duration = Duration::from_secs(60);
 /// Schedulers a client tries before giving up.
 const SCHEDULER_ATTEMPTS: usize = 3;
+/// Times a client asks again after refusing an answer for its receipt.
+const RECEIPT_RETRIES: usize = 2;
+
+/// What one invocation through a scheduler came to.
+enum Attempt {
+    /// An answer whose receipt checks.
+    Answered(Box<Invocation>),
+    /// An answer refused for its receipt, from `volunteer`.
+    Refused {
+        /// The volunteer the answer names.
+        volunteer: PeerId,
+        /// What is wrong with its receipt.
+        error: ReceiptError,
+    },
+}
 
 /// Why an invocation did not run.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +143,13 @@ impl Market {
             };
         }
         let id = request.invocation_id;
+        // A remote client checks the receipt's signature itself; this node's own calls
+        // have only this check.
+        let signature_check = if from == self.peer_id() {
+            SignatureCheck::BeforeAnswering
+        } else {
+            SignatureCheck::AfterAnswering
+        };
         let span = tracing::info_span!(
             "place",
             invocation = id,
@@ -137,14 +160,22 @@ impl Market {
             .invocations
             .run(
                 (from, id),
-                self.place_and_run(from, request).instrument(span),
+                self.place_and_run(from, request, signature_check)
+                    .instrument(span),
             )
             .await
     }
 
     /// Places a call on a volunteer and runs it, as the [`Placer`] decides.
-    /// Its discoveries take places among the placements within `from`'s share.
-    pub(super) async fn place_and_run(&self, from: PeerId, request: InvokeRequest) -> Response {
+    /// Its discoveries take places among the placements within `from`'s share. The
+    /// answer's receipt is checked in full, but for its signature when `signature_check`
+    /// leaves that until after the answer.
+    pub(super) async fn place_and_run(
+        &self,
+        from: PeerId,
+        request: InvokeRequest,
+        signature_check: SignatureCheck,
+    ) -> Response {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         metrics.invocations.inc();
@@ -184,6 +215,8 @@ impl Market {
         let mut exchanges = Exchanges::default();
         let mut discover_us = 0;
         let mut execution = None;
+        // The offer that served, and its newer version, while its signature is unchecked.
+        let mut unproven = None;
         // Discoveries take a place among the placements; runs do not.
         let mut placing = None;
         loop {
@@ -233,10 +266,15 @@ impl Market {
                     // An answer counts only with a receipt the volunteer signed for this
                     // very call and reservation; a volunteer that signs what it did not
                     // answer is forgotten like one that did not answer.
-                    let receipt = match &answer {
-                        Ok(Response::Executed { execution: ran, .. }) => {
-                            Some(receipts::check_from_volunteer(volunteer, &sent, ran))
-                        }
+                    let receipt = match (&answer, signature_check) {
+                        (
+                            Ok(Response::Executed { execution: ran, .. }),
+                            SignatureCheck::BeforeAnswering,
+                        ) => Some(receipts::check_from_volunteer(volunteer, &sent, ran)),
+                        (
+                            Ok(Response::Executed { execution: ran, .. }),
+                            SignatureCheck::AfterAnswering,
+                        ) => Some(receipts::check_but_signature(volunteer, &sent, ran)),
                         _ => None,
                     };
                     let heard = match (&answer, &receipt) {
@@ -244,7 +282,12 @@ impl Market {
                         (Ok(_), Some(Err(_))) | (Err(_), _) => Heard::Silent,
                         (Ok(_), None) => Heard::Declined,
                     };
-                    self.learn_version(&offer, newer, heard).await;
+                    if heard == Heard::Served && signature_check == SignatureCheck::AfterAnswering {
+                        // Proven only once the signature verifies, after the answer.
+                        unproven = Some((offer.clone(), newer.cloned()));
+                    } else {
+                        self.learn_version(&offer, newer, heard).await;
+                    }
                     let now = self.now();
                     match answer {
                         Ok(Response::Executed { execution: ran, .. }) => {
@@ -305,6 +348,9 @@ impl Market {
                     volunteer: volunteer.to_string(),
                     ..*ran
                 };
+                if let Some((offer, newer)) = unproven {
+                    self.prove_after_answering(offer, newer, &execution);
+                }
                 Response::Invoked(Box::new(Invocation {
                     invocation_id: request.invocation_id,
                     scheduler: self.peer_id().to_string(),
@@ -338,6 +384,31 @@ impl Market {
         }
     }
 
+    /// Checks the signature of the receipt `execution` carries, from `offer`'s offerer,
+    /// after the answer has gone: the offerer is proven if it verifies and forgotten if
+    /// not (the client, which checks it too, asks again without it).
+    fn prove_after_answering(
+        &self,
+        offer: Box<SignedOffer>,
+        newer: Option<SignedOffer>,
+        execution: &Execution,
+    ) {
+        let receipt = execution.receipt.clone();
+        let market = self.clone();
+        self.spawn(async move {
+            let volunteer = offer.body.offerer;
+            let heard = match receipt.map(|r| r.verify_by(&volunteer)) {
+                Some(Ok(())) => Heard::Served,
+                Some(Err(e)) => {
+                    tracing::warn!(%volunteer, error = %e, "bad receipt signature, found after answering");
+                    Heard::Silent
+                }
+                None => Heard::Silent,
+            };
+            market.learn_version(&offer, newer.as_ref(), heard).await;
+        });
+    }
+
     /// Runs `call` on the network: through a scheduler picked at random from the registry,
     /// trying another (with the same invocation id) if it does not answer. The answer
     /// comes with the volunteer's receipt, checked against the call and the answer.
@@ -351,16 +422,52 @@ impl Market {
             .await
     }
 
-    /// [`Market::invoke`], on none of the volunteers `exclude` names.
+    /// [`Market::invoke`], on none of the volunteers `exclude` names. An answer whose
+    /// receipt does not check is refused, and the call asked again without its
+    /// volunteer, at most [`RECEIPT_RETRIES`] times; the refusals show among the
+    /// invocation's failed attempts.
     pub(super) async fn invoke_excluding(
         &self,
         call: FunctionCall,
         max_tries: Option<u32>,
         placement: Option<Policy>,
-        exclude: Vec<PeerId>,
+        mut exclude: Vec<PeerId>,
     ) -> Result<Invocation, InvokeError> {
         call.validate()
             .map_err(|e| InvokeError::Rejected(e.to_string()))?;
+        let mut refused = Vec::new();
+        loop {
+            let attempt = self
+                .invoke_once(call.clone(), max_tries, placement, exclude.clone())
+                .await?;
+            match attempt {
+                Attempt::Answered(mut invocation) => {
+                    invocation.failed_attempts.splice(0..0, refused);
+                    return Ok(*invocation);
+                }
+                Attempt::Refused { volunteer, error } => {
+                    tracing::warn!(%volunteer, %error, "refused an answer for its receipt");
+                    if refused.len() >= RECEIPT_RETRIES || exclude.len() >= MAX_EXCLUDED {
+                        return Err(InvokeError::BadReceipt(error));
+                    }
+                    refused.push(FailedAttempt {
+                        volunteer: volunteer.to_string(),
+                        error: format!("the answer was refused: {error}"),
+                    });
+                    exclude.push(volunteer);
+                }
+            }
+        }
+    }
+
+    /// One invocation of `call` through a scheduler, with a fresh invocation id.
+    async fn invoke_once(
+        &self,
+        call: FunctionCall,
+        max_tries: Option<u32>,
+        placement: Option<Policy>,
+        exclude: Vec<PeerId>,
+    ) -> Result<Attempt, InvokeError> {
         let mut rng = StdRng::from_os_rng();
         let request = InvokeRequest {
             invocation_id: rng.next_u64() >> 1,
@@ -391,16 +498,25 @@ impl Market {
                 }
                 // This node's own scheduler checked the receipt before answering
                 // (`place_and_run`); another's answer is checked here, since a scheduler
-                // is a stranger too.
+                // is a stranger too (and an honest one leaves the signature to the
+                // client, checking it only after it answered).
                 if scheduler != self.peer_id() {
-                    receipts::check_for_client(
+                    let checked = receipts::check_for_client(
                         request.invocation_id,
                         &request.call,
                         &invocation.execution,
-                    )
-                    .map_err(InvokeError::BadReceipt)?;
+                    );
+                    if let Err(error) = checked {
+                        // An answer that names no volunteer is the scheduler's fault.
+                        let volunteer = invocation
+                            .execution
+                            .volunteer
+                            .parse::<PeerId>()
+                            .map_err(|_| InvokeError::BadReceipt(error.clone()))?;
+                        return Ok(Attempt::Refused { volunteer, error });
+                    }
                 }
-                Ok(*invocation)
+                Ok(Attempt::Answered(invocation))
             }
             Response::Failed { reason, retryable } => {
                 Err(InvokeError::Failed { reason, retryable })

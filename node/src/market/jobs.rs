@@ -14,6 +14,7 @@
 use super::Market;
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
+use super::receipts::SignatureCheck;
 use flotilla_scheduler::book::{BookLimits, RecordBook, Refused};
 use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed};
 use flotilla_scheduler::placement::Policy;
@@ -214,7 +215,8 @@ impl Market {
                         run.on_published(self.now(), seq, keepers);
                     }
                     JobAction::Place => {
-                        let placed = match self.place_and_run(from, request.clone()).await {
+                        let check = SignatureCheck::BeforeAnswering;
+                        let placed = match self.place_and_run(from, request.clone(), check).await {
                             Response::Invoked(invocation) => {
                                 let invocation = self.recordable(*invocation).await;
                                 // The volunteer may leave before the client reads it.

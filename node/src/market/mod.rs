@@ -154,8 +154,8 @@ pub struct MarketConfig {
     /// the altered answer), as a volunteer that lies would.
     #[doc(hidden)]
     pub tamper_stdout: bool,
-    /// For tests only: this volunteer alters stdout after signing its receipt, so the
-    /// receipt does not match the answer (as a relay altering answers would).
+    /// For tests only: this volunteer signs its receipts with another key than its own,
+    /// so they do not verify.
     #[doc(hidden)]
     pub forge_receipts: bool,
 }
