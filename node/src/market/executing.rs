@@ -20,7 +20,7 @@ use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, Response};
 use crate::executor::Job;
 use cid::Cid;
-use flotilla_api::receipt::sha256_hex;
+use flotilla_api::receipt::{ReceiptBody, sha256_hex};
 use flotilla_offers::ledger::{RunKey, StartError};
 use flotilla_overlay::OverlayError;
 use flotilla_overlay::fetch::FetchProgress;
@@ -234,7 +234,11 @@ impl Market {
             .executions
             .run((from, id), async move {
                 let outcome = market.run_call(from, request, started).await;
-                let offer = guard.end().await;
+                // The offer's new version is signed by the market's owner task while this
+                // one signs the receipt: two signatures at once, not one after the other.
+                let (offer, outcome) = tokio::join!(guard.end(), async {
+                    outcome.map(|(execution, body)| market.signed(execution, body))
+                });
                 match outcome {
                     Ok(execution) => {
                         market.shared.metrics.executions.inc();
@@ -301,13 +305,13 @@ impl Market {
     }
 
     /// Fetches what the call needs, runs it with `mib` MiB, stores its outputs, and
-    /// signs a receipt for what `from` asked and what came out.
+    /// writes the receipt (unsigned yet) for what `from` asked and what came out.
     async fn run_call(
         &self,
         from: PeerId,
         request: &ExecuteRequest,
         mib: u32,
-    ) -> Result<Execution, Failure> {
+    ) -> Result<(Execution, ReceiptBody), Failure> {
         let call = &request.call;
         let executor = self
             .shared
@@ -377,7 +381,7 @@ impl Market {
             execute_us: outcome.timings.execute_us,
             store_us: storing.elapsed().as_micros() as u64,
         };
-        let mut execution = Execution {
+        let execution = Execution {
             volunteer: self.peer_id().to_string(),
             exit_code: outcome.exit_code,
             stdout,
@@ -388,10 +392,8 @@ impl Market {
             timings,
             receipt: None,
         };
-        let receipt = self.receipt_for(from, request, &execution, stdout_sha256, stderr_sha256);
-        execution.receipt = Some(Box::new(receipt));
-        self.maybe_forge(&mut execution);
-        Ok(execution)
+        let body = self.receipt_body_for(from, request, &execution, stdout_sha256, stderr_sha256);
+        Ok((execution, body))
     }
 
     /// Fetches `part` of the call, the file under the CID `text` names (unless held

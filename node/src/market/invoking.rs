@@ -215,8 +215,9 @@ impl Market {
         let mut exchanges = Exchanges::default();
         let mut discover_us = 0;
         let mut execution = None;
-        // The offer that served, and its newer version, while its signature is unchecked.
-        let mut unproven = None;
+        // The offer that served and its newer version, learnt once the answer has gone
+        // (the newer version's signature, checked then, is off the answer's path).
+        let mut served = None;
         // Discoveries take a place among the placements; runs do not.
         let mut placing = None;
         loop {
@@ -282,9 +283,8 @@ impl Market {
                         (Ok(_), Some(Err(_))) | (Err(_), _) => Heard::Silent,
                         (Ok(_), None) => Heard::Declined,
                     };
-                    if heard == Heard::Served && signature_check == SignatureCheck::AfterAnswering {
-                        // Proven only once the signature verifies, after the answer.
-                        unproven = Some((offer.clone(), newer.cloned()));
+                    if heard == Heard::Served {
+                        served = Some((offer.clone(), newer.cloned()));
                     } else {
                         self.learn_version(&offer, newer, heard).await;
                     }
@@ -348,8 +348,8 @@ impl Market {
                     volunteer: volunteer.to_string(),
                     ..*ran
                 };
-                if let Some((offer, newer)) = unproven {
-                    self.prove_after_answering(offer, newer, &execution);
+                if let Some((offer, newer)) = served {
+                    self.learn_after_answering(offer, newer, &execution, signature_check);
                 }
                 Response::Invoked(Box::new(Invocation {
                     invocation_id: request.invocation_id,
@@ -384,26 +384,32 @@ impl Market {
         }
     }
 
-    /// Checks the signature of the receipt `execution` carries, from `offer`'s offerer,
-    /// after the answer has gone: the offerer is proven if it verifies and forgotten if
-    /// not (the client, which checks it too, asks again without it).
-    fn prove_after_answering(
+    /// Learns, once the answer has gone, what the run on `offer` says of its offerer and
+    /// of its offers (its `newer` version): with [`SignatureCheck::AfterAnswering`], the
+    /// signature of the receipt `execution` carries is checked first, and the offerer is
+    /// proven if it verifies and forgotten if not (the client, which checks it too, asks
+    /// again without it); else the receipt was checked in full already.
+    fn learn_after_answering(
         &self,
         offer: Box<SignedOffer>,
         newer: Option<SignedOffer>,
         execution: &Execution,
+        signature_check: SignatureCheck,
     ) {
-        let receipt = execution.receipt.clone();
+        let receipt = match signature_check {
+            SignatureCheck::AfterAnswering => Some(execution.receipt.clone()),
+            SignatureCheck::BeforeAnswering => None,
+        };
         let market = self.clone();
         self.spawn(async move {
             let volunteer = offer.body.offerer;
-            let heard = match receipt.map(|r| r.verify_by(&volunteer)) {
-                Some(Ok(())) => Heard::Served,
-                Some(Err(e)) => {
+            let heard = match receipt.map(|r| r.map(|r| r.verify_by(&volunteer))) {
+                None | Some(Some(Ok(()))) => Heard::Served,
+                Some(Some(Err(e))) => {
                     tracing::warn!(%volunteer, error = %e, "bad receipt signature, found after answering");
                     Heard::Silent
                 }
-                None => Heard::Silent,
+                Some(None) => Heard::Silent,
             };
             market.learn_version(&offer, newer.as_ref(), heard).await;
         });

@@ -1,5 +1,5 @@
 //! Receipts in the market: the volunteer signs one for each run it answers
-//! ([`Market::receipt_for`]); the scheduler checks it before it answers a client or signs
+//! ([`Market::receipt_body_for`], [`Market::signed`]); the scheduler checks it before it answers a client or signs
 //! a job record over it ([`check_from_volunteer`]); the client checks it against the call
 //! it made and the answer it got ([`check_for_client`]). The record itself and its checks
 //! are `flotilla_api::receipt`.
@@ -15,23 +15,23 @@ use libp2p::PeerId;
 pub const TAMPERED: &[u8] = b"\n(altered by a lying volunteer)\n";
 
 impl Market {
-    /// Signs this node's receipt for the run of `request` it answers for `from` with
+    /// What this node signs for the run of `request` it answers for `from` with
     /// `execution`, whose stdout and stderr had these SHA-256 digests.
-    pub(super) fn receipt_for(
+    pub(super) fn receipt_body_for(
         &self,
         from: PeerId,
         request: &ExecuteRequest,
         execution: &Execution,
         stdout_sha256: String,
         stderr_sha256: String,
-    ) -> Receipt {
+    ) -> ReceiptBody {
         let call = &request.call;
         let digest = |sha256: String, stream: &OutputStream| StreamDigest {
             size: stream.size,
             sha256,
             cid: stream.cid.clone(),
         };
-        let body = ReceiptBody {
+        ReceiptBody {
             volunteer: self.peer_id(),
             scheduler: from,
             invocation_id: request.invocation_id,
@@ -46,8 +46,14 @@ impl Market {
             stderr: digest(stderr_sha256, &execution.stderr),
             outputs: execution.outputs.clone(),
             timings: execution.timings,
-        };
-        Receipt::sign(body, &self.shared.keypair)
+        }
+    }
+
+    /// `execution` with its receipt over `body`, signed by this node.
+    pub(super) fn signed(&self, mut execution: Execution, body: ReceiptBody) -> Execution {
+        execution.receipt = Some(Box::new(Receipt::sign(body, &self.shared.keypair)));
+        self.maybe_forge(&mut execution);
+        execution
     }
 
     /// For tests only: a volunteer that lies alters the stdout it is about to answer
@@ -60,7 +66,7 @@ impl Market {
 
     /// For tests only: a volunteer whose receipts do not verify signs them with another
     /// key than its own (in its own name, the rest of the receipt true).
-    pub(super) fn maybe_forge(&self, execution: &mut Execution) {
+    fn maybe_forge(&self, execution: &mut Execution) {
         if !self.shared.config.forge_receipts {
             return;
         }
