@@ -420,6 +420,7 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
             max_tries: None,
             placement: None,
             exclude: Vec::new(),
+            refused: None,
         }),
         wait_ms: 120_000,
     };

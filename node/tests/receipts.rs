@@ -18,6 +18,7 @@ use flotilla_node::api::types::InvokeBody;
 use flotilla_node::config::NodeConfig;
 use flotilla_node::daemon::RunningNode;
 use flotilla_node::market::function::FunctionCall;
+use flotilla_node::market::protocol::{InvokeRequest, Request, Response};
 use std::time::Duration;
 
 const VOLUNTEERS: usize = 4;
@@ -174,9 +175,38 @@ async fn a_remote_client_refuses_a_forged_receipt_and_the_scheduler_forgets_its_
         refusal.error.contains("signature does not verify"),
         "{refusal:?}"
     );
-    // The scheduler checked the signature after answering, and forgot the forger.
-    common::wait_until("the scheduler forgets the forger", || async {
-        nodes[0].market().offers().await.super_traders == 2
+    // The client reported the refusal; the scheduler checked the receipt it passed on
+    // (not the client's word), found it forged, and forgot the forger.
+    let forged = "flotilla_invocations_receipt_reports_total{reason=\"forged\"}";
+    common::wait_until("the scheduler checks the refused receipt", || async {
+        common::metric(&nodes[0], forged).await == 1.0
     })
     .await;
+    assert_eq!(nodes[0].market().offers().await.super_traders, 2);
+
+    // A client that reports an honest answer as refused frames nobody: the scheduler's
+    // copy verifies, and the volunteer stays.
+    let mut liar = common::RawPeer::connect(&nodes[0]).await;
+    let invoke = |invocation_id, refused| {
+        Request::Invoke(Box::new(InvokeRequest {
+            invocation_id,
+            call: body(&echo, None).call,
+            max_tries: None,
+            placement: None,
+            exclude: Vec::new(),
+            refused,
+        }))
+    };
+    let answer = liar.ask(&nodes[0], 1, invoke(41, None)).await;
+    assert!(matches!(answer, Response::Invoked(_)), "{answer:?}");
+    let answer = liar.ask(&nodes[0], 2, invoke(42, Some(41))).await;
+    assert!(matches!(answer, Response::Invoked(_)), "{answer:?}");
+    let valid = "flotilla_invocations_receipt_reports_total{reason=\"valid\"}";
+    common::wait_until(
+        "the scheduler checks the falsely refused receipt",
+        || async { common::metric(&nodes[0], valid).await == 1.0 },
+    )
+    .await;
+    assert_eq!(nodes[0].market().offers().await.super_traders, 2);
+    assert_eq!(common::metric(&nodes[0], forged).await, 1.0);
 }

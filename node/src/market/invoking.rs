@@ -12,11 +12,12 @@
 //! again, gets the one run's answer.
 
 use super::function::{Execution, FailedAttempt, FunctionCall, Invocation, MAX_TIMEOUT_MS};
+use super::metrics::MarketMetrics;
 use super::protocol::{ExecuteRequest, InvokeRequest, MAX_EXCLUDED, Request, Response};
 use super::receipts::{self, SignatureCheck};
 use super::scheduling::{Exchanges, Heard};
 use super::slots::Slot;
-use super::{CallError, Market};
+use super::{CallError, Market, lock};
 use flotilla_api::receipt::ReceiptError;
 use flotilla_offers::offer::SignedOffer;
 use flotilla_scheduler::placement::Policy;
@@ -51,8 +52,11 @@ const RECEIPT_RETRIES: usize = 2;
 enum Attempt {
     /// An answer whose receipt checks.
     Answered(Box<Invocation>),
-    /// An answer refused for its receipt, from `volunteer`.
+    /// The answer to invocation `invocation_id`, refused for its receipt, from
+    /// `volunteer`.
     Refused {
+        /// The invocation answered.
+        invocation_id: u64,
         /// The volunteer the answer names.
         volunteer: PeerId,
         /// What is wrong with its receipt.
@@ -141,6 +145,9 @@ impl Market {
                 ),
                 retryable: false,
             };
+        }
+        if let Some(refused) = request.refused {
+            self.check_refused(from, refused);
         }
         let id = request.invocation_id;
         // A remote client checks the receipt's signature itself; this node's own calls
@@ -349,7 +356,14 @@ impl Market {
                     ..*ran
                 };
                 if let Some((offer, newer)) = served {
-                    self.learn_after_answering(offer, newer, &execution, signature_check);
+                    self.learn_after_answering(
+                        from,
+                        request.invocation_id,
+                        offer,
+                        newer,
+                        &execution,
+                        signature_check,
+                    );
                 }
                 Response::Invoked(Box::new(Invocation {
                     invocation_id: request.invocation_id,
@@ -384,34 +398,53 @@ impl Market {
         }
     }
 
-    /// Learns, once the answer has gone, what the run on `offer` says of its offerer and
-    /// of its offers (its `newer` version): with [`SignatureCheck::AfterAnswering`], the
-    /// signature of the receipt `execution` carries is checked first, and the offerer is
-    /// proven if it verifies and forgotten if not (the client, which checks it too, asks
-    /// again without it); else the receipt was checked in full already.
+    /// Learns, once the answer has gone, what the run on `offer` says of its offerer (it
+    /// served) and of its offers (its `newer` version). With
+    /// [`SignatureCheck::AfterAnswering`] the receipt `execution` carries, its signature
+    /// unchecked here, is kept until the client reports refusing it or the
+    /// [`unchecked`](super::unchecked) table lets it go.
     fn learn_after_answering(
         &self,
+        client: PeerId,
+        invocation_id: u64,
         offer: Box<SignedOffer>,
         newer: Option<SignedOffer>,
         execution: &Execution,
         signature_check: SignatureCheck,
     ) {
-        let receipt = match signature_check {
-            SignatureCheck::AfterAnswering => Some(execution.receipt.clone()),
-            SignatureCheck::BeforeAnswering => None,
+        let volunteer = offer.body.offerer;
+        if signature_check == SignatureCheck::AfterAnswering
+            && let Some(receipt) = execution.receipt.clone()
+        {
+            lock(&self.shared.unchecked).keep(client, invocation_id, volunteer, receipt);
+        }
+        let market = self.clone();
+        self.spawn(async move {
+            market
+                .learn_version(&offer, newer.as_ref(), Heard::Served)
+                .await;
+        });
+    }
+
+    /// Checks the receipt this node passed on unchecked to `client` for its invocation
+    /// `invocation_id`, which the client says it refused: if the signature does not
+    /// verify, its volunteer is forgotten as one that failed.
+    fn check_refused(&self, client: PeerId, invocation_id: u64) {
+        let Some((volunteer, receipt)) = lock(&self.shared.unchecked).take(client, invocation_id)
+        else {
+            return;
         };
         let market = self.clone();
         self.spawn(async move {
-            let volunteer = offer.body.offerer;
-            let heard = match receipt.map(|r| r.map(|r| r.verify_by(&volunteer))) {
-                None | Some(Some(Ok(()))) => Heard::Served,
-                Some(Some(Err(e))) => {
-                    tracing::warn!(%volunteer, error = %e, "bad receipt signature, found after answering");
-                    Heard::Silent
+            let verdict = match receipt.verify_by(&volunteer) {
+                Ok(()) => "valid",
+                Err(e) => {
+                    tracing::warn!(%volunteer, %client, error = %e, "a client refused a receipt that does not verify; forgetting the volunteer");
+                    market.forget_offerer(volunteer).await;
+                    "forged"
                 }
-                Some(None) => Heard::Silent,
             };
-            market.learn_version(&offer, newer.as_ref(), heard).await;
+            MarketMetrics::count(&market.shared.metrics.receipt_reports, verdict);
         });
     }
 
@@ -442,16 +475,27 @@ impl Market {
         call.validate()
             .map_err(|e| InvokeError::Rejected(e.to_string()))?;
         let mut refused = Vec::new();
+        let mut last_refused = None;
         loop {
             let attempt = self
-                .invoke_once(call.clone(), max_tries, placement, exclude.clone())
+                .invoke_once(
+                    call.clone(),
+                    max_tries,
+                    placement,
+                    exclude.clone(),
+                    last_refused,
+                )
                 .await?;
             match attempt {
                 Attempt::Answered(mut invocation) => {
                     invocation.failed_attempts.splice(0..0, refused);
                     return Ok(*invocation);
                 }
-                Attempt::Refused { volunteer, error } => {
+                Attempt::Refused {
+                    invocation_id,
+                    volunteer,
+                    error,
+                } => {
                     tracing::warn!(%volunteer, %error, "refused an answer for its receipt");
                     if refused.len() >= RECEIPT_RETRIES || exclude.len() >= MAX_EXCLUDED {
                         return Err(InvokeError::BadReceipt(error));
@@ -461,18 +505,22 @@ impl Market {
                         error: format!("the answer was refused: {error}"),
                     });
                     exclude.push(volunteer);
+                    // The scheduler that answered checks what it passed on.
+                    last_refused = Some(invocation_id);
                 }
             }
         }
     }
 
-    /// One invocation of `call` through a scheduler, with a fresh invocation id.
+    /// One invocation of `call` through a scheduler, with a fresh invocation id, telling
+    /// it of the answer to invocation `refused` if its receipt was refused.
     async fn invoke_once(
         &self,
         call: FunctionCall,
         max_tries: Option<u32>,
         placement: Option<Policy>,
         exclude: Vec<PeerId>,
+        refused: Option<u64>,
     ) -> Result<Attempt, InvokeError> {
         let mut rng = StdRng::from_os_rng();
         let request = InvokeRequest {
@@ -481,6 +529,7 @@ impl Market {
             max_tries,
             placement,
             exclude,
+            refused,
         };
         let timeout = execution_allowance(&request.call, self.shared.config.fetch_timeout)
             * MAX_ATTEMPTS as u32
@@ -519,7 +568,11 @@ impl Market {
                             .volunteer
                             .parse::<PeerId>()
                             .map_err(|_| InvokeError::BadReceipt(error.clone()))?;
-                        return Ok(Attempt::Refused { volunteer, error });
+                        return Ok(Attempt::Refused {
+                            invocation_id: request.invocation_id,
+                            volunteer,
+                            error,
+                        });
                     }
                 }
                 Ok(Attempt::Answered(invocation))

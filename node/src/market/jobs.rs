@@ -457,6 +457,7 @@ impl Market {
             max_tries,
             placement,
             exclude: Vec::new(),
+            refused: None,
         };
         let wait_ms = wait.min(MAX_JOB_WAIT).as_millis() as u64;
         self.ask_a_scheduler(

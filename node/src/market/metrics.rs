@@ -62,6 +62,9 @@ pub struct MarketMetrics {
     pub invocations_failed: Counter,
     /// Calls placed again after a volunteer failed.
     pub invocation_retries: Counter,
+    /// Receipts passed on unchecked that a client reported refusing, by what this node's
+    /// check of them found (`forged`, `valid`).
+    pub receipt_reports: Family<ReasonLabel, Counter>,
     /// Time from taking a call to its answer, as scheduler, in seconds.
     pub invocation_seconds: Histogram,
     /// Calls this node ran as volunteer.
@@ -95,6 +98,7 @@ impl MarketMetrics {
             invocations: Counter::default(),
             invocations_failed: Counter::default(),
             invocation_retries: Counter::default(),
+            receipt_reports: Family::default(),
             invocation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 20)),
             executions: Counter::default(),
             executions_failed: Counter::default(),
@@ -186,6 +190,11 @@ impl MarketMetrics {
             "retries",
             "Calls placed again after a volunteer failed",
             m.invocation_retries.clone(),
+        );
+        r.register(
+            "receipt_reports",
+            "Receipts passed on unchecked that a client reported refusing, by what the check found",
+            m.receipt_reports.clone(),
         );
         r.register(
             "duration_seconds",

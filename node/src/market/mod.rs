@@ -53,6 +53,7 @@ mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
+mod unchecked;
 
 use crate::executor::Executor;
 use crate::market::metrics::MarketMetrics;
@@ -223,6 +224,8 @@ struct Shared {
     metrics: MarketMetrics,
     offering: bool,
     schedulers: scheduling::SchedulerCache,
+    /// Receipts passed on to remote clients unchecked, until they report a refusal.
+    unchecked: Mutex<unchecked::Unchecked>,
     discoveries: slots::Pool,
     next_request_id: AtomicU64,
 }
@@ -304,6 +307,7 @@ impl Market {
                 allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
                 offering: offerer.is_some(),
                 schedulers: scheduling::SchedulerCache::default(),
+                unchecked: Mutex::default(),
                 discoveries: slots::Pool::new(MAX_CONCURRENT_DISCOVERIES),
                 next_request_id: AtomicU64::new(rand::rng().next_u64() >> 1),
                 metrics: MarketMetrics::new(registry),

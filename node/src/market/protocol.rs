@@ -173,6 +173,10 @@ pub struct InvokeRequest {
     /// [`MAX_EXCLUDED`].
     #[serde(default)]
     pub exclude: Vec<libp2p::PeerId>,
+    /// The invocation id of an earlier answer, from this scheduler to this client, whose
+    /// receipt the client refused: the scheduler checks the receipt it passed on.
+    #[serde(default)]
+    pub refused: Option<u64>,
 }
 
 /// Most volunteers one call may exclude.

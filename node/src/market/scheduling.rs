@@ -162,13 +162,14 @@ impl Market {
                 reason: "this node is not a scheduler".into(),
             };
         }
-        // Only an offerer's own offers: nobody reports for someone else.
-        let own: Vec<SignedOffer> = offers
-            .into_iter()
-            .filter(|o| o.body.offerer == from)
-            .collect();
+        // Only an offerer's own offers, which its connection authenticates: nobody
+        // reports for someone else.
         let accepted = self
-            .with(move |m, now| m.super_traders.as_mut().map_or(0, |l| l.notify(now, own)))
+            .with(move |m, now| {
+                m.super_traders
+                    .as_mut()
+                    .map_or(0, |l| l.notify_from_offerer(now, from, offers))
+            })
             .await;
         match accepted {
             Ok(accepted) => Response::Notified {
@@ -423,7 +424,8 @@ impl Market {
     /// else the version tried is out of date and goes (unless a newer one arrived
     /// meanwhile, with another call's answer). An offerer that served the request is
     /// proven from now on; one that did not answer (or answered with a bad receipt) is
-    /// forgotten, with all its offers.
+    /// forgotten, with all its offers. `newer` must have come in the offerer's own answer
+    /// (its connection authenticates it, so its signature is not checked again).
     pub(super) async fn learn_version(
         &self,
         tried: &SignedOffer,
@@ -451,9 +453,22 @@ impl Market {
                 }
                 match newer {
                     Some(newer) => {
-                        list.notify(now, vec![newer]);
+                        // It came with the offerer's own answer, over its connection.
+                        list.notify_from_offerer(now, offerer, vec![newer]);
                     }
                     None => list.remove(&offerer, offer_id, seq),
+                }
+            })
+            .await;
+    }
+
+    /// Forgets `offerer` and its offers, as one that failed (for the list's failure
+    /// time).
+    pub(super) async fn forget_offerer(&self, offerer: PeerId) {
+        let _ = self
+            .with(move |m, now| {
+                if let Some(list) = m.super_traders.as_mut() {
+                    list.failed(now, offerer);
                 }
             })
             .await;
