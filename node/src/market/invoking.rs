@@ -554,7 +554,7 @@ impl Market {
                 // This node's own scheduler checked the receipt before answering
                 // (`place_and_run`); another's answer is checked here, since a scheduler
                 // is a stranger too (and an honest one leaves the signature to the
-                // client, checking it only after it answered).
+                // client, checking it only if the client reports refusing it).
                 if scheduler != self.peer_id() {
                     let checked = receipts::check_for_client(
                         request.invocation_id,

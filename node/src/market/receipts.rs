@@ -121,10 +121,11 @@ pub(super) enum SignatureCheck {
     /// Before it answers: for its own calls, and for jobs, whose records it signs over
     /// the receipt.
     BeforeAnswering,
-    /// After it answered a remote client, which checks the signature itself and asks
+    /// Not before answering a remote client, which checks the signature itself and asks
     /// again, without that volunteer, when it does not verify: the check (the costliest
-    /// part of a warm call) is off the answer's path, and the scheduler still forgets a
-    /// volunteer whose signature is bad.
+    /// part of a warm call) is off the answer's path. The scheduler keeps the receipt and
+    /// checks it if the client reports refusing it, and then forgets a volunteer whose
+    /// signature is bad.
     AfterAnswering,
 }
 
