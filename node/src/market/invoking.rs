@@ -155,7 +155,7 @@ impl Market {
         let signature_check = if from == self.peer_id() {
             SignatureCheck::BeforeAnswering
         } else {
-            SignatureCheck::AfterAnswering
+            SignatureCheck::ByTheClient
         };
         let span = tracing::info_span!(
             "place",
@@ -176,7 +176,7 @@ impl Market {
     /// Places a call on a volunteer and runs it, as the [`Placer`] decides.
     /// Its discoveries take places among the placements within `from`'s share. The
     /// answer's receipt is checked in full, but for its signature when `signature_check`
-    /// leaves that until after the answer.
+    /// leaves that to the client.
     pub(super) async fn place_and_run(
         &self,
         from: PeerId,
@@ -281,7 +281,7 @@ impl Market {
                         ) => Some(receipts::check_from_volunteer(volunteer, &sent, ran)),
                         (
                             Ok(Response::Executed { execution: ran, .. }),
-                            SignatureCheck::AfterAnswering,
+                            SignatureCheck::ByTheClient,
                         ) => Some(receipts::check_but_signature(volunteer, &sent, ran)),
                         _ => None,
                     };
@@ -400,7 +400,7 @@ impl Market {
 
     /// Learns, once the answer has gone, what the run on `offer` says of its offerer (it
     /// served) and of its offers (its `newer` version). With
-    /// [`SignatureCheck::AfterAnswering`] the receipt `execution` carries, its signature
+    /// [`SignatureCheck::ByTheClient`] the receipt `execution` carries, its signature
     /// unchecked here, is kept until the client reports refusing it or the
     /// [`unchecked`](super::unchecked) table lets it go.
     fn learn_after_answering(
@@ -413,7 +413,7 @@ impl Market {
         signature_check: SignatureCheck,
     ) {
         let volunteer = offer.body.offerer;
-        if signature_check == SignatureCheck::AfterAnswering
+        if signature_check == SignatureCheck::ByTheClient
             && let Some(receipt) = execution.receipt.clone()
         {
             lock(&self.shared.unchecked).keep(client, invocation_id, volunteer, receipt);

@@ -126,7 +126,7 @@ pub(super) enum SignatureCheck {
     /// part of a warm call) is off the answer's path. The scheduler keeps the receipt and
     /// checks it if the client reports refusing it, and then forgets a volunteer whose
     /// signature is bad.
-    AfterAnswering,
+    ByTheClient,
 }
 
 /// The client's check of the answer to its invocation `invocation_id` of `call`.
