@@ -11,6 +11,10 @@
 //! * at most [`AdmissionConfig::max_per_ip`] inbound connections come from one IPv4
 //!   address or one IPv6 /64 (loopback is exempt unless
 //!   [`AdmissionConfig::exempt_loopback`] is off, so that local tests and demos work);
+//! * at most [`AdmissionConfig::max_per_ipv6_site`] come from one global IPv6 /48: a
+//!   single rented server is often given a /48, which holds 65,536 /64s, whereas IPv4
+//!   addresses are scarce enough that one host has few (unique-local and link-local
+//!   prefixes are exempt: a campus mesh on one ULA /48 is one site by design);
 //! * when inbound is full, a connection from an address group holding fewer than the
 //!   largest group takes the place of that group's youngest connection: the hosts that
 //!   hold the most slots lose one first, and among them the connection that has proven
@@ -42,6 +46,8 @@ pub struct AdmissionConfig {
     pub max_inbound: Option<u32>,
     /// Most inbound connections from one IPv4 address or IPv6 /64 (default 8).
     pub max_per_ip: u32,
+    /// Most inbound connections from one global IPv6 /48 (default 32).
+    pub max_per_ipv6_site: u32,
     /// Whether loopback addresses escape `max_per_ip` (default true: local tests and
     /// demos run many nodes on 127.0.0.1).
     pub exempt_loopback: bool,
@@ -52,6 +58,7 @@ impl Default for AdmissionConfig {
         AdmissionConfig {
             max_inbound: None,
             max_per_ip: 8,
+            max_per_ipv6_site: 32,
             exempt_loopback: true,
         }
     }
@@ -75,6 +82,21 @@ pub enum Group {
     V4([u8; 4]),
     /// The first 64 bits of an IPv6 address.
     V6([u8; 8]),
+}
+
+/// The global IPv6 /48 of a remote address, if it has one (not loopback, unique-local
+/// or link-local).
+pub fn ipv6_site_of(addr: &Multiaddr) -> Option<[u8; 6]> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip6(ip)
+            if !(ip.is_loopback() || ip.is_unique_local() || ip.is_unicast_link_local()) =>
+        {
+            let mut site = [0u8; 6];
+            site.copy_from_slice(&ip.octets()[..6]);
+            Some(site)
+        }
+        _ => None,
+    })
 }
 
 /// The address group of a remote address, and whether it is loopback; `None` for
@@ -117,6 +139,7 @@ pub enum Decision {
 struct Entry {
     peer: PeerId,
     group: Option<Group>,
+    site: Option<[u8; 6]>,
     seq: u64,
 }
 
@@ -127,6 +150,7 @@ pub struct Admission {
     max_inbound: usize,
     inbound: HashMap<ConnectionId, Entry>,
     per_group: HashMap<Group, usize>,
+    per_site: HashMap<[u8; 6], usize>,
     next_seq: u64,
 }
 
@@ -138,6 +162,7 @@ impl Admission {
             config,
             inbound: HashMap::new(),
             per_group: HashMap::new(),
+            per_site: HashMap::new(),
             next_seq: 0,
         }
     }
@@ -161,10 +186,16 @@ impl Admission {
                 if held >= self.config.max_per_ip as usize {
                     return Err(Refusal::PerAddress);
                 }
-                Ok(())
             }
-            _ => Ok(()),
+            _ => {}
         }
+        if let Some(site) = ipv6_site_of(remote) {
+            let held = self.per_site.get(&site).copied().unwrap_or(0);
+            if held >= self.config.max_per_ipv6_site as usize {
+                return Err(Refusal::PerAddress);
+            }
+        }
+        Ok(())
     }
 
     /// Decides on an inbound connection from `remote` whose handshake is done.
@@ -205,12 +236,17 @@ impl Admission {
         if let Some(g) = group {
             *self.per_group.entry(g).or_default() += 1;
         }
+        let site = ipv6_site_of(remote);
+        if let Some(site) = site {
+            *self.per_site.entry(site).or_default() += 1;
+        }
         self.next_seq += 1;
         self.inbound.insert(
             id,
             Entry {
                 peer,
                 group,
+                site,
                 seq: self.next_seq,
             },
         );
@@ -227,6 +263,14 @@ impl Admission {
             *n -= 1;
             if *n == 0 {
                 self.per_group.remove(&g);
+            }
+        }
+        if let Some(site) = entry.site
+            && let Some(n) = self.per_site.get_mut(&site)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_site.remove(&site);
             }
         }
     }
@@ -444,6 +488,42 @@ mod tests {
             a.decide(&addr("/ip6/2001:db8:0:2::1/tcp/1")),
             Decision::Accept
         );
+    }
+
+    #[test]
+    fn one_global_ipv6_site_gets_at_most_its_share_however_many_64s_it_uses() {
+        let mut a = Admission::new(AdmissionConfig::default(), 256);
+        // 32 connections from 32 different /64s of one /48.
+        for i in 0..32u16 {
+            let remote = addr(&format!("/ip6/2001:db8:7:{i:x}::1/tcp/4001"));
+            assert_eq!(a.decide(&remote), Decision::Accept, "connection {i}");
+            a.established(
+                ConnectionId::new_unchecked(usize::from(i)),
+                PeerId::random(),
+                &remote,
+            );
+        }
+        let another_64 = addr("/ip6/2001:db8:7:ffff::1/tcp/1");
+        assert_eq!(a.decide(&another_64), Decision::Refuse(Refusal::PerAddress));
+        assert_eq!(
+            a.decide(&addr("/ip6/2001:db8:8::1/tcp/1")),
+            Decision::Accept,
+            "another /48"
+        );
+        // One closes: the site has room again.
+        a.closed(ConnectionId::new_unchecked(0));
+        assert_eq!(a.decide(&another_64), Decision::Accept);
+        // A campus mesh on one unique-local /48 is not held to the site's share.
+        let mut a = Admission::new(AdmissionConfig::default(), 256);
+        for i in 0..64u16 {
+            let remote = addr(&format!("/ip6/fd00:1:2:{i:x}::1/tcp/4001"));
+            assert_eq!(a.decide(&remote), Decision::Accept, "ULA connection {i}");
+            a.established(
+                ConnectionId::new_unchecked(usize::from(i)),
+                PeerId::random(),
+                &remote,
+            );
+        }
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct NetworkConfig {
     pub timeout: Duration,
     /// Longest a request-response request may wait for its answer.
     pub request_timeout: Duration,
+    /// Longest a connection may take to be set up (TCP, the network key's nonces, noise,
+    /// yamux); a pending connection is dropped then, and its slot freed (default 10 s,
+    /// libp2p's own).
+    pub handshake_timeout: Duration,
     /// Inbound requests queued for the application before more are dropped.
     pub inbound_queue: usize,
     /// Calls to a peer already reached go on a stream kept open to it ([`crate::link`]),
@@ -89,6 +93,7 @@ impl Default for NetworkConfig {
             provider_limits: StoreLimits::default(),
             timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             inbound_queue: 256,
             call_links: Some(LinkConfig::default()),
             network_key: None,
@@ -632,6 +637,7 @@ fn build_swarm(
     let admission = config.admission;
     let admission_metrics = admission::AdmissionMetrics::new(registry);
     let network_key = config.network_key;
+    let handshake_timeout = config.handshake_timeout;
     let rpc_config =
         request_response::Config::default().with_request_timeout(config.request_timeout);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -693,6 +699,9 @@ fn build_swarm(
             c.with_idle_connection_timeout(Duration::from_secs(60))
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
+        // A connection not set up in time (TCP, the network key's nonces, noise, yamux)
+        // is dropped, and the pending slot it held freed.
+        .with_connection_timeout(handshake_timeout)
         .build();
     Ok(swarm)
 }

@@ -24,9 +24,11 @@ pub const FREE_VISITS: u64 = 1024;
 pub const BYTES_PER_VISIT: u64 = 64;
 /// The deepest a link may be below the root (a 256 GB file of ours is 4 deep).
 pub const MAX_DEPTH: u32 = 64;
-/// Distinct blocks remembered (as 8-byte fingerprints); past this, every block counts
-/// as new (a fetch tracks at most a million blocks of one DAG anyway).
-const MAX_REMEMBERED: usize = 1 << 20;
+/// Distinct blocks remembered (as 8-byte fingerprints: about 1 MiB per read at most);
+/// past this, a block not seen before counts as a repeat, so a read of more distinct
+/// blocks pays for its further visits with the bytes it yields (an honest file's leaves
+/// do: a 256 KiB chunk pays for 4096 visits).
+const MAX_REMEMBERED: usize = 1 << 16;
 
 /// The limits of one read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +196,25 @@ mod tests {
         *Block::encode(RAW, Bytes::from(n.to_le_bytes().to_vec()))
             .unwrap()
             .cid()
+    }
+
+    #[test]
+    fn the_blocks_remembered_are_bounded_and_a_large_honest_read_still_passes() {
+        let mut budget = ReadBudget::new(ReadLimits::default());
+        let now = Instant::now();
+        let leaves = MAX_REMEMBERED as u32 * 2;
+        for n in 0..leaves {
+            budget.visit(&cid(n), 1, now).unwrap();
+            budget.yielding(BYTES_PER_VISIT).unwrap();
+        }
+        assert_eq!(budget.seen.len(), MAX_REMEMBERED);
+        // Past the bound, leaves that yield nothing are repeats to pay for.
+        let mut unpaid = 0u32;
+        while budget.visit(&cid(leaves + unpaid), 1, now).is_ok() {
+            unpaid += 1;
+            assert!(unpaid < 1 << 20, "never refused");
+        }
+        assert!(unpaid > 0);
     }
 
     #[test]

@@ -289,6 +289,44 @@ async fn one_address_gets_at_most_its_share_of_inbound_connections() {
     assert!(kept, "a peer from another address was refused");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_dropped_at_the_handshake_timeout_and_new_peers_get_in() {
+    // 256 TCP connections that never say a word: the first 64 fill every pending slot,
+    // and until the handshake's deadline the node takes no new peer. The deadline is a
+    // setting (here 0.5 s; libp2p's 10 s by default).
+    let node = Node::start(NetworkConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        handshake_timeout: Duration::from_millis(500),
+        ..NetworkConfig::default()
+    })
+    .await;
+    let Some(Protocol::Tcp(port)) = node.addr(false).iter().nth(1) else {
+        panic!("not a TCP address");
+    };
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // Every one of them is closed by the node, without the attacker doing anything.
+    let closed = futures::future::join_all(silent.iter_mut().map(|socket| async move {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), socket.read(&mut byte))
+            .await
+            .is_ok()
+    }))
+    .await;
+    let open = closed.iter().filter(|closed| !**closed).count();
+    assert_eq!(open, 0, "{open} silent connections still held after 5 s");
+    // The pending slots are free again: an honest peer connects.
+    let (_honest, kept) = honest_connects(&node, &node.addr(false)).await;
+    assert!(kept, "the honest peer was refused");
+}
+
 /// A peer speaking raw streams, for holding silent bitswap streams.
 async fn stream_peer(addr: &Multiaddr) -> (AbortOnDrop, PeerId, libp2p_stream::Control) {
     let mut swarm = bare(libp2p_stream::Behaviour::new());
