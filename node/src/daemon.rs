@@ -27,6 +27,9 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The data dir is another node's, or could not be locked.
+    #[error(transparent)]
+    DataDir(#[from] crate::lock::LockError),
     /// The identity could not be loaded.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -62,6 +65,7 @@ pub struct RunningNode {
     network_task: JoinHandle<()>,
     api_task: JoinHandle<()>,
     stop_api: oneshot::Sender<()>,
+    _data_dir_lock: crate::lock::DataDirLock,
 }
 
 /// Starts a node: identity, API listener, overlay, then the API.
@@ -73,6 +77,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
 /// [`Clock::tokio`] to run it in paused tokio time).
 pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<RunningNode, StartError> {
     config.validate()?;
+    // Before anything in the data dir is read or written: one daemon per data dir.
+    let data_dir_lock = crate::lock::acquire(&config.data_dir)?;
     let keypair = identity::load_or_create(&config.data_dir)?;
     let access = if config.api_allow_remote {
         let token =
@@ -157,6 +163,7 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
         network_task,
         api_task,
         stop_api,
+        _data_dir_lock: data_dir_lock,
     })
 }
 

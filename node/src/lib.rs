@@ -16,6 +16,7 @@ pub mod daemon;
 /// The sandboxed Wasm executor, its own crate (`node/executor`).
 pub use flotilla_executor as executor;
 pub mod identity;
+pub mod lock;
 pub mod market;
 
 pub use flotilla_api::one_line;

@@ -62,6 +62,31 @@ fn single(dir: &Path) -> NodeConfig {
 }
 
 #[tokio::test]
+async fn a_second_node_on_a_data_dir_in_use_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = daemon::start(single(dir.path())).await.unwrap();
+    let identity = std::fs::read_dir(dir.path()).unwrap().count();
+    let refused = daemon::start(single(dir.path()))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        refused.contains("in use") && refused.contains(&format!("PID {}", std::process::id())),
+        "{refused}"
+    );
+    // The refused node touched nothing: the first keeps serving its API.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), identity);
+    flotilla_node::api::client::ApiClient::new(first.api_addr())
+        .status()
+        .await
+        .unwrap();
+    first.stop().await;
+    let again = daemon::start(single(dir.path())).await.unwrap();
+    again.stop().await;
+}
+
+#[tokio::test]
 async fn a_remote_api_address_is_refused_without_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     for api in ["0.0.0.0:0", "[::]:0"] {
