@@ -168,7 +168,7 @@ async fn main() {
     println!("|---|---|");
     let (sign, check) = receipt_costs();
     println!(
-        "| a receipt: signing it (volunteer), checking it (scheduler, client: twice a call), {RECEIPTS} each | sign p50 {:.0} µs, check p50 {:.0} µs (p99 {:.0} / {:.0} µs) |",
+        "| a receipt: signing it (volunteer), checking it (the client, once a call), {RECEIPTS} each | sign p50 {:.0} µs, check p50 {:.0} µs (p99 {:.0} / {:.0} µs) |",
         percentile(&sign, 0.5),
         percentile(&check, 0.5),
         percentile(&sign, 0.99),
