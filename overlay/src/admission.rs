@@ -257,21 +257,21 @@ impl Admission {
         let Some(entry) = self.inbound.remove(&id) else {
             return;
         };
-        if let Some(g) = entry.group
-            && let Some(n) = self.per_group.get_mut(&g)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.per_group.remove(&g);
-            }
+        if let Some(g) = entry.group {
+            uncount(&mut self.per_group, &g);
         }
-        if let Some(site) = entry.site
-            && let Some(n) = self.per_site.get_mut(&site)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.per_site.remove(&site);
-            }
+        if let Some(site) = entry.site {
+            uncount(&mut self.per_site, &site);
+        }
+    }
+}
+
+/// Takes one off `key`'s count, forgetting it at zero.
+fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
         }
     }
 }
@@ -433,6 +433,13 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Admits one connection from `remote` as `id`.
+    fn admit(a: &mut Admission, id: usize, remote: &str) {
+        let remote = addr(remote);
+        assert_eq!(a.decide(&remote), Decision::Accept, "{remote}");
+        a.established(ConnectionId::new_unchecked(id), PeerId::random(), &remote);
+    }
+
     fn fill(a: &mut Admission, n: usize, from: &str) {
         for _ in 0..n {
             let remote = addr(from);
@@ -494,14 +501,8 @@ mod tests {
     fn one_global_ipv6_site_gets_at_most_its_share_however_many_64s_it_uses() {
         let mut a = Admission::new(AdmissionConfig::default(), 256);
         // 32 connections from 32 different /64s of one /48.
-        for i in 0..32u16 {
-            let remote = addr(&format!("/ip6/2001:db8:7:{i:x}::1/tcp/4001"));
-            assert_eq!(a.decide(&remote), Decision::Accept, "connection {i}");
-            a.established(
-                ConnectionId::new_unchecked(usize::from(i)),
-                PeerId::random(),
-                &remote,
-            );
+        for i in 0..32 {
+            admit(&mut a, i, &format!("/ip6/2001:db8:7:{i:x}::1/tcp/4001"));
         }
         let another_64 = addr("/ip6/2001:db8:7:ffff::1/tcp/1");
         assert_eq!(a.decide(&another_64), Decision::Refuse(Refusal::PerAddress));
@@ -515,14 +516,8 @@ mod tests {
         assert_eq!(a.decide(&another_64), Decision::Accept);
         // A campus mesh on one unique-local /48 is not held to the site's share.
         let mut a = Admission::new(AdmissionConfig::default(), 256);
-        for i in 0..64u16 {
-            let remote = addr(&format!("/ip6/fd00:1:2:{i:x}::1/tcp/4001"));
-            assert_eq!(a.decide(&remote), Decision::Accept, "ULA connection {i}");
-            a.established(
-                ConnectionId::new_unchecked(usize::from(i)),
-                PeerId::random(),
-                &remote,
-            );
+        for i in 0..64 {
+            admit(&mut a, i, &format!("/ip6/fd00:1:2:{i:x}::1/tcp/4001"));
         }
     }
 

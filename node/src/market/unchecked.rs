@@ -13,11 +13,18 @@ use std::collections::{HashMap, VecDeque};
 /// Most receipts kept (about 1 KiB each).
 pub(super) const MAX_KEPT: usize = 1024;
 
+/// A call: the client and its invocation id.
+type Call = (PeerId, u64);
+
 /// The receipts kept, oldest first out.
 #[derive(Default)]
 pub(super) struct Unchecked {
-    by_call: HashMap<(PeerId, u64), (PeerId, Box<Receipt>)>,
-    order: VecDeque<(PeerId, u64)>,
+    /// Each kept receipt, with the number it was kept under.
+    by_call: HashMap<Call, (u64, PeerId, Box<Receipt>)>,
+    /// Calls in the order they were kept, with that number: an entry whose call was
+    /// taken, or kept again since, no longer matches and removes nothing when it goes.
+    order: VecDeque<(Call, u64)>,
+    next: u64,
 }
 
 impl Unchecked {
@@ -31,11 +38,16 @@ impl Unchecked {
         receipt: Box<Receipt>,
     ) {
         let call = (client, invocation_id);
-        if self.by_call.insert(call, (volunteer, receipt)).is_none() {
-            self.order.push_back(call);
-        }
+        self.next += 1;
+        self.by_call.insert(call, (self.next, volunteer, receipt));
+        self.order.push_back((call, self.next));
         while self.order.len() > MAX_KEPT {
-            if let Some(oldest) = self.order.pop_front() {
+            if let Some((oldest, kept_as)) = self.order.pop_front()
+                && self
+                    .by_call
+                    .get(&oldest)
+                    .is_some_and(|(n, ..)| *n == kept_as)
+            {
                 self.by_call.remove(&oldest);
             }
         }
@@ -48,7 +60,9 @@ impl Unchecked {
         client: PeerId,
         invocation_id: u64,
     ) -> Option<(PeerId, Box<Receipt>)> {
-        self.by_call.remove(&(client, invocation_id))
+        self.by_call
+            .remove(&(client, invocation_id))
+            .map(|(_, volunteer, receipt)| (volunteer, receipt))
     }
 
     /// How many are kept.
@@ -117,7 +131,7 @@ mod tests {
         let one = receipt(&volunteer);
         for id in 0..(MAX_KEPT as u64 * 3) {
             kept.keep(client, id, peer, one.clone());
-            // Reports of every other call: what was taken does not hold a place.
+            // Reports of every other call.
             if id % 2 == 0 {
                 kept.take(client, id);
             }
@@ -126,5 +140,24 @@ mod tests {
         }
         assert!(kept.take(client, 1).is_none(), "the oldest went");
         assert!(kept.take(client, MAX_KEPT as u64 * 3 - 1).is_some());
+    }
+
+    #[test]
+    fn a_call_kept_again_after_it_was_taken_stays_among_the_newest() {
+        let volunteer = Keypair::generate_ed25519();
+        let peer = volunteer.public().to_peer_id();
+        let client = PeerId::random();
+        let mut kept = Unchecked::default();
+        let one = receipt(&volunteer);
+        // A client may reuse an invocation id: its first entry in the order must not take
+        // the newer receipt with it when it goes.
+        kept.keep(client, 0, peer, one.clone());
+        kept.take(client, 0);
+        kept.keep(client, 0, peer, one.clone());
+        for id in 1..MAX_KEPT as u64 {
+            kept.keep(client, id, peer, one.clone());
+        }
+        assert_eq!(kept.len(), MAX_KEPT);
+        assert!(kept.take(client, 0).is_some(), "kept among the newest");
     }
 }
