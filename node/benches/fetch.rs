@@ -57,7 +57,11 @@ async fn bitswap_fetch(seed: u64, base: &std::path::Path) -> (f64, u64, Duration
     let (tx, rx) = watch::channel(FetchProgress::default());
     let cpu0 = cpu();
     let started = Instant::now();
-    nodes[1].overlay().fetch(root, &tx).await.unwrap();
+    nodes[1]
+        .overlay()
+        .fetch(root, &tx, &nodes[1].overlay().store().lease())
+        .await
+        .unwrap();
     let elapsed = started.elapsed();
     let cpu_used = cpu() - cpu0;
     let blocks = rx.borrow().fetched_blocks;

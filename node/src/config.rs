@@ -31,6 +31,7 @@
 //! | `fallback`       | `--no-fallback` (off)| `true`: ask the super-trader list when probing fails    |
 //! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
 //! | `fetch_timeout`  |                    | `30s`: how long a volunteer waits for a module or input   |
+//! | `call_data_kept` |                    | `10m`: how long a call's module, inputs and outputs stay unevictable after its answer |
 //! | `default_deadline`|                   | `30s`: a function's deadline when the call names none     |
 //! | `max_deadline`   |                    | `10m`: the longest deadline a call may ask for            |
 //! | `max_module_size`|                    | `16MiB`: the largest module a volunteer runs              |
@@ -161,6 +162,10 @@ pub struct NodeConfig {
     /// How long a volunteer waits for a call's module or one of its inputs.
     #[serde(with = "duration_text")]
     pub fetch_timeout: Duration,
+    /// How long a call's module, inputs and outputs stay in the store, safe from
+    /// eviction, after its answer (then they are cache like any other block).
+    #[serde(with = "duration_text")]
+    pub call_data_kept: Duration,
     /// A function's deadline when its call names none.
     #[serde(with = "duration_text")]
     pub default_deadline: Duration,
@@ -221,6 +226,7 @@ impl Default for NodeConfig {
             fallback: discovery.fallback,
             placement: Policy::BestFit,
             fetch_timeout: Duration::from_secs(30),
+            call_data_kept: Duration::from_secs(600),
             default_deadline: Duration::from_secs(30),
             max_deadline: Duration::from_secs(600),
             max_module_size: bytesize::ByteSize::mib(16),
@@ -443,6 +449,7 @@ impl NodeConfig {
             fallback: self.fallback,
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
+            call_data_kept: self.call_data_kept,
             schedulers: self.schedulers.clone(),
             job_republish_interval: self.job_republish_interval,
             holder: self.holder.clone(),

@@ -225,6 +225,7 @@ impl RunningNode {
         self.api_task.abort();
         self.network_task.abort();
         let _ = self.network_task.await;
+        self.overlay.store().abandon();
     }
 }
 

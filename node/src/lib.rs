@@ -10,7 +10,7 @@
 
 pub mod api;
 pub mod cli;
-pub use cli::{commands, demo, invoke, output, plan, plan_paths, run_plan};
+pub use cli::{commands, demo, invoke, output, plan, plan_paths, repo, run_plan};
 pub mod config;
 pub mod daemon;
 /// The sandboxed Wasm executor, its own crate (`node/executor`).

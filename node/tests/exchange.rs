@@ -142,7 +142,12 @@ async fn fetching_a_cid_nobody_has_fails_with_a_reason() {
     .cid()
     .to_owned();
     let (tx, _rx) = tokio::sync::watch::channel(Default::default());
-    let err = nodes[1].overlay().fetch(root, &tx).await.unwrap_err();
+    let lease = nodes[1].overlay().store().lease();
+    let err = nodes[1]
+        .overlay()
+        .fetch(root, &tx, &lease)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no peer could provide"), "{err}");
     for node in nodes {
         node.stop().await;

@@ -506,7 +506,8 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         let (progress, _) = tokio::sync::watch::channel(Default::default());
         let fetched = tokio::time::timeout(
             Duration::from_secs(20),
-            node.overlay().fetch(counts, &progress),
+            node.overlay()
+                .fetch(counts, &progress, &node.overlay().store().lease()),
         )
         .await;
         assert!(matches!(fetched, Ok(Ok(()))), "{fetched:?}");

@@ -570,6 +570,21 @@ impl Offerer {
         Ok(actions)
     }
 
+    /// Publishes again the offers [`Offerer::withdraw_all`] withdrew (with newer sequence
+    /// numbers, at fresh keys), from the next [`Offerer::poll`]: lending resumes.
+    pub fn resume(&mut self) {
+        for slot in &mut self.slots {
+            if slot.state == State::Withdrawn {
+                slot.state = State::Idle;
+            }
+        }
+    }
+
+    /// Whether every offer is withdrawn (the node stopped lending).
+    pub fn is_withdrawn(&self) -> bool {
+        self.slots.iter().all(|s| s.state == State::Withdrawn)
+    }
+
     /// Sets `mib` MiB of offer `offer_id` aside for `owner`'s reservation
     /// `reservation_id`, held for `hold_ms` unless a call starts on it. The offerer is
     /// the only authority on its memory, so two schedulers racing for one offer can never
@@ -1373,6 +1388,40 @@ mod tests {
         }
         assert!(offerer.poll(100_000, &mut rng).unwrap().is_empty());
         assert_eq!(offerer.next_wakeup(), None);
+    }
+
+    #[test]
+    fn withdrawn_offers_are_published_again_with_newer_versions_on_resume() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut offerer = offerer(256 + 128);
+        let mut holder = Holder::new(HolderConfig::default());
+        let holder_id = PeerId::random();
+        publish_all(&mut offerer, &mut holder, holder_id, &mut rng);
+        for action in offerer.withdraw_all(1).unwrap() {
+            let Action::Send { key, offer, .. } = action else {
+                panic!()
+            };
+            holder.receive(1, &key, *offer).unwrap();
+        }
+        assert!(offerer.is_withdrawn());
+        let reserved = offerer.reserve(2, PeerId::random(), 100, 128, 1, 1000);
+        assert!(reserved.is_err(), "a withdrawn offer reserves nothing");
+        offerer.resume();
+        assert!(!offerer.is_withdrawn());
+        let actions = offerer.poll(3, &mut rng).unwrap();
+        assert_eq!(actions.len(), 2);
+        let (offer_id, _) = find_key(&actions);
+        let found = Event::HolderFound {
+            offer_id,
+            holder: holder_id,
+        };
+        let (_, key, offer) = sent(&offerer.on_event(3, found).unwrap());
+        assert!(!offer.body.withdrawn);
+        let accepted = holder.receive(3, &key, offer);
+        assert!(matches!(
+            accepted,
+            Ok(Accepted::Stored | Accepted::Refreshed)
+        ));
     }
 
     #[test]

@@ -1,25 +1,36 @@
-//! The on-disk blockstore: one file per block, named by its multihash.
+//! The on-disk blockstore: one file per block, named by its multihash, with an index of
+//! what is pinned, in use and cached ([`crate::cache`]) kept in a database
+//! ([`crate::store_db`]).
 //!
-//! Layout: `<root>/blocks/<2 hex digits>/<hex multihash>` plus `<root>/tmp/` for writes in
-//! progress. A write goes to a fresh temporary file that is then renamed to its final
-//! name, so a crash never leaves a partial block under a valid name; writers of the same
-//! block are serialised by a striped lock, so a block is never counted twice. (Renaming
-//! rather than linking and unlinking matters: ext4 slows inode allocation down while many
-//! inodes were recently deleted.) Every read is verified against the CID; a block
-//! that fails (a disk fault, a power cut before the kernel flushed it) is deleted and
-//! reported missing, so it is fetched again rather than served. Blocks are keyed by
-//! multihash, so a CIDv0 and a CIDv1 of the same bytes share one file, as in IPFS. Blocks
-//! of identity CIDs (data inlined in the CID) are always "held" and never written.
+//! Layout: `<root>/blocks/<2 hex digits>/<hex multihash>`, `<root>/tmp/` for writes in
+//! progress, and `<root>/index.redb`. A write goes to a fresh temporary file that is then
+//! renamed to its final name, so a crash never leaves a partial block under a valid name;
+//! writers of the same block are serialised by a striped lock, so a block is never
+//! counted twice. (Renaming rather than linking and unlinking matters: ext4 slows inode
+//! allocation down while many inodes were recently deleted.) Written blocks are made
+//! durable in batches by [`Blockstore::sync`] (each file's data, then each directory it
+//! was renamed into), which `add` and `fetch` call before they return or announce a root.
+//! Every read is verified against the CID; a block that fails (a disk fault, a power cut
+//! before the kernel flushed it) is deleted and reported missing, so it is fetched again
+//! rather than served. Blocks are keyed by multihash, so a CIDv0 and a CIDv1 of the same
+//! bytes share one file, as in IPFS. Blocks of identity CIDs (data inlined in the CID) are
+//! always "held" and never written.
+//!
+//! The store never holds more than its capacity. A block that does not fit evicts cached
+//! blocks, least recently used first; pinned blocks and blocks under a [`Lease`] are
+//! never evicted, and if they leave no room the write fails with [`StoreError::Full`].
 
 use crate::block::{Block, BlockError};
+use crate::cache::{BlockKey, CacheIndex, CacheStats, Room};
+use crate::store_db::{DbError, Pin, StoreDb};
 use bytes::Bytes;
 use cid::Cid;
-use multihash::Multihash;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Errors of the blockstore.
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +43,13 @@ pub enum StoreError {
         /// The underlying error.
         source: io::Error,
     },
-    /// Storing the block would exceed the configured capacity.
-    #[error("blockstore full: {used} of {capacity} bytes used, block needs {needed}")]
+    /// Storing the block would exceed the configured capacity, even after evicting every
+    /// cached block not in use.
+    #[error(
+        "blockstore full: {used} of {capacity} bytes pinned, in use or being written, block needs {needed}"
+    )]
     Full {
-        /// Bytes in use.
+        /// Bytes held or reserved that could not be evicted.
         used: u64,
         /// The configured capacity.
         capacity: u64,
@@ -45,6 +59,12 @@ pub enum StoreError {
     /// A block was invalid.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The store's database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The store was closed (its node stopped).
+    #[error("the blockstore is closed")]
+    Closed,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -64,29 +84,123 @@ pub struct Blockstore {
 struct Inner {
     blocks_dir: PathBuf,
     tmp_dir: PathBuf,
-    capacity: u64,
-    blocks: AtomicU64,
-    bytes: AtomicU64,
+    index: Mutex<CacheIndex>,
+    /// The database, until [`Blockstore::close`].
+    db: Mutex<Option<Arc<StoreDb>>>,
     /// Serialises writers of the same block (striped by the digest's first byte).
     write_locks: Vec<Mutex<()>>,
+    /// Block files renamed into place and not yet made durable, and their directories.
+    unsynced: Mutex<Unsynced>,
+    /// Held by a running [`Blockstore::sync`], so a second one waits for the first.
+    syncing: Mutex<()>,
+    /// Leases kept past their user, until a deadline (a call's inputs and outputs).
+    kept: Mutex<VecDeque<(Instant, Vec<BlockKey>)>>,
+    /// Bytes of pinned blocks, for whoever must know when pins crowd out the rest.
+    pinned: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Unsynced {
+    files: Vec<PathBuf>,
+    shards: BTreeSet<u8>,
 }
 
 /// Number of write-lock stripes.
 const WRITE_STRIPES: usize = 64;
+/// Most leases kept past their user at once; the oldest is let go early beyond it.
+const MAX_KEPT_LEASES: usize = 4096;
 
-/// Counts of what the store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StoreStats {
-    /// Number of blocks held.
+/// Counts of what the store holds, by state.
+pub type StoreStats = CacheStats;
+
+/// What [`Blockstore::gc`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    /// Blocks removed.
     pub blocks: u64,
-    /// Total size of the blocks held, in bytes.
+    /// Bytes freed.
     pub bytes: u64,
-    /// The configured capacity in bytes.
-    pub capacity: u64,
+}
+
+/// Blocks protected from eviction while a call, fetch, add or read uses them. Dropping
+/// the lease ends the protection; [`Lease::keep_until`] extends it past its user.
+#[derive(Debug)]
+pub struct Lease {
+    store: Blockstore,
+    keys: Mutex<HashSet<BlockKey>>,
+}
+
+impl Lease {
+    /// Protects the block `cid` names (held or not yet) for as long as this lease lives.
+    pub fn protect(&self, cid: &Cid) {
+        if Block::inlined(cid).is_some() {
+            return;
+        }
+        let key = *cid.hash();
+        if lock(&self.keys).insert(key) {
+            self.store.index().protect(key);
+        }
+    }
+
+    /// How many blocks this lease protects.
+    pub fn len(&self) -> usize {
+        lock(&self.keys).len()
+    }
+
+    /// Whether this lease protects nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the protection until `until`, after this lease is gone (a call's inputs and
+    /// outputs stay a while after its answer). Let go early when a write finds no other
+    /// room, and when more than [`MAX_KEPT_LEASES`] are kept (the oldest first).
+    pub fn keep_until(self, until: Instant) {
+        let keys: Vec<BlockKey> = std::mem::take(&mut *lock(&self.keys)).into_iter().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut kept = lock(&self.store.inner.kept);
+        kept.push_back((until, keys));
+        if kept.len() > MAX_KEPT_LEASES
+            && let Some((_, keys)) = kept.pop_front()
+        {
+            let mut index = self.store.index();
+            for key in &keys {
+                index.unprotect(key);
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let keys = std::mem::take(&mut *lock(&self.keys));
+        if keys.is_empty() {
+            return;
+        }
+        let mut index = self.store.index();
+        for key in &keys {
+            index.unprotect(key);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Blockstore {
     /// Opens (creating if needed) the store under `root`, holding at most `capacity` bytes.
+    /// Reads back the pins and the cache's order from the database; a block file the
+    /// database has no order for (written after its last save) counts as the most recent.
     pub fn open(root: &Path, capacity: u64) -> Result<Blockstore, StoreError> {
         let blocks_dir = root.join("blocks");
         let tmp_dir = root.join("tmp");
@@ -100,66 +214,165 @@ impl Blockstore {
             let dir = blocks_dir.join(format!("{shard:02x}"));
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        let (mut blocks, mut bytes) = (0, 0);
+        let db = StoreDb::open(&root.join("index.redb"))?;
+        let mut saved = db.load()?;
+        let mut found = Vec::new();
         for shard in fs::read_dir(&blocks_dir).map_err(io_err(&blocks_dir))? {
             let shard = shard.map_err(io_err(&blocks_dir))?.path();
             for file in fs::read_dir(&shard).map_err(io_err(&shard))? {
-                let meta = file.and_then(|f| f.metadata()).map_err(io_err(&shard))?;
-                blocks += 1;
-                bytes += meta.len();
+                let file = file.map_err(io_err(&shard))?;
+                let meta = file.metadata().map_err(io_err(&shard))?;
+                let key = file
+                    .file_name()
+                    .to_str()
+                    .and_then(unhex)
+                    .and_then(|b| BlockKey::from_bytes(&b).ok());
+                match key {
+                    Some(key) => {
+                        let tick = saved.recency.remove(&key);
+                        found.push((key, meta.len(), tick));
+                    }
+                    // Not a block's name: nothing this store wrote.
+                    None => {
+                        tracing::warn!(path = %file.path().display(), "ignoring a stray file in the blockstore")
+                    }
+                }
             }
+        }
+        // Saved order first, then blocks written since the last save.
+        found.sort_by_key(|(_, _, tick)| (tick.is_none(), *tick));
+        let mut index = CacheIndex::new(capacity);
+        for (key, size, tick) in found {
+            index.load(key, size, tick);
+        }
+        for (key, pins) in saved.pins {
+            index.load_pins(key, pins);
+        }
+        // Forget the order of blocks no longer on disk.
+        let gone = saved.recency.into_keys().map(|k| (k, None)).collect();
+        db.save_recency(&gone)?;
+        let pinned = index.pinned_bytes();
+        if pinned > capacity {
+            tracing::error!(
+                pinned,
+                capacity,
+                "the pinned blocks alone exceed the store's capacity: raise --store-capacity or unpin"
+            );
         }
         Ok(Blockstore {
             inner: Arc::new(Inner {
                 blocks_dir,
                 tmp_dir,
-                capacity,
-                blocks: AtomicU64::new(blocks),
-                bytes: AtomicU64::new(bytes),
+                index: Mutex::new(index),
+                db: Mutex::new(Some(Arc::new(db))),
                 write_locks: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
+                unsynced: Mutex::new(Unsynced::default()),
+                syncing: Mutex::new(()),
+                kept: Mutex::new(VecDeque::new()),
+                pinned: tokio::sync::watch::Sender::new(pinned),
             }),
         })
     }
 
-    fn path_of(&self, cid: &Cid) -> PathBuf {
-        let name = hex(&cid.hash().to_bytes());
-        // Shard on the first digest byte (after the 2-byte multihash header).
-        let shard = format!("{:02x}", cid.hash().digest().first().copied().unwrap_or(0));
+    /// The most bytes the store holds.
+    pub fn capacity(&self) -> u64 {
+        self.index().capacity()
+    }
+
+    /// The bytes of pinned blocks held, now and as pins change.
+    pub fn watch_pinned(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.pinned.subscribe()
+    }
+
+    fn pins_changed(&self) {
+        let pinned = self.index().pinned_bytes();
+        self.inner.pinned.send_replace(pinned);
+    }
+
+    fn index(&self) -> MutexGuard<'_, CacheIndex> {
+        lock(&self.inner.index)
+    }
+
+    fn db(&self) -> Result<Arc<StoreDb>, StoreError> {
+        lock(&self.inner.db).clone().ok_or(StoreError::Closed)
+    }
+
+    /// Closes the database without saving anything, as a crash would leave it (for tests
+    /// that kill a node and start it again in the same process).
+    pub fn abandon(&self) {
+        drop(lock(&self.inner.db).take());
+    }
+
+    /// Saves the cache's order of use and closes the database, so that the store can be
+    /// opened again (by a node restarted in the same process, say) while handles to this
+    /// one remain. Blocks can still be read; pins can no longer change.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let saved = self.save_recency();
+        let db = lock(&self.inner.db).take();
+        // Closed once the last user of the database (a pin in progress, say) lets go.
+        drop(db);
+        saved
+    }
+
+    fn shard_of(key: &BlockKey) -> u8 {
+        // Shard on the first digest byte (after the multihash header).
+        key.digest().first().copied().unwrap_or(0)
+    }
+
+    fn path_of_key(&self, key: &BlockKey) -> PathBuf {
+        let name = hex(&key.to_bytes());
+        let shard = format!("{:02x}", Self::shard_of(key));
         self.inner.blocks_dir.join(shard).join(name)
+    }
+
+    fn path_of(&self, cid: &Cid) -> PathBuf {
+        self.path_of_key(cid.hash())
+    }
+
+    fn stripe(&self, key: &BlockKey) -> MutexGuard<'_, ()> {
+        lock(&self.inner.write_locks[Self::shard_of(key) as usize % WRITE_STRIPES])
+    }
+
+    /// A new, empty lease on this store's blocks.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            store: self.clone(),
+            keys: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Whether the store holds a block with this CID's multihash.
     pub fn has(&self, cid: &Cid) -> bool {
-        Block::inlined(cid).is_some() || self.path_of(cid).exists()
+        Block::inlined(cid).is_some() || self.index().contains(cid.hash())
     }
 
-    /// Stores a verified block. Storing a block that is already there is a no-op, and so is
-    /// storing a block an identity CID carries inline.
+    /// Stores a verified block, evicting cached blocks if it does not fit. Storing a block
+    /// that is already there is a no-op (it counts as used now), and so is storing a block
+    /// an identity CID carries inline. The block is durable after the next [`Self::sync`].
     pub fn put(&self, block: &Block) -> Result<(), StoreError> {
         if Block::inlined(block.cid()).is_some() {
             return Ok(());
         }
-        let path = self.path_of(block.cid());
-        let stripe = stripe_of(block.cid());
-        let _writing = self.inner.write_locks[stripe]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let key = *block.cid().hash();
         let size = block.data().len() as u64;
-        let mut replacing = None;
-        match fs::metadata(&path) {
-            // Same name and size: the block is already here (reads still verify it).
-            Ok(meta) if meta.len() == size => return Ok(()),
-            // A damaged copy (cut short by a crash, say): write the block over it.
-            Ok(meta) => replacing = Some(meta.len()),
-            Err(_) => {}
+        {
+            let mut index = self.index();
+            if index.size_of(&key) == Some(size) {
+                index.touch(&key);
+                return Ok(());
+            }
         }
-        let used = self.inner.bytes.load(Ordering::Relaxed);
-        if used + size > self.inner.capacity {
-            return Err(StoreError::Full {
-                used,
-                capacity: self.inner.capacity,
-                needed: size,
-            });
+        self.make_room(size)?;
+        let path = self.path_of_key(&key);
+        let _writing = self.stripe(&key);
+        {
+            // Another writer may have put it meanwhile.
+            let mut index = self.index();
+            if index.size_of(&key) == Some(size) {
+                index.unreserve(size);
+                index.touch(&key);
+                return Ok(());
+            }
         }
         let tmp = self
             .inner
@@ -170,22 +383,111 @@ impl Blockstore {
             .and_then(|()| fs::rename(&tmp, &path));
         if let Err(source) = written {
             let _ = fs::remove_file(&tmp);
+            self.index().unreserve(size);
             return Err(StoreError::Io { path, source });
         }
-        match replacing {
-            Some(old_size) => {
-                self.inner.bytes.fetch_sub(old_size, Ordering::Relaxed);
-            }
-            None => {
-                self.inner.blocks.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+        self.index().insert(key, size);
+        let mut unsynced = lock(&self.inner.unsynced);
+        unsynced.files.push(path);
+        unsynced.shards.insert(Self::shard_of(&key));
         Ok(())
     }
 
+    /// Reserves `size` bytes, evicting cached blocks, least recently used first, until
+    /// they fit. When pinned, in-use and reserved blocks leave no room, calls' data kept
+    /// past their answer ([`Lease::keep_until`]) is let go, the soonest due first: a call
+    /// running now comes before one that has answered. Fails if that is not enough.
+    fn make_room(&self, size: u64) -> Result<(), StoreError> {
+        // Each round evicts what was evictable a moment ago; racing writers may take the
+        // room, so try a few times.
+        let mut rounds = 0;
+        loop {
+            let victims = {
+                let mut index = self.index();
+                self.release_expired(&mut index);
+                match index.reserve(size) {
+                    Room::Reserved => return Ok(()),
+                    Room::Evict(n) if rounds < 16 => index.victims(n),
+                    Room::Evict(_) | Room::Full { .. } => {
+                        if self.release_soonest_kept(&mut index) {
+                            continue;
+                        }
+                        let stats = index.stats();
+                        return Err(StoreError::Full {
+                            used: stats.bytes + stats.reserved_bytes - stats.evictable_bytes,
+                            capacity: index.capacity(),
+                            needed: size,
+                        });
+                    }
+                }
+            };
+            rounds += 1;
+            for key in victims {
+                self.evict(&key)?;
+            }
+        }
+    }
+
+    /// Lets go of the kept lease due soonest; answers whether there was one.
+    fn release_soonest_kept(&self, index: &mut CacheIndex) -> bool {
+        let mut kept = lock(&self.inner.kept);
+        let Some(soonest) = kept
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (until, _))| *until)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        if let Some((_, keys)) = kept.remove(soonest) {
+            for key in &keys {
+                index.unprotect(key);
+            }
+        }
+        true
+    }
+
+    /// Removes a block if it is still evictable; answers the bytes freed, or `None` if
+    /// it was not evicted.
+    fn evict(&self, key: &BlockKey) -> Result<Option<u64>, StoreError> {
+        let _writing = self.stripe(key);
+        let size = {
+            let mut index = self.index();
+            if !index.evictable(key) {
+                return Ok(None);
+            }
+            index.remove(key).unwrap_or(0)
+        };
+        let path = self.path_of_key(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(Some(size)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(size)),
+            Err(source) => {
+                // Still on disk: still counted.
+                self.index().load(*key, size, None);
+                Err(StoreError::Io { path, source })
+            }
+        }
+    }
+
+    /// Lets go of kept leases whose time is up.
+    fn release_expired(&self, index: &mut CacheIndex) {
+        let now = Instant::now();
+        let mut kept = lock(&self.inner.kept);
+        // Deadlines are not in order (different keep times), so look at all of them.
+        kept.retain(|(until, keys)| {
+            if *until > now {
+                return true;
+            }
+            for key in keys {
+                index.unprotect(key);
+            }
+            false
+        });
+    }
+
     /// Reads and verifies a block; `Ok(None)` if it is absent (or was found corrupt and
-    /// has been removed).
+    /// has been removed). A block read counts as used now.
     pub fn get(&self, cid: &Cid) -> Result<Option<Block>, StoreError> {
         if let Some(block) = Block::inlined(cid) {
             return Ok(Some(block));
@@ -193,11 +495,21 @@ impl Blockstore {
         let path = self.path_of(cid);
         let data = match fs::read(&path) {
             Ok(data) => Bytes::from(data),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Deleted behind our back: forget it.
+                let _writing = self.stripe(cid.hash());
+                if !path.exists() {
+                    self.index().remove(cid.hash());
+                }
+                return Ok(None);
+            }
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
         match Block::verified(*cid, data) {
-            Ok(block) => Ok(Some(block)),
+            Ok(block) => {
+                self.index().touch(cid.hash());
+                Ok(Some(block))
+            }
             Err(BlockError::HashMismatch(_)) => {
                 tracing::warn!(%cid, "removing corrupt block from the store");
                 self.remove(cid)?;
@@ -207,55 +519,133 @@ impl Blockstore {
         }
     }
 
-    /// Removes a block if present.
+    /// Removes a block if present, pinned or not (a corrupt copy, say: a pinned block
+    /// fetched again is pinned again).
     pub fn remove(&self, cid: &Cid) -> Result<(), StoreError> {
+        let key = cid.hash();
         let path = self.path_of(cid);
-        let _writing = self.inner.write_locks[stripe_of(cid)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let size = match fs::metadata(&path) {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StoreError::Io { path, source: e }),
-        };
+        let _writing = self.stripe(key);
         match fs::remove_file(&path) {
-            Ok(()) => {
-                self.inner.blocks.fetch_sub(1, Ordering::Relaxed);
-                self.inner.bytes.fetch_sub(size, Ordering::Relaxed);
-                Ok(())
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        }
+        self.index().remove(key);
+        Ok(())
+    }
+
+    /// Makes every block written so far durable: each file's data, then each directory a
+    /// file was renamed into. Batched: one call covers every write before it, and a call
+    /// made while another runs waits for it and then syncs what is left.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = lock(&self.inner.syncing);
+        let Unsynced { files, shards } = std::mem::take(&mut *lock(&self.inner.unsynced));
+        for path in files {
+            match fs::File::open(&path).and_then(|f| f.sync_data()) {
+                Ok(()) => {}
+                // Evicted since: nothing to make durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path, source }),
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+        for shard in shards {
+            let dir = self.inner.blocks_dir.join(format!("{shard:02x}"));
+            fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Pins the DAG under `root`, whose distinct blocks are `members` (all held): they are
+    /// never evicted until it is unpinned. Durable when this returns. Answers false if
+    /// `root` was pinned already.
+    pub fn pin(&self, root: &Cid, members: &[Cid]) -> Result<bool, StoreError> {
+        let keys: Vec<BlockKey> = members
+            .iter()
+            .filter(|c| Block::inlined(c).is_none())
+            .map(|c| *c.hash())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let bytes = {
+            let index = self.index();
+            keys.iter().filter_map(|k| index.size_of(k)).sum()
+        };
+        let pin = Pin {
+            root: *root,
+            pinned_at_ms: now_ms(),
+            bytes,
+            blocks: keys.len() as u64,
+        };
+        // The blocks first, then the pin that names them.
+        self.sync()?;
+        if !self.db()?.add_pin(&pin, &keys)? {
+            return Ok(false);
+        }
+        self.index().pin(&keys);
+        self.pins_changed();
+        Ok(true)
+    }
+
+    /// Removes the pin on `root`; its blocks become cache (evictable, as recent as they
+    /// were) unless another pin names them. Answers false if `root` was not pinned.
+    pub fn unpin(&self, root: &Cid) -> Result<bool, StoreError> {
+        match self.db()?.remove_pin(root)? {
+            Some(keys) => {
+                self.index().unpin(&keys);
+                self.pins_changed();
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
-    /// Counts of what the store holds.
-    pub fn stats(&self) -> StoreStats {
-        StoreStats {
-            blocks: self.inner.blocks.load(Ordering::Relaxed),
-            bytes: self.inner.bytes.load(Ordering::Relaxed),
-            capacity: self.inner.capacity,
+    /// Every pin.
+    pub fn pins(&self) -> Result<Vec<Pin>, StoreError> {
+        Ok(self.db()?.pins()?)
+    }
+
+    /// Whether `root` is pinned.
+    pub fn is_pinned(&self, root: &Cid) -> Result<bool, StoreError> {
+        Ok(self.db()?.is_pinned(root)?)
+    }
+
+    /// Removes every cached block that is not in use, as `ipfs repo gc` does.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let victims = {
+            let mut index = self.index();
+            self.release_expired(&mut index);
+            index.all_evictable()
+        };
+        let mut report = GcReport::default();
+        for key in victims {
+            if let Some(freed) = self.evict(&key)? {
+                report.blocks += 1;
+                report.bytes += freed;
+            }
         }
+        self.save_recency()?;
+        Ok(report)
+    }
+
+    /// Saves the cache's order of use to the database.
+    pub fn save_recency(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let dirty = self.index().take_dirty();
+        Ok(db.save_recency(&dirty)?)
+    }
+
+    /// What the store holds, by state.
+    pub fn stats(&self) -> StoreStats {
+        let mut index = self.index();
+        self.release_expired(&mut index);
+        index.stats()
     }
 
     /// The multihashes of every block held (for re-announcing them at start).
-    pub fn list(&self) -> Result<Vec<Multihash<64>>, StoreError> {
-        let dir = &self.inner.blocks_dir;
-        let mut out = Vec::new();
-        for shard in fs::read_dir(dir).map_err(io_err(dir))? {
-            let shard = shard.map_err(io_err(dir))?.path();
-            for file in fs::read_dir(&shard).map_err(io_err(&shard))? {
-                let name = file.map_err(io_err(&shard))?.file_name();
-                if let Some(hash) = name
-                    .to_str()
-                    .and_then(unhex)
-                    .and_then(|b| Multihash::from_bytes(&b).ok())
-                {
-                    out.push(hash);
-                }
-            }
-        }
-        Ok(out)
+    pub fn list(&self) -> Result<Vec<BlockKey>, StoreError> {
+        Ok(self.index().keys())
     }
 
     /// Reads a block on the blocking thread pool.
@@ -273,6 +663,17 @@ impl Blockstore {
             .await
             .expect("blockstore writes do not panic")
     }
+
+    /// Runs `work` on this store on the blocking thread pool.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Blockstore) -> T + Send + 'static,
+    ) -> T {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .expect("blockstore work does not panic")
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -283,10 +684,6 @@ fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
-}
-
-fn stripe_of(cid: &Cid) -> usize {
-    cid.hash().digest().first().copied().unwrap_or(0) as usize % WRITE_STRIPES
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -334,7 +731,7 @@ mod tests {
         let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
         let cid = Cid::new_v1(
             RAW,
-            Multihash::wrap(crate::block::IDENTITY, b"tiny").unwrap(),
+            multihash::Multihash::wrap(crate::block::IDENTITY, b"tiny").unwrap(),
         );
         assert!(store.has(&cid));
         let block = store.get(&cid).unwrap().unwrap();
@@ -354,27 +751,196 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_copy_is_replaced_when_the_block_is_put_again() {
+    fn a_damaged_copy_is_dropped_when_read_and_put_again_whole() {
         let dir = tempfile::tempdir().unwrap();
         let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
         let block = raw(b"a block cut short by a crash");
         store.put(&block).unwrap();
         fs::write(store.path_of(block.cid()), b"a block cut").unwrap();
+        assert_eq!(store.get(block.cid()).unwrap(), None);
         store.put(&block).unwrap();
         assert_eq!(store.get(block.cid()).unwrap(), Some(block.clone()));
         assert_eq!(store.stats().blocks, 1);
+        assert_eq!(store.stats().bytes, block.data().len() as u64);
     }
 
     #[test]
-    fn capacity_is_enforced() {
+    fn a_full_store_evicts_the_least_recently_used_block() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Blockstore::open(dir.path(), 10).unwrap();
-        store.put(&raw(b"12345")).unwrap();
+        let store = Blockstore::open(dir.path(), 30).unwrap();
+        let blocks: Vec<Block> = (0..4u8).map(|i| raw(&[i; 10])).collect();
+        for block in &blocks[..3] {
+            store.put(block).unwrap();
+        }
+        // Reading the first makes the second the least recently used.
+        store.get(blocks[0].cid()).unwrap();
+        store.put(&blocks[3]).unwrap();
+        assert!(store.has(blocks[0].cid()));
+        assert!(!store.has(blocks[1].cid()));
+        assert!(!store.path_of(blocks[1].cid()).exists());
+        assert!(store.has(blocks[2].cid()) && store.has(blocks[3].cid()));
+        assert_eq!(store.stats().bytes, 30);
+    }
+
+    #[test]
+    fn pinned_and_leased_blocks_are_never_evicted_and_full_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 20).unwrap();
+        let (pinned, leased, new) = (raw(&[1; 10]), raw(&[2; 10]), raw(&[3; 10]));
+        store.put(&pinned).unwrap();
+        store.pin(pinned.cid(), &[*pinned.cid()]).unwrap();
+        let lease = store.lease();
+        lease.protect(leased.cid());
+        store.put(&leased).unwrap();
         assert!(matches!(
-            store.put(&raw(b"abcdefgh")),
+            store.put(&new),
+            Err(StoreError::Full {
+                used: 20,
+                capacity: 20,
+                needed: 10
+            })
+        ));
+        drop(lease);
+        store.put(&new).unwrap();
+        assert!(store.has(pinned.cid()) && !store.has(leased.cid()));
+    }
+
+    #[test]
+    fn a_kept_lease_protects_until_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 20).unwrap();
+        let (a, b) = (raw(&[1; 10]), raw(&[2; 10]));
+        let lease = store.lease();
+        lease.protect(a.cid());
+        store.put(&a).unwrap();
+        lease.keep_until(Instant::now() + std::time::Duration::from_secs(3600));
+        let lease = store.lease();
+        lease.protect(b.cid());
+        store.put(&b).unwrap();
+        lease.keep_until(Instant::now());
+        assert_eq!(store.stats().evictable_bytes, 10);
+        assert_eq!(
+            store.gc().unwrap(),
+            GcReport {
+                blocks: 1,
+                bytes: 10
+            }
+        );
+        assert!(store.has(a.cid()) && !store.has(b.cid()));
+    }
+
+    #[test]
+    fn kept_data_gives_way_to_a_write_that_finds_no_other_room_soonest_due_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 20).unwrap();
+        let (later, sooner) = (raw(&[1; 10]), raw(&[2; 10]));
+        let hour = std::time::Duration::from_secs(3600);
+        for (block, keep) in [(&later, 2 * hour), (&sooner, hour)] {
+            let lease = store.lease();
+            lease.protect(block.cid());
+            store.put(block).unwrap();
+            lease.keep_until(Instant::now() + keep);
+        }
+        store.put(&raw(&[3; 10])).unwrap();
+        assert!(store.has(later.cid()) && !store.has(sooner.cid()));
+        // Blocks in use are never let go.
+        let running = store.lease();
+        running.protect(raw(&[3; 10]).cid());
+        running.protect(raw(&[4; 10]).cid());
+        store.put(&raw(&[4; 10])).unwrap();
+        assert!(!store.has(later.cid()));
+        assert!(matches!(
+            store.put(&raw(&[5; 10])),
             Err(StoreError::Full { .. })
         ));
-        assert_eq!(store.stats().blocks, 1);
+    }
+
+    #[test]
+    fn gc_removes_the_cache_and_keeps_pins_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, cached) = (raw(b"pinned"), raw(b"cached"));
+        {
+            let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+            store.put(&kept).unwrap();
+            store.put(&cached).unwrap();
+            assert!(store.pin(kept.cid(), &[*kept.cid()]).unwrap());
+            assert!(!store.pin(kept.cid(), &[*kept.cid()]).unwrap());
+            store.save_recency().unwrap();
+        }
+        let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+        let stats = store.stats();
+        assert_eq!((stats.pinned_blocks, stats.pinned_bytes), (1, 6));
+        assert_eq!(
+            store.gc().unwrap(),
+            GcReport {
+                blocks: 1,
+                bytes: 6
+            }
+        );
+        assert!(store.has(kept.cid()) && !store.has(cached.cid()));
+        assert_eq!(store.pins().unwrap()[0].root, *kept.cid());
+        assert!(store.unpin(kept.cid()).unwrap());
+        assert!(!store.unpin(kept.cid()).unwrap());
+        assert_eq!(store.gc().unwrap().blocks, 1);
+        assert_eq!(store.stats().blocks, 0);
+    }
+
+    #[test]
+    fn the_order_of_use_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks: Vec<Block> = (0..3u8).map(|i| raw(&[i; 10])).collect();
+        {
+            let store = Blockstore::open(dir.path(), 30).unwrap();
+            for block in &blocks {
+                store.put(block).unwrap();
+            }
+            store.get(blocks[0].cid()).unwrap();
+            store.save_recency().unwrap();
+        }
+        let store = Blockstore::open(dir.path(), 30).unwrap();
+        store.put(&raw(&[9; 10])).unwrap();
+        assert!(store.has(blocks[0].cid()));
+        assert!(!store.has(blocks[1].cid()));
+    }
+
+    #[test]
+    fn sync_makes_written_blocks_durable_and_skips_evicted_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 10).unwrap();
+        store.put(&raw(&[1; 10])).unwrap();
+        store.put(&raw(&[2; 10])).unwrap();
+        store.sync().unwrap();
+        assert!(lock(&store.inner.unsynced).files.is_empty());
+    }
+
+    #[test]
+    fn writers_racing_for_room_never_exceed_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 4096).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..4u8 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for i in 0..200u16 {
+                        let mut data = vec![t; 100 + usize::from(i % 7) * 50];
+                        data.extend_from_slice(&i.to_be_bytes());
+                        let block = raw(&data);
+                        store.put(&block).unwrap();
+                        assert!(store.stats().bytes <= 4096);
+                        let _ = store.get(block.cid()).unwrap();
+                    }
+                });
+            }
+        });
+        let on_disk: u64 = fs::read_dir(dir.path().join("blocks"))
+            .unwrap()
+            .flat_map(|shard| fs::read_dir(shard.unwrap().path()).unwrap())
+            .map(|f| f.unwrap().metadata().unwrap().len())
+            .sum();
+        let stats = store.stats();
+        assert_eq!(stats.bytes, on_disk);
+        assert!(on_disk <= 4096);
+        assert_eq!(stats.reserved_bytes, 0);
     }
 
     #[test]

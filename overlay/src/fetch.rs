@@ -11,6 +11,7 @@
 
 use crate::bitswap::{Bitswap, WantError};
 use crate::block::Block;
+use crate::blockstore::Lease;
 use crate::network::Network;
 use crate::unixfs::links_of;
 use cid::Cid;
@@ -161,13 +162,15 @@ impl Session {
 }
 
 /// Fetches every block of the DAG under `root` that the store lacks; reports progress on
-/// `progress`.
+/// `progress`. Every block of the DAG, held or fetched, is protected by `lease` before it
+/// is looked at, so none is evicted between the fetch and its use.
 pub async fn fetch_dag(
     network: &Network,
     bitswap: &Bitswap,
     root: Cid,
     config: &FetchConfig,
     progress: &watch::Sender<FetchProgress>,
+    lease: &Lease,
 ) -> Result<(), FetchError> {
     let store = bitswap.store().clone();
     let (changed, _) = watch::channel(0);
@@ -188,6 +191,7 @@ pub async fn fetch_dag(
     let result = loop {
         while in_flight.len() < config.window {
             let Some(cid) = queue.pop_front() else { break };
+            lease.protect(&cid);
             if let Some(block) = store.get_async(cid).await? {
                 account(progress, &block, false);
                 enqueue_children(&block, &mut seen, &mut queue, root, config.max_blocks)?;

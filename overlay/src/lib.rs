@@ -4,6 +4,8 @@
 //! * [`regions`]: the hashed key space cut into one region per memory tier;
 //! * [`block`], [`blockstore`], [`unixfs`]: CIDv1 blocks, their on-disk store, and files
 //!   as UnixFS DAGs;
+//! * [`cache`], [`store_db`]: the store's index (pinned, in use, cached in recency order)
+//!   and the database that keeps it across restarts;
 //! * [`dagpb`]: dag-pb nodes decoded by counting links before allocating;
 //! * [`read`]: the limits of reading a DAG back (visits, bytes, depth, deadline);
 //! * [`bitswap`]: bitswap 1.2.0, client and server, on `libp2p-stream`;
@@ -23,6 +25,7 @@ pub mod admission;
 pub mod bitswap;
 pub mod block;
 pub mod blockstore;
+pub mod cache;
 pub mod closed;
 pub mod dagpb;
 pub mod dht;
@@ -38,6 +41,7 @@ pub mod record_store;
 pub mod regions;
 pub mod rpc;
 pub mod service;
+pub mod store_db;
 pub mod unixfs;
 
 pub use cid::Cid;

@@ -3,13 +3,14 @@
 
 use crate::bitswap::{Bitswap, BitswapConfig};
 use crate::block::Block;
-use crate::blockstore::{Blockstore, StoreError, StoreStats};
+use crate::blockstore::{Blockstore, GcReport, Lease, StoreError, StoreStats};
 use crate::fetch::{FetchConfig, FetchError, FetchProgress, fetch_dag};
 use crate::metrics::OverlayMetrics;
 use crate::network::{Network, NetworkConfig, NetworkError, NetworkStatus};
 use crate::read::{ReadBudget, ReadError, ReadLimits};
 use crate::rpc::Inbound;
-use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node};
+use crate::store_db::Pin;
+use crate::unixfs::{CHUNK_SIZE, FileBuilder, UnixfsError, decode_file_node, links_of};
 use bytes::{Bytes, BytesMut};
 use cid::Cid;
 use futures::{Stream, StreamExt};
@@ -28,6 +29,8 @@ use tokio::sync::{mpsc, watch};
 const ANNOUNCE_QUEUE: usize = 4096;
 /// Provider announcements in flight at once.
 const ANNOUNCE_PARALLEL: usize = 8;
+/// How often the cache's order of use is saved to the store's database.
+const SAVE_RECENCY_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything an overlay peer needs to start.
 #[derive(Debug, Clone)]
@@ -84,6 +87,9 @@ pub struct Added {
     pub size: u64,
     /// Blocks in the DAG.
     pub blocks: u64,
+    /// Whether the DAG is pinned (kept until unpinned) rather than cache.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// The overlay's status.
@@ -144,6 +150,7 @@ impl Overlay {
             inbound: Arc::new(Mutex::new(inbound)),
         };
         overlay.reannounce_stored();
+        tokio::spawn(save_recency_now_and_then(overlay.store.clone()));
         Ok((overlay, task))
     }
 
@@ -178,9 +185,21 @@ impl Overlay {
         &self.bitswap
     }
 
-    /// Chunks `input` into a UnixFS DAG, stores its blocks, and announces them: the root
-    /// before returning, the rest in the background.
-    pub async fn add<R: AsyncRead + Unpin>(&self, mut input: R) -> Result<Added, OverlayError> {
+    /// Chunks `input` into a UnixFS DAG, stores its blocks as cache (evictable once
+    /// unused), and announces them: the root before returning, the rest in the background.
+    pub async fn add<R: AsyncRead + Unpin>(&self, input: R) -> Result<Added, OverlayError> {
+        self.add_to(input, &self.store.lease(), false).await
+    }
+
+    /// Chunks `input` into a UnixFS DAG and stores its blocks under `lease`, pinned if
+    /// `pin`; makes them durable, then announces them: the root before returning, the rest
+    /// in the background.
+    pub async fn add_to<R: AsyncRead + Unpin>(
+        &self,
+        mut input: R,
+        lease: &Lease,
+        pin: bool,
+    ) -> Result<Added, OverlayError> {
         let mut builder = FileBuilder::new();
         let mut cids = Vec::new();
         let mut size = 0u64;
@@ -191,12 +210,20 @@ impl Overlay {
             }
             size += chunk.len() as u64;
             for block in builder.push_chunk(chunk)? {
-                cids.push(self.put(block).await?);
+                cids.push(self.put(block, lease).await?);
             }
         }
         let (rest, root) = builder.finish()?;
         for block in rest {
-            cids.push(self.put(block).await?);
+            cids.push(self.put(block, lease).await?);
+        }
+        // Durable before anyone is told the root.
+        self.store.blocking(|store| store.sync()).await?;
+        if pin {
+            let members = cids.clone();
+            self.store
+                .blocking(move |store| store.pin(&root, &members))
+                .await?;
         }
         if let Err(e) = self.network.start_providing(provider_key(&root)).await {
             tracing::warn!(%root, error = %e, "cannot announce the root");
@@ -214,28 +241,78 @@ impl Overlay {
             cid: root.to_string(),
             size,
             blocks,
+            pinned: pin,
         })
     }
 
-    async fn put(&self, block: Block) -> Result<Cid, OverlayError> {
+    /// Pins the DAG under `root`, every block of which must be held (fetch it first):
+    /// answers the pin, or `None` if it was pinned already.
+    pub async fn pin(&self, root: Cid) -> Result<Option<Pin>, OverlayError> {
+        let limit = self.fetch.max_blocks;
+        let store = self.store.clone();
+        let (members, _lease) =
+            tokio::task::spawn_blocking(move || dag_blocks(&store, root, limit))
+                .await
+                .expect("walking a DAG does not panic")
+                .map_err(|e| *e)?;
+        let pinned = self
+            .store
+            .blocking(move |store| {
+                if !store.pin(&root, &members)? {
+                    return Ok::<_, StoreError>(None);
+                }
+                Ok(store.pins()?.into_iter().find(|p| p.root == root))
+            })
+            .await?;
+        Ok(pinned)
+    }
+
+    /// Removes the pin on `root`; answers whether there was one.
+    pub async fn unpin(&self, root: Cid) -> Result<bool, OverlayError> {
+        Ok(self.store.blocking(move |store| store.unpin(&root)).await?)
+    }
+
+    /// Every pin.
+    pub async fn pins(&self) -> Result<Vec<Pin>, OverlayError> {
+        Ok(self.store.blocking(|store| store.pins()).await?)
+    }
+
+    /// Removes every cached block not in use.
+    pub async fn gc(&self) -> Result<GcReport, OverlayError> {
+        Ok(self.store.blocking(|store| store.gc()).await?)
+    }
+
+    async fn put(&self, block: Block, lease: &Lease) -> Result<Cid, OverlayError> {
         let cid = *block.cid();
+        lease.protect(&cid);
         self.store.put_async(block).await?;
         self.bitswap.block_added(&cid);
         Ok(cid)
     }
 
-    /// Fetches every missing block of the DAG under `root`, reporting progress, then, if
-    /// any block had to be fetched, announces that we hold it. A DAG held already was
+    /// Fetches every missing block of the DAG under `root` under `lease` (which then
+    /// protects every block of the DAG from eviction), reporting progress; then, if any
+    /// block had to be fetched, makes the blocks durable and announces that we hold it. A DAG held already was
     /// announced when it was added or fetched (Kademlia republishes the record), so
     /// checking it again — as every warm call does for its module — costs the DHT nothing.
     pub async fn fetch(
         &self,
         root: Cid,
         progress: &watch::Sender<FetchProgress>,
+        lease: &Lease,
     ) -> Result<(), OverlayError> {
         let started = Instant::now();
-        fetch_dag(&self.network, &self.bitswap, root, &self.fetch, progress).await?;
+        fetch_dag(
+            &self.network,
+            &self.bitswap,
+            root,
+            &self.fetch,
+            progress,
+            lease,
+        )
+        .await?;
         if progress.borrow().fetched_blocks > 0 {
+            self.store.blocking(|store| store.sync()).await?;
             self.metrics
                 .fetch_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -276,9 +353,12 @@ impl Overlay {
         limits: ReadLimits,
     ) -> impl Stream<Item = Result<Bytes, OverlayError>> + Send + 'static {
         let store = self.store.clone();
+        // The blocks read stay protected from eviction until the stream is dropped.
+        let lease = Arc::new(store.lease());
         let start = (vec![(root, 0u32)], ReadBudget::new(limits));
         futures::stream::unfold(Some(start), move |state| {
             let store = store.clone();
+            let lease = lease.clone();
             async move {
                 let (mut stack, mut budget) = state?;
                 let fail = |e: OverlayError| Some((Err(e), None));
@@ -286,6 +366,7 @@ impl Overlay {
                     if let Err(e) = budget.visit(&cid, depth, Instant::now()) {
                         return fail(OverlayError::Read { root, source: e });
                     }
+                    lease.protect(&cid);
                     let node = match store.get_async(cid).await {
                         Ok(Some(block)) => decode_file_node(&block),
                         Ok(None) => return fail(OverlayError::Missing(cid)),
@@ -319,9 +400,12 @@ impl Overlay {
         })
     }
 
-    /// Stops the network.
+    /// Stops the network, saves the cache's order of use and closes the store's database.
     pub async fn shutdown(&self) {
         self.network.shutdown().await;
+        if let Err(e) = self.store.blocking(|store| store.close()).await {
+            tracing::warn!(error = %e, "cannot save the cache's order of use");
+        }
     }
 
     fn reannounce_stored(&self) {
@@ -335,6 +419,51 @@ impl Overlay {
                 }
             }
         });
+    }
+}
+
+/// The distinct blocks of the DAG under `root`, all held (under a lease, so none is
+/// evicted while they are counted), at most `limit`.
+fn dag_blocks(
+    store: &Blockstore,
+    root: Cid,
+    limit: usize,
+) -> Result<(Vec<Cid>, Lease), Box<OverlayError>> {
+    let lease = store.lease();
+    let mut seen = std::collections::HashSet::from([root]);
+    let mut queue = vec![root];
+    while let Some(cid) = queue.pop() {
+        lease.protect(&cid);
+        let block = store
+            .get(&cid)
+            .map_err(|e| Box::new(e.into()))?
+            .ok_or(OverlayError::Missing(cid))?;
+        for child in links_of(&block).map_err(|e| Box::new(e.into()))? {
+            if seen.insert(child) {
+                if seen.len() > limit {
+                    let e = FetchError::TooManyBlocks { root, limit };
+                    return Err(Box::new(e.into()));
+                }
+                queue.push(child);
+            }
+        }
+    }
+    Ok((seen.into_iter().collect(), lease))
+}
+
+/// Saves the cache's order of use every [`SAVE_RECENCY_EVERY`], for as long as the store
+/// is used elsewhere.
+async fn save_recency_now_and_then(store: Blockstore) {
+    let mut every = tokio::time::interval(SAVE_RECENCY_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match store.blocking(|store| store.save_recency()).await {
+            Ok(()) => {}
+            Err(StoreError::Closed) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot save the cache's order of use"),
+        }
     }
 }
 

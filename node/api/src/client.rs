@@ -3,9 +3,11 @@
 use crate::job::JobRecord;
 use crate::market::{Discovered, OffersView};
 use crate::types::{
-    DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody, Submitted,
+    DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, PinChange, PinView,
+    RepoStat, SubmitBody, Submitted,
 };
 use bytes::Bytes;
+use flotilla_overlay::blockstore::GcReport;
 use flotilla_overlay::fetch::FetchProgress;
 use flotilla_overlay::{Added, Cid, OverlayStatus};
 use futures::{Stream, StreamExt};
@@ -119,16 +121,73 @@ impl ApiClient {
         response.json().await.map_err(|e| self.transport_error(e))
     }
 
-    /// Adds a file from a stream of its bytes.
+    /// Adds a file from a stream of its bytes, pinned (kept until unpinned).
     pub async fn add<S>(&self, body: S) -> Result<Added, ClientError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    {
+        self.add_with(body, true).await
+    }
+
+    /// Adds a file from a stream of its bytes, pinned if `pin`, else as cache (kept while
+    /// the store has room: a call's stdin, say).
+    pub async fn add_with<S>(&self, body: S, pin: bool) -> Result<Added, ClientError>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
     {
         let request = self
             .http
             .post(self.url("/v0/add"))
+            .query(&[("pin", pin)])
             .body(reqwest::Body::wrap_stream(body));
         let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    async fn post_cid<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        cid: &Cid,
+    ) -> Result<T, ClientError> {
+        let request = self
+            .http
+            .post(self.url(path))
+            .query(&[("cid", cid.to_string())]);
+        let response = self.check(request.send().await).await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// Pins the DAG under `cid`, which the node must hold whole (fetch it first).
+    pub async fn pin_add(&self, cid: &Cid) -> Result<PinChange, ClientError> {
+        self.post_cid("/v0/pin/add", cid).await
+    }
+
+    /// Removes the pin on `cid`.
+    pub async fn pin_rm(&self, cid: &Cid) -> Result<PinChange, ClientError> {
+        self.post_cid("/v0/pin/rm", cid).await
+    }
+
+    /// Every pin.
+    pub async fn pin_ls(&self) -> Result<Vec<PinView>, ClientError> {
+        let response = self
+            .check(self.http.get(self.url("/v0/pin/ls")).send().await)
+            .await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// Removes every cached block not in use.
+    pub async fn gc(&self) -> Result<GcReport, ClientError> {
+        let response = self
+            .check(self.http.post(self.url("/v0/repo/gc")).send().await)
+            .await?;
+        response.json().await.map_err(|e| self.transport_error(e))
+    }
+
+    /// What the store holds, by state.
+    pub async fn repo_stat(&self) -> Result<RepoStat, ClientError> {
+        let response = self
+            .check(self.http.get(self.url("/v0/repo/stat")).send().await)
+            .await?;
         response.json().await.map_err(|e| self.transport_error(e))
     }
 

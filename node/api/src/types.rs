@@ -32,6 +32,51 @@ pub enum FetchEvent {
     Error(String),
 }
 
+/// The query of `/v0/add`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct AddQuery {
+    /// Whether to pin what is added (the default); `false` adds it as cache, evicted
+    /// once the store needs the room.
+    #[serde(default = "pin_by_default")]
+    pub pin: bool,
+}
+
+fn pin_by_default() -> bool {
+    true
+}
+
+/// A pin, as `/v0/pin/ls` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinView {
+    /// The pinned DAG's root.
+    pub cid: String,
+    /// When it was pinned, Unix ms.
+    pub pinned_at_ms: u64,
+    /// Bytes of its distinct blocks.
+    pub bytes: u64,
+    /// Its distinct blocks.
+    pub blocks: u64,
+}
+
+/// The answer of `/v0/pin/add` and `/v0/pin/rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinChange {
+    /// The root.
+    pub cid: String,
+    /// Whether this changed anything (false: it was pinned, or not pinned, already).
+    pub changed: bool,
+}
+
+/// The answer of `/v0/repo/stat`: what the store holds, by state, and its pins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoStat {
+    /// Bytes and blocks, pinned, in use, evictable.
+    #[serde(flatten)]
+    pub store: flotilla_overlay::blockstore::StoreStats,
+    /// Pins.
+    pub pins: u64,
+}
+
 /// The `cid` query parameter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CidQuery {

@@ -2,8 +2,8 @@
 
 use super::guard::Access;
 use super::types::{
-    CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply, SubmitBody,
-    Submitted, job_id_text, parse_job_id,
+    AddQuery, CidQuery, DiscoverBody, ErrorBody, FetchDone, FetchEvent, InvokeBody, InvokeReply,
+    PinChange, PinView, RepoStat, SubmitBody, Submitted, job_id_text, parse_job_id,
 };
 use crate::market::jobs::{DEFAULT_JOB_WAIT, JobError};
 use crate::market::{DiscoverError, DiscoverRequest, InvokeError, Market, ReserveTerms};
@@ -53,6 +53,11 @@ pub fn router(overlay: Overlay, market: Market, registry: Arc<Registry>, access:
         .route("/v0/add", post(add))
         .route("/v0/fetch", post(fetch))
         .route("/v0/cat", get(cat))
+        .route("/v0/pin/add", post(pin_add))
+        .route("/v0/pin/rm", post(pin_rm))
+        .route("/v0/pin/ls", get(pin_ls))
+        .route("/v0/repo/gc", post(gc))
+        .route("/v0/repo/stat", get(repo_stat))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),
@@ -107,11 +112,91 @@ async fn status(State(app): State<AppState>) -> Result<Response, ApiError> {
     Ok(Json(app.overlay.status().await?).into_response())
 }
 
-async fn add(State(app): State<AppState>, body: Body) -> Result<Response, ApiError> {
+async fn add(
+    State(app): State<AppState>,
+    Query(q): Query<AddQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let added = app.overlay.add(StreamReader::new(stream)).await?;
-    tracing::info!(cid = %added.cid, size = added.size, "added");
+    let lease = app.overlay.store().lease();
+    let added = app
+        .overlay
+        .add_to(StreamReader::new(stream), &lease, q.pin)
+        .await?;
+    tracing::info!(cid = %added.cid, size = added.size, pinned = added.pinned, "added");
     Ok(Json(added).into_response())
+}
+
+async fn pin_add(
+    State(app): State<AppState>,
+    Query(q): Query<CidQuery>,
+) -> Result<Response, ApiError> {
+    let cid = parse_cid(&q.cid)?;
+    let changed = match app.overlay.pin(cid).await {
+        Ok(pin) => pin.is_some(),
+        Err(OverlayError::Missing(block)) => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("cannot pin {cid}: block {block} is not held by this node; fetch it first"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(%cid, changed, "pinned");
+    Ok(Json(PinChange {
+        cid: cid.to_string(),
+        changed,
+    })
+    .into_response())
+}
+
+async fn pin_rm(
+    State(app): State<AppState>,
+    Query(q): Query<CidQuery>,
+) -> Result<Response, ApiError> {
+    let cid = parse_cid(&q.cid)?;
+    let changed = app.overlay.unpin(cid).await?;
+    tracing::info!(%cid, changed, "unpinned");
+    Ok(Json(PinChange {
+        cid: cid.to_string(),
+        changed,
+    })
+    .into_response())
+}
+
+async fn pin_ls(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let pins: Vec<PinView> = app
+        .overlay
+        .pins()
+        .await?
+        .into_iter()
+        .map(|p| PinView {
+            cid: p.root.to_string(),
+            pinned_at_ms: p.pinned_at_ms,
+            bytes: p.bytes,
+            blocks: p.blocks,
+        })
+        .collect();
+    Ok(Json(pins).into_response())
+}
+
+async fn gc(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let report = app.overlay.gc().await?;
+    tracing::info!(
+        blocks = report.blocks,
+        bytes = report.bytes,
+        "garbage collected"
+    );
+    Ok(Json(report).into_response())
+}
+
+async fn repo_stat(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let pins = app.overlay.pins().await?.len() as u64;
+    Ok(Json(RepoStat {
+        store: app.overlay.store().stats(),
+        pins,
+    })
+    .into_response())
 }
 
 async fn cat(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {
@@ -171,7 +256,8 @@ async fn fetch(
     let (tx, rx) = watch::channel(FetchProgress::default());
     let overlay = app.overlay.clone();
     let task = tokio::spawn(async move {
-        match tokio::time::timeout(FETCH_DEADLINE, overlay.fetch(cid, &tx)).await {
+        let lease = overlay.store().lease();
+        match tokio::time::timeout(FETCH_DEADLINE, overlay.fetch(cid, &tx, &lease)).await {
             Ok(done) => done,
             Err(_) => Err(OverlayError::Read {
                 root: cid,

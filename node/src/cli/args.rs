@@ -30,10 +30,14 @@ pub struct Cli {
 pub enum Command {
     /// Run a peer in the foreground (as a volunteer's background service)
     Node(NodeArgs),
-    /// Add a file to the local node as content-addressed blocks; prints its CID
+    /// Add a file to the local node as content-addressed blocks, pinned; prints its CID
     Add {
         /// The file to add
         file: PathBuf,
+        /// Add it as cache instead: evicted, least recently used first, once the store
+        /// needs the room
+        #[arg(long)]
+        no_pin: bool,
     },
     /// Fetch the file under a CID from the network and write it out
     Get {
@@ -65,6 +69,14 @@ pub enum Command {
         #[arg(long)]
         allow_paths_outside: bool,
     },
+    /// Keep DAGs in the local store until unpinned (what `add` adds is pinned already)
+    #[command(subcommand)]
+    Pin(PinCommand),
+    /// Remove every cached block that is not pinned and not in use by a call, fetch or read
+    Gc,
+    /// The local store
+    #[command(subcommand)]
+    Repo(RepoCommand),
     /// Closed networks: make a key file for --network-key
     #[command(subcommand)]
     NetworkKey(NetworkKeyCommand),
@@ -205,6 +217,30 @@ pub enum NetworkKeyCommand {
         /// Where to write it
         file: PathBuf,
     },
+}
+
+/// `flotilla pin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PinCommand {
+    /// Fetch the DAG under a CID (unless held) and pin it
+    Add {
+        /// The DAG's root
+        cid: String,
+    },
+    /// Remove a pin: its blocks become cache, evicted once the store needs the room
+    Rm {
+        /// The pinned root
+        cid: String,
+    },
+    /// List the pins
+    Ls,
+}
+
+/// `flotilla repo` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// What the store holds: pinned, cached and in-use bytes, blocks, what gc would free
+    Stat,
 }
 
 /// `flotilla job` subcommands.

@@ -2,9 +2,9 @@
 
 use crate::api::client::ApiClient;
 use crate::api::types::DiscoverBody;
-use crate::cli::{Cli, Command, DiscoverArgs, NetworkKeyCommand, NodeArgs};
+use crate::cli::{Cli, Command, DiscoverArgs, NetworkKeyCommand, NodeArgs, RepoCommand};
 use crate::config::{DEFAULT_API, NodeConfig};
-use crate::{daemon, demo, invoke, output, run_plan};
+use crate::{daemon, demo, invoke, output, repo, run_plan};
 use anyhow::Context;
 use flotilla_overlay::Cid;
 use futures::{StreamExt, TryStreamExt};
@@ -36,7 +36,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let api = || ApiClient::with_token(addr, token.clone());
     match cli.command {
         Command::Node(args) => daemon::run(node_config(args, cli.api)?, cli.json).await,
-        Command::Add { file } => add(&api(), &file, cli.json).await,
+        Command::Add { file, no_pin } => add(&api(), &file, !no_pin, cli.json).await,
+        Command::Pin(command) => repo::pin(&api(), command, cli.json).await,
+        Command::Gc => repo::gc(&api(), cli.json).await,
+        Command::Repo(RepoCommand::Stat) => repo::stat(&api(), cli.json).await,
         Command::Get { cid, output } => get(&api(), &cid, output, cli.json).await,
         Command::Status => {
             let status = api().status().await?;
@@ -189,7 +192,7 @@ pub fn parse_cid(s: &str) -> anyhow::Result<Cid> {
     Cid::try_from(s).map_err(|e| anyhow::anyhow!("invalid CID '{s}': {e}"))
 }
 
-async fn add(client: &ApiClient, file: &Path, json: bool) -> anyhow::Result<()> {
+async fn add(client: &ApiClient, file: &Path, pin: bool, json: bool) -> anyhow::Result<()> {
     let handle = tokio::fs::File::open(file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))?;
@@ -206,7 +209,7 @@ async fn add(client: &ApiClient, file: &Path, json: bool) -> anyhow::Result<()> 
         counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
     });
     let mut progress = output::Progress::new("adding", Some(meta.len()));
-    let upload = client.add(body);
+    let upload = client.add_with(body, pin);
     tokio::pin!(upload);
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(100));
     let added = loop {

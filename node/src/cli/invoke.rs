@@ -180,7 +180,8 @@ pub fn pairs(flag: &str, form: &str, items: &[String]) -> anyhow::Result<Vec<(St
         .collect()
 }
 
-/// Adds a file (or this process's stdin, for `-`) to the local node; returns its CID.
+/// Adds a file (or this process's stdin, for `-`) to the local node as cache, not pinned
+/// (a call's data: evicted once the store needs the room); returns its CID.
 pub async fn upload(client: &ApiClient, path: &Path) -> anyhow::Result<String> {
     let added = if path == Path::new("-") {
         let mut bytes = Vec::new();
@@ -194,14 +195,16 @@ pub async fn upload(client: &ApiClient, path: &Path) -> anyhow::Result<String> {
             "stdin is larger than the {limit}-byte input limit"
         );
         let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(bytes))]);
-        client.add(body).await?
+        client.add_with(body, false).await?
     } else {
         let file = tokio::fs::File::open(path)
             .await
             .with_context(|| format!("cannot open {}", path.display()))?;
         let meta = file.metadata().await?;
         anyhow::ensure!(meta.is_file(), "{} is not a regular file", path.display());
-        client.add(tokio_util::io::ReaderStream::new(file)).await?
+        client
+            .add_with(tokio_util::io::ReaderStream::new(file), false)
+            .await?
     };
     Ok(added.cid)
 }

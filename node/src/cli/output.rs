@@ -2,6 +2,7 @@
 //! progress bars on stderr for transfers that take more than a moment.
 #![allow(clippy::print_stdout)]
 
+use crate::api::types::{PinView, RepoStat};
 use crate::daemon::RunningNode;
 use crate::market::{Discovered, OffersView};
 use bytesize::ByteSize;
@@ -63,6 +64,66 @@ pub fn status(status: &OverlayStatus) {
         ByteSize(status.store.bytes).display().iec(),
         ByteSize(status.store.capacity).display().iec()
     );
+}
+
+/// A byte count as people read it (`1.5 GiB`).
+pub fn bytes(n: u64) -> String {
+    ByteSize(n).display().iec().to_string()
+}
+
+/// `flotilla pin ls`: one pin a line, newest last.
+pub fn pins(pins: &[PinView]) {
+    if pins.is_empty() {
+        println!("no pins");
+        return;
+    }
+    let mut pins = pins.to_vec();
+    pins.sort_by_key(|p| p.pinned_at_ms);
+    for pin in &pins {
+        println!(
+            "{}  {:>10}  {} blocks",
+            pin.cid,
+            bytes(pin.bytes),
+            pin.blocks
+        );
+    }
+}
+
+/// `flotilla repo stat`.
+pub fn repo_stat(stat: &RepoStat) {
+    let s = &stat.store;
+    let cached = s.bytes - s.pinned_bytes;
+    println!(
+        "capacity:   {} ({} used, {} free)",
+        bytes(s.capacity),
+        bytes(s.bytes),
+        bytes(s.capacity.saturating_sub(s.bytes))
+    );
+    println!(
+        "pinned:     {} in {} blocks, {} pins",
+        bytes(s.pinned_bytes),
+        s.pinned_blocks,
+        stat.pins
+    );
+    println!(
+        "cached:     {} in {} blocks",
+        bytes(cached),
+        s.blocks - s.pinned_blocks
+    );
+    println!(
+        "  in use:   {} (calls, fetches and reads under way, and calls' data kept after them)",
+        bytes(s.in_use_bytes)
+    );
+    println!(
+        "  evictable: {} in {} blocks (what gc frees now)",
+        bytes(s.evictable_bytes),
+        s.evictable_blocks
+    );
+    if s.pinned_bytes > s.capacity {
+        println!(
+            "warning: the pins alone exceed the capacity; this node lends no memory until pins are removed or the capacity raised"
+        );
+    }
 }
 
 /// A PeerId shortened for tables: its last eight characters.

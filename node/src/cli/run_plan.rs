@@ -239,7 +239,7 @@ async fn stream_cid(client: &ApiClient, stream: &OutputStream) -> anyhow::Result
         return Ok(cid.clone());
     }
     let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(stream.inline.clone()))]);
-    Ok(client.add(body).await?.cid)
+    Ok(client.add_with(body, false).await?.cid)
 }
 
 /// Prints how a job ended (as the jobs finish, unless the report is JSON).

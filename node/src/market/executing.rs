@@ -23,6 +23,7 @@ use cid::Cid;
 use flotilla_api::receipt::{ReceiptBody, sha256_hex};
 use flotilla_offers::ledger::{RunKey, StartError};
 use flotilla_overlay::OverlayError;
+use flotilla_overlay::blockstore::Lease;
 use flotilla_overlay::fetch::FetchProgress;
 use flotilla_overlay::read::{ReadError, ReadLimits};
 use libp2p::PeerId;
@@ -305,12 +306,27 @@ impl Market {
     }
 
     /// Fetches what the call needs, runs it with `mib` MiB, stores its outputs, and
-    /// writes the receipt (unsigned yet) for what `from` asked and what came out.
+    /// writes the receipt (unsigned yet) for what `from` asked and what came out. The
+    /// call's blocks (module, stdin, inputs, outputs) are safe from eviction while it runs
+    /// and for `call_data_kept` after, however it ended.
     async fn run_call(
         &self,
         from: PeerId,
         request: &ExecuteRequest,
         mib: u32,
+    ) -> Result<(Execution, ReceiptBody), Failure> {
+        let lease = self.shared.overlay.store().lease();
+        let ran = self.run_call_under(from, request, mib, &lease).await;
+        lease.keep_until(Instant::now() + self.shared.config.call_data_kept);
+        ran
+    }
+
+    async fn run_call_under(
+        &self,
+        from: PeerId,
+        request: &ExecuteRequest,
+        mib: u32,
+        lease: &Lease,
     ) -> Result<(Execution, ReceiptBody), Failure> {
         let call = &request.call;
         let executor = self
@@ -321,13 +337,13 @@ impl Market {
         let fetching = Instant::now();
         let max_module = executor.config().max_module_bytes as u64;
         let module = self
-            .fetch_part(Part::Module, &call.module, max_module)
+            .fetch_part(Part::Module, &call.module, max_module, lease)
             .await?;
         // Stdin and inputs are held in memory here: no more than the call reserved.
         let mut budget = MAX_INPUT_BYTES.min(u64::from(mib) * MIB);
         let stdin = match &call.stdin {
             Some(cid) => {
-                let bytes = self.fetch_part(Part::Stdin, cid, budget).await?;
+                let bytes = self.fetch_part(Part::Stdin, cid, budget, lease).await?;
                 budget -= bytes.len() as u64;
                 bytes
             }
@@ -336,7 +352,7 @@ impl Market {
         let mut inputs = Vec::with_capacity(call.inputs.len());
         for (name, cid) in &call.inputs {
             let bytes = self
-                .fetch_part(Part::Input(name.clone()), cid, budget)
+                .fetch_part(Part::Input(name.clone()), cid, budget, lease)
                 .await?;
             budget -= bytes.len() as u64;
             inputs.push((name.clone(), bytes));
@@ -362,15 +378,15 @@ impl Market {
         self.maybe_tamper(&mut outcome.stdout);
         let stdout_sha256 = sha256_hex(&outcome.stdout);
         let stderr_sha256 = sha256_hex(&outcome.stderr);
-        let stdout = self.store_stream(outcome.stdout).await?;
-        let stderr = self.store_stream(outcome.stderr).await?;
+        let stdout = self.store_stream(outcome.stdout, lease).await?;
+        let stderr = self.store_stream(outcome.stderr, lease).await?;
         let mut outputs = Vec::with_capacity(outcome.outputs.len().min(MAX_OUTPUT_FILES));
         if outcome.outputs.len() > MAX_OUTPUT_FILES {
             return Err(Failure::TooManyOutputs(outcome.outputs.len()));
         }
         for (name, bytes) in outcome.outputs {
             let size = bytes.len() as u64;
-            let cid = self.store(&bytes).await?;
+            let cid = self.store(&bytes, lease).await?;
             outputs.push(OutputFile { name, cid, size });
         }
         let timings = ExecutionTimings {
@@ -400,11 +416,17 @@ impl Market {
     /// already), and reads it, refusing one of more than `max` bytes. Fetch and read run
     /// under one deadline, `fetch_timeout` from now, and the read within
     /// [`ReadLimits`] (so a DAG bomb fails the call instead of holding its reservation).
-    async fn fetch_part(&self, part: Part, text: &str, max: u64) -> Result<Vec<u8>, Failure> {
+    async fn fetch_part(
+        &self,
+        part: Part,
+        text: &str,
+        max: u64,
+        lease: &Lease,
+    ) -> Result<Vec<u8>, Failure> {
         let cid = parse_cid(&part.to_string(), text)?;
         let timeout = self.shared.config.fetch_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        match self.fetch_at_most_by(cid, max, deadline).await {
+        match self.fetch_at_most_by(cid, max, deadline, lease).await {
             Err(Fetched::TimedOut) => {
                 let at = PartAt::boxed(&part, cid);
                 return Err(Failure::NotProvided { at, timeout });
@@ -457,11 +479,16 @@ impl Market {
         Ok(bytes)
     }
 
-    /// Fetches the file under `cid` (unless held already) within `fetch_timeout`, giving
-    /// up once more than a file of `max` bytes would take has arrived.
-    pub(super) async fn fetch_at_most(&self, cid: Cid, max: u64) -> Result<(), Fetched> {
+    /// Fetches the file under `cid` (unless held already) within `fetch_timeout`, under
+    /// `lease`, giving up once more than a file of `max` bytes would take has arrived.
+    pub(super) async fn fetch_at_most(
+        &self,
+        cid: Cid,
+        max: u64,
+        lease: &Lease,
+    ) -> Result<(), Fetched> {
         let deadline = tokio::time::Instant::now() + self.shared.config.fetch_timeout;
-        self.fetch_at_most_by(cid, max, deadline).await
+        self.fetch_at_most_by(cid, max, deadline, lease).await
     }
 
     /// Fetches the file under `cid` (unless held already) by `deadline`, giving up once
@@ -471,12 +498,13 @@ impl Market {
         cid: Cid,
         max: u64,
         deadline: tokio::time::Instant,
+        lease: &Lease,
     ) -> Result<(), Fetched> {
         let (progress, mut watching) = watch::channel(FetchProgress::default());
         // Blocks carry a little framing beyond the file's bytes.
         let max_fetched = max + max / 8 + MIB;
         let fetched = tokio::time::timeout_at(deadline, async {
-            let fetch = self.shared.overlay.fetch(cid, &progress);
+            let fetch = self.shared.overlay.fetch(cid, &progress, lease);
             tokio::pin!(fetch);
             loop {
                 tokio::select! {
@@ -499,7 +527,7 @@ impl Market {
     }
 
     /// Stdout or stderr as the answer carries it: inline when small, by CID when large.
-    async fn store_stream(&self, bytes: Vec<u8>) -> Result<OutputStream, Failure> {
+    async fn store_stream(&self, bytes: Vec<u8>, lease: &Lease) -> Result<OutputStream, Failure> {
         let size = bytes.len() as u64;
         if bytes.len() <= MAX_INLINE_OUTPUT {
             return Ok(OutputStream {
@@ -511,15 +539,16 @@ impl Market {
         Ok(OutputStream {
             size,
             inline: Vec::new(),
-            cid: Some(self.store(&bytes).await?),
+            cid: Some(self.store(&bytes, lease).await?),
         })
     }
 
-    /// Adds `bytes` as a file of blocks, announced in the DHT; returns its CID.
-    async fn store(&self, bytes: &[u8]) -> Result<String, Failure> {
+    /// Adds `bytes` as a file of blocks under `lease`, announced in the DHT; returns its
+    /// CID.
+    async fn store(&self, bytes: &[u8], lease: &Lease) -> Result<String, Failure> {
         self.shared
             .overlay
-            .add(bytes)
+            .add_to(bytes, lease, false)
             .await
             .map(|added| added.cid)
             .map_err(|e| Failure::Store(Box::new(e)))

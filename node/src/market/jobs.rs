@@ -408,7 +408,9 @@ impl Market {
             };
             let market = self.clone();
             self.spawn(async move {
-                let fetched = market.fetch_at_most(cid, size).await;
+                // A copy is cache: safe from eviction only while it is fetched.
+                let lease = market.shared.overlay.store().lease();
+                let fetched = market.fetch_at_most(cid, size, &lease).await;
                 tracing::debug!(%cid, ?fetched, "copied a job result's blocks");
                 drop(permit);
             });

@@ -47,6 +47,7 @@ mod invoking;
 mod offering;
 mod receipts;
 pub mod replicas;
+pub mod room;
 mod scheduling;
 mod serving;
 mod slots;
@@ -123,6 +124,9 @@ pub struct MarketConfig {
     pub notify_interval: Duration,
     /// How long a volunteer waits for a call's module or one of its inputs to arrive.
     pub fetch_timeout: Duration,
+    /// How long a call's module, inputs and outputs stay safe from eviction after its
+    /// answer.
+    pub call_data_kept: Duration,
     /// The only peers that may reserve and run calls here (empty: anyone).
     pub schedulers: Vec<PeerId>,
     /// How often a node sends the job records it keeps on to the peers now closest to
@@ -277,6 +281,19 @@ impl Market {
             };
             Offerer::new(keypair.clone(), offerer_config, rand::rng().next_u64() >> 1)
         });
+        // A store whose pins leave no room for calls lends nothing until they do.
+        let store = overlay.store();
+        let lending = room::pins_leave_room(store.stats().pinned_bytes, store.capacity());
+        let mut offerer = offerer;
+        if let Some(offerer) = offerer.as_mut().filter(|_| !lending) {
+            tracing::error!(
+                capacity = store.capacity(),
+                "pins leave the store no room for calls: this node lends nothing until pins are removed or the capacity raised"
+            );
+            // Nothing is published yet: this only marks the offers withdrawn.
+            let _ = offerer.withdraw_all(clock.now_ms());
+        }
+        let offering = offerer.is_some();
         let super_traders = config
             .scheduler
             .then(|| SuperTraders::new(config.super_traders.clone()));
@@ -321,6 +338,9 @@ impl Market {
         }
         if market.shared.config.scheduler {
             market.spawn(market.clone().announce_scheduler());
+        }
+        if offering {
+            market.spawn(market.clone().lend_while_pins_leave_room(lending));
         }
         market
     }

@@ -94,6 +94,17 @@ impl Market {
         }
     }
 
+    /// Publishes again the offers [`Market::withdraw_all`] withdrew.
+    pub(super) async fn resume_lending(&self) {
+        let _ = self
+            .with(|m, _| {
+                if let Some(offerer) = m.offerer.as_mut() {
+                    offerer.resume();
+                }
+            })
+            .await;
+    }
+
     /// Sets memory of one of this node's offers aside for `owner`, the peer asking.
     pub(super) async fn reserve(
         &self,

@@ -56,7 +56,8 @@ pub async fn add(node: &RunningNode, data: &[u8]) -> Cid {
 /// Fetches a DAG onto a node and reads the file back.
 pub async fn fetch(node: &RunningNode, cid: Cid) -> (Vec<u8>, FetchProgress) {
     let (tx, rx) = watch::channel(FetchProgress::default());
-    node.overlay().fetch(cid, &tx).await.unwrap();
+    let lease = node.overlay().store().lease();
+    node.overlay().fetch(cid, &tx, &lease).await.unwrap();
     (read(node, cid).await, *rx.borrow())
 }
 
