@@ -52,6 +52,9 @@ pub enum StartError {
     /// The overlay could not start.
     #[error(transparent)]
     Overlay(#[from] OverlayError),
+    /// The node's database could not be opened.
+    #[error(transparent)]
+    State(#[from] crate::state_db::StateDbError),
     /// The executor could not start.
     #[error("cannot start the executor: {0}")]
     Executor(#[from] ExecError),
@@ -139,6 +142,8 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
         clock,
         &mut registry,
     );
+    let state = crate::state_db::StateDb::open(&config.data_dir.join("node.redb"))?;
+    market.keep_state_in(Arc::new(state)).await;
     let (stop_api, stopped) = oneshot::channel();
     let app = api::server::router(overlay.clone(), market.clone(), Arc::new(registry), access);
     let api_task = tokio::spawn(async move {

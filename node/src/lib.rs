@@ -18,5 +18,6 @@ pub use flotilla_executor as executor;
 pub mod identity;
 pub mod lock;
 pub mod market;
+pub mod state_db;
 
 pub use flotilla_api::one_line;

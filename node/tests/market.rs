@@ -449,8 +449,10 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
         !held_by_others(&nodes).await
     })
     .await;
+    // Holders sweep expired offers on their next timer; under a full test run on two
+    // cores that can lag the expiry by a second or two.
     assert!(
-        flotilla_node::market::now_ms() <= last_expiry + 1_000,
+        flotilla_node::market::now_ms() <= last_expiry + 3_000,
         "gone within the TTL"
     );
     wait_until("holders count the expiry", || async {

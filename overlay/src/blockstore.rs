@@ -93,6 +93,8 @@ struct Inner {
     unsynced: Mutex<Unsynced>,
     /// Held by a running [`Blockstore::sync`], so a second one waits for the first.
     syncing: Mutex<()>,
+    /// Whether a background sync is under way.
+    syncing_early: std::sync::atomic::AtomicBool,
     /// Leases kept past their user, until a deadline (a call's inputs and outputs).
     kept: Mutex<VecDeque<(Instant, Vec<BlockKey>)>>,
     /// Bytes of pinned blocks, for whoever must know when pins crowd out the rest.
@@ -109,6 +111,13 @@ struct Unsynced {
 const WRITE_STRIPES: usize = 64;
 /// Most leases kept past their user at once; the oldest is let go early beyond it.
 const MAX_KEPT_LEASES: usize = 4096;
+/// Once this many written files wait to be made durable, a sync starts in the background,
+/// so a large add or fetch has little left to flush when it ends.
+const SYNC_EARLY_AT: usize = 32;
+/// Above this many files to make durable, one `syncfs` of the store's filesystem does it:
+/// one journal commit instead of one per file and directory (64 MiB fetched: 35 ms
+/// against 125 ms on ext4 here), at the price of flushing others' dirty data too.
+const SYNCFS_ABOVE: usize = 8;
 
 /// Counts of what the store holds, by state.
 pub type StoreStats = CacheStats;
@@ -268,6 +277,7 @@ impl Blockstore {
                 write_locks: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
                 unsynced: Mutex::new(Unsynced::default()),
                 syncing: Mutex::new(()),
+                syncing_early: std::sync::atomic::AtomicBool::new(false),
                 kept: Mutex::new(VecDeque::new()),
                 pinned: tokio::sync::watch::Sender::new(pinned),
             }),
@@ -387,10 +397,36 @@ impl Blockstore {
             return Err(StoreError::Io { path, source });
         }
         self.index().insert(key, size);
-        let mut unsynced = lock(&self.inner.unsynced);
-        unsynced.files.push(path);
-        unsynced.shards.insert(Self::shard_of(&key));
+        let waiting = {
+            let mut unsynced = lock(&self.inner.unsynced);
+            unsynced.files.push(path);
+            unsynced.shards.insert(Self::shard_of(&key));
+            unsynced.files.len()
+        };
+        if waiting >= SYNC_EARLY_AT {
+            self.sync_in_background();
+        }
         Ok(())
+    }
+
+    /// Starts a sync on a thread of its own unless one is under way (one at a time).
+    fn sync_in_background(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.syncing_early.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        let started = std::thread::Builder::new()
+            .name("blockstore-sync".into())
+            .spawn(move || {
+                if let Err(e) = store.sync() {
+                    tracing::warn!(error = %e, "background sync of the blockstore failed");
+                }
+                store.inner.syncing_early.store(false, Ordering::Release);
+            });
+        if started.is_err() {
+            self.inner.syncing_early.store(false, Ordering::Release);
+        }
     }
 
     /// Reserves `size` bytes, evicting cached blocks, least recently used first, until
@@ -535,20 +571,43 @@ impl Blockstore {
     }
 
     /// Makes every block written so far durable: each file's data, then each directory a
-    /// file was renamed into. Batched: one call covers every write before it, and a call
+    /// file was renamed into (or, for more than [`SYNCFS_ABOVE`] files, the whole
+    /// filesystem at once). Batched: one call covers every write before it, and a call
     /// made while another runs waits for it and then syncs what is left.
     pub fn sync(&self) -> Result<(), StoreError> {
         let _one_at_a_time = lock(&self.inner.syncing);
-        let Unsynced { files, shards } = std::mem::take(&mut *lock(&self.inner.unsynced));
-        for path in files {
-            match fs::File::open(&path).and_then(|f| f.sync_data()) {
+        let pending = std::mem::take(&mut *lock(&self.inner.unsynced));
+        let synced = self.sync_now(&pending);
+        if synced.is_err() {
+            // Not durable: the next sync tries these again.
+            let mut unsynced = lock(&self.inner.unsynced);
+            unsynced.files.extend(pending.files);
+            unsynced.shards.extend(pending.shards);
+        }
+        synced
+    }
+
+    fn sync_now(&self, pending: &Unsynced) -> Result<(), StoreError> {
+        if pending.files.len() > SYNCFS_ABOVE {
+            let dir = &self.inner.blocks_dir;
+            return fs::File::open(dir)
+                .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
+                .map_err(io_err(dir));
+        }
+        for path in &pending.files {
+            match fs::File::open(path).and_then(|f| f.sync_data()) {
                 Ok(()) => {}
                 // Evicted since: nothing to make durable.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { path, source }),
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path: path.clone(),
+                        source,
+                    });
+                }
             }
         }
-        for shard in shards {
+        for shard in &pending.shards {
             let dir = self.inner.blocks_dir.join(format!("{shard:02x}"));
             fs::File::open(&dir)
                 .and_then(|d| d.sync_all())
@@ -909,6 +968,14 @@ mod tests {
         let store = Blockstore::open(dir.path(), 10).unwrap();
         store.put(&raw(&[1; 10])).unwrap();
         store.put(&raw(&[2; 10])).unwrap();
+        store.sync().unwrap();
+        assert!(lock(&store.inner.unsynced).files.is_empty());
+        // Many files: the whole filesystem at once.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..=SYNCFS_ABOVE as u8 {
+            store.put(&raw(&[i; 10])).unwrap();
+        }
         store.sync().unwrap();
         assert!(lock(&store.inner.unsynced).files.is_empty());
     }

@@ -107,6 +107,40 @@ impl JobRun {
         (run, actions)
     }
 
+    /// Carries on, at `now_ms`, a job whose scheduler restarted with `latest` as its
+    /// newest version (not final): a new version says it waits again, then it is placed
+    /// again (a placement under way when the scheduler stopped is asked again, under the
+    /// same invocation id, so a volunteer that ran it answers with that run) — or, past
+    /// its deadline, it ends.
+    pub fn resume(
+        now_ms: u64,
+        latest: Version,
+        wait_until_ms: u64,
+        retry_every_ms: u64,
+    ) -> (JobRun, Vec<JobAction>) {
+        let mut run = JobRun {
+            latest,
+            wait_until_ms,
+            retry_every_ms: retry_every_ms.max(1),
+            retry_at_ms: None,
+            republish_at_ms: None,
+            keepers: 0,
+            placing: false,
+        };
+        if run.is_finished() {
+            return (run, Vec::new());
+        }
+        let reason = "its scheduler restarted".to_string();
+        if now_ms > wait_until_ms {
+            let reason = format!("gave up waiting at its deadline: {reason}");
+            let ended = run.next_version(Phase::Failed, Some(reason));
+            return (run, vec![ended]);
+        }
+        let mut actions = vec![run.next_version(Phase::Waiting, Some(reason))];
+        actions.extend(run.place(now_ms));
+        (run, actions)
+    }
+
     /// The latest version.
     pub fn latest(&self) -> &Version {
         &self.latest
@@ -232,6 +266,31 @@ mod tests {
                 JobAction::Place => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_resumed_job_waits_again_with_newer_versions_and_is_placed_or_ends_past_its_deadline() {
+        let running = Version {
+            seq: 2,
+            phase: Phase::Running,
+            attempts: 1,
+            error: None,
+        };
+        let (mut run, actions) = JobRun::resume(1_000, running.clone(), 60_000, 1_000);
+        assert_eq!(phases(&actions), [Phase::Waiting, Phase::Running]);
+        assert_eq!(actions.last(), Some(&JobAction::Place));
+        assert_eq!((run.latest().seq, run.latest().attempts), (4, 2));
+        assert_eq!(phases(&run.on_placed(2_000, Placed::Ran)), [Phase::Done]);
+        let (run, actions) = JobRun::resume(70_000, running, 60_000, 1_000);
+        assert_eq!(phases(&actions), [Phase::Failed]);
+        assert!(run.is_finished() && run.latest().seq == 3);
+        let done = Version {
+            seq: 3,
+            phase: Phase::Done,
+            attempts: 1,
+            error: None,
+        };
+        assert!(JobRun::resume(0, done, 60_000, 1_000).1.is_empty());
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! record. A copy is charged to the job's scheduler (whose key signs the record) before it
 //! starts; a charge the quota has no room for is refused, and that result is not copied.
 //!
-//! Charges stay: the copied blocks stay in the store, and giving them back is the store's
-//! eviction (the issue "Storage that never fills"), which will release them here.
+//! Copies are cache in the store (evicted least recently used, like anything fetched), so
+//! the quota bounds what one scheduler makes a node fetch and keep at a time, not the
+//! disk. A charge lasts as long as the record that caused it may ([`CHARGE_LIFETIME_MS`],
+//! a job record's 24 h), then is given back.
 
 use libp2p::PeerId;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// Most bytes of job results copied for one scheduler's records: four results of the
 /// largest size copied ([`super::jobs::MAX_COPIED_RESULT_BYTES`]).
@@ -19,6 +21,10 @@ pub const TOTAL_BYTES: u64 = 1024 * 1024 * 1024;
 /// Most schedulers charged at once: so that many tiny charges from ground identities
 /// cannot grow the table.
 pub const MAX_SCHEDULERS: usize = 1024;
+/// How long a charge lasts: a job record's lifetime.
+pub const CHARGE_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most charges outstanding at once (tiny charges cannot grow the list either).
+pub const MAX_CHARGES: usize = 65_536;
 
 /// Bytes charged per scheduler and in all.
 #[derive(Debug)]
@@ -27,6 +33,8 @@ pub struct CopyQuota {
     total_bytes: u64,
     charged: HashMap<PeerId, u64>,
     total: u64,
+    /// Each charge, oldest first: when, to whom, how much.
+    charges: VecDeque<(u64, PeerId, u64)>,
 }
 
 impl Default for CopyQuota {
@@ -43,12 +51,34 @@ impl CopyQuota {
             total_bytes,
             charged: HashMap::new(),
             total: 0,
+            charges: VecDeque::new(),
         }
     }
 
-    /// Charges `bytes` to `scheduler` if both its quota and the total have room; answers
-    /// whether it did.
-    pub fn charge(&mut self, scheduler: PeerId, bytes: u64) -> bool {
+    /// Gives back the charges made more than [`CHARGE_LIFETIME_MS`] before `now_ms`.
+    fn expire(&mut self, now_ms: u64) {
+        while let Some(&(at, scheduler, bytes)) = self.charges.front() {
+            if at.saturating_add(CHARGE_LIFETIME_MS) > now_ms {
+                break;
+            }
+            self.charges.pop_front();
+            self.total -= bytes;
+            if let Some(mine) = self.charged.get_mut(&scheduler) {
+                *mine -= bytes;
+                if *mine == 0 {
+                    self.charged.remove(&scheduler);
+                }
+            }
+        }
+    }
+
+    /// Charges `bytes` to `scheduler` at `now_ms` if both its quota and the total have
+    /// room; answers whether it did.
+    pub fn charge(&mut self, now_ms: u64, scheduler: PeerId, bytes: u64) -> bool {
+        self.expire(now_ms);
+        if self.charges.len() >= MAX_CHARGES {
+            return false;
+        }
         let mine = self.charged.get(&scheduler).copied().unwrap_or(0);
         let fits = mine.saturating_add(bytes) <= self.per_scheduler_bytes
             && self.total.saturating_add(bytes) <= self.total_bytes
@@ -56,6 +86,7 @@ impl CopyQuota {
         if fits && bytes > 0 {
             *self.charged.entry(scheduler).or_default() += bytes;
             self.total += bytes;
+            self.charges.push_back((now_ms, scheduler, bytes));
         }
         fits
     }
@@ -80,25 +111,37 @@ mod tests {
     fn each_scheduler_and_all_together_are_bounded() {
         let mut quota = CopyQuota::new(100, 250);
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
-        assert!(quota.charge(a, 60));
-        assert!(!quota.charge(a, 41), "over a's own quota");
-        assert!(quota.charge(a, 40));
-        assert!(quota.charge(b, 100));
-        assert!(!quota.charge(c, 51), "over the total");
-        assert!(quota.charge(c, 50));
+        assert!(quota.charge(0, a, 60));
+        assert!(!quota.charge(0, a, 41), "over a's own quota");
+        assert!(quota.charge(1, a, 40));
+        assert!(quota.charge(1, b, 100));
+        assert!(!quota.charge(1, c, 51), "over the total");
+        assert!(quota.charge(1, c, 50));
         assert_eq!(
             (quota.charged(&a), quota.charged(&c), quota.total()),
             (100, 50, 250)
         );
+        // A day later the first charge is given back, then the rest.
+        assert!(quota.charge(CHARGE_LIFETIME_MS, a, 60));
+        assert!(!quota.charge(CHARGE_LIFETIME_MS, a, 1));
+        assert!(quota.charge(CHARGE_LIFETIME_MS + 1, a, 40));
+        assert_eq!((quota.total(), quota.charged(&a)), (100, 100));
+        assert_eq!(quota.charged(&b), 0);
     }
 
     #[test]
     fn ground_identities_cannot_grow_the_table() {
         let mut quota = CopyQuota::new(u64::MAX, u64::MAX);
         for _ in 0..MAX_SCHEDULERS {
-            assert!(quota.charge(PeerId::random(), 1));
+            assert!(quota.charge(0, PeerId::random(), 1));
         }
-        assert!(!quota.charge(PeerId::random(), 1));
+        assert!(!quota.charge(0, PeerId::random(), 1));
         assert_eq!(quota.charged.len(), MAX_SCHEDULERS);
+        let one = PeerId::random();
+        let mut quota = CopyQuota::new(u64::MAX, u64::MAX);
+        for _ in 0..MAX_CHARGES {
+            assert!(quota.charge(0, one, 1));
+        }
+        assert!(!quota.charge(0, one, 1), "the list of charges is bounded");
     }
 }

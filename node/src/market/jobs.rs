@@ -16,7 +16,7 @@ use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream}
 use super::protocol::{InvokeRequest, Request, Response};
 use super::receipts::SignatureCheck;
 use flotilla_scheduler::book::{BookLimits, RecordBook, Refused};
-use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed};
+use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed, Version};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
 use rand::RngCore;
@@ -106,6 +106,25 @@ pub enum JobError {
     Unknown(u64),
 }
 
+/// A detached job this node schedules, as its database keeps it until the job ends: who
+/// asked, what, and the newest version of its record (`crate::state_db`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ScheduledJob {
+    client: PeerId,
+    request: InvokeRequest,
+    record: JobRecord,
+}
+
+/// The phase a record's state is in.
+fn phase_of(state: JobState) -> Phase {
+    match state {
+        JobState::Waiting => Phase::Waiting,
+        JobState::Running => Phase::Running,
+        JobState::Done => Phase::Done,
+        JobState::Failed => Phase::Failed,
+    }
+}
+
 /// The record's state for a phase of the job's lifecycle.
 fn state_of(phase: Phase) -> JobState {
     match phase {
@@ -176,31 +195,113 @@ impl Market {
             }
             Err(_) => return Response::stopping(),
         };
+        // Durable before the client is told the id: a restart carries it on.
+        self.remember_job(from, &request, &record).await;
         let market = self.clone();
-        self.spawn(async move { market.run_job(from, request, record, slot).await });
+        self.spawn(async move { market.run_job(from, request, record, slot, false).await });
         Response::Accepted { job_id }
+    }
+
+    /// Records a job this node schedules, with its newest record, in the node's database.
+    async fn remember_job(&self, client: PeerId, request: &InvokeRequest, record: &JobRecord) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let id = record.job_id;
+        let job = ScheduledJob {
+            client,
+            request: request.clone(),
+            record: record.clone(),
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            let bytes = cbor4ii::serde::to_vec(Vec::new(), &job).map_err(|e| e.to_string())?;
+            state.put_job(id, &bytes).map_err(|e| e.to_string())
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(job = id, error = %e, "cannot record the job: a restart would lose it");
+        }
+    }
+
+    /// Forgets a job that ended.
+    async fn forget_job(&self, id: u64) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let removed = tokio::task::spawn_blocking(move || state.remove_job(id)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(job = id, error = %e, "cannot forget an ended job");
+        }
+    }
+
+    /// Carries on the jobs this node scheduled before it restarted, as its database kept
+    /// them.
+    pub(super) async fn resume_jobs(&self) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let jobs = match tokio::task::spawn_blocking(move || state.jobs()).await {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the jobs this node scheduled");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (id, bytes) in jobs {
+            let job: ScheduledJob = match cbor4ii::serde::from_slice(&bytes) {
+                Ok(job) => job,
+                Err(e) => {
+                    tracing::warn!(job = id, error = %e, "dropping an unreadable scheduled job");
+                    self.forget_job(id).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.shared.jobs_held.take(job.client) else {
+                tracing::warn!(job = id, "no room to carry on a scheduled job");
+                continue;
+            };
+            tracing::info!(job = id, state = %job.record.state, "carrying on a job scheduled before the restart");
+            let market = self.clone();
+            self.spawn(async move {
+                market
+                    .run_job(job.client, job.request, job.record, slot, true)
+                    .await
+            });
+        }
     }
 
     /// Carries out a job's lifecycle ([`JobRun`] decides): publishes each version of its
     /// record, places it, and places it again while nothing fits and its deadline
-    /// allows, until it has ended (or the node stops).
+    /// allows, until it has ended (or the node stops). `resumed`: the job was taken
+    /// before this node restarted, and `record` is its newest version. Each version is
+    /// recorded in the node's database before it is published, and the job forgotten
+    /// there once its final version is out.
     async fn run_job(
         self,
         from: PeerId,
         request: InvokeRequest,
         mut record: JobRecord,
         _slot: super::slots::Slot,
+        resumed: bool,
     ) {
         let retry_every = self
             .shared
             .config
             .notify_interval
-            .clamp(Duration::from_millis(200), Duration::from_secs(10));
-        let (mut run, actions) = JobRun::start(
-            self.now(),
-            record.wait_until_ms,
-            retry_every.as_millis() as u64,
-        );
+            .clamp(Duration::from_millis(200), Duration::from_secs(10))
+            .as_millis() as u64;
+        let (mut run, actions) = if resumed {
+            let latest = Version {
+                seq: record.seq,
+                phase: phase_of(record.state),
+                attempts: record.attempts,
+                error: record.error.clone(),
+            };
+            JobRun::resume(self.now(), latest, record.wait_until_ms, retry_every)
+        } else {
+            JobRun::start(self.now(), record.wait_until_ms, retry_every)
+        };
         let mut due: VecDeque<JobAction> = actions.into();
         loop {
             while let Some(action) = due.pop_front() {
@@ -211,8 +312,13 @@ impl Market {
                         record.state = state_of(version.phase);
                         record.attempts = version.attempts;
                         record.error = version.error;
+                        record.updated_at_ms = self.now();
+                        self.remember_job(from, &request, &record).await;
                         let keepers = self.publish_job(&mut record).await;
                         run.on_published(self.now(), seq, keepers);
+                        if version.phase.is_final() {
+                            self.forget_job(record.job_id).await;
+                        }
                     }
                     JobAction::Place => {
                         let check = SignatureCheck::BeforeAnswering;
@@ -377,13 +483,14 @@ impl Market {
     /// Copies a job's result blocks if its scheduler's quota has room for them all.
     fn copy_charged(&self, scheduler: PeerId, job: u64, blocks: Vec<(cid::Cid, u64)>) {
         let bytes: u64 = blocks.iter().map(|(_, size)| size).sum();
+        let now = self.now();
         let (charged, total) = {
             let mut quota = self
                 .shared
                 .copy_quota
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            (quota.charge(scheduler, bytes), quota.total())
+            (quota.charge(now, scheduler, bytes), quota.total())
         };
         self.shared.metrics.copies_charged.set(total as i64);
         if charged {

@@ -221,6 +221,9 @@ struct Shared {
     result_copies: Arc<Semaphore>,
     /// What this node agreed to keep of others' job results.
     copy_quota: Mutex<copies::CopyQuota>,
+    /// The node's database, from [`Market::keep_state_in`] until the market stops: the
+    /// jobs it schedules.
+    state: Mutex<Option<Arc<crate::state_db::StateDb>>>,
     peer_id: PeerId,
     /// Who may reserve and run calls here.
     allowed: allowed::Schedulers,
@@ -320,6 +323,7 @@ impl Market {
                 jobs_held: slots::Pool::new(jobs::MAX_JOBS),
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
                 copy_quota: Mutex::default(),
+                state: Mutex::new(None),
                 peer_id: overlay.peer_id(),
                 allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
                 offering: offerer.is_some(),
@@ -343,6 +347,18 @@ impl Market {
             market.spawn(market.clone().lend_while_pins_leave_room(lending));
         }
         market
+    }
+
+    /// Keeps the state that must outlive a restart (the jobs this node schedules) in
+    /// `state`, and carries on the jobs recorded there before the restart.
+    pub async fn keep_state_in(&self, state: Arc<crate::state_db::StateDb>) {
+        *lock(&self.shared.state) = Some(state);
+        self.resume_jobs().await;
+    }
+
+    /// The node's database, unless the market stopped.
+    pub(super) fn state(&self) -> Option<Arc<crate::state_db::StateDb>> {
+        lock(&self.shared.state).clone()
     }
 
     /// The time now, as the market's clock tells it (Unix ms).
@@ -405,11 +421,15 @@ impl Market {
     pub async fn stop(&self) {
         self.withdraw_all().await;
         self.shutdown(STOP_GRACE).await;
+        // Closed once the last write in progress lets go: a node restarted in this
+        // process opens it again.
+        lock(&self.shared.state).take();
     }
 
     /// Stops the market's loop and tasks without withdrawing anything, as a crash would.
     pub async fn abort(&self) {
         self.shutdown(STOP_GRACE).await;
+        lock(&self.shared.state).take();
     }
 
     /// Sends `request` to `peer` (dialling `addresses` if needed) and waits for its

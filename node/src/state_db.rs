@@ -1,0 +1,119 @@
+//! The node's own database (redb, `<data dir>/node.redb`): the state of the market that
+//! must outlive a restart. (The store's pins and cache order are in the blockstore's own
+//! database, `flotilla_overlay::store_db`.)
+//!
+//! | table | key → value | what |
+//! |---|---|---|
+//! | `scheduled_jobs` | job id → CBOR of the job (client, call, latest record) | the detached jobs this node schedules that have not ended: taken durably before the client is told the job id, updated at each new version of its record, removed when it ends; a scheduler restarted on its data dir carries them on |
+//!
+//! Every write is one transaction, durable when it returns; redb recovers a file a crash
+//! left mid-transaction to its last commit.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+
+const SCHEDULED_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduled_jobs");
+
+/// A database error, with the file's path.
+#[derive(Debug, thiserror::Error)]
+#[error("node database {path}: {source}")]
+pub struct StateDbError {
+    path: PathBuf,
+    source: Box<redb::Error>,
+}
+
+/// The open database.
+#[derive(Debug)]
+pub struct StateDb {
+    db: Database,
+    path: PathBuf,
+}
+
+impl StateDb {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<StateDb, StateDbError> {
+        let db = Database::create(path).map_err(|e| StateDbError {
+            path: path.to_owned(),
+            source: Box::new(e.into()),
+        })?;
+        let state = StateDb {
+            db,
+            path: path.to_owned(),
+        };
+        state.write(|txn| {
+            txn.open_table(SCHEDULED_JOBS)?;
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    fn failed(&self, e: impl Into<redb::Error>) -> StateDbError {
+        StateDbError {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn write(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StateDbError> {
+        let txn = self.db.begin_write().map_err(|e| self.failed(e))?;
+        body(&txn).map_err(|e| self.failed(e))?;
+        txn.commit().map_err(|e| self.failed(e))
+    }
+
+    /// Records (or replaces) scheduled job `id`, encoded; durable when this returns.
+    pub fn put_job(&self, id: u64, encoded: &[u8]) -> Result<(), StateDbError> {
+        self.write(|txn| {
+            txn.open_table(SCHEDULED_JOBS)?.insert(id, encoded)?;
+            Ok(())
+        })
+    }
+
+    /// Forgets scheduled job `id` (it ended).
+    pub fn remove_job(&self, id: u64) -> Result<(), StateDbError> {
+        self.write(|txn| {
+            txn.open_table(SCHEDULED_JOBS)?.remove(id)?;
+            Ok(())
+        })
+    }
+
+    /// Every scheduled job recorded, encoded, by id.
+    pub fn jobs(&self) -> Result<Vec<(u64, Vec<u8>)>, StateDbError> {
+        let read = || -> Result<Vec<(u64, Vec<u8>)>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let mut jobs = Vec::new();
+            for row in txn.open_table(SCHEDULED_JOBS)?.iter()? {
+                let (id, bytes) = row?;
+                jobs.push((id.value(), bytes.value().to_vec()));
+            }
+            Ok(jobs)
+        };
+        read().map_err(|e| self.failed(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_survive_reopening_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let db = StateDb::open(&path).unwrap();
+            db.put_job(1, b"one").unwrap();
+            db.put_job(2, b"two").unwrap();
+            db.put_job(1, b"one, newer").unwrap();
+        }
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(
+            db.jobs().unwrap(),
+            vec![(1, b"one, newer".to_vec()), (2, b"two".to_vec())]
+        );
+        db.remove_job(1).unwrap();
+        assert_eq!(db.jobs().unwrap(), vec![(2, b"two".to_vec())]);
+    }
+}

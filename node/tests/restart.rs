@@ -1,0 +1,130 @@
+//! State that outlives a restart, on real nodes on loopback: a scheduler stopped while
+//! its detached job waits for an offer, and started again on its data dir, carries the
+//! job on under the same id until it runs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytesize::ByteSize;
+use common::{example, quick, wait_until, wait_until_within};
+use flotilla_node::config::NodeConfig;
+use flotilla_node::daemon;
+use flotilla_node::demo;
+use flotilla_node::market::Market;
+use flotilla_node::market::function::FunctionCall;
+use flotilla_node::market::jobs::JobState;
+use std::time::Duration;
+
+async fn job_is(market: &Market, id: u64, state: JobState) -> bool {
+    market.job(id).await.is_ok_and(|r| r.state == state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = Duration::from_secs(5);
+    let mut nodes = demo::start_network_with(dir.path(), 3, |i, config| match i {
+        0 => NodeConfig {
+            scheduler: true,
+            ..quick(config, fetch)
+        },
+        _ => NodeConfig {
+            offer_memory: Some(ByteSize::mib(256)),
+            ..quick(config, fetch)
+        },
+    })
+    .await
+    .unwrap();
+    let echo = nodes[0]
+        .overlay()
+        .add(&example("echo")[..])
+        .await
+        .unwrap()
+        .cid;
+    // Nothing lends 1 GiB yet: the job waits.
+    let call = FunctionCall {
+        module: echo,
+        memory_mib: 1024,
+        timeout_ms: Some(10_000),
+        args: vec!["after".into(), "a".into(), "restart".into()],
+        env: Vec::new(),
+        stdin: None,
+        inputs: Vec::new(),
+    };
+    let id = nodes[0]
+        .market()
+        .submit(call, None, None, Duration::from_secs(300))
+        .await
+        .unwrap();
+    wait_until("the job waits for an offer", || {
+        job_is(nodes[0].market(), id, JobState::Waiting)
+    })
+    .await;
+    let before = nodes[0].market().job(id).await.unwrap();
+
+    // The scheduler stops (its job still waiting) and starts again on its data dir.
+    let scheduler = nodes.remove(0);
+    let peer_id = scheduler.peer_id();
+    scheduler.stop().await;
+    let config = demo::loopback_config(&dir.path().join("node-0"), vec![nodes[0].bootstrap_addr()]);
+    let scheduler = daemon::start(NodeConfig {
+        scheduler: true,
+        ..quick(config, fetch)
+    })
+    .await
+    .unwrap();
+    assert_eq!(scheduler.peer_id(), peer_id);
+    assert_eq!(scheduler.market().jobs_held(), 1, "the job is carried on");
+    wait_until("the carried-on job publishes newer versions", || async {
+        let record = scheduler.market().job(id).await.unwrap();
+        record.seq > before.seq
+            && record
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("restarted") || e.contains("nothing fits"))
+    })
+    .await;
+
+    // A volunteer lending 2 GiB joins: the job runs there, under the same id.
+    let late = daemon::start(NodeConfig {
+        offer_memory: Some(ByteSize::gib(2)),
+        ..quick(
+            demo::loopback_config(&dir.path().join("late"), vec![scheduler.bootstrap_addr()]),
+            fetch,
+        )
+    })
+    .await
+    .unwrap();
+    wait_until_within("the job ran", Duration::from_secs(60), || {
+        job_is(scheduler.market(), id, JobState::Done)
+    })
+    .await;
+    let done = scheduler.market().job(id).await.unwrap();
+    let result = done.result.unwrap();
+    assert_eq!(result.execution.volunteer, late.peer_id().to_string());
+    assert_eq!(result.execution.stdout.inline, b"after a restart\n");
+    // Another node reads the same record, and the ended job is no longer carried.
+    assert_eq!(
+        nodes[0].market().job(id).await.unwrap().state,
+        JobState::Done
+    );
+    wait_until("the ended job is let go", || async {
+        scheduler.market().jobs_held() == 0
+    })
+    .await;
+    scheduler.stop().await;
+    // Started again, it has nothing left to carry on.
+    let config = demo::loopback_config(&dir.path().join("node-0"), vec![nodes[0].bootstrap_addr()]);
+    let scheduler = daemon::start(NodeConfig {
+        scheduler: true,
+        ..quick(config, fetch)
+    })
+    .await
+    .unwrap();
+    assert_eq!(scheduler.market().jobs_held(), 0);
+    scheduler.stop().await;
+    late.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
