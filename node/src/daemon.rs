@@ -144,6 +144,7 @@ pub async fn start_with_clock(config: NodeConfig, clock: Clock) -> Result<Runnin
     );
     let state = crate::state_db::StateDb::open(&config.data_dir.join("node.redb"))?;
     market.keep_state_in(Arc::new(state)).await;
+    market.serve_peers();
     let (stop_api, stopped) = oneshot::channel();
     let app = api::server::router(overlay.clone(), market.clone(), Arc::new(registry), access);
     let api_task = tokio::spawn(async move {

@@ -200,6 +200,71 @@ fn a_node_serves_the_cli_and_stops_cleanly_on_sigterm() {
 }
 
 #[test]
+fn pins_gc_and_repo_stat_work_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&dir.path().join("node"));
+    let write = |name: &str, seed: u32| {
+        let path = dir.path().join(name);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * seed % 251) as u8).collect();
+        std::fs::write(&path, data).unwrap();
+        path
+    };
+    let ok = |output: Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let kept = write("kept.bin", 7);
+    let pinned = ok(node.cli(&["add", kept.to_str().unwrap()]));
+    let temporary = write("temporary.bin", 11);
+    let cached = ok(node.cli(&["add", "--no-pin", temporary.to_str().unwrap()]));
+    assert_ne!(pinned, cached);
+
+    let pins: serde_json::Value =
+        serde_json::from_str(&ok(node.cli(&["pin", "ls", "--json"]))).unwrap();
+    assert_eq!(pins.as_array().unwrap().len(), 1);
+    assert_eq!(pins[0]["cid"], pinned.as_str());
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(node.cli(&["repo", "stat", "--json"]))).unwrap();
+    assert_eq!(stat["pins"], 1);
+    assert!(stat["pinned_bytes"].as_u64().unwrap() >= 300_000, "{stat}");
+    assert!(
+        stat["evictable_bytes"].as_u64().unwrap() >= 300_000,
+        "{stat}"
+    );
+    assert!(ok(node.cli(&["repo", "stat"])).contains("pinned:"));
+
+    // gc removes the cache and keeps the pin.
+    let gc: serde_json::Value = serde_json::from_str(&ok(node.cli(&["gc", "--json"]))).unwrap();
+    assert!(gc["blocks"].as_u64().unwrap() >= 2, "{gc}");
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(node.cli(&["repo", "stat", "--json"]))).unwrap();
+    assert_eq!(stat["evictable_bytes"], 0, "{stat}");
+    let out = dir.path().join("back.bin");
+    ok(node.cli(&["get", &pinned, "-o", out.to_str().unwrap()]));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&kept).unwrap());
+
+    // Unpinned, it is cache: the next gc takes it.
+    assert!(ok(node.cli(&["pin", "rm", &pinned])).starts_with("unpinned"));
+    assert_one_line_error(&node.cli(&["pin", "rm", &pinned]), "is not pinned");
+    assert!(ok(node.cli(&["pin", "add", &pinned])).starts_with("pinned"));
+    assert!(ok(node.cli(&["pin", "add", &pinned])).contains("pinned already"));
+    assert_one_line_error(&node.cli(&["pin", "add", "bafynotacid"]), "invalid CID");
+    assert!(ok(node.cli(&["pin", "rm", &pinned])).starts_with("unpinned"));
+    ok(node.cli(&["gc"]));
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(node.cli(&["repo", "stat", "--json"]))).unwrap();
+    assert_eq!(
+        (stat["blocks"].as_u64(), stat["pins"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(node.terminate());
+}
+
+#[test]
 fn a_malformed_cid_is_refused() {
     let output = flotilla()
         .args([

@@ -1,4 +1,4 @@
-//! State that outlives a restart, on real nodes on loopback: a scheduler stopped while
+//! State that outlives a restart, on real nodes on loopback: a scheduler killed while
 //! its detached job waits for an offer, and started again on its data dir, carries the
 //! job on under the same id until it runs.
 #![allow(clippy::unwrap_used)]
@@ -62,10 +62,10 @@ async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
     .await;
     let before = nodes[0].market().job(id).await.unwrap();
 
-    // The scheduler stops (its job still waiting) and starts again on its data dir.
+    // The scheduler crashes (its job still waiting) and starts again on its data dir.
     let scheduler = nodes.remove(0);
     let peer_id = scheduler.peer_id();
-    scheduler.stop().await;
+    scheduler.kill().await;
     let config = demo::loopback_config(&dir.path().join("node-0"), vec![nodes[0].bootstrap_addr()]);
     let scheduler = daemon::start(NodeConfig {
         scheduler: true,

@@ -96,9 +96,56 @@ struct Inner {
     /// Whether a background sync is under way.
     syncing_early: std::sync::atomic::AtomicBool,
     /// Leases kept past their user, until a deadline (a call's inputs and outputs).
-    kept: Mutex<VecDeque<(Instant, Vec<BlockKey>)>>,
+    /// Locked after `index`, never before.
+    kept: Mutex<Kept>,
+    /// Serialises pin and unpin, so the database and the index agree.
+    pinning: Mutex<()>,
     /// Bytes of pinned blocks, for whoever must know when pins crowd out the rest.
     pinned: tokio::sync::watch::Sender<u64>,
+}
+
+/// Leases kept past their user, oldest first, and how many keys they hold in all.
+#[derive(Debug, Default)]
+struct Kept {
+    leases: VecDeque<(Instant, Vec<BlockKey>)>,
+    keys: usize,
+}
+
+impl Kept {
+    /// Lets go of the lease at `i`, unprotecting its blocks; answers the bytes that
+    /// became evictable.
+    fn release(&mut self, i: usize, index: &mut CacheIndex) -> u64 {
+        let Some((_, keys)) = self.leases.remove(i) else {
+            return 0;
+        };
+        self.keys -= keys.len();
+        keys.iter().map(|key| index.unprotect(key)).sum()
+    }
+
+    /// Lets go of the leases whose time is up.
+    fn release_expired(&mut self, now: Instant, index: &mut CacheIndex) {
+        // Deadlines are not in order (different keep times), so look at all of them.
+        let mut i = 0;
+        while i < self.leases.len() {
+            if self.leases[i].0 <= now {
+                self.release(i, index);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Lets go of the lease due soonest; answers the bytes that became evictable, or
+    /// `None` if none is kept.
+    fn release_soonest(&mut self, index: &mut CacheIndex) -> Option<u64> {
+        let soonest = self
+            .leases
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (until, _))| *until)
+            .map(|(i, _)| i)?;
+        Some(self.release(soonest, index))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -109,8 +156,13 @@ struct Unsynced {
 
 /// Number of write-lock stripes.
 const WRITE_STRIPES: usize = 64;
+/// Most rounds of eviction one write tries before it reports the store full.
+const MAX_ROOM_ROUNDS: usize = 1024;
 /// Most leases kept past their user at once; the oldest is let go early beyond it.
 const MAX_KEPT_LEASES: usize = 4096;
+/// Most block keys the kept leases hold in all (about 20 MiB), whatever their number:
+/// calls re-reading one large held DAG each keep all its keys.
+const MAX_KEPT_KEYS: usize = 262_144;
 /// Once this many written files wait to be made durable, a sync starts in the background,
 /// so a large add or fetch has little left to flush when it ends.
 const SYNC_EARLY_AT: usize = 32;
@@ -169,15 +221,12 @@ impl Lease {
         if keys.is_empty() {
             return;
         }
+        let mut index = self.store.index();
         let mut kept = lock(&self.store.inner.kept);
-        kept.push_back((until, keys));
-        if kept.len() > MAX_KEPT_LEASES
-            && let Some((_, keys)) = kept.pop_front()
-        {
-            let mut index = self.store.index();
-            for key in &keys {
-                index.unprotect(key);
-            }
+        kept.keys += keys.len();
+        kept.leases.push_back((until, keys));
+        while kept.leases.len() > MAX_KEPT_LEASES || kept.keys > MAX_KEPT_KEYS {
+            kept.release(0, &mut index);
         }
     }
 }
@@ -260,6 +309,10 @@ impl Blockstore {
         // Forget the order of blocks no longer on disk.
         let gone = saved.recency.into_keys().map(|k| (k, None)).collect();
         db.save_recency(&gone)?;
+        // Blocks a killed process wrote but had not made durable: make them so now.
+        fs::File::open(&blocks_dir)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
+            .map_err(io_err(&blocks_dir))?;
         let pinned = index.pinned_bytes();
         if pinned > capacity {
             tracing::error!(
@@ -278,7 +331,8 @@ impl Blockstore {
                 unsynced: Mutex::new(Unsynced::default()),
                 syncing: Mutex::new(()),
                 syncing_early: std::sync::atomic::AtomicBool::new(false),
-                kept: Mutex::new(VecDeque::new()),
+                kept: Mutex::new(Kept::default()),
+                pinning: Mutex::new(()),
                 pinned: tokio::sync::watch::Sender::new(pinned),
             }),
         })
@@ -396,13 +450,15 @@ impl Blockstore {
             self.index().unreserve(size);
             return Err(StoreError::Io { path, source });
         }
-        self.index().insert(key, size);
+        // Listed to be made durable before anyone can find it: a writer racing for the
+        // same block returns at once, and its sync must cover this file.
         let waiting = {
             let mut unsynced = lock(&self.inner.unsynced);
             unsynced.files.push(path);
             unsynced.shards.insert(Self::shard_of(&key));
             unsynced.files.len()
         };
+        self.index().insert(key, size);
         if waiting >= SYNC_EARLY_AT {
             self.sync_in_background();
         }
@@ -434,92 +490,75 @@ impl Blockstore {
     /// past their answer ([`Lease::keep_until`]) is let go, the soonest due first: a call
     /// running now comes before one that has answered. Fails if that is not enough.
     fn make_room(&self, size: u64) -> Result<(), StoreError> {
-        // Each round evicts what was evictable a moment ago; racing writers may take the
-        // room, so try a few times.
-        let mut rounds = 0;
-        loop {
+        // Each round evicts what was evictable a moment ago. Writers racing for room pick
+        // the same oldest blocks and take the room others freed, so a round may win
+        // nothing; every round frees something for someone, so this ends, and the bound
+        // only stops a pathological spin.
+        for _ in 0..MAX_ROOM_ROUNDS {
             let victims = {
                 let mut index = self.index();
-                self.release_expired(&mut index);
+                let mut kept = lock(&self.inner.kept);
+                kept.release_expired(Instant::now(), &mut index);
                 match index.reserve(size) {
                     Room::Reserved => return Ok(()),
-                    Room::Evict(n) if rounds < 16 => index.victims(n),
-                    Room::Evict(_) | Room::Full { .. } => {
-                        if self.release_soonest_kept(&mut index) {
-                            continue;
+                    Room::Evict(n) => index.victims(n),
+                    Room::Full { .. } => {
+                        // What is missing is at most `size` (the store never holds more
+                        // than its capacity): let kept data go until that much is free.
+                        let mut freed = 0;
+                        while freed < size {
+                            match kept.release_soonest(&mut index) {
+                                Some(bytes) => freed += bytes,
+                                None => break,
+                            }
                         }
-                        let stats = index.stats();
-                        return Err(StoreError::Full {
-                            used: stats.bytes + stats.reserved_bytes - stats.evictable_bytes,
-                            capacity: index.capacity(),
-                            needed: size,
-                        });
+                        if freed == 0 {
+                            drop(kept);
+                            return Err(Self::full(&index, size));
+                        }
+                        continue;
                     }
                 }
             };
-            rounds += 1;
             for key in victims {
                 self.evict(&key)?;
             }
         }
+        let index = self.index();
+        Err(Self::full(&index, size))
     }
 
-    /// Lets go of the kept lease due soonest; answers whether there was one.
-    fn release_soonest_kept(&self, index: &mut CacheIndex) -> bool {
-        let mut kept = lock(&self.inner.kept);
-        let Some(soonest) = kept
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (until, _))| *until)
-            .map(|(i, _)| i)
-        else {
-            return false;
-        };
-        if let Some((_, keys)) = kept.remove(soonest) {
-            for key in &keys {
-                index.unprotect(key);
-            }
+    fn full(index: &CacheIndex, size: u64) -> StoreError {
+        let stats = index.stats();
+        StoreError::Full {
+            used: stats.bytes + stats.reserved_bytes - stats.evictable_bytes,
+            capacity: index.capacity(),
+            needed: size,
         }
-        true
     }
 
     /// Removes a block if it is still evictable; answers the bytes freed, or `None` if
-    /// it was not evicted.
+    /// it was not evicted. The file goes first: a block whose file could not be deleted
+    /// stays counted.
     fn evict(&self, key: &BlockKey) -> Result<Option<u64>, StoreError> {
         let _writing = self.stripe(key);
-        let size = {
-            let mut index = self.index();
-            if !index.evictable(key) {
-                return Ok(None);
-            }
-            index.remove(key).unwrap_or(0)
-        };
+        if !self.index().evictable(key) {
+            return Ok(None);
+        }
         let path = self.path_of_key(key);
         match fs::remove_file(&path) {
-            Ok(()) => Ok(Some(size)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(size)),
-            Err(source) => {
-                // Still on disk: still counted.
-                self.index().load(*key, size, None);
-                Err(StoreError::Io { path, source })
-            }
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path, source }),
         }
+        // Protected meanwhile (a lease taken without the stripe): its holder finds the
+        // block gone when it reads it, and fetches it again.
+        Ok(self.index().remove(key))
     }
 
     /// Lets go of kept leases whose time is up.
     fn release_expired(&self, index: &mut CacheIndex) {
-        let now = Instant::now();
-        let mut kept = lock(&self.inner.kept);
-        // Deadlines are not in order (different keep times), so look at all of them.
-        kept.retain(|(until, keys)| {
-            if *until > now {
-                return true;
-            }
-            for key in keys {
-                index.unprotect(key);
-            }
-            false
-        });
+        lock(&self.inner.kept).release_expired(Instant::now(), index);
     }
 
     /// Reads and verifies a block; `Ok(None)` if it is absent (or was found corrupt and
@@ -639,6 +678,7 @@ impl Blockstore {
         };
         // The blocks first, then the pin that names them.
         self.sync()?;
+        let _one_at_a_time = lock(&self.inner.pinning);
         if !self.db()?.add_pin(&pin, &keys)? {
             return Ok(false);
         }
@@ -650,6 +690,7 @@ impl Blockstore {
     /// Removes the pin on `root`; its blocks become cache (evictable, as recent as they
     /// were) unless another pin names them. Answers false if `root` was not pinned.
     pub fn unpin(&self, root: &Cid) -> Result<bool, StoreError> {
+        let _one_at_a_time = lock(&self.inner.pinning);
         match self.db()?.remove_pin(root)? {
             Some(keys) => {
                 self.index().unpin(&keys);
@@ -678,14 +719,26 @@ impl Blockstore {
             index.all_evictable()
         };
         let mut report = GcReport::default();
+        let mut failed = None;
         for key in victims {
-            if let Some(freed) = self.evict(&key)? {
-                report.blocks += 1;
-                report.bytes += freed;
+            match self.evict(&key) {
+                Ok(Some(freed)) => {
+                    report.blocks += 1;
+                    report.bytes += freed;
+                }
+                Ok(None) => {}
+                // One file that cannot be deleted does not stop the rest.
+                Err(e) => {
+                    tracing::warn!(error = %e, "gc could not remove a block");
+                    failed.get_or_insert(e);
+                }
             }
         }
         self.save_recency()?;
-        Ok(report)
+        match failed {
+            Some(e) if report.blocks == 0 => Err(e),
+            _ => Ok(report),
+        }
     }
 
     /// Saves the cache's order of use to the database.
@@ -912,6 +965,28 @@ mod tests {
             store.put(&raw(&[5; 10])),
             Err(StoreError::Full { .. })
         ));
+    }
+
+    #[test]
+    fn kept_leases_are_bounded_in_keys_as_well_as_in_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Blockstore::open(dir.path(), 1 << 20).unwrap();
+        let block = raw(b"held");
+        store.put(&block).unwrap();
+        let first = store.lease();
+        first.protect(block.cid());
+        first.keep_until(Instant::now() + std::time::Duration::from_secs(3600));
+        assert_eq!(store.stats().evictable_bytes, 0);
+        // One lease with more keys than all kept leases may hold pushes the first out.
+        let big = store.lease();
+        for i in 0..=MAX_KEPT_KEYS as u64 {
+            let hash = multihash::Multihash::wrap(0x12, &[&i.to_le_bytes()[..], &[0; 24]].concat());
+            big.protect(&Cid::new_v1(crate::block::RAW, hash.unwrap()));
+        }
+        big.keep_until(Instant::now() + std::time::Duration::from_secs(3600));
+        assert_eq!(store.stats().evictable_bytes, 4);
+        let kept = lock(&store.inner.kept);
+        assert!(kept.keys <= MAX_KEPT_KEYS && kept.leases.is_empty());
     }
 
     #[test]

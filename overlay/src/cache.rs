@@ -235,14 +235,21 @@ impl CacheIndex {
         *self.in_use.entry(key).or_default() += 1;
     }
 
-    /// Ends one protection of a block.
-    pub fn unprotect(&mut self, key: &BlockKey) {
-        if let Some(count) = self.in_use.get_mut(key) {
-            *count -= 1;
-            if *count == 0 {
-                self.in_use.remove(key);
-            }
+    /// Ends one protection of a block; answers the bytes that became evictable (the
+    /// block's size if this was its last protection and it is held and not pinned).
+    pub fn unprotect(&mut self, key: &BlockKey) -> u64 {
+        let Some(count) = self.in_use.get_mut(key) else {
+            return 0;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return 0;
         }
+        self.in_use.remove(key);
+        if self.pins.contains_key(key) {
+            return 0;
+        }
+        self.entries.get(key).map_or(0, |e| e.size)
     }
 
     /// Adds a pin to each of `keys` (a pinned DAG's distinct blocks).
@@ -483,7 +490,9 @@ mod tests {
                     2 => index.pin([&key(n)]),
                     3 => if index.pins_of(&key(n)) > 0 { index.unpin([&key(n)]) },
                     4 => index.protect(key(n)),
-                    _ => index.unprotect(&key(n)),
+                    _ => {
+                        index.unprotect(&key(n));
+                    }
                 }
                 let stats = index.stats();
                 let held: u64 = index.entries.values().map(|e| e.size).sum();

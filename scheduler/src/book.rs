@@ -153,6 +153,12 @@ impl<R: Versioned> RecordBook<R> {
         Ok(())
     }
 
+    /// Drops the record of `id` (a job its scheduler could not record durably, so did not
+    /// take after all); answers whether there was one.
+    pub fn remove(&mut self, id: u64) -> bool {
+        self.records.remove(&id).is_some()
+    }
+
     /// Up to `max` unexpired records this node has not sent on for the longest, none
     /// sent within `every_ms`; each is marked as sent now.
     pub fn due_for_republishing(&mut self, now_ms: u64, every_ms: u64, max: usize) -> Vec<R> {

@@ -93,10 +93,16 @@ impl IntoResponse for ApiError {
 
 impl From<OverlayError> for ApiError {
     fn from(e: OverlayError) -> Self {
+        use flotilla_overlay::blockstore::StoreError;
+        use flotilla_overlay::fetch::FetchError;
         let status = match e {
             OverlayError::Input(_) | OverlayError::Unixfs(_) => StatusCode::BAD_REQUEST,
             OverlayError::Missing(_) => StatusCode::NOT_FOUND,
-            OverlayError::Read { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            OverlayError::Read { .. } | OverlayError::Fetch(FetchError::TooManyBlocks { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            OverlayError::Store(StoreError::Full { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            OverlayError::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -192,11 +198,8 @@ async fn gc(State(app): State<AppState>) -> Result<Response, ApiError> {
 
 async fn repo_stat(State(app): State<AppState>) -> Result<Response, ApiError> {
     let pins = app.overlay.pins().await?.len() as u64;
-    Ok(Json(RepoStat {
-        store: app.overlay.store().stats(),
-        pins,
-    })
-    .into_response())
+    let store = app.overlay.store().blocking(|store| store.stats()).await;
+    Ok(Json(RepoStat { store, pins }).into_response())
 }
 
 async fn cat(State(app): State<AppState>, Query(q): Query<CidQuery>) -> Result<Response, ApiError> {

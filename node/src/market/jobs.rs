@@ -195,17 +195,31 @@ impl Market {
             }
             Err(_) => return Response::stopping(),
         };
-        // Durable before the client is told the id: a restart carries it on.
-        self.remember_job(from, &request, &record).await;
+        // Durable before the client is told the id: a restart carries it on. A job that
+        // cannot be recorded is not taken.
+        if let Err(e) = self.remember_job(from, &request, &record).await {
+            tracing::error!(job = job_id, error = %e, "cannot record a job: refused");
+            let _ = self.with(move |m, _| m.jobs.remove(job_id)).await;
+            return Response::Failed {
+                reason: format!("the scheduler cannot record the job: {e}"),
+                retryable: true,
+            };
+        }
         let market = self.clone();
         self.spawn(async move { market.run_job(from, request, record, slot, false).await });
         Response::Accepted { job_id }
     }
 
-    /// Records a job this node schedules, with its newest record, in the node's database.
-    async fn remember_job(&self, client: PeerId, request: &InvokeRequest, record: &JobRecord) {
+    /// Records a job this node schedules, with its newest record, in the node's database
+    /// (nothing without one); durable when this returns.
+    async fn remember_job(
+        &self,
+        client: PeerId,
+        request: &InvokeRequest,
+        record: &JobRecord,
+    ) -> Result<(), String> {
         let Some(state) = self.state() else {
-            return;
+            return Ok(());
         };
         let id = record.job_id;
         let job = ScheduledJob {
@@ -213,14 +227,12 @@ impl Market {
             request: request.clone(),
             record: record.clone(),
         };
-        let written = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let bytes = cbor4ii::serde::to_vec(Vec::new(), &job).map_err(|e| e.to_string())?;
             state.put_job(id, &bytes).map_err(|e| e.to_string())
         })
-        .await;
-        if let Ok(Err(e)) = written {
-            tracing::warn!(job = id, error = %e, "cannot record the job: a restart would lose it");
-        }
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Forgets a job that ended.
@@ -257,6 +269,21 @@ impl Market {
                     continue;
                 }
             };
+            // Back in the book before anyone can ask, so a client's retry of the same
+            // submission finds the job instead of starting it twice.
+            let signed = SignedJob::sign(job.record.clone(), &self.shared.keypair);
+            let _ = self.with(move |m, now| m.jobs.put(now, signed)).await;
+            if phase_of(job.record.state).is_final() {
+                // Stopped between recording its final version and forgetting it: send
+                // that version on, then forget it.
+                let market = self.clone();
+                self.spawn(async move {
+                    let signed = SignedJob::sign(job.record, &market.shared.keypair);
+                    market.send_job_record(signed).await;
+                    market.forget_job(id).await;
+                });
+                continue;
+            }
             let Some(slot) = self.shared.jobs_held.take(job.client) else {
                 tracing::warn!(job = id, "no room to carry on a scheduled job");
                 continue;
@@ -313,7 +340,9 @@ impl Market {
                         record.attempts = version.attempts;
                         record.error = version.error;
                         record.updated_at_ms = self.now();
-                        self.remember_job(from, &request, &record).await;
+                        if let Err(e) = self.remember_job(from, &request, &record).await {
+                            tracing::warn!(job = record.job_id, error = %e, "cannot record the job's new version");
+                        }
                         let keepers = self.publish_job(&mut record).await;
                         run.on_published(self.now(), seq, keepers);
                         if version.phase.is_final() {

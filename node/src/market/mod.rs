@@ -250,8 +250,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Market {
-    /// Starts this node's part in the market on `overlay`: serves requests from other
-    /// peers, and starts offering and scheduling as configured. An offering node runs
+    /// Starts this node's part in the market on `overlay`: offering and scheduling as
+    /// configured; [`Market::serve_peers`] then answers other peers. An offering node runs
     /// calls on its reservations with `executor`. Its machines are handed the time from
     /// `clock`.
     pub fn start(
@@ -337,9 +337,6 @@ impl Market {
         };
         let machines = state::Machines::new(overlay.peer_id(), holder, offerer, super_traders);
         market.spawn(market.clone().run_machines(machines, commands_in));
-        if let Some(inbound) = overlay.take_inbound_requests() {
-            market.serve_all(inbound);
-        }
         if market.shared.config.scheduler {
             market.spawn(market.clone().announce_scheduler());
         }
@@ -350,10 +347,18 @@ impl Market {
     }
 
     /// Keeps the state that must outlive a restart (the jobs this node schedules) in
-    /// `state`, and carries on the jobs recorded there before the restart.
+    /// `state`, and carries on the jobs recorded there before the restart. Call it before
+    /// [`Market::serve_peers`], so no job is taken before the recorded ones are back.
     pub async fn keep_state_in(&self, state: Arc<crate::state_db::StateDb>) {
         *lock(&self.shared.state) = Some(state);
         self.resume_jobs().await;
+    }
+
+    /// Starts answering other peers' requests (offers, calls, jobs).
+    pub fn serve_peers(&self) {
+        if let Some(inbound) = self.shared.overlay.take_inbound_requests() {
+            self.serve_all(inbound);
+        }
     }
 
     /// The node's database, unless the market stopped.
