@@ -163,6 +163,13 @@ pub fn implausible(s: &Summary, nodes: u64) -> Vec<String> {
         s.mean_kib_per_s_per_node > 0.0,
         "no bandwidth measured".into(),
     );
+    expect(
+        s.store_capacity_mib > 0.0 && s.peak_store_mib <= s.store_capacity_mib,
+        format!(
+            "a store held {} MiB of its {} MiB",
+            s.peak_store_mib, s.store_capacity_mib
+        ),
+    );
     problems
 }
 

@@ -48,6 +48,8 @@ pub struct NodeSpec {
     pub bootstrap: Vec<String>,
     /// Memory to lend, in MiB.
     pub offer_mib: Option<u32>,
+    /// Store capacity, in MiB (the node's default if `None`).
+    pub store_mib: Option<u64>,
     /// Whether it is a scheduler.
     pub scheduler: bool,
     /// Region probes before the fallback.
@@ -129,6 +131,9 @@ impl NodeSpec {
         }
         if let Some(mib) = self.offer_mib {
             cmd.args(["--offer-memory", &format!("{mib}MiB")]);
+        }
+        if let Some(mib) = self.store_mib {
+            cmd.args(["--store-capacity", &format!("{mib}MiB")]);
         }
         if self.scheduler {
             cmd.arg("--scheduler");

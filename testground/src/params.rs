@@ -49,6 +49,8 @@ pub const KNOWN: &[&str] = &[
     "split_after_s",
     "heal_after_s",
     "seed",
+    "input_kib",
+    "store_mib",
 ];
 
 /// The parameters of one run; every instance of it reads the same.
@@ -102,6 +104,11 @@ pub struct Params {
     /// The nodes' own choices (identities, which keys a scheduler probes) are not seeded,
     /// so two runs with one seed are alike, not identical.
     pub seed: u64,
+    /// Bytes of distinct random stdin each call brings, in KiB (0: none): uploaded on the
+    /// client's node, fetched and stored by the volunteer that runs it.
+    pub input_kib: u64,
+    /// Each node's store capacity, in MiB (0: the node's default, 10 GiB).
+    pub store_mib: u64,
 }
 
 impl Default for Params {
@@ -128,6 +135,8 @@ impl Default for Params {
             split_after_s: 40,
             heal_after_s: 80,
             seed: 1,
+            input_kib: 0,
+            store_mib: 0,
         }
     }
 }
@@ -229,6 +238,8 @@ impl Params {
             "split_after_s" => self.split_after_s = number(key, value, count)?,
             "heal_after_s" => self.heal_after_s = number(key, value, count)?,
             "seed" => self.seed = number(key, value, count)?,
+            "input_kib" => self.input_kib = number(key, value, count)?,
+            "store_mib" => self.store_mib = number(key, value, count)?,
             _ => return Err(ParamError::Unknown(key.into())),
         }
         Ok(())
@@ -241,6 +252,22 @@ impl Params {
         }
         if self.call_ms > 600_000 {
             return Err(invalid("call_ms", &show(&self.call_ms), "at most 600000"));
+        }
+        // A call's stdin is held in memory by the volunteer: no more than the smallest
+        // call's 128 MiB.
+        if self.input_kib > 128 * 1024 {
+            return Err(invalid(
+                "input_kib",
+                &show(&self.input_kib),
+                "at most 131072",
+            ));
+        }
+        if self.store_mib != 0 && self.store_mib < 64 {
+            return Err(invalid(
+                "store_mib",
+                &show(&self.store_mib),
+                "0 or at least 64",
+            ));
         }
         if !(1..=64).contains(&self.max_tries) {
             return Err(invalid("max_tries", &show(&self.max_tries), "1 to 64"));

@@ -105,6 +105,12 @@ pub struct ResourceRow {
     pub bytes_in: u64,
     /// Bytes sent by the node's libp2p transports so far.
     pub bytes_out: u64,
+    /// Bytes its blockstore holds, in MiB.
+    #[serde(default)]
+    pub store_mib: f64,
+    /// Its blockstore's capacity, in MiB.
+    #[serde(default)]
+    pub store_capacity_mib: f64,
 }
 
 /// Something that happened to an instance or the network.

@@ -91,6 +91,11 @@ impl Sampler {
             Ok(text) => bandwidth(&text),
             Err(_) => (0, 0),
         };
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let (store_mib, store_capacity_mib) = match self.api.status().await {
+            Ok(status) => (mib(status.store.bytes), mib(status.store.capacity)),
+            Err(_) => (0.0, 0.0),
+        };
         Some(ResourceRow {
             unix_ms: now,
             instance: self.instance,
@@ -99,6 +104,8 @@ impl Sampler {
             rss_mib,
             bytes_in,
             bytes_out,
+            store_mib,
+            store_capacity_mib,
         })
     }
 }

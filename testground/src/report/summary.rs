@@ -57,6 +57,12 @@ pub struct Summary {
     pub peak_rss_mib: f64,
     /// Mean resident memory over all samples, MiB.
     pub mean_rss_mib: f64,
+    /// Most bytes any node's blockstore held in any sample, MiB.
+    #[serde(default)]
+    pub peak_store_mib: f64,
+    /// The largest store capacity of any node sampled, MiB.
+    #[serde(default)]
+    pub store_capacity_mib: f64,
     /// `join` events.
     pub joins: u64,
     /// `leave` (graceful) events.
@@ -109,6 +115,11 @@ impl Summary {
             mean_cpu_percent: mean(resources.iter().map(|r| r.cpu_percent)),
             peak_rss_mib: resources.iter().map(|r| r.rss_mib).fold(0.0, f64::max),
             mean_rss_mib: mean(resources.iter().map(|r| r.rss_mib)),
+            peak_store_mib: resources.iter().map(|r| r.store_mib).fold(0.0, f64::max),
+            store_capacity_mib: resources
+                .iter()
+                .map(|r| r.store_capacity_mib)
+                .fold(0.0, f64::max),
             joins: event_count("join") as u64,
             leaves: event_count("leave") as u64,
             crashes: event_count("crash") as u64,

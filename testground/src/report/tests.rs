@@ -66,6 +66,8 @@ fn sample(
         rss_mib,
         bytes_in: bytes[0],
         bytes_out: bytes[1],
+        store_mib: rss_mib / 2.0,
+        store_capacity_mib: 256.0,
     }
 }
 
@@ -170,6 +172,10 @@ fn summary_counts_rates_and_percentiles() {
     assert_eq!(summary.mean_kib_per_s_per_node, 3.0);
     assert_eq!(summary.mean_cpu_percent, 25.0);
     assert_eq!((summary.peak_rss_mib, summary.mean_rss_mib), (60.0, 45.0));
+    assert_eq!(
+        (summary.peak_store_mib, summary.store_capacity_mib),
+        (30.0, 256.0)
+    );
     assert_eq!((summary.joins, summary.leaves, summary.crashes), (2, 1, 1));
     assert_eq!((summary.splits, summary.heals), (1, 1));
     assert_eq!(summary.duration_s, 14.5);

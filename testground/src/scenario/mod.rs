@@ -192,6 +192,7 @@ impl<C: Coordinator, L: Links> Instance<C, L> {
             netns: self.netns.clone(),
             bootstrap: bootstrap.to_vec(),
             offer_mib: (lent_mib > 0).then_some(lent_mib),
+            store_mib: (self.params.store_mib > 0).then_some(self.params.store_mib),
             scheduler: self.role() == Role::Scheduler,
             max_tries: self.params.max_tries,
             key_space: self.params.key_space.clone(),

@@ -12,11 +12,12 @@ use crate::links::Links;
 use crate::node_process::NodeProcess;
 use crate::records::{CsvLog, INVOCATIONS_FILE, InvocationRow, unix_ms};
 use anyhow::Context;
+use bytes::Bytes;
 use flotilla_api::client::{ApiClient, ClientError};
 use flotilla_api::function::FunctionCall;
 use flotilla_api::types::{DiscoverBody, InvokeBody};
-use rand::Rng;
 use rand::rngs::StdRng;
+use rand::{Rng, RngCore};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -84,6 +85,7 @@ pub struct Client {
     log: Arc<Mutex<CsvLog>>,
     seq: u32,
     rng: StdRng,
+    input_bytes: usize,
 }
 
 /// The mean of `value:weight` pairs.
@@ -139,6 +141,7 @@ impl Client {
             )?)),
             seq: instance.seq,
             rng: instance.rng(2),
+            input_bytes: (p.input_kib * 1024) as usize,
         })
     }
 
@@ -164,7 +167,20 @@ impl Client {
                 ));
                 continue;
             };
-            let call = self.call(memory_mib);
+            let mut call = self.call(memory_mib);
+            if self.input_bytes > 0 {
+                // Distinct stdin for every call, added as cache on the client's node.
+                let mut input = vec![0u8; self.input_bytes];
+                self.rng.fill_bytes(&mut input);
+                let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(input))]);
+                match self.api.add_with(body, false).await {
+                    Ok(added) => call.call.stdin = Some(added.cid),
+                    Err(e) => {
+                        self.record(failed(self.seq, phase, &format!("cannot add stdin: {e}")));
+                        continue;
+                    }
+                }
+            }
             let (api, log, seq) = (self.api.clone(), self.log.clone(), self.seq);
             let expected = format!("slept {} ms\n", self.call_ms);
             let limit = Duration::from_millis(self.call_ms) + ANSWER_SLACK;
