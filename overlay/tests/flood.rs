@@ -259,7 +259,13 @@ async fn a_connection_flood_from_256_identities_leaves_room_to_dial_out_and_for_
     let (_honest, kept) = honest_connects(&node, &node.addr(true)).await;
     assert!(kept, "the honest peer was refused");
     assert_eq!(node.metric("flotilla_connections_evicted_total"), 1.0);
-    assert!(node.connected().await <= 192 + 1);
+    // The evicted connection closes on its own task: under load, a moment after.
+    wait_until(
+        "the evicted attacker's connection is gone",
+        Duration::from_secs(10),
+        || async { node.connected().await <= 192 + 1 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
