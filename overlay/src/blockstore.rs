@@ -538,11 +538,13 @@ impl Blockstore {
     }
 
     /// Removes a block if it is still evictable; answers the bytes freed, or `None` if
-    /// it was not evicted. The file goes first: a block whose file could not be deleted
-    /// stays counted.
+    /// it was not evicted. The index stays locked from the check to the end, so no lease
+    /// can protect the block in between (a lease protects, then looks); the file goes
+    /// first, so a block whose file could not be deleted stays counted.
     fn evict(&self, key: &BlockKey) -> Result<Option<u64>, StoreError> {
         let _writing = self.stripe(key);
-        if !self.index().evictable(key) {
+        let mut index = self.index();
+        if !index.evictable(key) {
             return Ok(None);
         }
         let path = self.path_of_key(key);
@@ -551,9 +553,7 @@ impl Blockstore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(StoreError::Io { path, source }),
         }
-        // Protected meanwhile (a lease taken without the stripe): its holder finds the
-        // block gone when it reads it, and fetches it again.
-        Ok(self.index().remove(key))
+        Ok(index.remove(key))
     }
 
     /// Lets go of kept leases whose time is up.
