@@ -411,9 +411,15 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
         None
     }
     let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-    let crashed = loop {
+    // An offer of the chosen offerer may be between holders at any moment (being sent
+    // to a new key): look again until every offer it made has an expiry.
+    let (crashed, expiries) = loop {
         if let Some(found) = held_elsewhere(&nodes, offerer_index).await {
-            break found;
+            let sent = nodes[found].market().offers().await.sent;
+            let expiries: Vec<u64> = sent.iter().filter_map(|o| o.expires_at_ms).collect();
+            if !expiries.is_empty() && expiries.len() == sent.len() {
+                break (found, expiries);
+            }
         }
         assert!(
             tokio::time::Instant::now() < give_up,
@@ -422,14 +428,6 @@ async fn offers_expire_after_a_crash_vanish_on_a_stop_and_move_when_a_holder_lea
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let crashed_id = nodes[crashed].peer_id().to_string();
-    let expiries: Vec<u64> = nodes[crashed]
-        .market()
-        .offers()
-        .await
-        .sent
-        .iter()
-        .filter_map(|o| o.expires_at_ms)
-        .collect();
     let (first_expiry, last_expiry) = (
         *expiries.iter().min().unwrap(),
         *expiries.iter().max().unwrap(),
