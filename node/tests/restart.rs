@@ -19,6 +19,21 @@ async fn job_is(market: &Market, id: u64, state: JobState) -> bool {
     market.job(id).await.is_ok_and(|r| r.state == state)
 }
 
+/// Starts the scheduler, node 0 of the network in `dir`, again on its data dir, joined
+/// through `peer`.
+async fn restart_scheduler(
+    dir: &std::path::Path,
+    peer: &daemon::RunningNode,
+) -> daemon::RunningNode {
+    let config = demo::loopback_config(&dir.join("node-0"), vec![peer.bootstrap_addr()]);
+    daemon::start(NodeConfig {
+        scheduler: true,
+        ..quick(config, Duration::from_secs(5))
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,13 +81,7 @@ async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
     let scheduler = nodes.remove(0);
     let peer_id = scheduler.peer_id();
     scheduler.kill().await;
-    let config = demo::loopback_config(&dir.path().join("node-0"), vec![nodes[0].bootstrap_addr()]);
-    let scheduler = daemon::start(NodeConfig {
-        scheduler: true,
-        ..quick(config, fetch)
-    })
-    .await
-    .unwrap();
+    let scheduler = restart_scheduler(dir.path(), &nodes[0]).await;
     assert_eq!(scheduler.peer_id(), peer_id);
     assert_eq!(scheduler.market().jobs_held(), 1, "the job is carried on");
     wait_until("the carried-on job publishes newer versions", || async {
@@ -114,13 +123,7 @@ async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
     .await;
     scheduler.stop().await;
     // Started again, it has nothing left to carry on.
-    let config = demo::loopback_config(&dir.path().join("node-0"), vec![nodes[0].bootstrap_addr()]);
-    let scheduler = daemon::start(NodeConfig {
-        scheduler: true,
-        ..quick(config, fetch)
-    })
-    .await
-    .unwrap();
+    let scheduler = restart_scheduler(dir.path(), &nodes[0]).await;
     assert_eq!(scheduler.market().jobs_held(), 0);
     scheduler.stop().await;
     late.stop().await;

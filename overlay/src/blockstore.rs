@@ -706,11 +706,6 @@ impl Blockstore {
         Ok(self.db()?.pins()?)
     }
 
-    /// Whether `root` is pinned.
-    pub fn is_pinned(&self, root: &Cid) -> Result<bool, StoreError> {
-        Ok(self.db()?.is_pinned(root)?)
-    }
-
     /// Removes every cached block that is not in use, as `ipfs repo gc` does.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let victims = {

@@ -186,16 +186,6 @@ impl StoreDb {
         read().map_err(|e| self.failed(e))
     }
 
-    /// Whether `root` is pinned.
-    pub fn is_pinned(&self, root: &Cid) -> Result<bool, DbError> {
-        let root = root.to_bytes();
-        let read = || -> Result<bool, redb::Error> {
-            let txn = self.db.begin_read()?;
-            Ok(txn.open_table(PINS)?.get(root.as_slice())?.is_some())
-        };
-        read().map_err(|e| self.failed(e))
-    }
-
     /// Saves recency changes: a block's new tick, or `None` to forget it.
     pub fn save_recency(&self, changes: &HashMap<BlockKey, Option<u64>>) -> Result<(), DbError> {
         if changes.is_empty() {
@@ -256,7 +246,6 @@ mod tests {
         assert_eq!(loaded.pins.get(&key(2)), Some(&2));
         assert_eq!(loaded.pins.get(&key(1)), Some(&1));
         assert_eq!(db.pins().unwrap().len(), 2);
-        assert!(db.is_pinned(&pin(1).root).unwrap());
         let mut members = db.remove_pin(&pin(1).root).unwrap().unwrap();
         members.sort();
         assert_eq!(members, vec![key(1), key(2)]);

@@ -88,20 +88,13 @@ impl JobRun {
     /// tries again every `retry_every_ms` (at least 1): its first versions (waiting, then
     /// running) and its first placement.
     pub fn start(now_ms: u64, wait_until_ms: u64, retry_every_ms: u64) -> (JobRun, Vec<JobAction>) {
-        let mut run = JobRun {
-            latest: Version {
-                seq: 0,
-                phase: Phase::Waiting,
-                attempts: 0,
-                error: None,
-            },
-            wait_until_ms,
-            retry_every_ms: retry_every_ms.max(1),
-            retry_at_ms: None,
-            republish_at_ms: None,
-            keepers: 0,
-            placing: false,
+        let first = Version {
+            seq: 0,
+            phase: Phase::Waiting,
+            attempts: 0,
+            error: None,
         };
+        let mut run = JobRun::at(first, wait_until_ms, retry_every_ms);
         let mut actions = vec![run.next_version(Phase::Waiting, None)];
         actions.extend(run.place(now_ms));
         (run, actions)
@@ -118,15 +111,7 @@ impl JobRun {
         wait_until_ms: u64,
         retry_every_ms: u64,
     ) -> (JobRun, Vec<JobAction>) {
-        let mut run = JobRun {
-            latest,
-            wait_until_ms,
-            retry_every_ms: retry_every_ms.max(1),
-            retry_at_ms: None,
-            republish_at_ms: None,
-            keepers: 0,
-            placing: false,
-        };
+        let mut run = JobRun::at(latest, wait_until_ms, retry_every_ms);
         if run.is_finished() {
             return (run, Vec::new());
         }
@@ -139,6 +124,19 @@ impl JobRun {
         let mut actions = vec![run.next_version(Phase::Waiting, Some(reason))];
         actions.extend(run.place(now_ms));
         (run, actions)
+    }
+
+    /// A job whose latest version is `latest`, nothing under way or due.
+    fn at(latest: Version, wait_until_ms: u64, retry_every_ms: u64) -> JobRun {
+        JobRun {
+            latest,
+            wait_until_ms,
+            retry_every_ms: retry_every_ms.max(1),
+            retry_at_ms: None,
+            republish_at_ms: None,
+            keepers: 0,
+            placing: false,
+        }
     }
 
     /// The latest version.
