@@ -7,6 +7,8 @@
 //! * instantiation of a cached module by the executor: p50, p99;
 //! * cold invoke of a 1 MiB module that no volunteer has yet: total beside the fetch and
 //!   compile it includes;
+//! * memoized results: a call answered from its memo beside the same call run warm
+//!   (`fresh`), and a pure call not yet memoized, which looks for a memo first;
 //! * invocations per second one volunteer sustains (a 4 GiB volunteer, 32 callers: as many as its memory holds).
 //!
 //! Prints a Markdown table; `scripts/bench invoke` records it in docs/benchmarks.md.
@@ -164,6 +166,7 @@ async fn main() {
     }
     let nodes = network(&dir.path().join("warm"), 5, ByteSize::gib(1), true).await;
     warm(&nodes, "").await;
+    memoized(&nodes).await;
     // Cold invoke of a 1 MiB module.
     let mut cold = Vec::new();
     for _ in 0..COLD_CALLS {
@@ -264,6 +267,63 @@ async fn throughput(dir: &std::path::Path, links: bool, how: &str) {
     );
     for node in nodes {
         node.stop().await;
+    }
+}
+
+/// The no-op (pure: it reads no clock and no random numbers) called through the path
+/// `flotilla invoke` takes (`Market::invoke_replicated`): run warm with `fresh`,
+/// answered from its memo, and with distinct arguments each time, so that each call looks
+/// for a memo, finds none and runs.
+async fn memoized(nodes: &[RunningNode]) {
+    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    let market = nodes[0].market();
+    let timed = |c: FunctionCall, fresh: bool| async move {
+        let started = Instant::now();
+        let (invocation, _) = market
+            .invoke_replicated(c, None, None, 1, fresh)
+            .await
+            .unwrap();
+        (
+            invocation.memoized,
+            started.elapsed().as_secs_f64() * 1000.0,
+        )
+    };
+    for _ in 0..5 {
+        timed(call(&module), true).await;
+    }
+    let mut cases: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..WARM_CALLS {
+        let (memoized, ms) = timed(call(&module), true).await;
+        assert!(!memoized);
+        warm.push(ms);
+    }
+    cases.push(("run warm (`--fresh`: no memo looked for)", warm));
+    let mut memo = Vec::new();
+    for _ in 0..WARM_CALLS {
+        let (memoized, ms) = timed(call(&module), false).await;
+        assert!(memoized);
+        memo.push(ms);
+    }
+    cases.push(("answered from its memo", memo));
+    let mut missed = Vec::new();
+    for i in 0..WARM_CALLS {
+        let c = FunctionCall {
+            args: vec![format!("distinct-{i}")],
+            ..call(&module)
+        };
+        let (memoized, ms) = timed(c, false).await;
+        assert!(!memoized);
+        missed.push(ms);
+    }
+    cases.push(("not memoized yet: a memo looked for, then run", missed));
+    for (case, times) in cases {
+        let times = sorted(times);
+        println!(
+            "| a pure no-op through `flotilla invoke`'s path, 5 nodes ({WARM_CALLS} calls), {case} | p50 {:.2} ms, p99 {:.2} ms |",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99)
+        );
     }
 }
 

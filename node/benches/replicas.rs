@@ -87,7 +87,7 @@ async fn warm(client: &RunningNode, module: &str, replicas: u32) -> Vec<f64> {
     let market = client.market();
     for _ in 0..5 {
         market
-            .invoke_replicated(call(module), None, None, replicas)
+            .invoke_replicated(call(module), None, None, replicas, true)
             .await
             .unwrap();
     }
@@ -95,7 +95,7 @@ async fn warm(client: &RunningNode, module: &str, replicas: u32) -> Vec<f64> {
     for _ in 0..CALLS {
         let started = Instant::now();
         let (invocation, report) = market
-            .invoke_replicated(call(module), None, None, replicas)
+            .invoke_replicated(call(module), None, None, replicas, true)
             .await
             .unwrap();
         ms.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -150,6 +150,8 @@ fn receipt_costs() -> (Vec<f64>, Vec<f64>) {
             stderr: StreamDigest::of(&[], &OutputStream::default()),
             outputs: execution.outputs.clone(),
             timings: ExecutionTimings::default(),
+            pure: false,
+            signed_at_ms: 0,
         };
         let receipt = Receipt::sign(body, &keypair);
         sign.push(started.elapsed().as_secs_f64() * 1e6);

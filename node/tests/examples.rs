@@ -115,6 +115,8 @@ fn sha256_matches_the_sha2_crate() {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(text(&outcome.stdout), format!("{expected}  -\n"));
+        // It reads no clock and no random numbers: its answer may be memoized.
+        assert!(outcome.pure);
     }
     let outcome = run(&exec, "sha256", job(&["--bench", "1"]));
     assert_eq!(outcome.exit_code, 0);
@@ -338,6 +340,8 @@ fn sleep_waits_at_least_its_milliseconds_and_refuses_bad_ones() {
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert_eq!(outcome.exit_code, 0);
     assert_eq!(text(&outcome.stdout), "slept 50 ms\n");
+    // Sleeping waits on the host's time (`poll_oneoff`): never memoized.
+    assert!(!outcome.pure);
     for bad in ["-1", "x", "600001"] {
         let outcome = run(&exec, "sleep", job(&[bad]));
         assert_eq!(outcome.exit_code, 2, "{bad}");

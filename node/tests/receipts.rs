@@ -52,6 +52,7 @@ fn body(module: &str, replicas: Option<u32>) -> InvokeBody {
         max_tries: None,
         placement: None,
         replicas,
+        fresh: false,
     }
 }
 

@@ -330,3 +330,80 @@ fn a_job_never_sees_what_an_earlier_job_left_in_its_directory() {
     let kept = std::fs::read_dir(dir.path().join("jobs")).unwrap().count();
     assert_eq!(kept, 1);
 }
+
+/// A module that calls `name` (a WASI call taking `params` i32s) only when given an
+/// argument, after writing "hello\n"; `imports` adds more imports it never calls.
+fn calls_only_with_an_argument(name: &str, params: usize, imports: &str) -> Vec<u8> {
+    let params_ty = "i32 ".repeat(params);
+    // The first argument 0 (a clock id, a buffer), the others 64 (a length, a buffer).
+    let args = format!("(i32.const 0) {}", "(i32.const 64) ".repeat(params - 1));
+    wat::parse_str(format!(
+        r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "{name}" (func $impure (param {params_ty}) (result i32)))
+  {imports}
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (drop (call $args_sizes_get (i32.const 32) (i32.const 36)))
+    (if (i32.gt_u (i32.load (i32.const 32)) (i32.const 1))
+      (then (drop (call $impure {args}))))))
+"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_run_is_pure_unless_the_guest_reads_a_clock_or_random_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let executor = executor(dir.path());
+    let run = |wasm: &[u8], args: &[&str]| {
+        let job = Job {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..job(MIB)
+        };
+        let outcome = executor.run(wasm, job).unwrap();
+        assert_eq!(outcome.failure, None);
+        assert_eq!(outcome.stdout, b"hello\n");
+        outcome.pure
+    };
+    assert!(run(&wat::parse_str(HELLO).unwrap(), &[]));
+    // clock_time_get(id, precision: i64, out): the wall clock (0) and the monotonic (1).
+    for clock_id in [0, 1] {
+        let clock = wat::parse_str(format!(
+            r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (drop (call $args_sizes_get (i32.const 32) (i32.const 36)))
+    (if (i32.gt_u (i32.load (i32.const 32)) (i32.const 1))
+      (then (drop (call $clock (i32.const {clock_id}) (i64.const 1) (i32.const 64)))))))
+"#
+        ))
+        .unwrap();
+        // Importing a clock is not reading it; calling it is.
+        assert!(run(&clock, &[]));
+        assert!(!run(&clock, &["read"]), "clock {clock_id}");
+    }
+    let random = calls_only_with_an_argument("random_get", 2, "");
+    assert!(run(&random, &[]));
+    assert!(!run(&random, &["read"]));
+    let clock_res = calls_only_with_an_argument("clock_res_get", 2, "");
+    assert!(run(&clock_res, &[]));
+    assert!(!run(&clock_res, &["read"]));
+    // A module that may ask for file times or a directory's order is never pure.
+    let filestat = calls_only_with_an_argument("fd_filestat_get", 2, "");
+    assert!(!run(&filestat, &[]));
+}

@@ -13,6 +13,8 @@
 //!   the latest version, retries until its deadline;
 //! * [`book`]: the detached jobs' records a node keeps for others — newest version per
 //!   job, bounded in all and per scheduler, expiring, republished a few at a time;
+//! * [`memos`]: the memoized results of pure calls a node keeps for others — agreeing
+//!   volunteers per call, a disagreement contests the call, bounded, expiring;
 //! * [`registry`]: the well-known key schedulers announce themselves under;
 //! * [`harness`]: N nodes' machines wired through a simulated network (delay, loss,
 //!   duplicates, cuts, isolation, crashes) in virtual time, checking the market's
@@ -26,6 +28,7 @@ pub mod discovery;
 pub mod harness;
 pub mod job;
 pub mod market_sim;
+pub mod memos;
 pub mod placement;
 pub mod placer;
 pub mod registry;

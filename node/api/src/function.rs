@@ -313,6 +313,10 @@ pub struct Invocation {
     /// request a node sends itself is none). Answers of older schedulers lack it.
     #[serde(default)]
     pub exchanges: u32,
+    /// Answered from a memoized result of the same pure call (`crate::memo`): nothing
+    /// ran, and `execution` is the earlier run's, with its volunteer's receipt.
+    #[serde(default)]
+    pub memoized: bool,
 }
 
 #[cfg(test)]
@@ -383,6 +387,7 @@ mod tests {
             messages: 12,
             probes: 2,
             exchanges: 4,
+            memoized: false,
         };
         let mut json = serde_json::to_value(&invocation).unwrap();
         assert_eq!(json["probes"], 2);
@@ -394,6 +399,7 @@ mod tests {
             Invocation {
                 probes: 0,
                 exchanges: 0,
+                memoized: false,
                 ..invocation
             }
         );

@@ -14,6 +14,7 @@ pub mod client;
 pub mod function;
 pub mod job;
 pub mod market;
+pub mod memo;
 pub mod receipt;
 pub mod replicas;
 pub mod types;

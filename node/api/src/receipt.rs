@@ -123,6 +123,14 @@ pub struct ReceiptBody {
     pub outputs: Vec<OutputFile>,
     /// Where the volunteer's time went.
     pub timings: ExecutionTimings,
+    /// Whether the outcome depends only on the call: the guest read no clock and no
+    /// random numbers, as the volunteer's executor watched (so the answer may be
+    /// memoized, `crate::memo`).
+    #[serde(default)]
+    pub pure: bool,
+    /// When the volunteer signed it (Unix ms, by its clock).
+    #[serde(default)]
+    pub signed_at_ms: u64,
 }
 
 impl ReceiptBody {
@@ -412,6 +420,8 @@ mod tests {
             stderr: StreamDigest::of(&execution.stderr.inline, &execution.stderr),
             outputs: execution.outputs.clone(),
             timings: execution.timings,
+            pure: false,
+            signed_at_ms: 0,
         };
         Receipt::sign(body, keypair)
     }

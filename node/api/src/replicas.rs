@@ -193,6 +193,8 @@ mod tests {
             stderr: StreamDigest::of(&[], &OutputStream::default()),
             outputs: Vec::new(),
             timings: ExecutionTimings::default(),
+            pure: false,
+            signed_at_ms: 0,
         };
         Invocation {
             invocation_id: 1,
@@ -214,6 +216,7 @@ mod tests {
             messages: 0,
             probes: 0,
             exchanges: 0,
+            memoized: false,
         }
     }
 

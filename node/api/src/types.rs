@@ -116,6 +116,10 @@ pub struct InvokeBody {
     /// absent).
     #[serde(default)]
     pub replicas: Option<u32>,
+    /// Run it even if a memoized answer of the same pure call exists
+    /// (`crate::memo`).
+    #[serde(default)]
+    pub fresh: bool,
 }
 
 /// The answer of `/v0/invoke`.

@@ -27,6 +27,7 @@
 
 pub mod cache;
 pub mod jobdir;
+pub mod purity;
 pub mod watchdog;
 
 use cache::{ModuleCache, module_key};
@@ -176,6 +177,9 @@ pub struct Outcome {
     pub failure: Option<String>,
     /// Where the time went.
     pub timings: Timings,
+    /// Whether its outcome depends only on the job ([`purity`]): it read no clock and no
+    /// random numbers, and its module imports no call whose answer differs between hosts.
+    pub pure: bool,
 }
 
 /// What a guest's store holds: its WASI context, its limits and its watch.
@@ -402,6 +406,7 @@ impl Executor {
             .stderr(stderr.clone())
             .args(&argv)
             .envs(&job.env);
+        let witness = purity::watch(&mut wasi);
         wasi.preopened_dir(dir.path(), ".", FsPerms::ReadWrite)
             .map_err(|e| ExecError::Internal(format!("job directory: {e}")))?;
         let limits = StoreLimitsBuilder::new()
@@ -477,7 +482,9 @@ impl Executor {
         };
         // Only a directory the guest left empty serves again; any other is removed.
         self.spare_dirs.give_back(dir);
+        let pure = !witness.seen() && !purity::imports_host_dependent(pre.module());
         Ok(Outcome {
+            pure,
             exit_code,
             stdout: stdout.contents().to_vec(),
             stderr: stderr.contents().to_vec(),

@@ -340,7 +340,13 @@ async fn invoke(
     let replicas = body.replicas.unwrap_or(1);
     match app
         .market
-        .invoke_replicated(body.call, body.max_tries, body.placement, replicas)
+        .invoke_replicated(
+            body.call,
+            body.max_tries,
+            body.placement,
+            replicas,
+            body.fresh,
+        )
         .await
     {
         Ok((invocation, replicas)) => Ok(Json(InvokeReply {

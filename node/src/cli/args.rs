@@ -201,6 +201,11 @@ pub struct InvokeArgs {
     /// status and stdout compared); a disagreement names the outvoted volunteers
     #[arg(long, value_name = "N", conflicts_with = "detach", value_parser = clap::value_parser!(u32).range(1..=9))]
     pub replicas: Option<u32>,
+    /// Run the call even if the same pure call was answered before (by default such a
+    /// call is answered from its memoized result, checked against its volunteer's
+    /// signed receipt)
+    #[arg(long)]
+    pub fresh: bool,
     /// Return a job id at once; the job runs when an offer fits (see `flotilla job`)
     #[arg(long)]
     pub detach: bool,

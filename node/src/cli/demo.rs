@@ -176,6 +176,7 @@ async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Re
         max_tries: None,
         placement: None,
         replicas: None,
+        fresh: false,
     };
     say(format!(
         "\n$ flotilla invoke {module} --memory 128MiB --stdin-cid {input}"
@@ -190,12 +191,39 @@ async fn invoke_examples(nodes: &[RunningNode], json: bool) -> anyhow::Result<Re
     narrate(&say, &first, &output);
     say("(matches the SHA-256 computed here)".into());
 
-    say("\nthe same call again: the volunteer has the blocks and the compiled module".into());
-    let again = client.invoke(&call).await?;
+    say(format!(
+        "\n$ flotilla invoke {module} --memory 128MiB --stdin-cid {input} --fresh"
+    ));
+    say("the same call run again: the volunteer has the blocks and the compiled module".into());
+    let fresh = InvokeBody {
+        fresh: true,
+        ..call.clone()
+    };
+    let again = client.invoke(&fresh).await?;
     narrate(
         &say,
         &again,
         &String::from_utf8_lossy(&again.invocation.execution.stdout.inline),
+    );
+
+    say(format!(
+        "\n$ flotilla invoke {module} --memory 128MiB --stdin-cid {input}"
+    ));
+    say(
+        "without --fresh: sha256 read no clock and no random numbers, so its answer is memoized"
+            .into(),
+    );
+    let memoized = client.invoke(&call).await?;
+    anyhow::ensure!(
+        memoized.invocation.memoized
+            && memoized.invocation.execution.stdout.inline
+                == first.invocation.execution.stdout.inline,
+        "the same pure call was not answered from its memo"
+    );
+    narrate(
+        &say,
+        &memoized,
+        &String::from_utf8_lossy(&memoized.invocation.execution.stdout.inline),
     );
 
     let counter = add(WORDCOUNT_WASM).await?;

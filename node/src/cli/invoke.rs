@@ -49,6 +49,7 @@ pub async fn run(client: &ApiClient, args: InvokeArgs, json: bool) -> anyhow::Re
         max_tries: args.max_tries,
         placement: args.placement,
         replicas: args.replicas,
+        fresh: args.fresh,
     };
     body.call.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     if args.detach {

@@ -14,6 +14,7 @@
 //! memory = "128MiB"
 //! stdin = { job = "count", output = "counts.txt" }  # or "stdout" / "stderr"
 //! replicas = 3   # run on 3 volunteers, take the majority's answer
+//! fresh = true   # run it even if the same pure call was answered before (memoized)
 //! ```
 
 use crate::executor::jobdir;
@@ -101,6 +102,9 @@ pub struct PlanJob {
     /// absent; at most 9).
     #[serde(default)]
     pub replicas: Option<u32>,
+    /// Run it even if a memoized answer of the same pure call exists.
+    #[serde(default)]
+    pub fresh: bool,
 }
 
 fn default_memory() -> bytesize::ByteSize {

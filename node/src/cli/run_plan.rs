@@ -198,6 +198,7 @@ fn call_of(
         max_tries: None,
         placement: None,
         replicas: job.replicas,
+        fresh: job.fresh,
     })
 }
 

@@ -375,6 +375,7 @@ impl Market {
 
         let storing = Instant::now();
         let mut outcome = outcome;
+        let pure = outcome.pure && outcome.failure.is_none();
         self.maybe_tamper(&mut outcome.stdout);
         let stdout_sha256 = sha256_hex(&outcome.stdout);
         let stderr_sha256 = sha256_hex(&outcome.stderr);
@@ -408,7 +409,14 @@ impl Market {
             timings,
             receipt: None,
         };
-        let body = self.receipt_body_for(from, request, &execution, stdout_sha256, stderr_sha256);
+        let body = self.receipt_body_for(
+            from,
+            request,
+            &execution,
+            stdout_sha256,
+            stderr_sha256,
+            pure,
+        );
         Ok((execution, body))
     }
 

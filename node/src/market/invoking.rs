@@ -373,6 +373,7 @@ impl Market {
                     discover_us,
                     scheduler_us: started.elapsed().as_micros() as u64,
                     messages: tally.messages + exchanges.lookups,
+                    memoized: false,
                     probes: tally.probes,
                     exchanges: exchanges.total(),
                 }))

@@ -720,6 +720,7 @@ mod tests {
             messages: 0,
             probes: 0,
             exchanges: 0,
+            memoized: false,
         };
         // 40 MiB of stdout, then 30 MiB does not fit the 64 MiB, 20 and 4 do; inline
         // stderr and a malformed CID are skipped.

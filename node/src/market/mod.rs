@@ -34,6 +34,7 @@ pub use flotilla_api::function;
 /// A volunteer's signed receipt for a run: the crate `flotilla-api`'s module, re-exported.
 pub use flotilla_api::receipt;
 pub mod jobs;
+pub mod memos;
 pub mod metrics;
 pub mod once;
 pub mod protocol;
@@ -219,6 +220,8 @@ struct Shared {
     jobs_held: slots::Pool,
     /// Copies of job results' stdout and stderr being fetched (see `jobs`).
     result_copies: Arc<Semaphore>,
+    /// Modules whose runs were signed impure: not looked up as memos.
+    impure_modules: memos::ImpureModules,
     /// What this node agreed to keep of others' job results.
     copy_quota: Mutex<copies::CopyQuota>,
     /// The node's database, from [`Market::keep_state_in`] until the market stops: the
@@ -322,6 +325,7 @@ impl Market {
                 keypair: keypair.clone(),
                 jobs_held: slots::Pool::new(jobs::MAX_JOBS),
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
+                impure_modules: Default::default(),
                 copy_quota: Mutex::default(),
                 state: Mutex::new(None),
                 peer_id: overlay.peer_id(),

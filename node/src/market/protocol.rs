@@ -19,6 +19,8 @@
 //! | `Submit`       | client node → scheduler       | `Accepted`, `Failed`, `Busy` or `Refused` |
 //! | `StoreJob`     | scheduler → peers near the job's key | `JobStored` or `Refused` |
 //! | `FindJob`      | any node → peers near the job's key  | `Job`                    |
+//! | `StoreMemo`    | client node → peers near the call's digest | `MemoStored` or `Refused` |
+//! | `FindMemo`     | client node → peers near the call's digest | `Memos`            |
 //!
 //! Creating, refreshing and withdrawing an offer are one message: a new signed version of
 //! the offer, newer by sequence number, withdrawn when its `withdrawn` flag is set.
@@ -26,6 +28,7 @@
 use super::function::{Execution, FunctionCall, Invocation};
 use super::jobs::SignedJob;
 use crate::one_line;
+use flotilla_api::memo::Memo;
 use flotilla_offers::ledger::Reservation;
 use flotilla_offers::offer::{SignedOffer, cbor_bytes};
 use flotilla_overlay::regions::Tier;
@@ -138,6 +141,13 @@ pub enum Request {
         /// The job.
         job_id: u64,
     },
+    /// Keep this memoized result of a pure call.
+    StoreMemo(Box<Memo>),
+    /// Which memoized results of the call with this digest do you hold?
+    FindMemo {
+        /// The call's digest (`flotilla_api::memo::call_digest`).
+        digest: [u8; 32],
+    },
 }
 
 impl Request {
@@ -151,11 +161,25 @@ impl Request {
             | Request::Reserve { .. }
             | Request::Release { .. } => Concern::Offers,
             Request::Discover(_) | Request::Invoke(_) | Request::Execute(_) => Concern::Calls,
-            Request::Submit { .. } | Request::StoreJob(_) | Request::FindJob { .. } => {
-                Concern::Jobs
-            }
+            Request::Submit { .. }
+            | Request::StoreJob(_)
+            | Request::FindJob { .. }
+            | Request::StoreMemo(_)
+            | Request::FindMemo { .. } => Concern::Jobs,
         }
     }
+}
+
+/// What a node holds of a call's memoized results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoAnswer {
+    /// Nothing.
+    Unknown,
+    /// Volunteers disagreed on its result: it is not memoized.
+    Contested,
+    /// The memos of volunteers that agree, newest first (at most
+    /// `flotilla_api::memo::MAX_MEMOS_ANSWERED`).
+    Agreed(Vec<Memo>),
 }
 
 /// A client's call, for a scheduler to place.
@@ -282,6 +306,10 @@ pub enum Response {
     JobStored,
     /// The newest version of a job's record held, if any.
     Job(Option<Box<SignedJob>>),
+    /// A memo was kept (or an as new one is held).
+    MemoStored,
+    /// What is held of a call's memoized results.
+    Memos(MemoAnswer),
     /// A call could not be placed or run.
     Failed {
         /// Why, in one line.

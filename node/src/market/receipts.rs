@@ -16,7 +16,8 @@ pub const TAMPERED: &[u8] = b"\n(altered by a lying volunteer)\n";
 
 impl Market {
     /// What this node signs for the run of `request` it answers for `from` with
-    /// `execution`, whose stdout and stderr had these SHA-256 digests.
+    /// `execution`, whose stdout and stderr had these SHA-256 digests; `pure` when the
+    /// executor saw the guest read no clock and no random numbers.
     pub(super) fn receipt_body_for(
         &self,
         from: PeerId,
@@ -24,6 +25,7 @@ impl Market {
         execution: &Execution,
         stdout_sha256: String,
         stderr_sha256: String,
+        pure: bool,
     ) -> ReceiptBody {
         let call = &request.call;
         let digest = |sha256: String, stream: &OutputStream| StreamDigest {
@@ -46,6 +48,8 @@ impl Market {
             stderr: digest(stderr_sha256, &execution.stderr),
             outputs: execution.outputs.clone(),
             timings: execution.timings,
+            pure,
+            signed_at_ms: self.now(),
         }
     }
 

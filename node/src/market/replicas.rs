@@ -14,20 +14,32 @@ use libp2p::PeerId;
 impl Market {
     /// Runs `call` on `replicas` distinct volunteers and returns the majority's answer
     /// with the report of how they compared (none for a single replica).
+    ///
+    /// Unless `fresh`, a memoized answer agreed by as many volunteers as a majority of
+    /// the replicas answers at once (`super::memos`); the answers signed as pure are
+    /// published as memos, the outvoted ones never.
     pub async fn invoke_replicated(
         &self,
         call: FunctionCall,
         max_tries: Option<u32>,
         placement: Option<Policy>,
         replicas: u32,
+        fresh: bool,
     ) -> Result<(Invocation, Option<ReplicaReport>), InvokeError> {
         if replicas > MAX_REPLICAS {
             return Err(InvokeError::Rejected(format!(
                 "{replicas} replicas (at most {MAX_REPLICAS})"
             )));
         }
+        call.validate()
+            .map_err(|e| InvokeError::Rejected(e.to_string()))?;
+        if !fresh && let Some(memoized) = self.memoized(&call, majority(replicas)).await {
+            return Ok((memoized, None));
+        }
         if replicas <= 1 {
-            let invocation = self.invoke(call, max_tries, placement).await?;
+            let invocation = self.invoke(call.clone(), max_tries, placement).await?;
+            self.publish_memos(&call, std::slice::from_ref(&invocation))
+                .await;
             return Ok((invocation, None));
         }
         let mut runs: Vec<Invocation> = Vec::with_capacity(replicas as usize);
@@ -55,6 +67,12 @@ impl Market {
         let (report, winner) = vote(&runs);
         match winner {
             Some(i) => {
+                let agreeing: Vec<Invocation> = runs
+                    .iter()
+                    .filter(|run| !report.dissenters.contains(&run.execution.volunteer))
+                    .cloned()
+                    .collect();
+                self.publish_memos(&call, &agreeing).await;
                 if !report.dissenters.is_empty() {
                     tracing::warn!(
                         dissenters = ?report.dissenters,
@@ -67,6 +85,11 @@ impl Market {
             None => Err(InvokeError::NoMajority(report.describe())),
         }
     }
+}
+
+/// How many agreeing volunteers a memo needs to stand for `replicas` runs: a majority.
+fn majority(replicas: u32) -> usize {
+    replicas as usize / 2 + 1
 }
 
 /// A replica's failure, saying which.

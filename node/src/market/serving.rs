@@ -192,6 +192,8 @@ impl Market {
             }
             Request::StoreJob(job) => self.store_job(from, *job).await,
             Request::FindJob { job_id } => self.held_job(job_id).await,
+            Request::StoreMemo(memo) => self.store_memo(from, *memo).await,
+            Request::FindMemo { digest } => self.held_memos(digest).await,
             other => not_of(Concern::Jobs, &other),
         }
     }

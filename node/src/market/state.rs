@@ -1,6 +1,6 @@
 //! The market's one owner: an event loop that owns the machines the rest of the node
-//! shares — the holder, the offerer and its reservation ledger, the super-trader list and
-//! the job book — and carries out what they ask.
+//! shares — the holder, the offerer and its reservation ledger, the super-trader list, the
+//! job book and the memo book — and carries out what they ask.
 //!
 //! No other task touches them. A task that needs one sends a command over a bounded
 //! channel and awaits its oneshot reply ([`Market::with`]); commands run one at a time,
@@ -17,6 +17,7 @@
 
 use super::Market;
 use super::jobs::{JobBook, MAX_REPUBLISHED_PER_ROUND, book_limits};
+use super::memos::MemoBook;
 use flotilla_offers::holder::Holder;
 use flotilla_offers::offerer::{Action, Offerer};
 use flotilla_scheduler::supertraders::SuperTraders;
@@ -46,6 +47,8 @@ pub(super) struct Machines {
     pub super_traders: Option<SuperTraders>,
     /// Job records kept here: this scheduler's jobs and copies of others'.
     pub jobs: JobBook,
+    /// Memoized results kept here for others (and this node's own calls').
+    pub memos: MemoBook,
     /// Offerer actions a command produced, carried out by the loop once it returns.
     outbox: Vec<Action>,
 }
@@ -63,6 +66,7 @@ impl Machines {
             offerer,
             super_traders,
             jobs: JobBook::keeping_own(book_limits(), me),
+            memos: MemoBook::new(Default::default()),
             outbox: Vec::new(),
         }
     }

@@ -100,6 +100,8 @@ mod tests {
             stderr: digest,
             outputs: Vec::new(),
             timings: ExecutionTimings::default(),
+            pure: false,
+            signed_at_ms: 0,
         };
         Box::new(Receipt::sign(body, volunteer))
     }

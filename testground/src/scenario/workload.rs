@@ -209,6 +209,8 @@ impl Client {
             max_tries: Some(self.max_tries),
             placement: None,
             replicas: None,
+            // Placement is what is measured: never answered from a memo.
+            fresh: true,
         }
     }
 

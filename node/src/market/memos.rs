@@ -1,0 +1,300 @@
+//! Memoized results in the market: a pure call's answer, kept by the peers closest to a
+//! digest of the call ([`flotilla_api::memo`]), answers a later identical call at once.
+//!
+//! * The client, after it checked an answer's receipt (and, under `--replicas`, took the
+//!   majority), publishes the answers signed as pure to the [`MEMO_REPLICAS`] peers
+//!   closest to the call's key, in the background. An outvoted answer is never
+//!   published.
+//! * A peer keeps a memo only if it is among the [`MEMO_KEEPERS`] closest to the key and
+//!   the memo checks (signature, purity, the answer matching its receipt); its
+//!   `MemoBook` (`flotilla_scheduler::memos`) decides the rest: agreeing volunteers kept,
+//!   a disagreement contests the call, bounded and expiring.
+//! * Before placing a call (unless `--fresh`), the client asks those peers. It takes a
+//!   memo only if every memo found checks, none disagree and no peer reports the call
+//!   contested, enough distinct volunteers agree (one, or a majority of `--replicas`), and
+//!   the result's blocks could be fetched; otherwise it places the call as usual. Modules
+//!   seen running impure are remembered ([`ImpureModules`]) and not looked up again.
+
+use super::Market;
+use super::function::{FunctionCall, Invocation};
+use super::protocol::{MemoAnswer, Request, Response};
+pub use flotilla_api::memo::{MAX_MEMOS_ANSWERED, Memo, MemoError, call_digest, memo_key};
+use flotilla_scheduler::memos::{Lookup, MemoRefused};
+use libp2p::PeerId;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The memo book a node keeps: the rules are `flotilla_scheduler::memos`'.
+pub type MemoBook = flotilla_scheduler::memos::MemoBook<Memo>;
+/// Peers a memo is sent to: the closest to its key.
+pub const MEMO_REPLICAS: usize = 3;
+/// A node keeps a memo only if fewer than this many peers it knows are closer to its key.
+pub const MEMO_KEEPERS: usize = 8;
+/// Longest a client looks for a memo before it places the call.
+pub const MEMO_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Modules remembered as impure.
+const MAX_IMPURE_MODULES: usize = 1024;
+
+/// Module CIDs whose runs were signed impure (they read a clock or random numbers): a
+/// call of one is placed without looking for a memo. At most [`MAX_IMPURE_MODULES`], the
+/// oldest forgotten first.
+#[derive(Default)]
+pub struct ImpureModules(Mutex<(HashSet<String>, VecDeque<String>)>);
+
+impl ImpureModules {
+    fn contains(&self, module: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(module)
+    }
+
+    fn insert(&self, module: &str) {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *guard;
+        if set.insert(module.to_string()) {
+            order.push_back(module.to_string());
+            if order.len() > MAX_IMPURE_MODULES
+                && let Some(oldest) = order.pop_front()
+            {
+                set.remove(&oldest);
+            }
+        }
+    }
+}
+
+impl Market {
+    /// The memoized answer to `call`, agreed by at least `needed` distinct volunteers and
+    /// with its result's blocks fetched here; `None` to place the call.
+    pub(super) async fn memoized(&self, call: &FunctionCall, needed: usize) -> Option<Invocation> {
+        if self.shared.impure_modules.contains(&call.module) {
+            return None;
+        }
+        let started = Instant::now();
+        let digest = call_digest(call);
+        let lookup = tokio::time::timeout(MEMO_LOOKUP_TIMEOUT, self.find_memos(digest)).await;
+        let Ok((Some(found), asked)) = lookup else {
+            return None;
+        };
+        let signers: HashSet<PeerId> = found
+            .iter()
+            .filter_map(|m| m.receipt().ok().map(|r| r.body.volunteer))
+            .collect();
+        if signers.len() < needed.max(1) {
+            return None;
+        }
+        let memo = found
+            .into_iter()
+            .max_by_key(|m| m.receipt().map_or(0, |r| r.body.signed_at_ms))?;
+        if !self.fetch_memo_result(&memo).await {
+            return None;
+        }
+        tracing::info!(digest = %hex(&digest), volunteer = %memo.execution.volunteer, "answered from a memo");
+        Some(Invocation {
+            invocation_id: 0,
+            scheduler: String::new(),
+            execution: memo.execution,
+            failed_attempts: Vec::new(),
+            discover_us: started.elapsed().as_micros() as u64,
+            scheduler_us: 0,
+            messages: asked,
+            probes: 0,
+            exchanges: asked,
+            memoized: true,
+        })
+    }
+
+    /// The memos of the call with `digest` held here and by the peers closest to its key,
+    /// each checked: `None` when the call is contested or the memos disagree; and how
+    /// many peers were asked.
+    async fn find_memos(&self, digest: [u8; 32]) -> (Option<Vec<Memo>>, u32) {
+        let now = self.now();
+        let mut answers = Vec::new();
+        match self.with(move |m, now| m.memos.get(now, &digest)).await {
+            Ok(Lookup::Contested) => return (None, 0),
+            Ok(Lookup::Agreed(memos)) => answers.push(MemoAnswer::Agreed(memos)),
+            _ => {}
+        }
+        let timeout = self.shared.config.answer_timeout;
+        let closest = self.shared.network.closest_peers(memo_key(&digest)).await;
+        let peers: Vec<PeerId> = closest.map(|f| f.peers).unwrap_or_default();
+        let peers: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| *p != self.peer_id())
+            .take(MEMO_REPLICAS + 2)
+            .collect();
+        let asked = peers.len() as u32;
+        let asks = peers
+            .into_iter()
+            .map(|peer| self.call(peer, Vec::new(), Request::FindMemo { digest }, timeout));
+        for answer in futures::future::join_all(asks).await {
+            if let Ok(Response::Memos(answer)) = answer {
+                answers.push(answer);
+            }
+        }
+        let mut found: Vec<Memo> = Vec::new();
+        for answer in answers {
+            match answer {
+                MemoAnswer::Unknown => {}
+                MemoAnswer::Contested => return (None, asked),
+                MemoAnswer::Agreed(memos) => {
+                    for memo in memos.into_iter().take(MAX_MEMOS_ANSWERED) {
+                        if memo.verify(now).is_ok() && memo.digest() == Ok(digest) {
+                            found.push(memo);
+                        } else {
+                            tracing::debug!("a peer answered a memo that does not check");
+                        }
+                    }
+                }
+            }
+        }
+        let results: HashSet<[u8; 32]> = found.iter().map(Memo::result_digest).collect();
+        if results.len() > 1 {
+            tracing::info!(digest = %hex(&digest), "memos disagree; placing the call");
+            return (None, asked);
+        }
+        (Some(found).filter(|f| !f.is_empty()), asked)
+    }
+
+    /// Fetches the blocks of `memo`'s result (each at most its size, within
+    /// `fetch_timeout`), under a lease kept for `call_data_kept` like a call's.
+    async fn fetch_memo_result(&self, memo: &Memo) -> bool {
+        let lease = self.shared.overlay.store().lease();
+        for (cid, size) in memo.result_blocks() {
+            let Ok(cid) = cid.parse::<cid::Cid>() else {
+                return false;
+            };
+            if let Err(e) = self.fetch_at_most(cid, size, &lease).await {
+                tracing::info!(%cid, error = ?e, "a memo's result could not be fetched; placing the call");
+                return false;
+            }
+        }
+        lease.keep_until(std::time::Instant::now() + self.shared.config.call_data_kept);
+        true
+    }
+
+    /// Keeps the memos of `answers` signed as pure (all of the same call, already checked
+    /// by this client) here, and publishes them in the background to the peers closest to
+    /// the call's key; remembers a module whose run was impure.
+    pub(super) async fn publish_memos(&self, call: &FunctionCall, answers: &[Invocation]) {
+        let mut memos = Vec::new();
+        for answer in answers {
+            match Memo::of(&answer.execution) {
+                Some(memo) => memos.push(memo),
+                None => {
+                    let impure = answer
+                        .execution
+                        .receipt
+                        .as_deref()
+                        .is_some_and(|r| !r.body.pure);
+                    if impure {
+                        self.shared.impure_modules.insert(&call.module);
+                    }
+                }
+            }
+        }
+        if memos.is_empty() {
+            return;
+        }
+        let digest = call_digest(call);
+        for memo in &memos {
+            let kept = memo.clone();
+            if let Ok(Err(e)) = self.with(move |m, now| m.memos.put(now, kept)).await {
+                tracing::debug!(error = %e, "own memo not kept");
+            }
+        }
+        let market = self.clone();
+        self.spawn(async move {
+            let timeout = market.shared.config.answer_timeout;
+            let closest = tokio::time::timeout(
+                timeout,
+                market.shared.network.closest_peers(memo_key(&digest)),
+            )
+            .await;
+            let peers: Vec<PeerId> = match closest {
+                Ok(Ok(found)) => found.peers,
+                _ => Vec::new(),
+            };
+            for memo in memos {
+                let sends = peers
+                    .iter()
+                    .filter(|p| **p != market.peer_id())
+                    .take(MEMO_REPLICAS)
+                    .map(|peer| {
+                        let request = Request::StoreMemo(Box::new(memo.clone()));
+                        market.call(*peer, Vec::new(), request, timeout)
+                    });
+                let stored = futures::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .filter(|r| matches!(r, Ok(Response::MemoStored)))
+                    .count();
+                tracing::debug!(digest = %hex(&digest), stored, "memo published");
+            }
+        });
+    }
+
+    /// Keeps a memo another peer sent, if this node is among the [`MEMO_KEEPERS`] closest
+    /// to its key and the memo book takes it.
+    pub(super) async fn store_memo(&self, from: PeerId, memo: Memo) -> Response {
+        let digest = match memo.digest() {
+            Ok(digest) => digest,
+            Err(e) => {
+                return Response::Refused {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        match self
+            .shared
+            .network
+            .among_closest(memo_key(&digest), MEMO_KEEPERS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                return Response::Refused {
+                    reason: format!(
+                        "this node is not among the {MEMO_KEEPERS} peers closest to the memo's key"
+                    ),
+                };
+            }
+            Err(_) => return Response::stopping(),
+        }
+        let kept = self.with(move |m, now| m.memos.put(now, memo)).await;
+        match kept {
+            Err(_) => Response::stopping(),
+            Ok(Ok(stored)) => {
+                tracing::debug!(peer = %from, digest = %hex(&digest), ?stored, "memo kept");
+                Response::MemoStored
+            }
+            Ok(Err(MemoRefused::Stale)) => Response::MemoStored,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %from, error = %e, "memo refused");
+                Response::Refused {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
+    /// What this node holds of the memos of the call with `digest`.
+    pub(super) async fn held_memos(&self, digest: [u8; 32]) -> Response {
+        match self.with(move |m, now| m.memos.get(now, &digest)).await {
+            Ok(Lookup::Unknown) => Response::Memos(MemoAnswer::Unknown),
+            Ok(Lookup::Contested) => Response::Memos(MemoAnswer::Contested),
+            Ok(Lookup::Agreed(mut memos)) => {
+                memos.truncate(MAX_MEMOS_ANSWERED);
+                Response::Memos(MemoAnswer::Agreed(memos))
+            }
+            Err(_) => Response::stopping(),
+        }
+    }
+}
+
+/// The first 8 bytes of a digest in hex, for logs.
+fn hex(digest: &[u8; 32]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
