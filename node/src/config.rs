@@ -22,6 +22,7 @@
 //! | `notify_interval`|                    | `10s`: how often an offerer tells a scheduler what is free|
 //! | `answer_timeout` |                    | `5s`: time allowed for a lookup or a request to a peer    |
 //! | `job_republish_interval` |            | `60s`: how often kept job records are sent to the peers now closest to their keys |
+//! | `job_takeover_grace` |                | `5m`: how long an unfinished job's scheduler may be silent before the peer closest to the job's key takes it over (a scheduler makes a new version of each job at least every third of it) |
 //! | `scheduler`      | `--scheduler`      | `false`                                                   |
 //! | `trusted_schedulers` | `--trusted-schedulers` | none: the only schedulers asked (PeerIds), in place of the registry |
 //! | `max_tries`      | `--max-tries`      | `2`: region probes before the super-trader fallback, in all |
@@ -136,6 +137,10 @@ pub struct NodeConfig {
     /// their keys.
     #[serde(with = "duration_text")]
     pub job_republish_interval: Duration,
+    /// How long an unfinished job's scheduler may be silent before the peer closest to
+    /// the job's key takes the job over.
+    #[serde(with = "duration_text")]
+    pub job_takeover_grace: Duration,
     /// The limits of the offers this node holds for others (the defaults; set by tests,
     /// not read from config files).
     #[serde(skip)]
@@ -216,6 +221,7 @@ impl Default for NodeConfig {
             notify_interval: Duration::from_millis(offerer.notify_interval_ms),
             answer_timeout: Duration::from_millis(offerer.answer_timeout_ms),
             job_republish_interval: Duration::from_secs(60),
+            job_takeover_grace: Duration::from_secs(300),
             holder: HolderConfig::default(),
             scheduler: false,
             trusted_schedulers: Vec::new(),
@@ -363,6 +369,7 @@ impl NodeConfig {
             ("notify_interval", self.notify_interval),
             ("answer_timeout", self.answer_timeout),
             ("job_republish_interval", self.job_republish_interval),
+            ("job_takeover_grace", self.job_takeover_grace),
             ("fetch_timeout", self.fetch_timeout),
             ("default_deadline", self.default_deadline),
         ];
@@ -452,6 +459,7 @@ impl NodeConfig {
             call_data_kept: self.call_data_kept,
             schedulers: self.schedulers.clone(),
             job_republish_interval: self.job_republish_interval,
+            job_takeover_grace: self.job_takeover_grace,
             holder: self.holder.clone(),
             super_traders: SuperTraderConfig::default(),
             tamper_stdout: self.tamper_stdout,

@@ -258,6 +258,8 @@ async fn a_strangers_job_records_make_a_node_keep_only_what_it_agreed_to() {
             nonce,
             seq,
             scheduler: mallory_id.to_string(),
+            taken_from: None,
+            call: None,
             state: JobState::Done,
             module: result.execution.volunteer.clone(),
             submitted_at_ms: now,

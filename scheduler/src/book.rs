@@ -13,6 +13,15 @@
 //! A book kept for a scheduler ([`RecordBook::keeping_own`]) never makes room in a full
 //! book with that scheduler's own records (they are bounded by its quota like anyone's),
 //! so strangers storing records cannot push out the jobs it ran.
+//!
+//! A job's scheduler can be replaced. A version signed by another author than the held
+//! one's is kept only if it is a takeover ([`Versioned::takes_over`]), newer, and the held
+//! version is of a job not yet ended that has been silent for
+//! [`BookLimits::takeover_grace_ms`] — counted from when it was made or arrived here,
+//! whichever is earlier — so a live scheduler, which makes a version at least every
+//! third of that time, keeps its jobs. A takeover of a job this book holds no version of
+//! is refused. [`RecordBook::abandoned`] picks the jobs silent that long, for this node
+//! to consider taking over.
 
 use libp2p::PeerId;
 use std::collections::HashMap;
@@ -31,6 +40,10 @@ pub trait Versioned: Clone {
     fn seq(&self) -> u64;
     /// When its author made this version (Unix ms, the author's word).
     fn made_at_ms(&self) -> u64;
+    /// Whether the job has ended in this version (nothing changes after).
+    fn is_final(&self) -> bool;
+    /// Whether this version takes the job over from the scheduler that took it.
+    fn takes_over(&self) -> bool;
 }
 
 /// How much a book keeps, and for how long.
@@ -42,6 +55,9 @@ pub struct BookLimits {
     pub max_per_author: usize,
     /// How long a version lives, in ms.
     pub ttl_ms: u64,
+    /// How long an unfinished job's versions must have been silent before another peer
+    /// may take it over, in ms.
+    pub takeover_grace_ms: u64,
 }
 
 impl Default for BookLimits {
@@ -50,6 +66,7 @@ impl Default for BookLimits {
             max_records: 4096,
             max_per_author: 1024,
             ttl_ms: 24 * 3600 * 1000,
+            takeover_grace_ms: 5 * 60 * 1000,
         }
     }
 }
@@ -66,6 +83,12 @@ pub enum Refused<E> {
     /// The version is older than the records' lifetime.
     #[error("job {0:016x}'s record has expired")]
     Expired(u64),
+    /// Another author's version is held, of a job not ended or not silent long enough to
+    /// be taken over (or none is held).
+    #[error(
+        "job {0:016x} is held by its scheduler, which is not silent long enough to be taken over"
+    )]
+    NotTakenOver(u64),
 }
 
 /// The records a node keeps (see the module's documentation).
@@ -83,6 +106,8 @@ struct Kept<R> {
     author: PeerId,
     arrived_ms: u64,
     sent_ms: u64,
+    /// When this node last considered taking the job over.
+    considered_ms: u64,
     expires_ms: u64,
     record: R,
 }
@@ -109,11 +134,17 @@ impl<R: Versioned> RecordBook<R> {
     pub fn put(&mut self, now_ms: u64, record: R) -> Result<(), Refused<R::Invalid>> {
         let author = record.verify().map_err(Refused::Invalid)?;
         let id = record.id();
-        // Verified ids are their author's own, so a held record of this id is too.
-        if let Some(held) = self.records.get(&id)
-            && held.record.seq() >= record.seq()
-        {
-            return Err(Refused::Stale(id));
+        match self.records.get(&id) {
+            Some(held) if held.record.seq() >= record.seq() => return Err(Refused::Stale(id)),
+            Some(held) if held.author != author => {
+                let silent_since = held.record.made_at_ms().min(held.arrived_ms);
+                let silent = silent_since.saturating_add(self.limits.takeover_grace_ms) <= now_ms;
+                if !record.takes_over() || held.record.is_final() || !silent {
+                    return Err(Refused::NotTakenOver(id));
+                }
+            }
+            None if record.takes_over() => return Err(Refused::NotTakenOver(id)),
+            _ => {}
         }
         let expires_ms = now_ms
             .min(record.made_at_ms())
@@ -146,6 +177,7 @@ impl<R: Versioned> RecordBook<R> {
             author,
             arrived_ms: now_ms,
             sent_ms: now_ms,
+            considered_ms: 0,
             expires_ms,
             record,
         };
@@ -179,6 +211,30 @@ impl<R: Versioned> RecordBook<R> {
                 Some(kept.record.clone())
             })
             .collect()
+    }
+
+    /// Up to `max` jobs of other authors than `me`, not ended, whose newest version has
+    /// been silent for the takeover grace period at `now_ms`, none considered within the
+    /// last `every_ms`: candidates for this node to take over (each marked as considered).
+    pub fn abandoned(&mut self, now_ms: u64, me: PeerId, every_ms: u64, max: usize) -> Vec<R> {
+        let grace = self.limits.takeover_grace_ms;
+        let mut found = Vec::new();
+        for kept in self.records.values_mut() {
+            if found.len() >= max {
+                break;
+            }
+            let silent_since = kept.record.made_at_ms().min(kept.arrived_ms);
+            if kept.author != me
+                && !kept.record.is_final()
+                && kept.expires_ms > now_ms
+                && silent_since.saturating_add(grace) <= now_ms
+                && kept.considered_ms.saturating_add(every_ms) <= now_ms
+            {
+                kept.considered_ms = now_ms;
+                found.push(kept.record.clone());
+            }
+        }
+        found
     }
 
     /// The id of the record that arrived first among those `pick` chooses.
@@ -218,6 +274,8 @@ mod tests {
         seq: u64,
         made_at_ms: u64,
         valid: bool,
+        done: bool,
+        takeover: bool,
     }
 
     #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -238,6 +296,12 @@ mod tests {
         fn made_at_ms(&self) -> u64 {
             self.made_at_ms
         }
+        fn is_final(&self) -> bool {
+            self.done
+        }
+        fn takes_over(&self) -> bool {
+            self.takeover
+        }
     }
 
     /// Job `id` of `author` at version `seq`, made at 1 ms (ids are never shared by two
@@ -249,6 +313,8 @@ mod tests {
             seq,
             made_at_ms: 1,
             valid: true,
+            done: false,
+            takeover: false,
         }
     }
 
@@ -257,6 +323,7 @@ mod tests {
             max_records: 40,
             max_per_author: 10,
             ttl_ms: 100_000,
+            takeover_grace_ms: 1000,
         }
     }
 
@@ -367,5 +434,88 @@ mod tests {
             ..record(authors[1], 1001, 1)
         };
         assert_eq!(book.put(later, old), Err(Refused::Expired(1001)));
+    }
+
+    #[test]
+    fn a_silent_unfinished_job_is_taken_over_and_a_live_or_ended_one_is_not() {
+        let mut book = RecordBook::new(small());
+        let (scheduler, taker, rival) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let takeover = |author, seq, made_at_ms| Record {
+            takeover: true,
+            made_at_ms,
+            ..record(author, 7, seq)
+        };
+        // A takeover of a job held nowhere here is refused.
+        assert_eq!(
+            book.put(500, takeover(taker, 5, 500)),
+            Err(Refused::NotTakenOver(7))
+        );
+        book.put(
+            500,
+            Record {
+                made_at_ms: 500,
+                ..record(scheduler, 7, 3)
+            },
+        )
+        .unwrap();
+        // Within the grace period its scheduler keeps it, and only a takeover can ever
+        // replace another author's version.
+        assert_eq!(
+            book.put(1400, takeover(taker, 4, 1400)),
+            Err(Refused::NotTakenOver(7))
+        );
+        assert!(book.abandoned(1400, taker, 0, 8).is_empty());
+        assert_eq!(
+            book.put(
+                1600,
+                Record {
+                    made_at_ms: 1600,
+                    ..record(taker, 7, 4)
+                }
+            ),
+            Err(Refused::NotTakenOver(7))
+        );
+        // Silent past it: candidates once per `every_ms`, and a newer takeover is kept.
+        assert_eq!(book.abandoned(1600, taker, 1000, 8).len(), 1);
+        assert!(book.abandoned(1700, taker, 1000, 8).is_empty());
+        assert!(
+            book.abandoned(1700, scheduler, 0, 8).is_empty(),
+            "not its own"
+        );
+        assert_eq!(
+            book.put(1600, takeover(taker, 3, 1600)),
+            Err(Refused::Stale(7))
+        );
+        book.put(1600, takeover(taker, 4, 1600)).unwrap();
+        // The taker now holds it: a rival, or the old scheduler back, cannot take it
+        // while the taker is live.
+        assert_eq!(
+            book.put(1700, takeover(rival, 9, 1700)),
+            Err(Refused::NotTakenOver(7))
+        );
+        assert_eq!(
+            book.put(
+                1700,
+                Record {
+                    made_at_ms: 1700,
+                    ..record(scheduler, 7, 9)
+                }
+            ),
+            Err(Refused::NotTakenOver(7))
+        );
+        book.put(1800, takeover(taker, 5, 1800)).unwrap();
+        // An ended job is never taken over.
+        let done = Record {
+            done: true,
+            takeover: true,
+            made_at_ms: 1900,
+            ..record(taker, 7, 6)
+        };
+        book.put(1900, done).unwrap();
+        assert!(book.abandoned(10_000, rival, 0, 8).is_empty());
+        assert_eq!(
+            book.put(10_000, takeover(rival, 7, 10_000)),
+            Err(Refused::NotTakenOver(7))
+        );
     }
 }

@@ -9,7 +9,9 @@
 //! that no peer kept is sent again at the same pace, so a scheduler that took a job
 //! before its routing table filled still gets the record out. Once the job has ended
 //! nothing is due: the final version is republished with every other record the node
-//! keeps.
+//! keeps. A job under way makes a new version at least every
+//! [`JobRun::keep_alive_every`] (a heartbeat), so the peers keeping its record can tell
+//! a live scheduler from one gone, whose jobs another peer takes over.
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,6 +83,10 @@ pub struct JobRun {
     /// Peers that kept the latest version.
     keepers: usize,
     placing: bool,
+    /// How often a job under way makes a new version (0: never).
+    alive_every_ms: u64,
+    /// When the next heartbeat version is due.
+    alive_at_ms: Option<u64>,
 }
 
 impl JobRun {
@@ -111,12 +117,34 @@ impl JobRun {
         wait_until_ms: u64,
         retry_every_ms: u64,
     ) -> (JobRun, Vec<JobAction>) {
-        let mut run = JobRun::at(latest, wait_until_ms, retry_every_ms);
+        let run = JobRun::at(latest, wait_until_ms, retry_every_ms);
         if run.is_finished() {
             return (run, Vec::new());
         }
-        let reason = "its scheduler restarted".to_string();
-        if now_ms > wait_until_ms {
+        run.carry_on(now_ms, "its scheduler restarted".to_string())
+    }
+
+    /// Carries on, at `now_ms`, a job taken over from its scheduler, which went silent,
+    /// with `latest` as its newest version: as [`JobRun::resume`], saying why.
+    pub fn take_over(
+        now_ms: u64,
+        latest: Version,
+        wait_until_ms: u64,
+        retry_every_ms: u64,
+        reason: String,
+    ) -> (JobRun, Vec<JobAction>) {
+        let run = JobRun::at(latest, wait_until_ms, retry_every_ms);
+        if run.is_finished() {
+            return (run, Vec::new());
+        }
+        run.carry_on(now_ms, reason)
+    }
+
+    /// A new version says the job waits again (for `reason`), then it is placed — or,
+    /// past its deadline, it ends.
+    fn carry_on(self, now_ms: u64, reason: String) -> (JobRun, Vec<JobAction>) {
+        let mut run = self;
+        if now_ms > run.wait_until_ms {
             let reason = format!("gave up waiting at its deadline: {reason}");
             let ended = run.next_version(Phase::Failed, Some(reason));
             return (run, vec![ended]);
@@ -136,7 +164,16 @@ impl JobRun {
             republish_at_ms: None,
             keepers: 0,
             placing: false,
+            alive_every_ms: 0,
+            alive_at_ms: None,
         }
+    }
+
+    /// Makes a new version of a job under way every `every_ms` from `now_ms` on, even
+    /// when nothing changed (0: never).
+    pub fn keep_alive_every(&mut self, now_ms: u64, every_ms: u64) {
+        self.alive_every_ms = every_ms;
+        self.alive_at_ms = (every_ms > 0).then(|| now_ms.saturating_add(every_ms));
     }
 
     /// The latest version.
@@ -156,7 +193,8 @@ impl JobRun {
 
     /// When [`JobRun::poll`] has something to do next.
     pub fn next_wakeup(&self) -> Option<u64> {
-        [self.retry_at_ms, self.republish_at_ms]
+        let alive = self.alive_at_ms.filter(|_| !self.is_finished());
+        [self.retry_at_ms, self.republish_at_ms, alive]
             .into_iter()
             .flatten()
             .min()
@@ -179,6 +217,13 @@ impl JobRun {
         if self.republish_at_ms.is_some_and(|t| t <= now_ms) {
             self.republish_at_ms = None;
             actions.push(JobAction::Publish(self.latest.clone()));
+        }
+        if !self.is_finished() && self.alive_at_ms.is_some_and(|t| t <= now_ms) {
+            self.alive_at_ms = Some(now_ms.saturating_add(self.alive_every_ms));
+            if actions.is_empty() {
+                let (phase, error) = (self.latest.phase, self.latest.error.clone());
+                actions.push(self.next_version(phase, error));
+            }
         }
         actions
     }
@@ -474,5 +519,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_job_under_way_makes_a_version_every_heartbeat_and_an_ended_one_does_not() {
+        let (mut run, _) = JobRun::start(0, 1_000_000, 100);
+        run.keep_alive_every(0, 500);
+        // Placed and running: nothing changes, yet a version is made every 500 ms.
+        assert_eq!(run.next_wakeup(), Some(500));
+        let seq = run.latest().seq;
+        let beat = run.poll(500);
+        assert_eq!(phases(&beat), vec![Phase::Running]);
+        assert_eq!(run.latest().seq, seq + 1);
+        assert_eq!(run.next_wakeup(), Some(1000));
+        assert!(run.poll(999).is_empty());
+        run.on_placed(1200, Placed::Ran);
+        assert!(run.is_finished());
+        assert_eq!(run.next_wakeup(), None);
+        assert!(run.poll(5000).is_empty());
+    }
+
+    #[test]
+    fn a_job_taken_over_says_so_and_is_placed_again() {
+        let latest = Version {
+            seq: 4,
+            phase: Phase::Running,
+            attempts: 2,
+            error: None,
+        };
+        let (run, actions) =
+            JobRun::take_over(10, latest, 1000, 100, "taken over by p".to_string());
+        assert_eq!(phases(&actions), vec![Phase::Waiting, Phase::Running]);
+        assert!(actions.contains(&JobAction::Place));
+        assert_eq!(run.latest().seq, 6);
+        assert_eq!(run.latest().attempts, 3);
     }
 }

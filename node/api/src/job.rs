@@ -3,12 +3,14 @@
 //! job, and the job's id.
 //!
 //! A job's id is derived from the scheduler that took it and the client's nonce
-//! ([`job_id`]), so a record under that id verifies only when signed by that scheduler:
-//! no other peer can plant a record for someone else's job. Which records a node keeps
-//! is decided by `flotilla_scheduler::book`; running the jobs is flotilla-node's
-//! (`market::jobs`).
+//! ([`job_id`]), so a record under that id verifies only when signed by that scheduler,
+//! or — a takeover — by another peer naming that scheduler in `taken_from`: a record
+//! carries its call, so when its scheduler is gone the peer closest to the job's key can
+//! carry the job on under the same id. Which records a node keeps (a takeover only of a
+//! job unfinished and silent past a grace period) is decided by
+//! `flotilla_scheduler::book`; running the jobs is flotilla-node's (`market::jobs`).
 
-use crate::function::Invocation;
+use crate::function::{FunctionCall, Invocation};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
@@ -48,8 +50,15 @@ pub struct JobRecord {
     pub nonce: u64,
     /// The version: higher is newer.
     pub seq: u64,
-    /// The scheduler that holds the job.
+    /// The scheduler that holds the job (and signs this version).
     pub scheduler: String,
+    /// When another peer took the job over: the scheduler that took it first, whose
+    /// id the job's is.
+    #[serde(default)]
+    pub taken_from: Option<String>,
+    /// The call, so that another peer can take the job over.
+    #[serde(default)]
+    pub call: Option<FunctionCall>,
     /// Where it stands.
     pub state: JobState,
     /// The module it runs.
@@ -130,7 +139,7 @@ impl SignedJob {
     }
 
     /// The scheduler that signed the record, once [`SignedJob::verify`]'s checks pass.
-    fn signer(&self) -> Result<PeerId, JobRecordError> {
+    pub fn signer(&self) -> Result<PeerId, JobRecordError> {
         let key = PublicKey::try_decode_protobuf(&self.public_key)
             .map_err(|_| JobRecordError::BadSignature)?;
         let scheduler = key.to_peer_id();
@@ -139,10 +148,22 @@ impl SignedJob {
         {
             return Err(JobRecordError::BadSignature);
         }
-        if job_id(&scheduler, self.record.nonce) != self.record.job_id {
+        let owner = match &self.record.taken_from {
+            None => scheduler,
+            Some(first) => first
+                .parse::<PeerId>()
+                .map_err(|_| JobRecordError::ForeignId(self.record.job_id))?,
+        };
+        if job_id(&owner, self.record.nonce) != self.record.job_id {
             return Err(JobRecordError::ForeignId(self.record.job_id));
         }
         Ok(scheduler)
+    }
+
+    /// Whether this version is a takeover's: signed by another peer than the scheduler
+    /// that took the job.
+    pub fn is_takeover(&self) -> bool {
+        self.record.taken_from.is_some()
     }
 }
 
@@ -165,6 +186,14 @@ impl flotilla_scheduler::book::Versioned for SignedJob {
 
     fn made_at_ms(&self) -> u64 {
         self.record.updated_at_ms
+    }
+
+    fn is_final(&self) -> bool {
+        matches!(self.record.state, JobState::Done | JobState::Failed)
+    }
+
+    fn takes_over(&self) -> bool {
+        self.is_takeover()
     }
 }
 
@@ -192,6 +221,8 @@ mod tests {
             nonce: 7,
             seq: 1,
             scheduler: peer.to_string(),
+            taken_from: None,
+            call: None,
             state: JobState::Waiting,
             module: "bafk".into(),
             submitted_at_ms: 1,
@@ -213,11 +244,31 @@ mod tests {
             SignedJob::sign(record.clone(), &other).verify(),
             Err(JobRecordError::BadSignature)
         );
-        let mut foreign = record;
+        let mut foreign = record.clone();
         foreign.nonce = 8;
         assert_eq!(
             SignedJob::sign(foreign.clone(), &scheduler).verify(),
             Err(JobRecordError::ForeignId(foreign.job_id))
+        );
+        // A takeover: signed by another peer, naming the scheduler whose id it is.
+        let taker = other.public().to_peer_id();
+        let taken = JobRecord {
+            scheduler: taker.to_string(),
+            taken_from: Some(peer.to_string()),
+            seq: 2,
+            ..record.clone()
+        };
+        let signed = SignedJob::sign(taken.clone(), &other);
+        assert_eq!(signed.signer(), Ok(taker));
+        assert!(signed.is_takeover());
+        // Naming a scheduler whose id the job's is not fails.
+        let elsewhere = JobRecord {
+            taken_from: Some(taker.to_string()),
+            ..taken
+        };
+        assert_eq!(
+            SignedJob::sign(elsewhere, &other).verify(),
+            Err(JobRecordError::ForeignId(record.job_id))
         );
     }
 }

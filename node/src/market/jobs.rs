@@ -57,14 +57,19 @@ const MAX_RECORD_INLINE: usize = 4 * 1024;
 /// The job records a node keeps: the rules are `flotilla_scheduler::book`'s.
 pub type JobBook = RecordBook<SignedJob>;
 
-/// How much a node's [`JobBook`] keeps, and for how long.
-pub fn book_limits() -> BookLimits {
+/// How much a node's [`JobBook`] keeps, and for how long; a job silent for
+/// `takeover_grace` may be taken over.
+pub fn book_limits(takeover_grace: Duration) -> BookLimits {
     BookLimits {
         max_records: MAX_JOB_RECORDS,
         max_per_author: MAX_JOB_RECORDS_PER_SCHEDULER,
         ttl_ms: JOB_RECORD_TTL.as_millis() as u64,
+        takeover_grace_ms: takeover_grace.as_millis() as u64,
     }
 }
+
+/// Most abandoned jobs a node considers taking over per round.
+pub const MAX_TAKEOVERS_PER_ROUND: usize = 4;
 
 /// The blocks of a job's result worth copying: stdout and stderr stored by CID, then the
 /// output files, in that order while they fit in [`MAX_COPIED_RESULT_BYTES`].
@@ -156,6 +161,8 @@ impl Market {
             nonce: request.invocation_id,
             seq: 0,
             scheduler: self.peer_id().to_string(),
+            taken_from: None,
+            call: Some(request.call.clone()),
             state: JobState::Waiting,
             module: request.call.module.clone(),
             submitted_at_ms: now,
@@ -206,7 +213,11 @@ impl Market {
             };
         }
         let market = self.clone();
-        self.spawn(async move { market.run_job(from, request, record, slot, false).await });
+        self.spawn(async move {
+            market
+                .run_job(from, request, record, slot, false, None)
+                .await
+        });
         Response::Accepted { job_id }
     }
 
@@ -292,7 +303,7 @@ impl Market {
             let market = self.clone();
             self.spawn(async move {
                 market
-                    .run_job(job.client, job.request, job.record, slot, true)
+                    .run_job(job.client, job.request, job.record, slot, true, None)
                     .await
             });
         }
@@ -311,6 +322,7 @@ impl Market {
         mut record: JobRecord,
         _slot: super::slots::Slot,
         resumed: bool,
+        takeover_reason: Option<String>,
     ) {
         let retry_every = self
             .shared
@@ -325,10 +337,23 @@ impl Market {
                 attempts: record.attempts,
                 error: record.error.clone(),
             };
-            JobRun::resume(self.now(), latest, record.wait_until_ms, retry_every)
+            match takeover_reason {
+                Some(reason) => JobRun::take_over(
+                    self.now(),
+                    latest,
+                    record.wait_until_ms,
+                    retry_every,
+                    reason,
+                ),
+                None => JobRun::resume(self.now(), latest, record.wait_until_ms, retry_every),
+            }
         } else {
             JobRun::start(self.now(), record.wait_until_ms, retry_every)
         };
+        // A version at least every third of the takeover grace, so keepers can tell
+        // this scheduler is alive.
+        let heartbeat = (self.shared.config.job_takeover_grace / 3).as_millis() as u64;
+        run.keep_alive_every(self.now(), heartbeat.max(1));
         let mut due: VecDeque<JobAction> = actions.into();
         loop {
             while let Some(action) = due.pop_front() {
@@ -377,6 +402,97 @@ impl Market {
             tokio::time::sleep(Duration::from_millis(wake.saturating_sub(self.now()))).await;
             due.extend(run.poll(self.now()));
         }
+    }
+
+    /// Considers taking over `job`, a record kept here of a job not ended whose scheduler
+    /// has been silent past the grace period (the book picked it,
+    /// `RecordBook::abandoned`). A scheduler takes it when the record carries its call
+    /// and it has room, after the grace period plus half of it for each peer it knows
+    /// closer to the job's key — so the closest keeper goes first, and the others find
+    /// its takeover (kept by the peers near the key, which then refuse any other) before
+    /// their turn. The takeover version, signed by this node and naming the scheduler
+    /// that took the job first, must be kept by a peer near the key before the job is
+    /// placed again; the job then runs here under the same id, and the client reads it
+    /// as before.
+    pub(super) async fn consider_takeover(self, job: SignedJob) {
+        let id = job.record.job_id;
+        let Some(call) = job.record.call.clone() else {
+            return;
+        };
+        if self.refuse_call(&call).is_some() {
+            return;
+        }
+        let grace = self.shared.config.job_takeover_grace;
+        let Ok(rank) = self.shared.network.closer_peers_known(job_key(id)).await else {
+            return;
+        };
+        let wait = grace + grace * rank as u32 / 2;
+        let silent = Duration::from_millis(self.now().saturating_sub(job.record.updated_at_ms));
+        if silent < wait {
+            return;
+        }
+        // Another keeper's takeover may have reached this node meanwhile.
+        let held = self.with(move |m, _| m.jobs.get(id).cloned()).await;
+        let Ok(Some(held)) = held else { return };
+        if held.record.seq != job.record.seq || held.record.scheduler != job.record.scheduler {
+            return;
+        }
+        let first = job
+            .record
+            .taken_from
+            .clone()
+            .unwrap_or_else(|| job.record.scheduler.clone());
+        let Ok(first_peer) = first.parse::<PeerId>() else {
+            return;
+        };
+        let Some(slot) = self.shared.jobs_held.take(first_peer) else {
+            tracing::info!(job = id, "no room to take over an abandoned job");
+            return;
+        };
+        let reason = format!(
+            "taken over by {} from {}, silent for {}s",
+            self.peer_id(),
+            job.record.scheduler,
+            silent.as_secs()
+        );
+        let mut record = job.record.clone();
+        record.scheduler = self.peer_id().to_string();
+        record.taken_from = Some(first);
+        record.seq += 1;
+        record.state = JobState::Waiting;
+        record.error = Some(reason.clone());
+        record.updated_at_ms = self.now();
+        let signed = SignedJob::sign(record.clone(), &self.shared.keypair);
+        let mine = signed.clone();
+        match self.with(move |m, now| m.jobs.put(now, mine)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(job = id, error = %e, "not taking the job over");
+                return;
+            }
+            Err(_) => return,
+        }
+        if self.send_job_record(signed).await == 0 {
+            tracing::info!(
+                job = id,
+                "no peer near the job's key kept the takeover; not running it"
+            );
+            return;
+        }
+        let request = InvokeRequest {
+            invocation_id: record.nonce,
+            call,
+            max_tries: None,
+            placement: None,
+            exclude: Vec::new(),
+            refused: None,
+        };
+        if let Err(e) = self.remember_job(first_peer, &request, &record).await {
+            tracing::warn!(job = id, error = %e, "cannot record a job taken over");
+        }
+        tracing::info!(job = id, %reason, "took over a job whose scheduler went silent");
+        self.run_job(first_peer, request, record, slot, true, Some(reason))
+            .await;
     }
 
     /// The invocation as a record keeps it: stdout or stderr over a few KiB moved to
@@ -619,6 +735,9 @@ impl Market {
     }
 
     /// The newest record of job `id`: held here, or asked of the peers closest to its key.
+    /// A version signed by another scheduler than the newest one found (a takeover) is
+    /// taken only if it is newer and its signer is this node or among the peers closest
+    /// to the job's key that the lookup found: a takeover comes from there.
     pub async fn job(&self, id: u64) -> Result<JobRecord, JobError> {
         let mut newest: Option<JobRecord> = self.job_kept_here(id).await;
         let timeout = self.shared.config.answer_timeout;
@@ -628,18 +747,34 @@ impl Market {
             Ok(Ok(found)) => found.peers,
             _ => Vec::new(),
         };
+        let near: Vec<String> = peers
+            .iter()
+            .chain(std::iter::once(&self.peer_id()))
+            .map(|p| p.to_string())
+            .collect();
         let asks = peers
             .into_iter()
             .take(JOB_REPLICAS + 2)
             .map(|peer| self.call(peer, Vec::new(), Request::FindJob { job_id: id }, timeout));
+        let mut answers: Vec<SignedJob> = Vec::new();
         for answer in futures::future::join_all(asks).await {
             if let Ok(Response::Job(Some(job))) = answer
                 && job.record.job_id == id
                 && job.verify().is_ok()
-                && newest
-                    .as_ref()
-                    .is_none_or(|n| n.scheduler == job.record.scheduler && n.seq < job.record.seq)
             {
+                answers.push(*job);
+            }
+        }
+        // The scheduler's own versions first, then takeovers, each oldest first, so a
+        // takeover is weighed against the newest version of the job before it.
+        answers.sort_by_key(|j| (j.is_takeover(), j.record.seq));
+        for job in answers {
+            let newer = newest.as_ref().is_none_or(|n| {
+                n.seq < job.record.seq
+                    && (n.scheduler == job.record.scheduler
+                        || (job.is_takeover() && near.contains(&job.record.scheduler)))
+            });
+            if newer {
                 newest = Some(job.record);
             }
         }
@@ -659,6 +794,8 @@ mod tests {
             nonce,
             seq,
             scheduler: scheduler.to_string(),
+            taken_from: None,
+            call: None,
             state: JobState::Waiting,
             module: "bafk".into(),
             submitted_at_ms: 1,
@@ -734,7 +871,7 @@ mod tests {
     fn a_nodes_book_keeps_only_records_signed_by_the_jobs_scheduler() {
         let scheduler = Keypair::generate_ed25519();
         let other = Keypair::generate_ed25519();
-        let mut book = JobBook::new(book_limits());
+        let mut book = JobBook::new(book_limits(Duration::from_secs(300)));
         let id = job_id(&scheduler.public().to_peer_id(), 7);
         book.put(1, SignedJob::sign(record(&scheduler, 7, 2), &scheduler))
             .unwrap();
@@ -752,7 +889,8 @@ mod tests {
         );
         // Even at a node that holds no record of the job yet.
         assert_eq!(
-            JobBook::new(book_limits()).put(1, SignedJob::sign(planted, &other)),
+            JobBook::new(book_limits(Duration::from_secs(300)))
+                .put(1, SignedJob::sign(planted, &other)),
             Err(Refused::Invalid(JobRecordError::ForeignId(id)))
         );
         // A record claiming a scheduler whose key did not sign it is refused.

@@ -133,6 +133,9 @@ pub struct MarketConfig {
     /// How often a node sends the job records it keeps on to the peers now closest to
     /// their keys.
     pub job_republish_interval: Duration,
+    /// How long an unfinished job's scheduler may be silent before the peer closest to
+    /// the job's key takes it over.
+    pub job_takeover_grace: Duration,
     /// Whether this node is a scheduler.
     pub scheduler: bool,
     /// The only schedulers this node asks, if any are named: the registry is not looked
@@ -339,7 +342,13 @@ impl Market {
                 config,
             }),
         };
-        let machines = state::Machines::new(overlay.peer_id(), holder, offerer, super_traders);
+        let machines = state::Machines::new(
+            overlay.peer_id(),
+            holder,
+            offerer,
+            super_traders,
+            market.shared.config.job_takeover_grace,
+        );
         market.spawn(market.clone().run_machines(machines, commands_in));
         if market.shared.config.scheduler {
             market.spawn(market.clone().announce_scheduler());

@@ -16,7 +16,7 @@
 //! that carries out a call owns them.
 
 use super::Market;
-use super::jobs::{JobBook, MAX_REPUBLISHED_PER_ROUND, book_limits};
+use super::jobs::{JobBook, MAX_REPUBLISHED_PER_ROUND, MAX_TAKEOVERS_PER_ROUND, book_limits};
 use super::memos::MemoBook;
 use flotilla_offers::holder::Holder;
 use flotilla_offers::offerer::{Action, Offerer};
@@ -60,12 +60,13 @@ impl Machines {
         holder: Holder,
         offerer: Option<Offerer>,
         super_traders: Option<SuperTraders>,
+        takeover_grace: Duration,
     ) -> Machines {
         Machines {
             holder,
             offerer,
             super_traders,
-            jobs: JobBook::keeping_own(book_limits(), me),
+            jobs: JobBook::keeping_own(book_limits(takeover_grace), me),
             memos: MemoBook::new(Default::default()),
             outbox: Vec::new(),
         }
@@ -185,6 +186,11 @@ impl Market {
         let republish_every = self.shared.config.job_republish_interval;
         let mut republishing = tokio::time::interval(republish_every);
         republishing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Jobs whose scheduler went silent are looked for a few times per grace period.
+        let takeover_every =
+            (self.shared.config.job_takeover_grace / 4).max(Duration::from_millis(100));
+        let mut takeover_checks = tokio::time::interval(takeover_every);
+        takeover_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The holder's next expiry, looked up at most every `IDLE_TICK` (a scan of what
         // it holds): answers filter expired offers anyway, eviction only frees room.
         let mut holder_check = 0;
@@ -212,6 +218,17 @@ impl Market {
                     );
                     if !due.is_empty() {
                         self.spawn(self.clone().republish(due));
+                    }
+                }
+                _ = takeover_checks.tick(), if self.is_scheduler() => {
+                    let abandoned = machines.jobs.abandoned(
+                        self.now(),
+                        self.peer_id(),
+                        takeover_every.as_millis() as u64,
+                        MAX_TAKEOVERS_PER_ROUND,
+                    );
+                    for job in abandoned {
+                        self.spawn(self.clone().consider_takeover(job));
                     }
                 }
             }
