@@ -15,15 +15,17 @@
 //! * memos expire [`MemoLimits::ttl_ms`] after they were signed, never later than that
 //!   long after they arrived here, and one signed further ahead than
 //!   [`MemoLimits::max_skew_ms`] is refused;
-//! * the book is bounded in keys, in bytes and in memos per volunteer; a full book drops
-//!   the key that arrived first.
+//! * the book is bounded in keys, in bytes and in memos per volunteer: a volunteer past
+//!   its quota loses its own oldest memo, and a full book drops the key that arrived
+//!   first, contested keys last (so flooding the book does not clear a contest for a
+//!   liar to sign first again as cheaply).
 //!
 //! A liar can therefore at worst answer a call nobody ran before it (as it could by being
 //! placed on the call), or make a key contested, which costs a run; `--replicas` guards
 //! against the first.
 
 use libp2p::PeerId;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// A memo the book can keep.
 pub trait Memoized: Clone {
@@ -67,7 +69,7 @@ impl Default for MemoLimits {
             max_keys: 16_384,
             max_per_key: 4,
             max_per_signer: 1024,
-            max_bytes: 64 * 1024 * 1024,
+            max_bytes: 16 * 1024 * 1024,
             ttl_ms: 24 * 3600 * 1000,
             max_skew_ms: 10 * 60 * 1000,
         }
@@ -125,6 +127,7 @@ struct Kept<M> {
     memo: M,
     signer: PeerId,
     expires_ms: u64,
+    bytes: usize,
 }
 
 struct Entry<M> {
@@ -139,7 +142,11 @@ struct Entry<M> {
 pub struct MemoBook<M> {
     limits: MemoLimits,
     entries: HashMap<[u8; 32], Entry<M>>,
-    per_signer: HashMap<PeerId, usize>,
+    /// Keys by arrival, uncontested ones apart: what a full book drops first.
+    arrivals: BTreeSet<(u64, [u8; 32])>,
+    contested: BTreeSet<(u64, [u8; 32])>,
+    /// Each signer's memos, by arrival of their key.
+    per_signer: HashMap<PeerId, BTreeSet<(u64, [u8; 32])>>,
     bytes: usize,
 }
 
@@ -149,6 +156,8 @@ impl<M: Memoized> MemoBook<M> {
         MemoBook {
             limits,
             entries: HashMap::new(),
+            arrivals: BTreeSet::new(),
+            contested: BTreeSet::new(),
             per_signer: HashMap::new(),
             bytes: 0,
         }
@@ -173,8 +182,15 @@ impl<M: Memoized> MemoBook<M> {
         let key = memo.key();
         let result = memo.result();
         self.expire(now_ms, key);
+        let kept = Kept {
+            memo,
+            signer,
+            expires_ms,
+            bytes: size,
+        };
         let Some(entry) = self.entries.get_mut(&key) else {
-            self.make_room(now_ms, signer, size);
+            self.make_room(signer, size, None);
+            self.arrivals.insert((now_ms, key));
             self.entries.insert(
                 key,
                 Entry {
@@ -184,7 +200,7 @@ impl<M: Memoized> MemoBook<M> {
                     result,
                 },
             );
-            self.add(key, memo, signer, expires_ms);
+            self.add(key, kept);
             return Ok(Stored::Kept);
         };
         if entry.contested_until.is_some() {
@@ -199,31 +215,29 @@ impl<M: Memoized> MemoBook<M> {
                 .max()
                 .unwrap_or(expires_ms);
             entry.contested_until = Some(until);
-            for kept in std::mem::take(&mut entry.memos) {
-                self.forget(kept);
+            let arrived = entry.arrived_ms;
+            let dropped = std::mem::take(&mut entry.memos);
+            self.arrivals.remove(&(arrived, key));
+            self.contested.insert((arrived, key));
+            for old in dropped {
+                self.forget(key, arrived, old);
             }
             return Ok(Stored::Contested);
         }
-        let own = entry.memos.iter().position(|k| k.signer == signer);
-        match own {
+        let arrived = entry.arrived_ms;
+        match entry.memos.iter().position(|k| k.signer == signer) {
             Some(i) if entry.memos[i].memo.signed_at_ms() >= signed => Err(MemoRefused::Stale),
             Some(i) => {
                 let old = entry.memos.remove(i);
-                self.forget(old);
-                self.add(key, memo, signer, expires_ms);
+                self.forget(key, arrived, old);
+                self.make_room(signer, size, Some(key));
+                self.add(key, kept);
                 Ok(Stored::Replaced)
             }
             None if entry.memos.len() >= self.limits.max_per_key => Ok(Stored::Enough),
             None => {
-                self.make_room(now_ms, signer, size);
-                // Making room may have taken this very key: start it again.
-                self.entries.entry(key).or_insert(Entry {
-                    arrived_ms: now_ms,
-                    contested_until: None,
-                    memos: Vec::new(),
-                    result,
-                });
-                self.add(key, memo, signer, expires_ms);
+                self.make_room(signer, size, Some(key));
+                self.add(key, kept);
                 Ok(Stored::Kept)
             }
         }
@@ -264,23 +278,25 @@ impl<M: Memoized> MemoBook<M> {
         self.bytes
     }
 
-    fn add(&mut self, key: [u8; 32], memo: M, signer: PeerId, expires_ms: u64) {
-        self.bytes += memo.bytes();
-        *self.per_signer.entry(signer).or_default() += 1;
-        if let Some(entry) = self.entries.get_mut(&key) {
-            entry.memos.push(Kept {
-                memo,
-                signer,
-                expires_ms,
-            });
-        }
+    /// Adds `kept` under `key`, whose entry exists (unless making room took it).
+    fn add(&mut self, key: [u8; 32], kept: Kept<M>) {
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        self.bytes += kept.bytes;
+        self.per_signer
+            .entry(kept.signer)
+            .or_default()
+            .insert((entry.arrived_ms, key));
+        entry.memos.push(kept);
     }
 
-    fn forget(&mut self, kept: Kept<M>) {
-        self.bytes -= kept.memo.bytes();
-        if let Some(count) = self.per_signer.get_mut(&kept.signer) {
-            *count -= 1;
-            if *count == 0 {
+    /// Accounts for `kept`, taken out of the entry of `key` (arrived at `arrived`).
+    fn forget(&mut self, key: [u8; 32], arrived: u64, kept: Kept<M>) {
+        self.bytes -= kept.bytes;
+        if let Some(keys) = self.per_signer.get_mut(&kept.signer) {
+            keys.remove(&(arrived, key));
+            if keys.is_empty() {
                 self.per_signer.remove(&kept.signer);
             }
         }
@@ -292,6 +308,7 @@ impl<M: Memoized> MemoBook<M> {
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
         };
+        let arrived = entry.arrived_ms;
         let (live, dead): (Vec<_>, Vec<_>) = std::mem::take(&mut entry.memos)
             .into_iter()
             .partition(|k| k.expires_ms > now_ms);
@@ -300,52 +317,68 @@ impl<M: Memoized> MemoBook<M> {
             Some(until) => until <= now_ms,
             None => entry.memos.is_empty(),
         };
+        for kept in dead {
+            self.forget(key, arrived, kept);
+        }
         if over {
             self.remove_key(key);
-        }
-        for kept in dead {
-            self.forget(kept);
         }
     }
 
     fn remove_key(&mut self, key: [u8; 32]) {
         if let Some(entry) = self.entries.remove(&key) {
+            let arrived = entry.arrived_ms;
+            self.arrivals.remove(&(arrived, key));
+            self.contested.remove(&(arrived, key));
             for kept in entry.memos {
-                self.forget(kept);
+                self.forget(key, arrived, kept);
             }
         }
     }
 
-    /// Makes room for one more memo of `size` bytes signed by `signer`: past the
-    /// signer's quota its oldest key goes; past the book's bounds the oldest keys go.
-    fn make_room(&mut self, now_ms: u64, signer: PeerId, size: usize) {
-        if self.per_signer.get(&signer).copied().unwrap_or(0) >= self.limits.max_per_signer
-            && let Some(key) = self.oldest(|e| e.memos.iter().any(|k| k.signer == signer))
-        {
+    /// Removes `signer`'s memo under `key` (only its own).
+    fn remove_memo(&mut self, key: [u8; 32], signer: PeerId) {
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let arrived = entry.arrived_ms;
+        let Some(i) = entry.memos.iter().position(|k| k.signer == signer) else {
+            return;
+        };
+        let kept = entry.memos.remove(i);
+        let empty = entry.memos.is_empty();
+        self.forget(key, arrived, kept);
+        if empty {
             self.remove_key(key);
         }
-        let expired: Vec<[u8; 32]> = self.entries.keys().copied().collect();
-        if self.entries.len() >= self.limits.max_keys || self.bytes + size > self.limits.max_bytes {
-            for key in expired {
-                self.expire(now_ms, key);
-            }
+    }
+
+    /// Makes room for one more memo of `size` bytes signed by `signer` (under `keep`, a
+    /// key that must stay, if any): past the signer's quota its own oldest memo goes;
+    /// past the book's bounds whole keys go, the oldest uncontested first. Each step is
+    /// a lookup in an ordered index, never a scan.
+    fn make_room(&mut self, signer: PeerId, size: usize, keep: Option<[u8; 32]>) {
+        let theirs = self.per_signer.get(&signer).map_or(0, |k| k.len());
+        if theirs >= self.limits.max_per_signer
+            && let Some(&(_, key)) = self.per_signer.get(&signer).and_then(|k| k.first())
+        {
+            self.remove_memo(key, signer);
         }
-        while self.entries.len() >= self.limits.max_keys
+        let new_key = usize::from(keep.is_none());
+        while self.entries.len() + new_key > self.limits.max_keys
             || self.bytes + size > self.limits.max_bytes
         {
-            let Some(key) = self.oldest(|_| true) else {
+            let victim = self
+                .arrivals
+                .iter()
+                .chain(self.contested.iter())
+                .map(|&(_, key)| key)
+                .find(|key| Some(*key) != keep);
+            let Some(victim) = victim else {
                 break;
             };
-            self.remove_key(key);
+            self.remove_key(victim);
         }
-    }
-
-    fn oldest(&self, pick: impl Fn(&Entry<M>) -> bool) -> Option<[u8; 32]> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| pick(e))
-            .min_by_key(|(_, e)| e.arrived_ms)
-            .map(|(key, _)| *key)
     }
 }
 
@@ -534,5 +567,63 @@ mod tests {
             ..memo(PeerId::random(), 50, 1, now)
         };
         assert_eq!(book.put(now + 300, huge), Err(MemoRefused::TooLarge));
+    }
+
+    #[test]
+    fn replacing_a_memo_with_a_larger_one_stays_within_the_bytes() {
+        let limits = MemoLimits {
+            max_bytes: 1000,
+            ..MemoLimits::default()
+        };
+        let mut book = MemoBook::new(limits);
+        let now = 10 * HOUR;
+        let signers: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
+        for (i, signer) in signers.iter().enumerate() {
+            book.put(now, memo(*signer, i as u8, 1, now)).unwrap();
+        }
+        assert_eq!(book.bytes(), 1000);
+        // Each signer swaps its memo for a newer, five times larger one.
+        for (i, signer) in signers.iter().enumerate() {
+            let larger = Memo {
+                bytes: 500,
+                ..memo(*signer, i as u8, 1, now + 1)
+            };
+            let _ = book.put(now + 1, larger);
+            assert!(book.bytes() <= 1000, "{} bytes", book.bytes());
+        }
+    }
+
+    #[test]
+    fn a_signer_over_its_quota_loses_only_its_own_memo_and_contests_outlive_floods() {
+        let limits = MemoLimits {
+            max_keys: 4,
+            max_per_signer: 2,
+            ..MemoLimits::default()
+        };
+        let mut book = MemoBook::new(limits);
+        let now = 10 * HOUR;
+        let (honest, liar, sybil) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // The sybil co-signs the honest memo, then signs more: only its own memo goes.
+        book.put(now, memo(honest, 1, 7, now)).unwrap();
+        book.put(now, memo(sybil, 1, 7, now)).unwrap();
+        book.put(now + 1, memo(sybil, 2, 7, now)).unwrap();
+        book.put(now + 2, memo(sybil, 3, 7, now)).unwrap();
+        assert_eq!(agreed(&book, now + 3, 1), vec![honest]);
+        // A contested key stays while strangers flood the book with new keys.
+        book.put(now + 3, memo(liar, 1, 66, now)).unwrap();
+        assert_eq!(book.get(now + 4, &[1; 32]), Lookup::Contested);
+        for key in 10..30u8 {
+            book.put(
+                now + 10 + u64::from(key),
+                memo(PeerId::random(), key, 1, now),
+            )
+            .unwrap();
+        }
+        assert_eq!(book.get(now + 100, &[1; 32]), Lookup::Contested);
+        assert!(book.len() <= 4);
+        assert_eq!(
+            book.put(now + 100, memo(liar, 1, 66, now + 100)),
+            Err(MemoRefused::Contested)
+        );
     }
 }

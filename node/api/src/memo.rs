@@ -8,12 +8,20 @@
 //! deadline is left out: a run that finished within one deadline answers any call.
 //!
 //! A [`Memo`] is a volunteer's answer with its signed receipt. It checks
-//! ([`Memo::check`]) when the receipt verifies for the volunteer the answer names, matches
-//! the answer, says the run was pure (its guest read no clock and no random numbers,
-//! as the volunteer's executor watched) and did not fail, and is unexpired. The rules of
-//! what a node keeps are `flotilla_scheduler::memos`.
+//! ([`Memo::verify`]) when the receipt verifies for the volunteer the answer names,
+//! matches the answer, says the run was pure (its guest read no clock and no random
+//! numbers, as the volunteer's executor watched) and did not fail, is unexpired and not
+//! signed ahead of the checker's clock by more than [`MAX_SKEW_MS`], and stays within a
+//! run's bounds (inline streams only without a CID and at most
+//! [`MAX_INLINE_OUTPUT`](crate::function::MAX_INLINE_OUTPUT), at most
+//! [`MAX_OUTPUT_FILES`](crate::function::MAX_OUTPUT_FILES) output files, streams and
+//! files no larger than an executor writes, the call's fields within a call's bounds).
+//! A checked memo ([`CheckedMemo`]) carries what a keeper needs of it, computed once.
+//! The rules of what a node keeps are `flotilla_scheduler::memos`.
 
-use crate::function::{Execution, OutputStream};
+use crate::function::{
+    Execution, MAX_CALL_TEXT, MAX_INLINE_OUTPUT, MAX_INPUTS, MAX_OUTPUT_FILES, OutputStream,
+};
 use crate::receipt::{Receipt, ReceiptError};
 use flotilla_scheduler::memos::Memoized;
 use libp2p::PeerId;
@@ -29,6 +37,12 @@ pub const MEMO_TTL_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_MEMO_BYTES: usize = 48 * 1024;
 /// Most memos one keeper answers for one call.
 pub const MAX_MEMOS_ANSWERED: usize = 4;
+/// How far ahead of the checker's clock a memo may be signed.
+pub const MAX_SKEW_MS: u64 = 10 * 60 * 1000;
+/// Largest stdout or stderr a run leaves (the executor's bound).
+pub const MAX_STREAM_BYTES: u64 = 16 * 1024 * 1024;
+/// Most bytes of a run's output files (the executor's bound).
+pub const MAX_OUTPUT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Why a memo is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +65,12 @@ pub enum MemoError {
     /// It is too large to travel.
     #[error("the memo is {0} bytes (at most {MAX_MEMO_BYTES})")]
     TooLarge(usize),
+    /// It was signed further ahead of the checker's clock than allowed.
+    #[error("the memo is signed in the future")]
+    FromTheFuture,
+    /// It names more than a run can leave, or a call beyond a call's bounds.
+    #[error("the memo is outside a run's bounds: {0}")]
+    OutOfBounds(&'static str),
 }
 
 /// The digest that names a call for memoization (see the module's documentation).
@@ -135,13 +155,69 @@ impl Memo {
         if body.signed_at_ms.saturating_add(MEMO_TTL_MS) <= now_ms {
             return Err(MemoError::Expired);
         }
+        if body.signed_at_ms > now_ms.saturating_add(MAX_SKEW_MS) {
+            return Err(MemoError::FromTheFuture);
+        }
+        self.within_bounds()?;
         receipt.verify_from(&self.execution.volunteer)?;
         receipt.matches_execution(&self.execution)?;
         Ok(body.volunteer)
     }
 
-    /// A digest of what the run gave: exit status, stdout, stderr and output files, as
-    /// signed. Memos agree when these are equal.
+    /// Checks what the answer names against what a run can leave, and the call's fields
+    /// against a call's bounds.
+    fn within_bounds(&self) -> Result<(), MemoError> {
+        let out = |what| Err(MemoError::OutOfBounds(what));
+        let execution = &self.execution;
+        for stream in [&execution.stdout, &execution.stderr] {
+            if stream.size > MAX_STREAM_BYTES || stream.inline.len() > MAX_INLINE_OUTPUT {
+                return out("stdout or stderr too large");
+            }
+            if stream.cid.is_some() && !stream.inline.is_empty() {
+                return out("a stream both inline and by CID");
+            }
+        }
+        if execution.outputs.len() > MAX_OUTPUT_FILES {
+            return out("too many output files");
+        }
+        let files: u64 = execution
+            .outputs
+            .iter()
+            .fold(0u64, |sum, o| sum.saturating_add(o.size));
+        if files > MAX_OUTPUT_BYTES {
+            return out("output files too large");
+        }
+        let body = &self.receipt()?.body;
+        let text: usize = body.module.len()
+            + body.args_digest.len()
+            + body
+                .inputs
+                .iter()
+                .map(|(n, c)| n.len() + c.len())
+                .sum::<usize>();
+        if body.inputs.len() > MAX_INPUTS || text > MAX_CALL_TEXT {
+            return out("the call's fields");
+        }
+        Ok(())
+    }
+
+    /// Checks it at `now_ms` ([`Memo::verify`]) and computes, once, what a keeper needs.
+    pub fn checked(self, now_ms: u64) -> Result<CheckedMemo, MemoError> {
+        let signer = self.verify(now_ms)?;
+        let receipt = self.receipt()?;
+        let signed_at_ms = receipt.body.signed_at_ms;
+        Ok(CheckedMemo {
+            signer,
+            key: self.digest()?,
+            result: self.result_digest(),
+            bytes: self.encoded_len(),
+            signed_at_ms,
+            memo: self,
+        })
+    }
+
+    /// A digest of what the run gave: exit status, stdout, stderr (their SHA-256, size
+    /// and CID) and output files, as signed. Memos agree when these are equal.
     pub fn result_digest(&self) -> [u8; 32] {
         let Ok(receipt) = self.receipt() else {
             return [0; 32];
@@ -154,8 +230,8 @@ impl Memo {
             .collect();
         let fields = (
             body.exit_code,
-            (&body.stdout.sha256, body.stdout.size),
-            (&body.stderr.sha256, body.stderr.size),
+            (&body.stdout.sha256, body.stdout.size, &body.stdout.cid),
+            (&body.stderr.sha256, body.stderr.size, &body.stderr.cid),
             outputs,
         );
         let bytes = cbor4ii::serde::to_vec(Vec::new(), &fields).expect("results always encode");
@@ -183,28 +259,44 @@ impl Memo {
     }
 }
 
-impl Memoized for Memo {
+/// A memo checked once ([`Memo::checked`]), with what its keepers need of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedMemo {
+    /// The memo.
+    pub memo: Memo,
+    signer: PeerId,
+    key: [u8; 32],
+    result: [u8; 32],
+    bytes: usize,
+    signed_at_ms: u64,
+}
+
+/// The book checks only that a checked memo has not expired since: its signature and
+/// bounds were checked when it was made.
+impl Memoized for CheckedMemo {
     type Invalid = MemoError;
 
     fn check(&self, now_ms: u64) -> Result<PeerId, MemoError> {
-        self.verify(now_ms)
+        if self.signed_at_ms.saturating_add(MEMO_TTL_MS) <= now_ms {
+            return Err(MemoError::Expired);
+        }
+        Ok(self.signer)
     }
 
     fn key(&self) -> [u8; 32] {
-        // Only checked memos are kept, and every checked memo has a receipt.
-        self.digest().unwrap_or([0; 32])
+        self.key
     }
 
     fn signed_at_ms(&self) -> u64 {
-        self.receipt().map_or(0, |r| r.body.signed_at_ms)
+        self.signed_at_ms
     }
 
     fn result(&self) -> [u8; 32] {
-        self.result_digest()
+        self.result
     }
 
     fn bytes(&self) -> usize {
-        self.encoded_len()
+        self.bytes
     }
 }
 
@@ -314,6 +406,12 @@ mod tests {
         assert_eq!(again.unwrap().result_digest(), memo.result_digest());
         let lie = Memo::of(&answered(&keypair, &call, b"lie\n", true)).unwrap();
         assert_ne!(lie.result_digest(), memo.result_digest());
+        // The same digest and size, but stored under another CID: another result.
+        let mut elsewhere = memo.clone();
+        if let Some(receipt) = elsewhere.execution.receipt.as_mut() {
+            receipt.body.stdout.cid = Some(CID.into());
+        }
+        assert_ne!(elsewhere.result_digest(), memo.result_digest());
     }
 
     #[test]
@@ -358,11 +456,33 @@ mod tests {
         let mut failed = good.clone();
         failed.execution.failure = Some("trapped".into());
         assert_eq!(failed.verify(1_000_001), Err(MemoError::Failed));
-        let mut huge = good;
+        let mut huge = good.clone();
         huge.execution.stdout.inline = vec![b'x'; MAX_MEMO_BYTES];
         assert!(matches!(
             huge.verify(1_000_001),
             Err(MemoError::TooLarge(_))
         ));
+        // Signed far ahead of the checker's clock (to look newest, or never expire).
+        assert_eq!(
+            good.verify(1_000_000 - MAX_SKEW_MS - 1),
+            Err(MemoError::FromTheFuture)
+        );
+        // Padding beside a CID, and more files than a run leaves.
+        let mut padded = good.clone();
+        padded.execution.stdout.cid = Some(CID.into());
+        padded.execution.stdout.inline = vec![b'x'; 100];
+        assert_eq!(
+            padded.verify(1_000_001),
+            Err(MemoError::OutOfBounds("a stream both inline and by CID"))
+        );
+        let mut many = good.clone();
+        many.execution.outputs = vec![many.execution.outputs[0].clone(); MAX_OUTPUT_FILES + 1];
+        assert_eq!(
+            many.verify(1_000_001),
+            Err(MemoError::OutOfBounds("too many output files"))
+        );
+        let checked = good.clone().checked(1_000_001).unwrap();
+        assert_eq!(checked.key(), call_digest(&call));
+        assert_eq!(checked.memo, good);
     }
 }

@@ -238,6 +238,9 @@ impl CompileSlots {
 fn engine_config(pooling: bool, interruptible: bool) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(interruptible);
+    // Relaxed SIMD gives the same answers on every host, so that a pure run's result
+    // does not depend on which CPU ran it (memoized results).
+    config.relaxed_simd_deterministic(true);
     config.max_wasm_stack(1024 * 1024);
     if pooling {
         let mut pool = PoolingAllocationConfig::default();

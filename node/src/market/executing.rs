@@ -501,7 +501,7 @@ impl Market {
 
     /// Fetches the file under `cid` (unless held already) by `deadline`, giving up once
     /// more than a file of `max` bytes would take has arrived.
-    async fn fetch_at_most_by(
+    pub(super) async fn fetch_at_most_by(
         &self,
         cid: Cid,
         max: u64,
@@ -510,7 +510,7 @@ impl Market {
     ) -> Result<(), Fetched> {
         let (progress, mut watching) = watch::channel(FetchProgress::default());
         // Blocks carry a little framing beyond the file's bytes.
-        let max_fetched = max + max / 8 + MIB;
+        let max_fetched = max.saturating_add(max / 8).saturating_add(MIB);
         let fetched = tokio::time::timeout_at(deadline, async {
             let fetch = self.shared.overlay.fetch(cid, &progress, lease);
             tokio::pin!(fetch);

@@ -9,16 +9,21 @@
 //!   the memo checks (signature, purity, the answer matching its receipt); its
 //!   `MemoBook` (`flotilla_scheduler::memos`) decides the rest: agreeing volunteers kept,
 //!   a disagreement contests the call, bounded and expiring.
-//! * Before placing a call (unless `--fresh`), the client asks those peers. It takes a
-//!   memo only if every memo found checks, none disagree and no peer reports the call
-//!   contested, enough distinct volunteers agree (one, or a majority of `--replicas`), and
-//!   the result's blocks could be fetched; otherwise it places the call as usual. Modules
-//!   seen running impure are remembered ([`ImpureModules`]) and not looked up again.
+//! * Before placing a call (unless `--fresh`, or `--replicas` above 1: a memo's signers
+//!   cost nothing to make, so their agreement proves nothing a replicated call wants),
+//!   the client asks those peers, each within [`MEMO_ANSWER_TIMEOUT`]. It takes a memo
+//!   only if every memo found checks, none disagree and no peer reports the call
+//!   contested, its run finished within the call's deadline, and the result's blocks
+//!   (at most what a run leaves) are fetched within one `fetch_timeout`; otherwise it
+//!   places the call as usual. Modules seen running impure are remembered
+//!   ([`ImpureModules`]) and not looked up again.
 
 use super::Market;
 use super::function::{FunctionCall, Invocation};
 use super::protocol::{MemoAnswer, Request, Response};
-pub use flotilla_api::memo::{MAX_MEMOS_ANSWERED, Memo, MemoError, call_digest, memo_key};
+pub use flotilla_api::memo::{
+    CheckedMemo, MAX_MEMOS_ANSWERED, Memo, MemoError, call_digest, memo_key,
+};
 use flotilla_scheduler::memos::{Lookup, MemoRefused};
 use libp2p::PeerId;
 use std::collections::{HashSet, VecDeque};
@@ -26,13 +31,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The memo book a node keeps: the rules are `flotilla_scheduler::memos`'.
-pub type MemoBook = flotilla_scheduler::memos::MemoBook<Memo>;
+pub type MemoBook = flotilla_scheduler::memos::MemoBook<CheckedMemo>;
 /// Peers a memo is sent to: the closest to its key.
 pub const MEMO_REPLICAS: usize = 3;
 /// A node keeps a memo only if fewer than this many peers it knows are closer to its key.
 pub const MEMO_KEEPERS: usize = 8;
-/// Longest a client looks for a memo before it places the call.
-pub const MEMO_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client waits for the lookup of the peers near a call's digest, and then
+/// for each of their answers, before it goes on without.
+pub const MEMO_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Modules remembered as impure.
 const MAX_IMPURE_MODULES: usize = 1024;
 
@@ -66,27 +72,22 @@ impl ImpureModules {
 }
 
 impl Market {
-    /// The memoized answer to `call`, agreed by at least `needed` distinct volunteers and
-    /// with its result's blocks fetched here; `None` to place the call.
-    pub(super) async fn memoized(&self, call: &FunctionCall, needed: usize) -> Option<Invocation> {
+    /// The memoized answer to `call`, with its result's blocks fetched here; `None` to
+    /// place the call.
+    pub(super) async fn memoized(&self, call: &FunctionCall) -> Option<Invocation> {
         if self.shared.impure_modules.contains(&call.module) {
             return None;
         }
         let started = Instant::now();
         let digest = call_digest(call);
-        let lookup = tokio::time::timeout(MEMO_LOOKUP_TIMEOUT, self.find_memos(digest)).await;
-        let Ok((Some(found), asked)) = lookup else {
-            return None;
-        };
-        let signers: HashSet<PeerId> = found
-            .iter()
-            .filter_map(|m| m.receipt().ok().map(|r| r.body.volunteer))
-            .collect();
-        if signers.len() < needed.max(1) {
-            return None;
-        }
-        let memo = found
+        let (found, asked) = self.find_memos(digest).await;
+        let deadline_us = call.timeout_ms.map(|ms| ms.saturating_mul(1000));
+        let memo = found?
             .into_iter()
+            .filter(|m| {
+                let took = m.receipt().map_or(u64::MAX, |r| r.body.timings.execute_us);
+                deadline_us.is_none_or(|deadline| took <= deadline)
+            })
             .max_by_key(|m| m.receipt().map_or(0, |r| r.body.signed_at_ms))?;
         if !self.fetch_memo_result(&memo).await {
             return None;
@@ -114,12 +115,23 @@ impl Market {
         let mut answers = Vec::new();
         match self.with(move |m, now| m.memos.get(now, &digest)).await {
             Ok(Lookup::Contested) => return (None, 0),
-            Ok(Lookup::Agreed(memos)) => answers.push(MemoAnswer::Agreed(memos)),
+            Ok(Lookup::Agreed(memos)) => {
+                answers.push(MemoAnswer::Agreed(
+                    memos.into_iter().map(|c| c.memo).collect(),
+                ));
+            }
             _ => {}
         }
-        let timeout = self.shared.config.answer_timeout;
-        let closest = self.shared.network.closest_peers(memo_key(&digest)).await;
-        let peers: Vec<PeerId> = closest.map(|f| f.peers).unwrap_or_default();
+        let timeout = self.shared.config.answer_timeout.min(MEMO_ANSWER_TIMEOUT);
+        let closest = tokio::time::timeout(
+            timeout,
+            self.shared.network.closest_peers(memo_key(&digest)),
+        )
+        .await;
+        let peers: Vec<PeerId> = match closest {
+            Ok(Ok(found)) => found.peers,
+            _ => Vec::new(),
+        };
         let peers: Vec<PeerId> = peers
             .into_iter()
             .filter(|p| *p != self.peer_id())
@@ -158,15 +170,17 @@ impl Market {
         (Some(found).filter(|f| !f.is_empty()), asked)
     }
 
-    /// Fetches the blocks of `memo`'s result (each at most its size, within
-    /// `fetch_timeout`), under a lease kept for `call_data_kept` like a call's.
+    /// Fetches the blocks of `memo`'s result (each at most its size, all within one
+    /// `fetch_timeout`; the memo's bounds were checked), under a lease kept for
+    /// `call_data_kept` like a call's.
     async fn fetch_memo_result(&self, memo: &Memo) -> bool {
         let lease = self.shared.overlay.store().lease();
+        let deadline = tokio::time::Instant::now() + self.shared.config.fetch_timeout;
         for (cid, size) in memo.result_blocks() {
             let Ok(cid) = cid.parse::<cid::Cid>() else {
                 return false;
             };
-            if let Err(e) = self.fetch_at_most(cid, size, &lease).await {
+            if let Err(e) = self.fetch_at_most_by(cid, size, deadline, &lease).await {
                 tracing::info!(%cid, error = ?e, "a memo's result could not be fetched; placing the call");
                 return false;
             }
@@ -199,8 +213,15 @@ impl Market {
             return;
         }
         let digest = call_digest(call);
+        let now = self.now();
         for memo in &memos {
-            let kept = memo.clone();
+            let kept = match memo.clone().checked(now) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    tracing::debug!(error = %e, "own memo not kept");
+                    continue;
+                }
+            };
             if let Ok(Err(e)) = self.with(move |m, now| m.memos.put(now, kept)).await {
                 tracing::debug!(error = %e, "own memo not kept");
             }
@@ -263,6 +284,15 @@ impl Market {
             }
             Err(_) => return Response::stopping(),
         }
+        // Checked here, off the market's loop: the loop only files it.
+        let memo = match memo.checked(self.now()) {
+            Ok(memo) => memo,
+            Err(e) => {
+                return Response::Refused {
+                    reason: e.to_string(),
+                };
+            }
+        };
         let kept = self.with(move |m, now| m.memos.put(now, memo)).await;
         match kept {
             Err(_) => Response::stopping(),
@@ -285,10 +315,13 @@ impl Market {
         match self.with(move |m, now| m.memos.get(now, &digest)).await {
             Ok(Lookup::Unknown) => Response::Memos(MemoAnswer::Unknown),
             Ok(Lookup::Contested) => Response::Memos(MemoAnswer::Contested),
-            Ok(Lookup::Agreed(mut memos)) => {
-                memos.truncate(MAX_MEMOS_ANSWERED);
-                Response::Memos(MemoAnswer::Agreed(memos))
-            }
+            Ok(Lookup::Agreed(memos)) => Response::Memos(MemoAnswer::Agreed(
+                memos
+                    .into_iter()
+                    .take(MAX_MEMOS_ANSWERED)
+                    .map(|c| c.memo)
+                    .collect(),
+            )),
             Err(_) => Response::stopping(),
         }
     }

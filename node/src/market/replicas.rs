@@ -15,9 +15,8 @@ impl Market {
     /// Runs `call` on `replicas` distinct volunteers and returns the majority's answer
     /// with the report of how they compared (none for a single replica).
     ///
-    /// Unless `fresh`, a memoized answer agreed by as many volunteers as a majority of
-    /// the replicas answers at once (`super::memos`); the answers signed as pure are
-    /// published as memos, the outvoted ones never.
+    /// Unless `fresh` or replicated, a memoized answer answers at once (`super::memos`);
+    /// the answers signed as pure are published as memos, the outvoted ones never.
     pub async fn invoke_replicated(
         &self,
         call: FunctionCall,
@@ -33,7 +32,10 @@ impl Market {
         }
         call.validate()
             .map_err(|e| InvokeError::Rejected(e.to_string()))?;
-        if !fresh && let Some(memoized) = self.memoized(&call, majority(replicas)).await {
+        if !fresh
+            && replicas <= 1
+            && let Some(memoized) = self.memoized(&call).await
+        {
             return Ok((memoized, None));
         }
         if replicas <= 1 {
@@ -85,11 +87,6 @@ impl Market {
             None => Err(InvokeError::NoMajority(report.describe())),
         }
     }
-}
-
-/// How many agreeing volunteers a memo needs to stand for `replicas` runs: a majority.
-fn majority(replicas: u32) -> usize {
-    replicas as usize / 2 + 1
 }
 
 /// A replica's failure, saying which.
