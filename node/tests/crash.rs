@@ -1,8 +1,9 @@
-//! Crash consistency of the store: a real `flotilla node` process killed with SIGKILL at
-//! random points while it adds (pinned) files and fetches others', twenty times over on
-//! one data dir. After each kill the store and its database open cleanly, every block on
-//! disk hashes to its CID, and every pin acknowledged before the kill is there with its
-//! whole DAG.
+//! Crash consistency of the store and the node's database: a real `flotilla node`
+//! process (a scheduler) killed with SIGKILL at random points while it adds (pinned)
+//! files, fetches others' and takes detached jobs, twenty times over on one data dir.
+//! After each kill the store and both databases open cleanly, every block on disk hashes
+//! to its CID, every pin acknowledged before the kill is there with its whole DAG, and
+//! every job acknowledged before the kill is recorded, to be carried on.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -31,7 +32,13 @@ fn start_node(data_dir: &Path, bootstrap: &str) -> (Child, ApiClient) {
         .env_remove("FLOTILLA_API")
         .env("RUST_LOG", "error")
         .args(["node", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(["--api", "127.0.0.1:0", "--store-capacity", "256MiB"])
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--store-capacity",
+            "256MiB",
+            "--scheduler",
+        ])
         .args(["--bootstrap", bootstrap])
         .arg("--data-dir")
         .arg(data_dir)
@@ -88,6 +95,9 @@ async fn a_node_killed_at_random_points_keeps_a_whole_store_and_every_acknowledg
     let data_dir = dir.path().join("crashing");
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
     let acknowledged: Arc<Mutex<Vec<Cid>>> = Arc::default();
+    // Jobs no volunteer can take (nobody lends memory): they wait, recorded, for an hour.
+    let jobs_taken: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let module = shared[0].to_string();
     let mut kills_during_work = 0;
     for round in 0..ROUNDS {
         let (mut child, client) = start_node(&data_dir, &bootstrap);
@@ -121,6 +131,42 @@ async fn a_node_killed_at_random_points_keeps_a_whole_store_and_every_acknowledg
                 }
             })
         };
+        let submitter = {
+            let client = client.clone();
+            let jobs_taken = jobs_taken.clone();
+            let module = module.clone();
+            tokio::spawn(async move {
+                // Two a round at most: the node carries on at most a quarter of its
+                // 256 jobs for one client (here itself).
+                for i in 0..2u64 {
+                    let body = flotilla_api::types::SubmitBody {
+                        invoke: flotilla_api::types::InvokeBody {
+                            call: flotilla_api::function::FunctionCall {
+                                module: module.clone(),
+                                memory_mib: 128,
+                                timeout_ms: None,
+                                args: vec![format!("{round}-{i}")],
+                                env: Vec::new(),
+                                stdin: None,
+                                inputs: Vec::new(),
+                            },
+                            max_tries: None,
+                            placement: None,
+                            replicas: None,
+                            fresh: false,
+                        },
+                        wait_ms: Some(3_600_000),
+                    };
+                    match client.submit(&body).await {
+                        Ok(taken) => jobs_taken
+                            .lock()
+                            .unwrap()
+                            .push(u64::from_str_radix(&taken.job_id, 16).unwrap()),
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
         let at = Duration::from_millis(rng.random_range(20..400));
         tokio::time::sleep(at).await;
         kills_during_work += usize::from(!adder.is_finished() && !fetcher.is_finished());
@@ -128,6 +174,24 @@ async fn a_node_killed_at_random_points_keeps_a_whole_store_and_every_acknowledg
         child.wait().unwrap();
         let _ = adder.await;
         let _ = fetcher.await;
+        let _ = submitter.await;
+
+        // Every job acknowledged is recorded, to be carried on at the next start.
+        let state = flotilla_node::state_db::StateDb::open(&data_dir.join("node.redb"))
+            .unwrap_or_else(|e| panic!("round {round}: the node's database does not open: {e}"));
+        let recorded: HashSet<u64> = state
+            .jobs()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        for id in jobs_taken.lock().unwrap().iter() {
+            assert!(
+                recorded.contains(id),
+                "round {round}: job {id:016x} is lost"
+            );
+        }
+        drop(state);
 
         // The store opens, every block verifies, every acknowledged pin is whole.
         let store = Blockstore::open(&data_dir.join("blockstore"), CAPACITY)
@@ -159,6 +223,10 @@ async fn a_node_killed_at_random_points_keeps_a_whole_store_and_every_acknowledg
     assert!(
         kills_during_work >= 10,
         "{kills_during_work} kills hit work under way"
+    );
+    assert!(
+        jobs_taken.lock().unwrap().len() >= ROUNDS as usize / 2,
+        "too few jobs were acknowledged to test anything"
     );
     // The node starts on the store the kills left, and serves what it pinned.
     let (mut child, client) = start_node(&data_dir, &bootstrap);

@@ -424,7 +424,7 @@ async fn a_job_waits_for_an_offer_that_fits_and_gives_up_at_its_deadline() {
         }),
         wait_ms: 120_000,
     };
-    let expected = jobs::job_id(&nodes[0].peer_id(), 99);
+    let expected = jobs::job_id_of_call(&nodes[0].peer_id(), 99, &big);
     wait_until("only the waiting job is held", || async {
         market.jobs_held() == 1
     })

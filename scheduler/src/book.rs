@@ -15,16 +15,22 @@
 //! so strangers storing records cannot push out the jobs it ran.
 //!
 //! A job's scheduler can be replaced. A version signed by another author than the held
-//! one's is kept only if it is a takeover ([`Versioned::takes_over`]), newer, and the held
-//! version is of a job not yet ended that has been silent for
-//! [`BookLimits::takeover_grace_ms`] — counted from when it was made or arrived here,
-//! whichever is earlier — so a live scheduler, which makes a version at least every
-//! third of that time, keeps its jobs. A takeover of a job this book holds no version of
-//! is refused. [`RecordBook::abandoned`] picks the jobs silent that long, for this node
-//! to consider taking over.
+//! one's is kept only if it is a takeover ([`Versioned::takes_over`]), newer by at most
+//! [`MAX_TAKEOVER_JUMP`] (so a takeover cannot put the job out of everyone's reach with
+//! a huge sequence number), and the held version is of a job not yet ended that this
+//! node has held for [`BookLimits::takeover_grace_ms`] with no newer version arriving —
+//! silence measured by this node's clock only, so neither a version dated in the past
+//! nor an old version replayed into an emptied book counts as silence — while a live
+//! scheduler, which makes a version at least every third of that time, keeps its jobs.
+//! A takeover of a job this book holds no version of is refused.
+//! [`RecordBook::abandoned`] picks the jobs silent that long, for this node to consider
+//! taking over.
 
 use libp2p::PeerId;
 use std::collections::HashMap;
+
+/// How much newer than the held version a takeover may be.
+pub const MAX_TAKEOVER_JUMP: u64 = 4;
 
 /// A signed, versioned record the book can keep.
 pub trait Versioned: Clone {
@@ -137,9 +143,16 @@ impl<R: Versioned> RecordBook<R> {
         match self.records.get(&id) {
             Some(held) if held.record.seq() >= record.seq() => return Err(Refused::Stale(id)),
             Some(held) if held.author != author => {
-                let silent_since = held.record.made_at_ms().min(held.arrived_ms);
-                let silent = silent_since.saturating_add(self.limits.takeover_grace_ms) <= now_ms;
-                if !record.takes_over() || held.record.is_final() || !silent {
+                let silent = held
+                    .arrived_ms
+                    .saturating_add(self.limits.takeover_grace_ms)
+                    <= now_ms;
+                let jump = record.seq() - held.record.seq();
+                if !record.takes_over()
+                    || held.record.is_final()
+                    || !silent
+                    || jump > MAX_TAKEOVER_JUMP
+                {
                     return Err(Refused::NotTakenOver(id));
                 }
             }
@@ -213,28 +226,39 @@ impl<R: Versioned> RecordBook<R> {
             .collect()
     }
 
-    /// Up to `max` jobs of other authors than `me`, not ended, whose newest version has
-    /// been silent for the takeover grace period at `now_ms`, none considered within the
-    /// last `every_ms`: candidates for this node to take over (each marked as considered).
-    pub fn abandoned(&mut self, now_ms: u64, me: PeerId, every_ms: u64, max: usize) -> Vec<R> {
+    /// Up to `max` jobs of other authors than `me`, not ended, held here with no newer
+    /// version for the takeover grace period at `now_ms`, none considered within the last
+    /// `every_ms`, those considered longest ago first: candidates for this node to take
+    /// over, each with how long it has been silent here (each marked as considered).
+    pub fn abandoned(
+        &mut self,
+        now_ms: u64,
+        me: PeerId,
+        every_ms: u64,
+        max: usize,
+    ) -> Vec<(R, u64)> {
         let grace = self.limits.takeover_grace_ms;
-        let mut found = Vec::new();
-        for kept in self.records.values_mut() {
-            if found.len() >= max {
-                break;
-            }
-            let silent_since = kept.record.made_at_ms().min(kept.arrived_ms);
-            if kept.author != me
-                && !kept.record.is_final()
-                && kept.expires_ms > now_ms
-                && silent_since.saturating_add(grace) <= now_ms
-                && kept.considered_ms.saturating_add(every_ms) <= now_ms
-            {
+        let mut due: Vec<(u64, u64)> = self
+            .records
+            .iter()
+            .filter(|(_, kept)| {
+                kept.author != me
+                    && !kept.record.is_final()
+                    && kept.expires_ms > now_ms
+                    && kept.arrived_ms.saturating_add(grace) <= now_ms
+                    && kept.considered_ms.saturating_add(every_ms) <= now_ms
+            })
+            .map(|(id, kept)| (kept.considered_ms, *id))
+            .collect();
+        due.sort_unstable();
+        due.truncate(max);
+        due.into_iter()
+            .filter_map(|(_, id)| {
+                let kept = self.records.get_mut(&id)?;
                 kept.considered_ms = now_ms;
-                found.push(kept.record.clone());
-            }
-        }
-        found
+                Some((kept.record.clone(), now_ms - kept.arrived_ms))
+            })
+            .collect()
     }
 
     /// The id of the record that arrived first among those `pick` chooses.
@@ -504,17 +528,19 @@ mod tests {
             Err(Refused::NotTakenOver(7))
         );
         book.put(1800, takeover(taker, 5, 1800)).unwrap();
+        // The taker's own later versions are its to number.
+        book.put(1850, takeover(taker, 50, 1850)).unwrap();
         // An ended job is never taken over.
         let done = Record {
             done: true,
             takeover: true,
             made_at_ms: 1900,
-            ..record(taker, 7, 6)
+            ..record(taker, 7, 51)
         };
         book.put(1900, done).unwrap();
         assert!(book.abandoned(10_000, rival, 0, 8).is_empty());
         assert_eq!(
-            book.put(10_000, takeover(rival, 7, 10_000)),
+            book.put(10_000, takeover(rival, 52, 10_000)),
             Err(Refused::NotTakenOver(7))
         );
     }

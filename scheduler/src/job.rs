@@ -282,7 +282,7 @@ impl JobRun {
     /// Makes the next version, in `phase`, and asks for it to be published.
     fn next_version(&mut self, phase: Phase, error: Option<String>) -> JobAction {
         self.latest = Version {
-            seq: self.latest.seq + 1,
+            seq: self.latest.seq.saturating_add(1),
             phase,
             attempts: self.latest.attempts,
             error,

@@ -115,6 +115,30 @@ pub fn job_id(scheduler: &PeerId, nonce: u64) -> u64 {
     u64::from_be_bytes(first) >> 1
 }
 
+/// The id of a job whose record carries its call: 63 bits of SHA-256(domain ‖
+/// scheduler's peer id ‖ nonce ‖ the call's digest). A peer that takes the job over can
+/// carry it on only with that very call.
+pub fn job_id_of_call(scheduler: &PeerId, nonce: u64, call: &FunctionCall) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(b"flotilla/job-id/v2\0")
+        .chain_update(scheduler.to_bytes())
+        .chain_update(nonce.to_be_bytes())
+        .chain_update(call.digest())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) >> 1
+}
+
+/// The id a record's job must have, taken by `owner`: with its call in it when the record
+/// carries one.
+fn expected_id(owner: &PeerId, record: &JobRecord) -> u64 {
+    match &record.call {
+        Some(call) => job_id_of_call(owner, record.nonce, call),
+        None => job_id(owner, record.nonce),
+    }
+}
+
 fn record_bytes(record: &JobRecord) -> Vec<u8> {
     cbor4ii::serde::to_vec(Vec::new(), record).expect("records always encode")
 }
@@ -154,7 +178,7 @@ impl SignedJob {
                 .parse::<PeerId>()
                 .map_err(|_| JobRecordError::ForeignId(self.record.job_id))?,
         };
-        if job_id(&owner, self.record.nonce) != self.record.job_id {
+        if expected_id(&owner, &self.record) != self.record.job_id {
             return Err(JobRecordError::ForeignId(self.record.job_id));
         }
         Ok(scheduler)
@@ -261,6 +285,33 @@ mod tests {
         let signed = SignedJob::sign(taken.clone(), &other);
         assert_eq!(signed.signer(), Ok(taker));
         assert!(signed.is_takeover());
+        // The call is bound to the id: another call under it fails.
+        let call = FunctionCall {
+            module: "bafk".into(),
+            memory_mib: 128,
+            timeout_ms: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: None,
+            inputs: Vec::new(),
+        };
+        let with_call = JobRecord {
+            job_id: job_id_of_call(&peer, 7, &call),
+            call: Some(call.clone()),
+            ..taken.clone()
+        };
+        assert!(SignedJob::sign(with_call.clone(), &other).verify().is_ok());
+        let swapped = JobRecord {
+            call: Some(FunctionCall {
+                args: vec!["other".into()],
+                ..call
+            }),
+            ..with_call
+        };
+        assert!(matches!(
+            SignedJob::sign(swapped, &other).verify(),
+            Err(JobRecordError::ForeignId(_))
+        ));
         // Naming a scheduler whose id the job's is not fails.
         let elsewhere = JobRecord {
             taken_from: Some(taker.to_string()),

@@ -23,7 +23,9 @@ use rand::RngCore;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-pub use flotilla_api::job::{JobRecord, JobRecordError, JobState, SignedJob, job_id};
+pub use flotilla_api::job::{
+    JobRecord, JobRecordError, JobState, SignedJob, job_id, job_id_of_call,
+};
 
 /// Jobs one scheduler holds (waiting or running) at once; more are refused.
 pub const MAX_JOBS: usize = 256;
@@ -66,6 +68,22 @@ pub fn book_limits(takeover_grace: Duration) -> BookLimits {
         ttl_ms: JOB_RECORD_TTL.as_millis() as u64,
         takeover_grace_ms: takeover_grace.as_millis() as u64,
     }
+}
+
+/// Largest call a job record carries (CBOR bytes); a job of a larger one cannot be taken
+/// over, so records stay within a request's bound with their result.
+pub const MAX_CARRIED_CALL_BYTES: usize = 8 * 1024;
+
+/// How a keeper's refusal of a version begins when another scheduler holds the job.
+pub const TAKEN_OVER: &str = "taken over";
+
+/// What became of a job record sent to the peers near its key.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    /// Peers that keep it.
+    kept: usize,
+    /// Peers that refused it because another scheduler holds the job.
+    taken_over: usize,
 }
 
 /// Most abandoned jobs a node considers taking over per round.
@@ -151,7 +169,15 @@ impl Market {
         request: InvokeRequest,
         wait: Duration,
     ) -> Response {
-        let job_id = job_id(&self.peer_id(), request.invocation_id);
+        // The record carries the call (bound into the job's id) so another peer can take
+        // the job over — unless the call is too large for records to stay small.
+        let carried = cbor4ii::serde::to_vec(Vec::new(), &request.call)
+            .is_ok_and(|bytes| bytes.len() <= MAX_CARRIED_CALL_BYTES)
+            .then(|| request.call.clone());
+        let job_id = match &carried {
+            Some(call) => job_id_of_call(&self.peer_id(), request.invocation_id, call),
+            None => job_id(&self.peer_id(), request.invocation_id),
+        };
         if let Some(refusal) = self.refuse_call(&request.call) {
             return refusal;
         }
@@ -162,7 +188,7 @@ impl Market {
             seq: 0,
             scheduler: self.peer_id().to_string(),
             taken_from: None,
-            call: Some(request.call.clone()),
+            call: carried,
             state: JobState::Waiting,
             module: request.call.module.clone(),
             submitted_at_ms: now,
@@ -290,7 +316,7 @@ impl Market {
                 let market = self.clone();
                 self.spawn(async move {
                     let signed = SignedJob::sign(job.record, &market.shared.keypair);
-                    market.send_job_record(signed).await;
+                    let _ = market.send_job_record(signed).await;
                     market.forget_job(id).await;
                 });
                 continue;
@@ -359,24 +385,42 @@ impl Market {
             while let Some(action) = due.pop_front() {
                 match action {
                     JobAction::Publish(version) => {
-                        let seq = version.seq;
-                        record.seq = seq;
-                        record.state = state_of(version.phase);
-                        record.attempts = version.attempts;
-                        record.error = version.error;
-                        record.updated_at_ms = self.now();
-                        if let Err(e) = self.remember_job(from, &request, &record).await {
-                            tracing::warn!(job = record.job_id, error = %e, "cannot record the job's new version");
-                        }
-                        let keepers = self.publish_job(&mut record).await;
-                        run.on_published(self.now(), seq, keepers);
-                        if version.phase.is_final() {
-                            self.forget_job(record.job_id).await;
+                        let going_on = self
+                            .publish_version(from, &request, &mut record, &mut run, version)
+                            .await;
+                        if !going_on {
+                            return;
                         }
                     }
                     JobAction::Place => {
                         let check = SignatureCheck::BeforeAnswering;
-                        let placed = match self.place_and_run(from, request.clone(), check).await {
+                        let placing = self.place_and_run(from, request.clone(), check);
+                        tokio::pin!(placing);
+                        // A call may run longer than the takeover grace: heartbeats go
+                        // out while it runs.
+                        let answer = loop {
+                            let wake = run.next_wakeup().unwrap_or(u64::MAX);
+                            let pause = Duration::from_millis(wake.saturating_sub(self.now()))
+                                .min(Duration::from_secs(3600));
+                            tokio::select! {
+                                answer = &mut placing => break answer,
+                                () = tokio::time::sleep(pause) => {
+                                    for beat in run.poll(self.now()) {
+                                        if let JobAction::Publish(version) = beat {
+                                            let going_on = self
+                                                .publish_version(
+                                                    from, &request, &mut record, &mut run, version,
+                                                )
+                                                .await;
+                                            if !going_on {
+                                                return;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        let placed = match answer {
                             Response::Invoked(invocation) => {
                                 let invocation = self.recordable(*invocation).await;
                                 // The volunteer may leave before the client reads it.
@@ -404,6 +448,44 @@ impl Market {
         }
     }
 
+    /// Records, signs and publishes `version` of the job; answers whether the job goes on
+    /// here: not once it has ended, nor once the peers near its key refuse the version
+    /// because another scheduler took the job over (this one was thought gone), which is
+    /// then forgotten here rather than run twice.
+    async fn publish_version(
+        &self,
+        from: PeerId,
+        request: &InvokeRequest,
+        record: &mut JobRecord,
+        run: &mut JobRun,
+        version: Version,
+    ) -> bool {
+        let seq = version.seq;
+        record.seq = seq;
+        record.state = state_of(version.phase);
+        record.attempts = version.attempts;
+        record.error = version.error;
+        record.updated_at_ms = self.now();
+        if let Err(e) = self.remember_job(from, request, record).await {
+            tracing::warn!(job = record.job_id, error = %e, "cannot record the job's new version");
+        }
+        let sent = self.publish_job(record).await;
+        run.on_published(self.now(), seq, sent.kept);
+        if version.phase.is_final() {
+            self.forget_job(record.job_id).await;
+            return false;
+        }
+        if sent.kept == 0 && sent.taken_over > 0 {
+            tracing::warn!(
+                job = record.job_id,
+                "another scheduler took the job over; letting it go"
+            );
+            self.forget_job(record.job_id).await;
+            return false;
+        }
+        true
+    }
+
     /// Considers taking over `job`, a record kept here of a job not ended whose scheduler
     /// has been silent past the grace period (the book picked it,
     /// `RecordBook::abandoned`). A scheduler takes it when the record carries its call
@@ -414,7 +496,7 @@ impl Market {
     /// that took the job first, must be kept by a peer near the key before the job is
     /// placed again; the job then runs here under the same id, and the client reads it
     /// as before.
-    pub(super) async fn consider_takeover(self, job: SignedJob) {
+    pub(super) async fn consider_takeover(self, job: SignedJob, silent_ms: u64) {
         let id = job.record.job_id;
         let Some(call) = job.record.call.clone() else {
             return;
@@ -427,10 +509,13 @@ impl Market {
             return;
         };
         let wait = grace + grace * rank as u32 / 2;
-        let silent = Duration::from_millis(self.now().saturating_sub(job.record.updated_at_ms));
+        let silent = Duration::from_millis(silent_ms);
         if silent < wait {
             return;
         }
+        let Some(seq) = job.record.seq.checked_add(1) else {
+            return;
+        };
         // Another keeper's takeover may have reached this node meanwhile.
         let held = self.with(move |m, _| m.jobs.get(id).cloned()).await;
         let Ok(Some(held)) = held else { return };
@@ -458,7 +543,12 @@ impl Market {
         let mut record = job.record.clone();
         record.scheduler = self.peer_id().to_string();
         record.taken_from = Some(first);
-        record.seq += 1;
+        record.seq = seq;
+        // A record's deadline is its scheduler's word: no longer than a job may wait.
+        let longest = record
+            .submitted_at_ms
+            .saturating_add(MAX_JOB_WAIT.as_millis() as u64);
+        record.wait_until_ms = record.wait_until_ms.min(longest);
         record.state = JobState::Waiting;
         record.error = Some(reason.clone());
         record.updated_at_ms = self.now();
@@ -472,11 +562,18 @@ impl Market {
             }
             Err(_) => return,
         }
-        if self.send_job_record(signed).await == 0 {
+        if self.send_job_record(signed).await.kept == 0 {
             tracing::info!(
                 job = id,
                 "no peer near the job's key kept the takeover; not running it"
             );
+            // The version it took over back in place of its own, which nobody else keeps.
+            let _ = self
+                .with(move |m, now| {
+                    m.jobs.remove(id);
+                    m.jobs.put(now, job)
+                })
+                .await;
             return;
         }
         let request = InvokeRequest {
@@ -518,26 +615,27 @@ impl Market {
 
     /// Signs the next version of `record`, keeps it, and sends it to the peers closest to
     /// the job's key (waiting at most the answer timeout).
-    async fn publish_job(&self, record: &mut JobRecord) -> usize {
+    async fn publish_job(&self, record: &mut JobRecord) -> Sent {
         record.updated_at_ms = self.now();
         let signed = SignedJob::sign(record.clone(), &self.shared.keypair);
         let kept = signed.clone();
         if let Ok(Err(e)) = self.with(move |m, now| m.jobs.put(now, kept)).await {
             tracing::warn!(job = record.job_id, error = %e, "cannot keep a job record");
         }
-        let stored = self.send_job_record(signed).await;
+        let sent = self.send_job_record(signed).await;
+        let stored = sent.kept;
         if stored == 0 {
             // Only this scheduler keeps it now: `job status` fails once it leaves.
             tracing::warn!(job = record.job_id, state = %record.state, "no peer kept the job record");
         } else {
             tracing::debug!(job = record.job_id, state = %record.state, replicas = stored, "job record published");
         }
-        stored
+        sent
     }
 
     /// Sends `job` to the peers closest to its key (waiting at most the answer timeout
     /// for each step); answers how many kept it.
-    async fn send_job_record(&self, job: SignedJob) -> usize {
+    async fn send_job_record(&self, job: SignedJob) -> Sent {
         let timeout = self.shared.config.answer_timeout;
         let closest = tokio::time::timeout(
             timeout,
@@ -554,11 +652,17 @@ impl Market {
             let request = Request::StoreJob(Box::new(job.clone()));
             self.call(peer, Vec::new(), request, timeout)
         });
-        futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .filter(|r| matches!(r, Ok(Response::JobStored)))
-            .count()
+        let mut sent = Sent::default();
+        for answer in futures::future::join_all(sends).await {
+            match answer {
+                Ok(Response::JobStored) => sent.kept += 1,
+                Ok(Response::Refused { reason }) if reason.starts_with(TAKEN_OVER) => {
+                    sent.taken_over += 1;
+                }
+                _ => {}
+            }
+        }
+        sent
     }
 
     /// Sends records this node keeps (its own jobs' and others') on to the peers now
@@ -568,7 +672,11 @@ impl Market {
     pub(super) async fn republish(self, due: Vec<SignedJob>) {
         let count = due.len();
         let sends = due.into_iter().map(|job| self.send_job_record(job));
-        let stored: usize = futures::future::join_all(sends).await.into_iter().sum();
+        let stored: usize = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|sent| sent.kept)
+            .sum();
         tracing::debug!(records = count, stored, "job records republished");
     }
 
@@ -602,10 +710,16 @@ impl Market {
         }
         let blocks = job.record.result.as_ref().map(result_blocks);
         let scheduler = job.record.scheduler.parse::<PeerId>().ok();
+        let author = job.record.scheduler.clone();
         let kept = self
             .with(move |m, now| {
-                let had_result = m.jobs.get(id).is_some_and(|j| j.record.result.is_some());
-                m.jobs.put(now, job).map(|()| had_result)
+                let held = m.jobs.get(id);
+                let had_result = held.is_some_and(|j| j.record.result.is_some());
+                let held_by = held.map(|j| j.record.scheduler.clone());
+                m.jobs
+                    .put(now, job)
+                    .map(|()| had_result)
+                    .map_err(|e| (e, held_by))
             })
             .await;
         let Ok(kept) = kept else {
@@ -618,8 +732,15 @@ impl Market {
                 }
                 Response::JobStored
             }
-            Err(Refused::Stale(_)) => Response::JobStored,
-            Err(e) => Response::Refused {
+            // As new a version of its own scheduler is held: nothing lost.
+            Err((Refused::Stale(_), Some(held_by))) if held_by == author => Response::JobStored,
+            // Another scheduler's version is held: the job was taken over.
+            Err((Refused::Stale(_) | Refused::NotTakenOver(_), Some(held_by))) => {
+                Response::Refused {
+                    reason: format!("{TAKEN_OVER}: job {id:016x} is held by {held_by}"),
+                }
+            }
+            Err((e, _)) => Response::Refused {
                 reason: e.to_string(),
             },
         }
@@ -765,21 +886,60 @@ impl Market {
                 answers.push(*job);
             }
         }
-        // The scheduler's own versions first, then takeovers, each oldest first, so a
-        // takeover is weighed against the newest version of the job before it.
-        answers.sort_by_key(|j| (j.is_takeover(), j.record.seq));
-        for job in answers {
-            let newer = newest.as_ref().is_none_or(|n| {
-                n.seq < job.record.seq
-                    && (n.scheduler == job.record.scheduler
-                        || (job.is_takeover() && near.contains(&job.record.scheduler)))
-            });
-            if newer {
-                newest = Some(job.record);
-            }
-        }
-        newest.ok_or(JobError::Unknown(id))
+        newest_of(newest.take(), answers, &near).ok_or(JobError::Unknown(id))
     }
+}
+
+/// The newest record of a job among the one kept here (`kept`) and the `answers` of the
+/// peers near its key (each verified, one per peer), `near` naming those peers and this
+/// node. A scheduler's versions replace older ones of the same scheduler. A takeover
+/// (another peer's version) is taken only if it is newer, its signer is near the key,
+/// at least two peers answered with that very version (or this node keeps it), and a
+/// result in it carries a receipt that verifies, names the taker as scheduler and
+/// matches the record's call — so one peer near the key cannot show the client a result
+/// of its own making.
+fn newest_of(
+    kept: Option<JobRecord>,
+    mut answers: Vec<SignedJob>,
+    near: &[String],
+) -> Option<JobRecord> {
+    let mut newest = kept.clone();
+    // The scheduler's own versions first, then takeovers, each oldest first, so a
+    // takeover is weighed against the newest version of the job before it.
+    answers.sort_by_key(|j| (j.is_takeover(), j.record.seq));
+    let seen = answers.clone();
+    for job in answers {
+        let newer = if job.is_takeover() {
+            let vouched = seen.iter().filter(|j| j.record == job.record).count() >= 2
+                || kept.as_ref() == Some(&job.record);
+            near.contains(&job.record.scheduler)
+                && vouched
+                && takeover_result_checks(&job.record)
+                && newest.as_ref().is_none_or(|n| n.seq < job.record.seq)
+        } else {
+            newest
+                .as_ref()
+                .is_none_or(|n| n.seq < job.record.seq && n.scheduler == job.record.scheduler)
+        };
+        if newer {
+            newest = Some(job.record);
+        }
+    }
+    newest
+}
+
+/// Whether a taken-over job's result, if any, carries a receipt that verifies for the
+/// volunteer it names, was made for the taker, and matches the record's call.
+fn takeover_result_checks(record: &JobRecord) -> bool {
+    let Some(result) = &record.result else {
+        return true;
+    };
+    let (Some(receipt), Some(call)) = (result.execution.receipt.as_deref(), &record.call) else {
+        return false;
+    };
+    receipt.verify_from(&result.execution.volunteer).is_ok()
+        && receipt.body.scheduler.to_string() == record.scheduler
+        && receipt.matches_call(record.nonce, call).is_ok()
 }
 
 #[cfg(test)]
@@ -905,5 +1065,80 @@ mod tests {
         book.put(1, SignedJob::sign(newer, &scheduler)).unwrap();
         assert_eq!(book.get(id).unwrap().record.state, JobState::Done);
         assert_eq!(book.len(), 1);
+    }
+
+    #[test]
+    fn a_client_takes_a_takeover_only_when_vouched_for_near_the_key_and_its_result_checks() {
+        let scheduler = Keypair::generate_ed25519();
+        let taker = Keypair::generate_ed25519();
+        let stranger = Keypair::generate_ed25519();
+        let first = record(&scheduler, 7, 3);
+        let own = SignedJob::sign(first.clone(), &scheduler);
+        let taken = |by: &Keypair, seq: u64| {
+            let record = JobRecord {
+                scheduler: by.public().to_peer_id().to_string(),
+                taken_from: Some(first.scheduler.clone()),
+                seq,
+                ..first.clone()
+            };
+            SignedJob::sign(record, by)
+        };
+        let near = vec![
+            taker.public().to_peer_id().to_string(),
+            stranger.public().to_peer_id().to_string(),
+        ];
+        let pick = |answers: Vec<SignedJob>, near: &[String]| {
+            newest_of(None, answers, near).map(|r| (r.scheduler, r.seq))
+        };
+        let by = |k: &Keypair| k.public().to_peer_id().to_string();
+        // One peer's word for a takeover is not enough; two that hold it are.
+        assert_eq!(
+            pick(vec![own.clone(), taken(&taker, 4)], &near),
+            Some((by(&scheduler), 3))
+        );
+        assert_eq!(
+            pick(vec![own.clone(), taken(&taker, 4), taken(&taker, 4)], &near),
+            Some((by(&taker), 4))
+        );
+        // Nor from a peer the lookup did not find near the key.
+        assert_eq!(
+            pick(
+                vec![own.clone(), taken(&taker, 4), taken(&taker, 4)],
+                &near[1..]
+            ),
+            Some((by(&scheduler), 3))
+        );
+        // A takeover alone, with nothing of the scheduler's: still vouched for by two.
+        assert_eq!(pick(vec![taken(&stranger, 9)], &near), None);
+        // A "done" result without a receipt that checks is never taken.
+        let mut faked = taken(&stranger, 5).record;
+        faked.state = JobState::Done;
+        faked.result = Some(Invocation {
+            invocation_id: 7,
+            scheduler: by(&stranger),
+            execution: super::super::function::Execution {
+                volunteer: by(&stranger),
+                exit_code: 0,
+                stdout: OutputStream::default(),
+                stderr: OutputStream::default(),
+                outputs: Vec::new(),
+                failure: None,
+                memory_mib: 128,
+                timings: Default::default(),
+                receipt: None,
+            },
+            failed_attempts: Vec::new(),
+            discover_us: 0,
+            scheduler_us: 0,
+            messages: 0,
+            probes: 0,
+            exchanges: 0,
+            memoized: false,
+        });
+        let faked = SignedJob::sign(faked, &stranger);
+        assert_eq!(
+            pick(vec![own.clone(), faked.clone(), faked], &near),
+            Some((by(&scheduler), 3))
+        );
     }
 }

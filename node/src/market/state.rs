@@ -227,8 +227,8 @@ impl Market {
                         takeover_every.as_millis() as u64,
                         MAX_TAKEOVERS_PER_ROUND,
                     );
-                    for job in abandoned {
-                        self.spawn(self.clone().consider_takeover(job));
+                    for (job, silent_ms) in abandoned {
+                        self.spawn(self.clone().consider_takeover(job, silent_ms));
                     }
                 }
             }
