@@ -7,8 +7,9 @@
 //! * instantiation of a cached module by the executor: p50, p99;
 //! * cold invoke of a 1 MiB module that no volunteer has yet: total beside the fetch and
 //!   compile it includes;
-//! * memoized results: a call answered from its memo beside the same call run warm
-//!   (`fresh`), and a pure call not yet memoized, which looks for a memo first;
+//! * memoized results: a cheap pure call (not memoized at all), and a costly one answered
+//!   from its memo beside the same call run warm (`fresh`) and calls not memoized yet,
+//!   which look for a memo first;
 //! * invocations per second one volunteer sustains (a 4 GiB volunteer, 32 callers: as many as its memory holds).
 //!
 //! Prints a Markdown table; `scripts/bench invoke` records it in docs/benchmarks.md.
@@ -26,6 +27,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const WARM_CALLS: usize = 300;
+const MEMO_CALLS: usize = 30;
 const INSTANTIATIONS: usize = 2000;
 const COLD_CALLS: usize = 5;
 const THROUGHPUT_CALLS: usize = 1000;
@@ -35,6 +37,15 @@ fn noop() -> Vec<u8> {
     std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/wasm/noop.wasm"
+    ))
+    .unwrap()
+}
+
+/// An example module's bytes.
+fn example(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/../examples/wasm/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap()
 }
@@ -270,12 +281,20 @@ async fn throughput(dir: &std::path::Path, links: bool, how: &str) {
     }
 }
 
-/// The no-op (pure: it reads no clock and no random numbers) called through the path
-/// `flotilla invoke` takes (`Market::invoke_replicated`): run warm with `fresh`,
-/// answered from its memo, and with distinct arguments each time, so that each call looks
-/// for a memo, finds none and runs.
+/// Memoized results, through the path `flotilla invoke` takes (`Market::invoke_replicated`):
+/// the pure no-op, cheaper to run than to look up (under `memo_min_run`), called warm
+/// again and again, so that after its first run it is neither looked up nor published;
+/// then a pure matrix product of about 40 ms (`matmul --bench 256`) run warm with
+/// `fresh`, answered from its memo, and with a distinct environment each time, so that
+/// each call looks for a memo, finds none, runs and publishes its own.
 async fn memoized(nodes: &[RunningNode]) {
-    let module = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    let noop = nodes[0].overlay().add(&noop()[..]).await.unwrap().cid;
+    let matmul = nodes[0]
+        .overlay()
+        .add(&example("matmul")[..])
+        .await
+        .unwrap()
+        .cid;
     let market = nodes[0].market();
     let timed = |c: FunctionCall, fresh: bool| async move {
         let started = Instant::now();
@@ -288,39 +307,67 @@ async fn memoized(nodes: &[RunningNode]) {
             started.elapsed().as_secs_f64() * 1000.0,
         )
     };
+    let product = || FunctionCall {
+        args: vec!["--bench".into(), "256".into()],
+        ..call(&matmul)
+    };
     for _ in 0..5 {
-        timed(call(&module), true).await;
+        timed(call(&noop), false).await;
     }
-    let mut cases: Vec<(&str, Vec<f64>)> = Vec::new();
-    let mut warm = Vec::new();
+    timed(product(), true).await;
+    let mut cases: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut cheap = Vec::new();
     for _ in 0..WARM_CALLS {
-        let (memoized, ms) = timed(call(&module), true).await;
+        let (memoized, ms) = timed(call(&noop), false).await;
+        assert!(!memoized);
+        cheap.push(ms);
+    }
+    cases.push((
+        format!(
+            "the no-op ({WARM_CALLS} calls), under `memo_min_run`: neither looked up nor published"
+        ),
+        cheap,
+    ));
+    let mut warm = Vec::new();
+    for _ in 0..MEMO_CALLS {
+        let (memoized, ms) = timed(product(), true).await;
         assert!(!memoized);
         warm.push(ms);
     }
-    cases.push(("run warm (`--fresh`: no memo looked for)", warm));
+    cases.push((
+        format!("`matmul --bench 256` ({MEMO_CALLS} calls) run warm (`--fresh`)"),
+        warm,
+    ));
     let mut memo = Vec::new();
-    for _ in 0..WARM_CALLS {
-        let (memoized, ms) = timed(call(&module), false).await;
+    for _ in 0..MEMO_CALLS {
+        let (memoized, ms) = timed(product(), false).await;
         assert!(memoized);
         memo.push(ms);
     }
-    cases.push(("answered from its memo", memo));
+    cases.push((
+        format!("`matmul --bench 256` ({MEMO_CALLS} calls) answered from its memo"),
+        memo,
+    ));
     let mut missed = Vec::new();
-    for i in 0..WARM_CALLS {
+    for i in 0..MEMO_CALLS {
         let c = FunctionCall {
-            args: vec![format!("distinct-{i}")],
-            ..call(&module)
+            env: vec![("DISTINCT".into(), i.to_string())],
+            ..product()
         };
         let (memoized, ms) = timed(c, false).await;
         assert!(!memoized);
         missed.push(ms);
     }
-    cases.push(("not memoized yet: a memo looked for, then run", missed));
+    cases.push((
+        format!(
+            "`matmul --bench 256` ({MEMO_CALLS} calls) not memoized yet: looked up, run, published"
+        ),
+        missed,
+    ));
     for (case, times) in cases {
         let times = sorted(times);
         println!(
-            "| a pure no-op through `flotilla invoke`'s path, 5 nodes ({WARM_CALLS} calls), {case} | p50 {:.2} ms, p99 {:.2} ms |",
+            "| memoized results, 5 nodes, through `flotilla invoke`'s path: {case} | p50 {:.2} ms, p99 {:.2} ms |",
             percentile(&times, 0.5),
             percentile(&times, 0.99)
         );

@@ -33,6 +33,7 @@
 //! | `placement`      | `--placement`      | `best-fit` (or `worst-fit`, `random`)                     |
 //! | `fetch_timeout`  |                    | `30s`: how long a volunteer waits for a module or input   |
 //! | `call_data_kept` |                    | `10m`: how long a call's module, inputs and outputs stay unevictable after its answer |
+//! | `memo_min_run`   |                    | `10ms`: a pure run shorter than this (on its volunteer) is not memoized, and its module not looked up again: running it costs less than a lookup |
 //! | `default_deadline`|                   | `30s`: a function's deadline when the call names none     |
 //! | `max_deadline`   |                    | `10m`: the longest deadline a call may ask for            |
 //! | `max_module_size`|                    | `16MiB`: the largest module a volunteer runs              |
@@ -171,6 +172,11 @@ pub struct NodeConfig {
     /// eviction, after its answer (then they are cache like any other block).
     #[serde(with = "duration_text")]
     pub call_data_kept: Duration,
+    /// A pure run shorter than this on its volunteer is not memoized, and calls of its
+    /// module are not looked up again by this client: running them costs less than a
+    /// lookup.
+    #[serde(with = "duration_text")]
+    pub memo_min_run: Duration,
     /// A function's deadline when its call names none.
     #[serde(with = "duration_text")]
     pub default_deadline: Duration,
@@ -233,6 +239,7 @@ impl Default for NodeConfig {
             placement: Policy::BestFit,
             fetch_timeout: Duration::from_secs(30),
             call_data_kept: Duration::from_secs(600),
+            memo_min_run: Duration::from_millis(10),
             default_deadline: Duration::from_secs(30),
             max_deadline: Duration::from_secs(600),
             max_module_size: bytesize::ByteSize::mib(16),
@@ -457,6 +464,7 @@ impl NodeConfig {
             placement: self.placement,
             fetch_timeout: self.fetch_timeout,
             call_data_kept: self.call_data_kept,
+            memo_min_run: self.memo_min_run,
             schedulers: self.schedulers.clone(),
             job_republish_interval: self.job_republish_interval,
             job_takeover_grace: self.job_takeover_grace,

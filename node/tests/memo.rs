@@ -38,6 +38,15 @@ const READS_THE_CLOCK: &str = r#"
     (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
 "#;
 
+/// Memoizes every pure run, however short (the examples take well under the default
+/// `memo_min_run`).
+fn every_run(_: usize, config: NodeConfig) -> NodeConfig {
+    NodeConfig {
+        memo_min_run: Duration::ZERO,
+        ..config
+    }
+}
+
 /// Calls the volunteers ran, in all.
 async fn executed(nodes: &[RunningNode]) -> f64 {
     let mut total = 0.0;
@@ -121,7 +130,7 @@ fn lie_signed_by(reply: &InvokeReply, keypair: &libp2p::identity::Keypair, stdou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pure_call_is_answered_from_its_memo_and_a_clock_reading_one_runs_again() {
     let (_dir, nodes) =
-        common::function_network(VOLUNTEERS, Duration::from_secs(5), |_, c| c).await;
+        common::function_network(VOLUNTEERS, Duration::from_secs(5), every_run).await;
     let api = ApiClient::new(nodes[0].api_addr());
     let wordcount = nodes[0]
         .overlay()
@@ -259,7 +268,7 @@ async fn an_answer_outvoted_under_replicas_is_never_served() {
     let (_dir, nodes) =
         common::function_network(VOLUNTEERS, Duration::from_secs(5), |i, config| NodeConfig {
             tamper_stdout: i == LIAR,
-            ..config
+            ..every_run(i, config)
         })
         .await;
     let api = ApiClient::new(nodes[0].api_addr());
@@ -315,4 +324,33 @@ async fn an_answer_outvoted_under_replicas_is_never_served() {
     let reply = api.invoke(&body(&hello, None, false)).await.unwrap();
     assert!(!reply.invocation.memoized);
     assert_eq!(executed(&nodes).await, 7.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cheaper_than_a_lookup_is_not_memoized() {
+    // The default `memo_min_run` (10 ms): echo runs in well under it.
+    let (_dir, nodes) =
+        common::function_network(VOLUNTEERS, Duration::from_secs(5), |_, c| c).await;
+    let api = ApiClient::new(nodes[0].api_addr());
+    let echo = nodes[0]
+        .overlay()
+        .add(&example("echo")[..])
+        .await
+        .unwrap()
+        .cid;
+    let hello = call(&echo.to_string(), &["hello"]);
+    for _ in 0..2 {
+        let reply = api.invoke(&body(&hello, None, false)).await.unwrap();
+        assert!(!reply.invocation.memoized);
+        let timings = reply
+            .invocation
+            .execution
+            .receipt
+            .as_ref()
+            .unwrap()
+            .body
+            .timings;
+        assert!(timings.instantiate_us + timings.execute_us < 10_000);
+    }
+    assert_eq!(executed(&nodes).await, 2.0);
 }

@@ -248,6 +248,20 @@ pub fn timing_lines(reply: &InvokeReply) -> Vec<String> {
     let t = &inv.execution.timings;
     let ms = |us: u64| us as f64 / 1000.0;
     let volunteer_us = t.fetch_us + t.load_us + t.instantiate_us + t.execute_us + t.store_us;
+    if inv.memoized {
+        return vec![
+            format!(
+                "memo found         {:>9.3} ms  ({} exchanges; nothing ran: the answer of an earlier run, signed by its volunteer)",
+                ms(inv.discover_us),
+                inv.exchanges
+            ),
+            format!(
+                "the run it saved   {:>9.3} ms  (instantiate and execute, on its volunteer)",
+                ms(t.instantiate_us + t.execute_us)
+            ),
+            format!("total              {:>9.3} ms", ms(reply.total_us)),
+        ];
+    }
     vec![
         format!(
             "discover           {:>9.3} ms  ({} exchanges, {} probes{})",

@@ -15,8 +15,11 @@
 //!   only if every memo found checks, none disagree and no peer reports the call
 //!   contested, its run finished within the call's deadline, and the result's blocks
 //!   (at most what a run leaves) are fetched within one `fetch_timeout`; otherwise it
-//!   places the call as usual. Modules seen running impure are remembered
-//!   ([`ImpureModules`]) and not looked up again.
+//!   places the call as usual.
+//! * A run worth memoizing is pure and takes its volunteer at least `memo_min_run`
+//!   (10 ms): a cheaper one costs less to run again than to look up. Modules seen running
+//!   impure or cheap are remembered by the client ([`SkippedModules`]) and neither looked
+//!   up nor published again.
 
 use super::Market;
 use super::function::{FunctionCall, Invocation};
@@ -39,16 +42,16 @@ pub const MEMO_KEEPERS: usize = 8;
 /// Longest a client waits for the lookup of the peers near a call's digest, and then
 /// for each of their answers, before it goes on without.
 pub const MEMO_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
-/// Modules remembered as impure.
-const MAX_IMPURE_MODULES: usize = 1024;
+/// Modules remembered as not worth a memo.
+const MAX_SKIPPED_MODULES: usize = 1024;
 
-/// Module CIDs whose runs were signed impure (they read a clock or random numbers): a
-/// call of one is placed without looking for a memo. At most [`MAX_IMPURE_MODULES`], the
-/// oldest forgotten first.
+/// Module CIDs whose runs were signed impure (they read a clock or random numbers) or
+/// took less than `memo_min_run`: a call of one is placed without looking for a memo. At
+/// most [`MAX_SKIPPED_MODULES`], the oldest forgotten first.
 #[derive(Default)]
-pub struct ImpureModules(Mutex<(HashSet<String>, VecDeque<String>)>);
+pub struct SkippedModules(Mutex<(HashSet<String>, VecDeque<String>)>);
 
-impl ImpureModules {
+impl SkippedModules {
     fn contains(&self, module: &str) -> bool {
         self.0
             .lock()
@@ -62,7 +65,7 @@ impl ImpureModules {
         let (set, order) = &mut *guard;
         if set.insert(module.to_string()) {
             order.push_back(module.to_string());
-            if order.len() > MAX_IMPURE_MODULES
+            if order.len() > MAX_SKIPPED_MODULES
                 && let Some(oldest) = order.pop_front()
             {
                 set.remove(&oldest);
@@ -75,7 +78,7 @@ impl Market {
     /// The memoized answer to `call`, with its result's blocks fetched here; `None` to
     /// place the call.
     pub(super) async fn memoized(&self, call: &FunctionCall) -> Option<Invocation> {
-        if self.shared.impure_modules.contains(&call.module) {
+        if self.shared.skipped_modules.contains(&call.module) {
             return None;
         }
         let started = Instant::now();
@@ -189,25 +192,23 @@ impl Market {
         true
     }
 
-    /// Keeps the memos of `answers` signed as pure (all of the same call, already checked
-    /// by this client) here, and publishes them in the background to the peers closest to
-    /// the call's key; remembers a module whose run was impure.
+    /// Keeps the memos of `answers` signed as pure and worth keeping (all of the same
+    /// call, already checked by this client) here, and publishes them in the background
+    /// to the peers closest to the call's key; remembers a module whose run was impure or
+    /// cheaper than `memo_min_run`.
     pub(super) async fn publish_memos(&self, call: &FunctionCall, answers: &[Invocation]) {
+        let min_run = self.shared.config.memo_min_run.as_micros() as u64;
         let mut memos = Vec::new();
         for answer in answers {
-            match Memo::of(&answer.execution) {
-                Some(memo) => memos.push(memo),
-                None => {
-                    let impure = answer
-                        .execution
-                        .receipt
-                        .as_deref()
-                        .is_some_and(|r| !r.body.pure);
-                    if impure {
-                        self.shared.impure_modules.insert(&call.module);
-                    }
-                }
+            let Some(receipt) = answer.execution.receipt.as_deref() else {
+                continue;
+            };
+            let ran = receipt.body.timings.instantiate_us + receipt.body.timings.execute_us;
+            if !receipt.body.pure || ran < min_run {
+                self.shared.skipped_modules.insert(&call.module);
+                continue;
             }
+            memos.extend(Memo::of(&answer.execution));
         }
         if memos.is_empty() {
             return;

@@ -128,6 +128,8 @@ pub struct MarketConfig {
     /// How long a call's module, inputs and outputs stay safe from eviction after its
     /// answer.
     pub call_data_kept: Duration,
+    /// A pure run shorter than this is not memoized (`memos`).
+    pub memo_min_run: Duration,
     /// The only peers that may reserve and run calls here (empty: anyone).
     pub schedulers: Vec<PeerId>,
     /// How often a node sends the job records it keeps on to the peers now closest to
@@ -223,8 +225,8 @@ struct Shared {
     jobs_held: slots::Pool,
     /// Copies of job results' stdout and stderr being fetched (see `jobs`).
     result_copies: Arc<Semaphore>,
-    /// Modules whose runs were signed impure: not looked up as memos.
-    impure_modules: memos::ImpureModules,
+    /// Modules not worth looking up as memos (impure, or cheaper to run).
+    skipped_modules: memos::SkippedModules,
     /// What this node agreed to keep of others' job results.
     copy_quota: Mutex<copies::CopyQuota>,
     /// The node's database, from [`Market::keep_state_in`] until the market stops: the
@@ -328,7 +330,7 @@ impl Market {
                 keypair: keypair.clone(),
                 jobs_held: slots::Pool::new(jobs::MAX_JOBS),
                 result_copies: Arc::new(Semaphore::new(jobs::MAX_RESULT_COPIES)),
-                impure_modules: Default::default(),
+                skipped_modules: Default::default(),
                 copy_quota: Mutex::default(),
                 state: Mutex::new(None),
                 peer_id: overlay.peer_id(),
