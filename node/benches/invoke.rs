@@ -284,7 +284,7 @@ async fn throughput(dir: &std::path::Path, links: bool, how: &str) {
 /// Memoized results, through the path `flotilla invoke` takes (`Market::invoke_replicated`):
 /// the pure no-op, cheaper to run than to look up (under `memo_min_run`), called warm
 /// again and again, so that after its first run it is neither looked up nor published;
-/// then a pure matrix product of about 40 ms (`matmul --bench 256`) run warm with
+/// then a pure matrix product of about 40 ms (`matmul --bench 384`) run warm with
 /// `fresh`, answered from its memo, and with a distinct environment each time, so that
 /// each call looks for a memo, finds none, runs and publishes its own.
 async fn memoized(nodes: &[RunningNode]) {
@@ -308,7 +308,7 @@ async fn memoized(nodes: &[RunningNode]) {
         )
     };
     let product = || FunctionCall {
-        args: vec!["--bench".into(), "256".into()],
+        args: vec!["--bench".into(), "384".into()],
         ..call(&matmul)
     };
     for _ in 0..5 {
@@ -335,7 +335,7 @@ async fn memoized(nodes: &[RunningNode]) {
         warm.push(ms);
     }
     cases.push((
-        format!("`matmul --bench 256` ({MEMO_CALLS} calls) run warm (`--fresh`)"),
+        format!("`matmul --bench 384` ({MEMO_CALLS} calls) run warm (`--fresh`)"),
         warm,
     ));
     let mut memo = Vec::new();
@@ -345,7 +345,7 @@ async fn memoized(nodes: &[RunningNode]) {
         memo.push(ms);
     }
     cases.push((
-        format!("`matmul --bench 256` ({MEMO_CALLS} calls) answered from its memo"),
+        format!("`matmul --bench 384` ({MEMO_CALLS} calls) answered from its memo"),
         memo,
     ));
     let mut missed = Vec::new();
@@ -360,7 +360,7 @@ async fn memoized(nodes: &[RunningNode]) {
     }
     cases.push((
         format!(
-            "`matmul --bench 256` ({MEMO_CALLS} calls) not memoized yet: looked up, run, published"
+            "`matmul --bench 384` ({MEMO_CALLS} calls) not memoized yet: looked up, run, published"
         ),
         missed,
     ));
