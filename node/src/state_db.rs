@@ -5,6 +5,7 @@
 //! | table | key → value | what |
 //! |---|---|---|
 //! | `scheduled_jobs` | job id → CBOR of the job (client, call, latest record) | the detached jobs this node schedules that have not ended: taken durably before the client is told the job id, updated at each new version of its record, removed when it ends; a scheduler restarted on its data dir carries them on |
+//! | `kept_jobs` | job id → CBOR of a signed job record | the records this node keeps for other schedulers (near their keys): written before it answers that it keeps one, removed when its book drops one; back in the book at start, so a keeper's restart loses no job |
 //!
 //! Every write is one transaction, durable when it returns; redb recovers a file a crash
 //! left mid-transaction to its last commit.
@@ -13,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
 const SCHEDULED_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduled_jobs");
+const KEPT_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("kept_jobs");
 
 /// A database error, with the file's path.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ impl StateDb {
         };
         state.write(|txn| {
             txn.open_table(SCHEDULED_JOBS)?;
+            txn.open_table(KEPT_JOBS)?;
             Ok(())
         })?;
         Ok(state)
@@ -81,14 +84,42 @@ impl StateDb {
 
     /// Every scheduled job recorded, encoded, by id.
     pub fn jobs(&self) -> Result<Vec<(u64, Vec<u8>)>, StateDbError> {
+        self.all(SCHEDULED_JOBS)
+    }
+
+    /// Keeps the job records `put` (id, encoded signed record) and forgets those of
+    /// `dropped`, in one transaction; durable when this returns.
+    pub fn keep_records(
+        &self,
+        put: &[(u64, Vec<u8>)],
+        dropped: &[u64],
+    ) -> Result<(), StateDbError> {
+        self.write(|txn| {
+            let mut table = txn.open_table(KEPT_JOBS)?;
+            for id in dropped {
+                table.remove(*id)?;
+            }
+            for (id, bytes) in put {
+                table.insert(*id, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every job record kept for others, encoded, by id.
+    pub fn kept_records(&self) -> Result<Vec<(u64, Vec<u8>)>, StateDbError> {
+        self.all(KEPT_JOBS)
+    }
+
+    fn all(&self, table: TableDefinition<u64, &[u8]>) -> Result<Vec<(u64, Vec<u8>)>, StateDbError> {
         let read = || -> Result<Vec<(u64, Vec<u8>)>, redb::Error> {
             let txn = self.db.begin_read()?;
-            let mut jobs = Vec::new();
-            for row in txn.open_table(SCHEDULED_JOBS)?.iter()? {
+            let mut rows = Vec::new();
+            for row in txn.open_table(table)?.iter()? {
                 let (id, bytes) = row?;
-                jobs.push((id.value(), bytes.value().to_vec()));
+                rows.push((id.value(), bytes.value().to_vec()));
             }
-            Ok(jobs)
+            Ok(rows)
         };
         read().map_err(|e| self.failed(e))
     }
@@ -115,5 +146,23 @@ mod tests {
         );
         db.remove_job(1).unwrap();
         assert_eq!(db.jobs().unwrap(), vec![(2, b"two".to_vec())]);
+    }
+
+    #[test]
+    fn kept_records_survive_reopening_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        {
+            let db = StateDb::open(&path).unwrap();
+            db.keep_records(&[(1, b"a".to_vec()), (2, b"b".to_vec())], &[])
+                .unwrap();
+            db.keep_records(&[(3, b"c".to_vec())], &[1]).unwrap();
+        }
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(
+            db.kept_records().unwrap(),
+            vec![(2, b"b".to_vec()), (3, b"c".to_vec())]
+        );
+        assert!(db.jobs().unwrap().is_empty(), "the tables are apart");
     }
 }

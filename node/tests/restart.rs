@@ -1,6 +1,7 @@
 //! State that outlives a restart, on real nodes on loopback: a scheduler killed while
 //! its detached job waits for an offer, and started again on its data dir, carries the
-//! job on under the same id until it runs.
+//! job on under the same id until it runs; a peer keeping another scheduler's job record,
+//! killed and started again, still keeps it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -127,6 +128,57 @@ async fn a_scheduler_restarted_mid_job_carries_it_on_under_the_same_id() {
     assert_eq!(scheduler.market().jobs_held(), 0);
     scheduler.stop().await;
     late.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_restarted_on_its_data_dir_still_keeps_the_job_records_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = Duration::from_secs(5);
+    // Node 0 schedules; nodes 1 and 2 keep its job records; nothing lends memory.
+    let mut nodes = demo::start_network_with(dir.path(), 3, |i, config| NodeConfig {
+        scheduler: i == 0,
+        ..quick(config, fetch)
+    })
+    .await
+    .unwrap();
+    let call = FunctionCall {
+        module: "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku".into(),
+        memory_mib: 128,
+        timeout_ms: None,
+        args: Vec::new(),
+        env: Vec::new(),
+        stdin: None,
+        inputs: Vec::new(),
+    };
+    let id = nodes[0]
+        .market()
+        .submit(call, None, None, Duration::from_secs(300))
+        .await
+        .unwrap();
+    let keeper = nodes.remove(1);
+    wait_until("the keeper holds the job's record", || {
+        let market = keeper.market().clone();
+        async move { market.job_kept_here(id).await.is_some() }
+    })
+    .await;
+    let held = keeper.market().job_kept_here(id).await.unwrap();
+
+    // The keeper crashes and starts again on its data dir: the record is back in its
+    // book before it serves anyone (at least the version it held).
+    keeper.kill().await;
+    let config = demo::loopback_config(&dir.path().join("node-1"), vec![nodes[0].bootstrap_addr()]);
+    let keeper = daemon::start(quick(config, fetch)).await.unwrap();
+    let back = keeper
+        .market()
+        .job_kept_here(id)
+        .await
+        .expect("the record is kept");
+    assert_eq!(back.job_id, id);
+    assert!(back.seq >= held.seq);
+    keeper.stop().await;
     for node in nodes {
         node.stop().await;
     }

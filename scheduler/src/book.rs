@@ -104,6 +104,10 @@ pub struct RecordBook<R> {
     records: HashMap<u64, Kept<R>>,
     /// The scheduler whose records are not evicted for others'.
     own: Option<PeerId>,
+    /// Ids of records dropped (evicted or expired) since [`RecordBook::take_dropped`],
+    /// at most `max_records` (more are forgotten: a store that mirrors the book is
+    /// pruned again when it is loaded).
+    dropped: Vec<u64>,
 }
 
 /// One record in a [`RecordBook`], with this node's times for it (Unix ms).
@@ -125,6 +129,7 @@ impl<R: Versioned> RecordBook<R> {
             limits,
             records: HashMap::new(),
             own: None,
+            dropped: Vec::new(),
         }
     }
 
@@ -165,7 +170,14 @@ impl<R: Versioned> RecordBook<R> {
         if expires_ms <= now_ms {
             return Err(Refused::Expired(id));
         }
-        self.records.retain(|_, kept| kept.expires_ms > now_ms);
+        let dropped = &mut self.dropped;
+        self.records.retain(|id, kept| {
+            let live = kept.expires_ms > now_ms;
+            if !live {
+                dropped.push(*id);
+            }
+            live
+        });
         if !self.records.contains_key(&id) {
             let theirs = self
                 .records
@@ -184,6 +196,10 @@ impl<R: Versioned> RecordBook<R> {
             };
             if let Some(victim) = victim {
                 self.records.remove(&victim);
+                self.dropped.push(victim);
+            }
+            if self.dropped.len() > self.limits.max_records {
+                self.dropped.clear();
             }
         }
         let kept = Kept {
@@ -202,6 +218,11 @@ impl<R: Versioned> RecordBook<R> {
     /// take after all); answers whether there was one.
     pub fn remove(&mut self, id: u64) -> bool {
         self.records.remove(&id).is_some()
+    }
+
+    /// The ids of the records dropped (evicted or expired) since the last call.
+    pub fn take_dropped(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Up to `max` unexpired records this node has not sent on for the longest, none
@@ -437,6 +458,9 @@ mod tests {
         assert_eq!(book.len(), 40);
         assert!(book.get(0).is_none(), "the oldest went first");
         assert!(book.get(49).is_some());
+        // What it dropped is told, once, for a store that mirrors it.
+        assert_eq!(book.take_dropped(), (0..10).collect::<Vec<u64>>());
+        assert!(book.take_dropped().is_empty());
         // One author flooding the book pushes out only its own records.
         for n in 50..60u64 {
             book.put(n, record(authors[4], n, 1)).unwrap();

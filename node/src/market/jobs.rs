@@ -272,6 +272,69 @@ impl Market {
         .map_err(|e| e.to_string())?
     }
 
+    /// Records in the node's database the job records this node now keeps for others
+    /// (`put`: id and encoded record) and forgets those its book dropped (nothing
+    /// without a database).
+    async fn keep_records(
+        &self,
+        put: Vec<(u64, Vec<u8>)>,
+        dropped: Vec<u64>,
+    ) -> Result<(), String> {
+        let Some(state) = self.state() else {
+            return Ok(());
+        };
+        if put.is_empty() && dropped.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || state.keep_records(&put, &dropped))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Puts back in the book the job records this node kept for others before it
+    /// restarted, as its database kept them (silence for a takeover counts from now), and
+    /// forgets those the book no longer takes (expired, or no room).
+    pub(super) async fn reload_kept_records(&self) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let rows = match tokio::task::spawn_blocking(move || state.kept_records()).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the job records kept for others");
+                return;
+            }
+            Err(_) => return,
+        };
+        let count = rows.len();
+        let dropped = self
+            .with(move |m, now| {
+                let mut dropped = Vec::new();
+                for (id, bytes) in rows {
+                    let kept = cbor4ii::serde::from_slice::<SignedJob>(&bytes)
+                        .ok()
+                        .filter(|job| job.record.job_id == id)
+                        .is_some_and(|job| m.jobs.put(now, job).is_ok());
+                    if !kept {
+                        dropped.push(id);
+                    }
+                }
+                dropped.extend(m.jobs.take_dropped());
+                dropped
+            })
+            .await
+            .unwrap_or_default();
+        tracing::info!(
+            records = count,
+            dropped = dropped.len(),
+            "job records kept for others reloaded"
+        );
+        if let Err(e) = self.keep_records(Vec::new(), dropped).await {
+            tracing::warn!(error = %e, "cannot forget job records no longer kept");
+        }
+    }
+
     /// Forgets a job that ended.
     async fn forget_job(&self, id: u64) {
         let Some(state) = self.state() else {
@@ -711,20 +774,37 @@ impl Market {
         let blocks = job.record.result.as_ref().map(result_blocks);
         let scheduler = job.record.scheduler.parse::<PeerId>().ok();
         let author = job.record.scheduler.clone();
+        let encoded = cbor4ii::serde::to_vec(Vec::new(), &job).unwrap_or_default();
         let kept = self
             .with(move |m, now| {
                 let held = m.jobs.get(id);
                 let had_result = held.is_some_and(|j| j.record.result.is_some());
                 let held_by = held.map(|j| j.record.scheduler.clone());
-                m.jobs
+                let kept = m
+                    .jobs
                     .put(now, job)
                     .map(|()| had_result)
-                    .map_err(|e| (e, held_by))
+                    .map_err(|e| (e, held_by));
+                (kept, m.jobs.take_dropped())
             })
             .await;
-        let Ok(kept) = kept else {
+        let Ok((kept, dropped)) = kept else {
             return Response::stopping();
         };
+        // Durable before this node answers that it keeps the record.
+        let put = if kept.is_ok() {
+            vec![(id, encoded)]
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = self.keep_records(put, dropped).await {
+            tracing::warn!(job = id, error = %e, "cannot record a job record kept for others");
+            if kept.is_ok() {
+                return Response::Refused {
+                    reason: format!("this node cannot record the job record: {e}"),
+                };
+            }
+        }
         match kept {
             Ok(had_result) => {
                 if let (false, Some(blocks), Some(scheduler)) = (had_result, blocks, scheduler) {

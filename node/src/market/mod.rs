@@ -361,11 +361,13 @@ impl Market {
         market
     }
 
-    /// Keeps the state that must outlive a restart (the jobs this node schedules) in
-    /// `state`, and carries on the jobs recorded there before the restart. Call it before
+    /// Keeps the state that must outlive a restart (the jobs this node schedules, the job
+    /// records it keeps for others) in `state`, puts the kept records back in its book and
+    /// carries on the jobs recorded there before the restart. Call it before
     /// [`Market::serve_peers`], so no job is taken before the recorded ones are back.
     pub async fn keep_state_in(&self, state: Arc<crate::state_db::StateDb>) {
         *lock(&self.shared.state) = Some(state);
+        self.reload_kept_records().await;
         self.resume_jobs().await;
     }
 
