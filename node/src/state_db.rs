@@ -5,7 +5,7 @@
 //! | table | key → value | what |
 //! |---|---|---|
 //! | `scheduled_jobs` | job id → CBOR of the job (client, call, latest record) | the detached jobs this node schedules that have not ended: taken durably before the client is told the job id, updated at each new version of its record, removed when it ends; a scheduler restarted on its data dir carries them on |
-//! | `kept_jobs` | job id → CBOR of a signed job record | the records this node keeps for other schedulers (near their keys): written before it answers that it keeps one, removed when its book drops one; back in the book at start, so a keeper's restart loses no job |
+//! | `kept_jobs` | job id → CBOR of a signed job record | the records this node keeps for other schedulers (near their keys): written before it answers that it keeps one, removed when its book drops one; back in the book at start, so a keeper's restart loses no job. The market batches these writes, one commit at most every 100 ms, so a flood of records costs the disk a bounded number of syncs |
 //!
 //! Every write is one transaction, durable when it returns; redb recovers a file a crash
 //! left mid-transaction to its last commit.
@@ -15,6 +15,16 @@ use std::path::{Path, PathBuf};
 
 const SCHEDULED_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduled_jobs");
 const KEPT_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("kept_jobs");
+
+/// A change to the job records kept for others: records to keep (id and encoded signed
+/// record) and ids the book dropped.
+#[derive(Debug, Clone, Default)]
+pub struct KeptChange {
+    /// Records kept now.
+    pub put: Vec<(u64, Vec<u8>)>,
+    /// Records no longer kept.
+    pub dropped: Vec<u64>,
+}
 
 /// A database error, with the file's path.
 #[derive(Debug, thiserror::Error)]
@@ -87,20 +97,19 @@ impl StateDb {
         self.all(SCHEDULED_JOBS)
     }
 
-    /// Keeps the job records `put` (id, encoded signed record) and forgets those of
-    /// `dropped`, in one transaction; durable when this returns.
-    pub fn keep_records(
-        &self,
-        put: &[(u64, Vec<u8>)],
-        dropped: &[u64],
-    ) -> Result<(), StateDbError> {
+    /// Applies `changes` in order, in one transaction: each keeps its job records (id,
+    /// encoded signed record) after forgetting those it dropped; durable when this
+    /// returns.
+    pub fn keep_records(&self, changes: &[KeptChange]) -> Result<(), StateDbError> {
         self.write(|txn| {
             let mut table = txn.open_table(KEPT_JOBS)?;
-            for id in dropped {
-                table.remove(*id)?;
-            }
-            for (id, bytes) in put {
-                table.insert(*id, bytes.as_slice())?;
+            for change in changes {
+                for id in &change.dropped {
+                    table.remove(*id)?;
+                }
+                for (id, bytes) in &change.put {
+                    table.insert(*id, bytes.as_slice())?;
+                }
             }
             Ok(())
         })
@@ -154,14 +163,23 @@ mod tests {
         let path = dir.path().join("node.redb");
         {
             let db = StateDb::open(&path).unwrap();
-            db.keep_records(&[(1, b"a".to_vec()), (2, b"b".to_vec())], &[])
+            let change = |put: &[(u64, &[u8])], dropped: &[u64]| KeptChange {
+                put: put.iter().map(|(id, b)| (*id, b.to_vec())).collect(),
+                dropped: dropped.to_vec(),
+            };
+            db.keep_records(&[change(&[(1, b"a"), (2, b"b")], &[])])
                 .unwrap();
-            db.keep_records(&[(3, b"c".to_vec())], &[1]).unwrap();
+            // In order: 4 kept then dropped, 3 dropped then kept again.
+            db.keep_records(&[
+                change(&[(3, b"c"), (4, b"d")], &[1]),
+                change(&[(3, b"c, newer")], &[3, 4]),
+            ])
+            .unwrap();
         }
         let db = StateDb::open(&path).unwrap();
         assert_eq!(
             db.kept_records().unwrap(),
-            vec![(2, b"b".to_vec()), (3, b"c".to_vec())]
+            vec![(2, b"b".to_vec()), (3, b"c, newer".to_vec())]
         );
         assert!(db.jobs().unwrap().is_empty(), "the tables are apart");
     }

@@ -11,10 +11,11 @@
 //! none yet. Every node keeps the job records it is sent in a bounded [`JobBook`]
 //! (`flotilla_scheduler::book`); a version replaces another only if it is newer.
 
-use super::Market;
 use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream};
 use super::protocol::{InvokeRequest, Request, Response};
 use super::receipts::SignatureCheck;
+use super::{Market, lock};
+use crate::state_db::KeptChange;
 use flotilla_scheduler::book::{BookLimits, RecordBook, Refused};
 use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed, Version};
 use flotilla_scheduler::placement::Policy;
@@ -69,6 +70,16 @@ pub fn book_limits(takeover_grace: Duration) -> BookLimits {
         takeover_grace_ms: takeover_grace.as_millis() as u64,
     }
 }
+
+/// Least time between two commits of the job records kept for others.
+pub const KEPT_COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// Most changes one commit of kept job records carries.
+const MAX_KEPT_BATCH: usize = 256;
+/// Changes to the kept job records waiting for the writer.
+pub(super) const KEPT_QUEUE: usize = 256;
+
+/// A change to the kept job records and who waits for it to be durable.
+pub(super) type KeptWrite = (KeptChange, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Largest call a job record carries (CBOR bytes); a job of a larger one cannot be taken
 /// over, so records stay within a request's bound with their result.
@@ -273,23 +284,58 @@ impl Market {
     }
 
     /// Records in the node's database the job records this node now keeps for others
-    /// (`put`: id and encoded record) and forgets those its book dropped (nothing
-    /// without a database).
+    /// (`put`: id and encoded record) and forgets those its book dropped, through the
+    /// batching writer ([`Market::write_kept_records`]); nothing without a database.
     async fn keep_records(
         &self,
         put: Vec<(u64, Vec<u8>)>,
         dropped: Vec<u64>,
     ) -> Result<(), String> {
-        let Some(state) = self.state() else {
-            return Ok(());
-        };
         if put.is_empty() && dropped.is_empty() {
             return Ok(());
         }
-        tokio::task::spawn_blocking(move || state.keep_records(&put, &dropped))
+        let Some(writer) = lock(&self.shared.kept_writer).clone() else {
+            return Ok(());
+        };
+        let (done, written) = tokio::sync::oneshot::channel();
+        let change = KeptChange { put, dropped };
+        writer
+            .send((change, done))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|_| "the node is stopping".to_string())?;
+        written
+            .await
+            .map_err(|_| "the node is stopping".to_string())?
+    }
+
+    /// Writes the changes to the records kept for others as they queue, all those queued
+    /// at once in one transaction, and then waits [`KEPT_COMMIT_EVERY`] before the next:
+    /// a flood of `StoreJob`s costs the disk at most one sync per interval, and each
+    /// waits a little longer for its answer.
+    pub(super) async fn write_kept_records(
+        self,
+        state: std::sync::Arc<crate::state_db::StateDb>,
+        mut queue: tokio::sync::mpsc::Receiver<KeptWrite>,
+    ) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_KEPT_BATCH {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let (changes, acks): (Vec<KeptChange>, Vec<_>) = batch.into_iter().unzip();
+            let state = state.clone();
+            let written = tokio::task::spawn_blocking(move || state.keep_records(&changes))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            for ack in acks {
+                let _ = ack.send(written.clone());
+            }
+            tokio::time::sleep(KEPT_COMMIT_EVERY).await;
+        }
     }
 
     /// Puts back in the book the job records this node kept for others before it
@@ -579,6 +625,24 @@ impl Market {
         let Some(seq) = job.record.seq.checked_add(1) else {
             return;
         };
+        // A keeper holding a newer version (one this node missed, or another's takeover)
+        // means this node's copy is not the job's last word: keep that version instead,
+        // and consider the job again once it too has been silent long enough.
+        let newest_near = self
+            .versions_near(id)
+            .await
+            .1
+            .into_iter()
+            .max_by_key(|j| j.record.seq);
+        if let Some(newer) = newest_near.filter(|j| j.record.seq > job.record.seq) {
+            tracing::debug!(
+                job = id,
+                seq = newer.record.seq,
+                "a keeper holds a newer version; not taking over yet"
+            );
+            let _ = self.with(move |m, now| m.jobs.put(now, newer)).await;
+            return;
+        }
         // Another keeper's takeover may have reached this node meanwhile.
         let held = self.with(move |m, _| m.jobs.get(id).cloned()).await;
         let Ok(Some(held)) = held else { return };
@@ -940,7 +1004,19 @@ impl Market {
     /// taken only if it is newer and its signer is this node or among the peers closest
     /// to the job's key that the lookup found: a takeover comes from there.
     pub async fn job(&self, id: u64) -> Result<JobRecord, JobError> {
-        let mut newest: Option<JobRecord> = self.job_kept_here(id).await;
+        let kept: Option<JobRecord> = self.job_kept_here(id).await;
+        let (peers, answers) = self.versions_near(id).await;
+        let near: Vec<String> = peers
+            .iter()
+            .chain(std::iter::once(&self.peer_id()))
+            .map(|p| p.to_string())
+            .collect();
+        newest_of(kept, answers, &near).ok_or(JobError::Unknown(id))
+    }
+
+    /// The peers closest to job `id`'s key, and the versions of the job those asked
+    /// (the first few) hold, each verified.
+    async fn versions_near(&self, id: u64) -> (Vec<PeerId>, Vec<SignedJob>) {
         let timeout = self.shared.config.answer_timeout;
         let closest =
             tokio::time::timeout(timeout, self.shared.network.closest_peers(job_key(id))).await;
@@ -948,25 +1024,21 @@ impl Market {
             Ok(Ok(found)) => found.peers,
             _ => Vec::new(),
         };
-        let near: Vec<String> = peers
-            .iter()
-            .chain(std::iter::once(&self.peer_id()))
-            .map(|p| p.to_string())
-            .collect();
         let asks = peers
-            .into_iter()
+            .iter()
             .take(JOB_REPLICAS + 2)
-            .map(|peer| self.call(peer, Vec::new(), Request::FindJob { job_id: id }, timeout));
-        let mut answers: Vec<SignedJob> = Vec::new();
-        for answer in futures::future::join_all(asks).await {
-            if let Ok(Response::Job(Some(job))) = answer
-                && job.record.job_id == id
-                && job.verify().is_ok()
-            {
-                answers.push(*job);
-            }
-        }
-        newest_of(newest.take(), answers, &near).ok_or(JobError::Unknown(id))
+            .map(|peer| self.call(*peer, Vec::new(), Request::FindJob { job_id: id }, timeout));
+        let versions = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|answer| match answer {
+                Ok(Response::Job(Some(job))) if job.record.job_id == id && job.verify().is_ok() => {
+                    Some(*job)
+                }
+                _ => None,
+            })
+            .collect();
+        (peers, versions)
     }
 }
 

@@ -232,6 +232,9 @@ struct Shared {
     /// The node's database, from [`Market::keep_state_in`] until the market stops: the
     /// jobs it schedules.
     state: Mutex<Option<Arc<crate::state_db::StateDb>>>,
+    /// Where changes to the job records kept for others queue for the database's
+    /// batching writer (`jobs`), from [`Market::keep_state_in`] on.
+    kept_writer: Mutex<Option<tokio::sync::mpsc::Sender<jobs::KeptWrite>>>,
     peer_id: PeerId,
     /// Who may reserve and run calls here.
     allowed: allowed::Schedulers,
@@ -333,6 +336,7 @@ impl Market {
                 skipped_modules: Default::default(),
                 copy_quota: Mutex::default(),
                 state: Mutex::new(None),
+                kept_writer: Mutex::new(None),
                 peer_id: overlay.peer_id(),
                 allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
                 offering: offerer.is_some(),
@@ -366,7 +370,10 @@ impl Market {
     /// carries on the jobs recorded there before the restart. Call it before
     /// [`Market::serve_peers`], so no job is taken before the recorded ones are back.
     pub async fn keep_state_in(&self, state: Arc<crate::state_db::StateDb>) {
-        *lock(&self.shared.state) = Some(state);
+        *lock(&self.shared.state) = Some(state.clone());
+        let (writer, queue) = tokio::sync::mpsc::channel(jobs::KEPT_QUEUE);
+        *lock(&self.shared.kept_writer) = Some(writer);
+        self.spawn(self.clone().write_kept_records(state, queue));
         self.reload_kept_records().await;
         self.resume_jobs().await;
     }
