@@ -5,6 +5,7 @@
 //! | table | key → value | what |
 //! |---|---|---|
 //! | `scheduled_jobs` | job id → CBOR of the job (client, call, latest record) | the detached jobs this node schedules that have not ended: taken durably before the client is told the job id, updated at each new version of its record, removed when it ends; a scheduler restarted on its data dir carries them on |
+//! | `runs` | the run's owner (PeerId bytes) ‖ invocation id (8 bytes, big-endian) → the call's digest (32 bytes) ‖ when it started (Unix ms, 8 bytes) | the runs this volunteer started, the newest few thousand: reloaded into the ledger at start, so a call asked again after a restart is answered as a repeat (its answer forgotten), never run twice here; written off the call's path by the same batching task, so a crash in the first 100 ms of a run can lose its row |
 //! | `kept_jobs` | job id → CBOR of a signed job record | the records this node keeps for other schedulers (near their keys): written before it answers that it keeps one, removed when its book drops one; back in the book at start, so a keeper's restart loses no job. The market batches these writes, one commit at most every 100 ms, so a flood of records costs the disk a bounded number of syncs |
 //!
 //! Every write is one transaction, durable when it returns; redb recovers a file a crash
@@ -15,15 +16,23 @@ use std::path::{Path, PathBuf};
 
 const SCHEDULED_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduled_jobs");
 const KEPT_JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("kept_jobs");
+const RUNS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("runs");
 
-/// A change to the job records kept for others: records to keep (id and encoded signed
-/// record) and ids the book dropped.
+/// A row of table `runs`: key and value.
+pub type Row = (Vec<u8>, Vec<u8>);
+
+/// A change to the job records kept for others — records to keep (id and encoded
+/// signed record) and ids the book dropped — and to the runs recorded.
 #[derive(Debug, Clone, Default)]
 pub struct KeptChange {
     /// Records kept now.
     pub put: Vec<(u64, Vec<u8>)>,
     /// Records no longer kept.
     pub dropped: Vec<u64>,
+    /// Runs started (key and value of table `runs`).
+    pub runs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Runs no longer remembered.
+    pub runs_dropped: Vec<Vec<u8>>,
 }
 
 /// A database error, with the file's path.
@@ -55,6 +64,7 @@ impl StateDb {
         state.write(|txn| {
             txn.open_table(SCHEDULED_JOBS)?;
             txn.open_table(KEPT_JOBS)?;
+            txn.open_table(RUNS)?;
             Ok(())
         })?;
         Ok(state)
@@ -103,6 +113,7 @@ impl StateDb {
     pub fn keep_records(&self, changes: &[KeptChange]) -> Result<(), StateDbError> {
         self.write(|txn| {
             let mut table = txn.open_table(KEPT_JOBS)?;
+            let mut runs = txn.open_table(RUNS)?;
             for change in changes {
                 for id in &change.dropped {
                     table.remove(*id)?;
@@ -110,9 +121,29 @@ impl StateDb {
                 for (id, bytes) in &change.put {
                     table.insert(*id, bytes.as_slice())?;
                 }
+                for key in &change.runs_dropped {
+                    runs.remove(key.as_slice())?;
+                }
+                for (key, value) in &change.runs {
+                    runs.insert(key.as_slice(), value.as_slice())?;
+                }
             }
             Ok(())
         })
+    }
+
+    /// Every run recorded: key and value of table `runs`.
+    pub fn runs(&self) -> Result<Vec<Row>, StateDbError> {
+        let read = || -> Result<Vec<Row>, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let mut rows = Vec::new();
+            for row in txn.open_table(RUNS)?.iter()? {
+                let (key, value) = row?;
+                rows.push((key.value().to_vec(), value.value().to_vec()));
+            }
+            Ok(rows)
+        };
+        read().map_err(|e| self.failed(e))
     }
 
     /// Every job record kept for others, encoded, by id.
@@ -166,6 +197,7 @@ mod tests {
             let change = |put: &[(u64, &[u8])], dropped: &[u64]| KeptChange {
                 put: put.iter().map(|(id, b)| (*id, b.to_vec())).collect(),
                 dropped: dropped.to_vec(),
+                ..KeptChange::default()
             };
             db.keep_records(&[change(&[(1, b"a"), (2, b"b")], &[])])
                 .unwrap();
@@ -182,5 +214,20 @@ mod tests {
             vec![(2, b"b".to_vec()), (3, b"c, newer".to_vec())]
         );
         assert!(db.jobs().unwrap().is_empty(), "the tables are apart");
+        let runs = KeptChange {
+            runs: vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+            ],
+            ..KeptChange::default()
+        };
+        let forget = KeptChange {
+            runs_dropped: vec![b"a".to_vec()],
+            ..KeptChange::default()
+        };
+        db.keep_records(&[runs, forget]).unwrap();
+        drop(db);
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(db.runs().unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
     }
 }

@@ -183,3 +183,92 @@ async fn a_keeper_restarted_on_its_data_dir_still_keeps_the_job_records_it_held(
         node.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_ran_before_a_volunteer_restarted_gets_its_answer_and_never_runs_again() {
+    use common::{RawPeer, metric};
+    use flotilla_node::market::protocol::{ExecuteRequest, Request, Response};
+    let dir = tempfile::tempdir().unwrap();
+    let fetch = Duration::from_secs(5);
+    let volunteer_config = |config| NodeConfig {
+        offer_memory: Some(ByteSize::mib(256)),
+        ..quick(config, fetch)
+    };
+    let mut nodes = demo::start_network_with(dir.path(), 2, |i, config| match i {
+        0 => quick(config, fetch),
+        _ => volunteer_config(config),
+    })
+    .await
+    .unwrap();
+    let echo = nodes[0]
+        .overlay()
+        .add(&example("echo")[..])
+        .await
+        .unwrap()
+        .cid;
+    let call = FunctionCall {
+        module: echo.to_string(),
+        memory_mib: 128,
+        timeout_ms: Some(10_000),
+        args: vec!["once".into()],
+        env: Vec::new(),
+        stdin: None,
+        inputs: Vec::new(),
+    };
+    // A peer (as a scheduler would) reserves on the volunteer's offer and runs the call
+    // in one message, as invocation 7.
+    let owner = libp2p::identity::Keypair::generate_ed25519();
+    let execute = |offer_id: u64, reservation_id: u64| {
+        Request::Execute(Box::new(ExecuteRequest {
+            invocation_id: 7,
+            reservation_id,
+            offer_id: Some(offer_id),
+            call: call.clone(),
+        }))
+    };
+    let offer_of = |node: &daemon::RunningNode| {
+        let market = node.market().clone();
+        async move { market.offers().await.sent.first().map(|o| o.offer_id) }
+    };
+    let volunteer = nodes.remove(1);
+    let offer = offer_of(&volunteer).await.unwrap();
+    let mut peer = RawPeer::connect_as(&volunteer, owner.clone()).await;
+    let answer = peer.ask(&volunteer, 1, execute(offer, 1)).await;
+    assert!(matches!(answer, Response::Executed { .. }), "{answer:?}");
+    assert_eq!(
+        metric(&volunteer, "flotilla_invocations_executed_total").await,
+        1.0
+    );
+    // The volunteer crashes once its run is recorded, and starts again on its data dir:
+    // new offers, no reservations, but the run remembered.
+    volunteer.market().flush_records().await;
+    drop(peer);
+    volunteer.kill().await;
+    let config = demo::loopback_config(&dir.path().join("node-1"), vec![nodes[0].bootstrap_addr()]);
+    let volunteer = daemon::start(volunteer_config(config)).await.unwrap();
+    let offer = offer_of(&volunteer).await.unwrap();
+    let mut peer = RawPeer::connect_as(&volunteer, owner).await;
+    // The same invocation asked again, on the new offer: answered with the first run's
+    // answer, recorded across the restart, not run a second time.
+    let again = peer.ask(&volunteer, 2, execute(offer, 2)).await;
+    match (&answer, &again) {
+        (
+            Response::Executed {
+                execution: first, ..
+            },
+            Response::Executed { execution, .. },
+        ) => {
+            assert_eq!(execution.stdout, first.stdout);
+            assert_eq!(execution.receipt, first.receipt);
+        }
+        other => panic!("not the first run's answer: {other:?}"),
+    }
+    assert_eq!(
+        metric(&volunteer, "flotilla_invocations_executed_total").await,
+        0.0
+    );
+    volunteer.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}

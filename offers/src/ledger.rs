@@ -363,6 +363,28 @@ impl Ledger {
         Some(reservation)
     }
 
+    /// Remembers `run` as one that ran here before this node restarted (its record kept
+    /// across the restart): a repeat is answered as a repeat, never run again. Bounded
+    /// like finished runs.
+    pub fn remember_ran(&mut self, run: RunKey) {
+        let key = (run.owner, run.invocation_id);
+        if self.runs.contains_key(&key) {
+            return;
+        }
+        self.runs.insert(
+            key,
+            Run::Done {
+                digest: run.call_digest,
+            },
+        );
+        self.finished.push_back(key);
+        while self.finished.len() > self.config.remembered_runs {
+            if let Some(old) = self.finished.pop_front() {
+                self.runs.remove(&old);
+            }
+        }
+    }
+
     /// Releases held reservation `reservation_id` for `owner`: `Ok(Some(_))` with what
     /// was released, `Ok(None)` if there is no such reservation (released already).
     pub fn release(
@@ -601,5 +623,28 @@ mod tests {
                 until_ms: LedgerConfig::default().max_hold_ms
             }
         );
+    }
+
+    #[test]
+    fn a_run_remembered_from_before_a_restart_is_never_started_again() {
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let owner = PeerId::random();
+        let run = RunKey {
+            owner,
+            invocation_id: 7,
+            call_digest: [1; 32],
+        };
+        ledger.remember_ran(run);
+        assert_eq!(ledger.check_run(&run), Err(StartError::AlreadyRan(7)));
+        let other_call = RunKey {
+            call_digest: [2; 32],
+            ..run
+        };
+        assert_eq!(ledger.check_run(&other_call), Err(StartError::ReusedId(7)));
+        let other_id = RunKey {
+            invocation_id: 8,
+            ..run
+        };
+        assert_eq!(ledger.check_run(&other_id), Ok(()));
     }
 }

@@ -733,6 +733,14 @@ impl Offerer {
         &self.ledger
     }
 
+    /// Remembers runs made here before a restart, so that none starts again
+    /// ([`Ledger::remember_ran`]).
+    pub fn remember_runs(&mut self, runs: impl IntoIterator<Item = RunKey>) {
+        for run in runs {
+            self.ledger.remember_ran(run);
+        }
+    }
+
     /// What to tell a scheduler now, if anything: the offers of
     /// [`Offerer::current_offers`], after a change (at most every
     /// [`OffererConfig::report_gap_ms`]) or once the notify interval passed. Call it at

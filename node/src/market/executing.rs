@@ -58,6 +58,15 @@ enum Admitted {
     Repeat,
 }
 
+/// The ledger's key of `request`'s run for `owner`.
+fn run_key(owner: PeerId, request: &ExecuteRequest) -> RunKey {
+    RunKey {
+        owner,
+        invocation_id: request.invocation_id,
+        call_digest: request.call.digest(),
+    }
+}
+
 /// What a call asks of the ledger.
 struct AdmitTerms {
     owner: PeerId,
@@ -202,7 +211,10 @@ impl Market {
             };
         }
         let started = match self.admit(from, &request).await {
-            Ok(Admitted::Start(mib)) => mib,
+            Ok(Admitted::Start(mib)) => {
+                self.record_run(run_key(from, &request), None);
+                mib
+            }
             Ok(Admitted::Repeat) => {
                 // A retry of a run started here: its answer (or a wait for it).
                 let forgotten = async { Failure::AnswerForgotten(id).into() };
@@ -231,7 +243,8 @@ impl Market {
         };
         let market = self;
         let request = &request;
-        self.shared
+        let answer = self
+            .shared
             .executions
             .run((from, id), async move {
                 let outcome = market.run_call(from, request, started).await;
@@ -255,7 +268,9 @@ impl Market {
                 }
             })
             .instrument(span)
-            .await
+            .await;
+        self.record_run(run_key(from, request), Some(&answer));
+        answer
     }
 
     /// Admits a call: checks it, reserves its memory if the request names an offer, and

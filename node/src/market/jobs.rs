@@ -298,7 +298,11 @@ impl Market {
             return Ok(());
         };
         let (done, written) = tokio::sync::oneshot::channel();
-        let change = KeptChange { put, dropped };
+        let change = KeptChange {
+            put,
+            dropped,
+            ..KeptChange::default()
+        };
         writer
             .send((change, done))
             .await

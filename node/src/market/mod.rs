@@ -49,6 +49,7 @@ mod offering;
 mod receipts;
 pub mod replicas;
 pub mod room;
+mod run_log;
 mod scheduling;
 mod serving;
 mod slots;
@@ -235,6 +236,8 @@ struct Shared {
     /// Where changes to the job records kept for others queue for the database's
     /// batching writer (`jobs`), from [`Market::keep_state_in`] on.
     kept_writer: Mutex<Option<tokio::sync::mpsc::Sender<jobs::KeptWrite>>>,
+    /// The runs recorded in the database, oldest first (`run_log`).
+    run_log: run_log::RunLog,
     peer_id: PeerId,
     /// Who may reserve and run calls here.
     allowed: allowed::Schedulers,
@@ -337,6 +340,7 @@ impl Market {
                 copy_quota: Mutex::default(),
                 state: Mutex::new(None),
                 kept_writer: Mutex::new(None),
+                run_log: Default::default(),
                 peer_id: overlay.peer_id(),
                 allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
                 offering: offerer.is_some(),
@@ -375,6 +379,7 @@ impl Market {
         *lock(&self.shared.kept_writer) = Some(writer);
         self.spawn(self.clone().write_kept_records(state, queue));
         self.reload_kept_records().await;
+        self.reload_runs().await;
         self.resume_jobs().await;
     }
 

@@ -79,6 +79,23 @@ impl<K: Hash + Eq + Copy, T: Clone + Send + Sync + 'static> Once<K, T> {
         answer
     }
 
+    /// Remembers `answer` as that of run `id`, which finished before this node restarted
+    /// (nothing if a run of `id` is known already).
+    pub fn remember(&self, id: K, answer: T) {
+        let mut runs = super::lock(&self.runs);
+        if runs.by_id.contains_key(&id) {
+            return;
+        }
+        let (_, receiver) = watch::channel(Some(answer));
+        runs.by_id.insert(id, receiver);
+        runs.finished.push_back(id);
+        while runs.finished.len() > self.capacity {
+            if let Some(old) = runs.finished.pop_front() {
+                runs.by_id.remove(&old);
+            }
+        }
+    }
+
     /// The answer of run `id`, if it finished and is remembered.
     pub fn answer(&self, id: K) -> Option<T> {
         super::lock(&self.runs)
