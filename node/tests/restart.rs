@@ -165,6 +165,9 @@ async fn a_keeper_restarted_on_its_data_dir_still_keeps_the_job_records_it_held(
     })
     .await;
     let held = keeper.market().job_kept_here(id).await.unwrap();
+    // The record is in the book before it is durable (the keeper answers the scheduler
+    // only after): wait for the write, as the scheduler's answer would.
+    keeper.market().flush_records().await;
 
     // The keeper crashes and starts again on its data dir: the record is back in its
     // book before it serves anyone (at least the version it held).

@@ -73,10 +73,20 @@ pub fn book_limits(takeover_grace: Duration) -> BookLimits {
 
 /// Least time between two commits of the job records kept for others.
 pub const KEPT_COMMIT_EVERY: Duration = Duration::from_millis(100);
-/// Most changes one commit of kept job records carries.
-const MAX_KEPT_BATCH: usize = 256;
-/// Changes to the kept job records waiting for the writer.
-pub(super) const KEPT_QUEUE: usize = 256;
+/// How long runs recorded alone gather before they are committed.
+const RUNS_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Most changes one commit of kept job records and runs carries.
+const MAX_KEPT_BATCH: usize = 4096;
+/// Changes to the kept job records and runs waiting for the writer.
+pub(super) const KEPT_QUEUE: usize = 4096;
+
+/// Whether someone waits for `change` to be durable: a kept job record's (or a flush's),
+/// not a run's.
+fn waited_for(change: &KeptChange) -> bool {
+    !change.put.is_empty()
+        || !change.dropped.is_empty()
+        || (change.runs.is_empty() && change.runs_dropped.is_empty())
+}
 
 /// A change to the kept job records and who waits for it to be durable.
 pub(super) type KeptWrite = (KeptChange, tokio::sync::oneshot::Sender<Result<(), String>>);
@@ -323,6 +333,16 @@ impl Market {
     ) {
         while let Some(first) = queue.recv().await {
             let mut batch = vec![first];
+            // Runs recorded (nobody waits for them) gather for up to RUNS_COMMIT_EVERY,
+            // so a busy volunteer commits them rarely; a change someone waits for ends
+            // the gathering.
+            let gather_until = tokio::time::Instant::now() + RUNS_COMMIT_EVERY;
+            while batch.len() < MAX_KEPT_BATCH && !batch.iter().any(|(c, _)| waited_for(c)) {
+                match tokio::time::timeout_at(gather_until, queue.recv()).await {
+                    Ok(Some(next)) => batch.push(next),
+                    _ => break,
+                }
+            }
             while batch.len() < MAX_KEPT_BATCH {
                 match queue.try_recv() {
                     Ok(next) => batch.push(next),

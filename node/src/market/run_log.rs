@@ -4,8 +4,8 @@
 //! here (`Ledger::remember_ran`): with the first run's answer when it was recorded (at
 //! most [`MAX_RECORDED_ANSWER`] bytes), else as forgotten. Rows are written off the call's
 //! path — at the start of a run, and again with its answer — through the batching writer
-//! of `super::jobs` (a commit at most every 100 ms), and the newest
-//! [`MAX_RECORDED_RUNS`] kept: a crash within 100 ms of a run's start can lose its row.
+//! of `super::jobs` (runs alone gather for up to a second per commit), and the newest
+//! [`MAX_RECORDED_RUNS`] kept: a crash within a second of a run's start can lose its row.
 
 use super::protocol::Response;
 use super::{Market, lock};
@@ -19,7 +19,7 @@ use std::sync::Mutex;
 pub const MAX_RECORDED_RUNS: usize = 1024;
 /// Largest answer recorded with its run (CBOR bytes); a larger one is not, and a repeat
 /// after a restart is told it is forgotten.
-pub const MAX_RECORDED_ANSWER: usize = 64 * 1024;
+pub const MAX_RECORDED_ANSWER: usize = 16 * 1024;
 
 /// The keys of the rows written, oldest first, for pruning.
 #[derive(Default)]
