@@ -24,7 +24,7 @@ pub type Row = (Vec<u8>, Vec<u8>);
 /// A change to the job records kept for others — records to keep (id and encoded
 /// signed record) and ids the book dropped — and to the runs recorded.
 #[derive(Debug, Clone, Default)]
-pub struct KeptChange {
+pub struct StateChange {
     /// Records kept now.
     pub put: Vec<(u64, Vec<u8>)>,
     /// Records no longer kept.
@@ -110,7 +110,7 @@ impl StateDb {
     /// Applies `changes` in order, in one transaction: each keeps its job records (id,
     /// encoded signed record) after forgetting those it dropped; durable when this
     /// returns.
-    pub fn keep_records(&self, changes: &[KeptChange]) -> Result<(), StateDbError> {
+    pub fn keep_records(&self, changes: &[StateChange]) -> Result<(), StateDbError> {
         self.write(|txn| {
             let mut table = txn.open_table(KEPT_JOBS)?;
             let mut runs = txn.open_table(RUNS)?;
@@ -194,10 +194,10 @@ mod tests {
         let path = dir.path().join("node.redb");
         {
             let db = StateDb::open(&path).unwrap();
-            let change = |put: &[(u64, &[u8])], dropped: &[u64]| KeptChange {
+            let change = |put: &[(u64, &[u8])], dropped: &[u64]| StateChange {
                 put: put.iter().map(|(id, b)| (*id, b.to_vec())).collect(),
                 dropped: dropped.to_vec(),
-                ..KeptChange::default()
+                ..StateChange::default()
             };
             db.keep_records(&[change(&[(1, b"a"), (2, b"b")], &[])])
                 .unwrap();
@@ -214,16 +214,16 @@ mod tests {
             vec![(2, b"b".to_vec()), (3, b"c, newer".to_vec())]
         );
         assert!(db.jobs().unwrap().is_empty(), "the tables are apart");
-        let runs = KeptChange {
+        let runs = StateChange {
             runs: vec![
                 (b"a".to_vec(), b"1".to_vec()),
                 (b"b".to_vec(), b"2".to_vec()),
             ],
-            ..KeptChange::default()
+            ..StateChange::default()
         };
-        let forget = KeptChange {
+        let forget = StateChange {
             runs_dropped: vec![b"a".to_vec()],
-            ..KeptChange::default()
+            ..StateChange::default()
         };
         db.keep_records(&[runs, forget]).unwrap();
         drop(db);

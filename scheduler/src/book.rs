@@ -29,6 +29,14 @@
 use libp2p::PeerId;
 use std::collections::HashMap;
 
+/// How long a keeper of a silent job waits before taking it over: the grace, plus half
+/// of it for each peer it knows closer to the job's key — so the closest keeper goes
+/// first and the others find its takeover before their turn (saturating, in ms).
+pub fn takeover_wait_ms(grace_ms: u64, closer_known: usize) -> u64 {
+    let per_peer = grace_ms / 2;
+    grace_ms.saturating_add(per_peer.saturating_mul(closer_known as u64))
+}
+
 /// How much newer than the held version a takeover may be.
 pub const MAX_TAKEOVER_JUMP: u64 = 4;
 
@@ -567,5 +575,13 @@ mod tests {
             book.put(10_000, takeover(rival, 52, 10_000)),
             Err(Refused::NotTakenOver(7))
         );
+    }
+
+    #[test]
+    fn the_closest_keeper_takes_over_first() {
+        assert_eq!(takeover_wait_ms(1000, 0), 1000);
+        assert_eq!(takeover_wait_ms(1000, 3), 2500);
+        assert!(takeover_wait_ms(1000, 2) < takeover_wait_ms(1000, 3));
+        assert_eq!(takeover_wait_ms(u64::MAX, usize::MAX), u64::MAX);
     }
 }

@@ -140,6 +140,11 @@ impl Memo {
 
     /// Checks it at `now_ms`; answers the volunteer that signed it.
     pub fn verify(&self, now_ms: u64) -> Result<PeerId, MemoError> {
+        self.verify_sized(now_ms).map(|(signer, _)| signer)
+    }
+
+    /// [`Memo::verify`], answering its encoded size too (encoded once).
+    fn verify_sized(&self, now_ms: u64) -> Result<(PeerId, usize), MemoError> {
         let size = self.encoded_len();
         if size > MAX_MEMO_BYTES {
             return Err(MemoError::TooLarge(size));
@@ -161,7 +166,7 @@ impl Memo {
         self.within_bounds()?;
         receipt.verify_from(&self.execution.volunteer)?;
         receipt.matches_execution(&self.execution)?;
-        Ok(body.volunteer)
+        Ok((body.volunteer, size))
     }
 
     /// Checks what the answer names against what a run can leave, and the call's fields
@@ -203,14 +208,14 @@ impl Memo {
 
     /// Checks it at `now_ms` ([`Memo::verify`]) and computes, once, what a keeper needs.
     pub fn checked(self, now_ms: u64) -> Result<CheckedMemo, MemoError> {
-        let signer = self.verify(now_ms)?;
+        let (signer, bytes) = self.verify_sized(now_ms)?;
         let receipt = self.receipt()?;
         let signed_at_ms = receipt.body.signed_at_ms;
         Ok(CheckedMemo {
             signer,
             key: self.digest()?,
             result: self.result_digest(),
-            bytes: self.encoded_len(),
+            bytes,
             signed_at_ms,
             memo: self,
         })

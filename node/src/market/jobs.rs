@@ -15,8 +15,8 @@ use super::function::{FunctionCall, Invocation, MAX_INLINE_OUTPUT, OutputStream}
 use super::protocol::{InvokeRequest, Request, Response};
 use super::receipts::SignatureCheck;
 use super::{Market, lock};
-use crate::state_db::KeptChange;
-use flotilla_scheduler::book::{BookLimits, RecordBook, Refused};
+use crate::state_db::StateChange;
+use flotilla_scheduler::book::{BookLimits, RecordBook, Refused, takeover_wait_ms};
 use flotilla_scheduler::job::{JobAction, JobRun, Phase, Placed, Version};
 use flotilla_scheduler::placement::Policy;
 use libp2p::PeerId;
@@ -82,14 +82,17 @@ pub(super) const KEPT_QUEUE: usize = 4096;
 
 /// Whether someone waits for `change` to be durable: a kept job record's (or a flush's),
 /// not a run's.
-fn waited_for(change: &KeptChange) -> bool {
+fn waited_for(change: &StateChange) -> bool {
     !change.put.is_empty()
         || !change.dropped.is_empty()
         || (change.runs.is_empty() && change.runs_dropped.is_empty())
 }
 
 /// A change to the kept job records and who waits for it to be durable.
-pub(super) type KeptWrite = (KeptChange, tokio::sync::oneshot::Sender<Result<(), String>>);
+pub(super) type StateWrite = (
+    StateChange,
+    tokio::sync::oneshot::Sender<Result<(), String>>,
+);
 
 /// Largest call a job record carries (CBOR bytes); a job of a larger one cannot be taken
 /// over, so records stay within a request's bound with their result.
@@ -295,7 +298,7 @@ impl Market {
 
     /// Records in the node's database the job records this node now keeps for others
     /// (`put`: id and encoded record) and forgets those its book dropped, through the
-    /// batching writer ([`Market::write_kept_records`]); nothing without a database.
+    /// batching writer ([`Market::write_state_changes`]); nothing without a database.
     async fn keep_records(
         &self,
         put: Vec<(u64, Vec<u8>)>,
@@ -304,14 +307,14 @@ impl Market {
         if put.is_empty() && dropped.is_empty() {
             return Ok(());
         }
-        let Some(writer) = lock(&self.shared.kept_writer).clone() else {
+        let Some(writer) = lock(&self.shared.state_writer).clone() else {
             return Ok(());
         };
         let (done, written) = tokio::sync::oneshot::channel();
-        let change = KeptChange {
+        let change = StateChange {
             put,
             dropped,
-            ..KeptChange::default()
+            ..StateChange::default()
         };
         writer
             .send((change, done))
@@ -322,14 +325,14 @@ impl Market {
             .map_err(|_| "the node is stopping".to_string())?
     }
 
-    /// Writes the changes to the records kept for others as they queue, all those queued
-    /// at once in one transaction, and then waits [`KEPT_COMMIT_EVERY`] before the next:
-    /// a flood of `StoreJob`s costs the disk at most one sync per interval, and each
-    /// waits a little longer for its answer.
-    pub(super) async fn write_kept_records(
+    /// Writes the changes to the records kept for others and to the runs recorded
+    /// (`super::run_log`) as they queue, all those queued at once in one transaction, and
+    /// then waits [`KEPT_COMMIT_EVERY`] before the next: a flood of `StoreJob`s costs the
+    /// disk at most one sync per interval, and each waits a little longer for its answer.
+    pub(super) async fn write_state_changes(
         self,
         state: std::sync::Arc<crate::state_db::StateDb>,
-        mut queue: tokio::sync::mpsc::Receiver<KeptWrite>,
+        mut queue: tokio::sync::mpsc::Receiver<StateWrite>,
     ) {
         while let Some(first) = queue.recv().await {
             let mut batch = vec![first];
@@ -349,7 +352,7 @@ impl Market {
                     Err(_) => break,
                 }
             }
-            let (changes, acks): (Vec<KeptChange>, Vec<_>) = batch.into_iter().unzip();
+            let (changes, acks): (Vec<StateChange>, Vec<_>) = batch.into_iter().unzip();
             let state = state.clone();
             let written = tokio::task::spawn_blocking(move || state.keep_records(&changes))
                 .await
@@ -641,11 +644,11 @@ impl Market {
         let Ok(rank) = self.shared.network.closer_peers_known(job_key(id)).await else {
             return;
         };
-        let wait = grace + grace * rank as u32 / 2;
-        let silent = Duration::from_millis(silent_ms);
-        if silent < wait {
+        let wait = takeover_wait_ms(grace.as_millis() as u64, rank);
+        if silent_ms < wait {
             return;
         }
+        let silent = Duration::from_millis(silent_ms);
         let Some(seq) = job.record.seq.checked_add(1) else {
             return;
         };
@@ -1083,11 +1086,13 @@ fn newest_of(
     // The scheduler's own versions first, then takeovers, each oldest first, so a
     // takeover is weighed against the newest version of the job before it.
     answers.sort_by_key(|j| (j.is_takeover(), j.record.seq));
-    let seen = answers.clone();
-    for job in answers {
+    let held_by: Vec<usize> = answers
+        .iter()
+        .map(|job| answers.iter().filter(|j| j.record == job.record).count())
+        .collect();
+    for (job, held_by) in answers.into_iter().zip(held_by) {
         let newer = if job.is_takeover() {
-            let vouched = seen.iter().filter(|j| j.record == job.record).count() >= 2
-                || kept.as_ref() == Some(&job.record);
+            let vouched = held_by >= 2 || kept.as_ref() == Some(&job.record);
             near.contains(&job.record.scheduler)
                 && vouched
                 && takeover_result_checks(&job.record)

@@ -233,9 +233,9 @@ struct Shared {
     /// The node's database, from [`Market::keep_state_in`] until the market stops: the
     /// jobs it schedules.
     state: Mutex<Option<Arc<crate::state_db::StateDb>>>,
-    /// Where changes to the job records kept for others queue for the database's
-    /// batching writer (`jobs`), from [`Market::keep_state_in`] on.
-    kept_writer: Mutex<Option<tokio::sync::mpsc::Sender<jobs::KeptWrite>>>,
+    /// Where changes to the job records kept for others and to the runs recorded queue
+    /// for the database's batching writer (`jobs`), from [`Market::keep_state_in`] on.
+    state_writer: Mutex<Option<tokio::sync::mpsc::Sender<jobs::StateWrite>>>,
     /// The runs recorded in the database, oldest first (`run_log`).
     run_log: run_log::RunLog,
     peer_id: PeerId,
@@ -339,7 +339,7 @@ impl Market {
                 skipped_modules: Default::default(),
                 copy_quota: Mutex::default(),
                 state: Mutex::new(None),
-                kept_writer: Mutex::new(None),
+                state_writer: Mutex::new(None),
                 run_log: Default::default(),
                 peer_id: overlay.peer_id(),
                 allowed: allowed::Schedulers::new(overlay.peer_id(), &config.schedulers),
@@ -376,8 +376,8 @@ impl Market {
     pub async fn keep_state_in(&self, state: Arc<crate::state_db::StateDb>) {
         *lock(&self.shared.state) = Some(state.clone());
         let (writer, queue) = tokio::sync::mpsc::channel(jobs::KEPT_QUEUE);
-        *lock(&self.shared.kept_writer) = Some(writer);
-        self.spawn(self.clone().write_kept_records(state, queue));
+        *lock(&self.shared.state_writer) = Some(writer);
+        self.spawn(self.clone().write_state_changes(state, queue));
         self.reload_kept_records().await;
         self.reload_runs().await;
         self.resume_jobs().await;

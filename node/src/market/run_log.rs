@@ -9,7 +9,7 @@
 
 use super::protocol::Response;
 use super::{Market, lock};
-use crate::state_db::KeptChange;
+use crate::state_db::StateChange;
 use flotilla_offers::ledger::RunKey;
 use libp2p::PeerId;
 use std::collections::VecDeque;
@@ -71,7 +71,7 @@ impl Market {
     /// Records that `run` started, or (`answer`) how it ended (in the background;
     /// dropped, with a log line, when the writer's queue is full).
     pub(super) fn record_run(&self, run: RunKey, answer: Option<&Response>) {
-        let Some(writer) = lock(&self.shared.kept_writer).clone() else {
+        let Some(writer) = lock(&self.shared.state_writer).clone() else {
             return;
         };
         let key = row_key(&run);
@@ -88,10 +88,10 @@ impl Market {
             let excess = log.len().saturating_sub(MAX_RECORDED_RUNS);
             log.drain(..excess).collect()
         };
-        let change = KeptChange {
+        let change = StateChange {
             runs: vec![(key, row_value(&run, self.now(), &encoded))],
             runs_dropped,
-            ..KeptChange::default()
+            ..StateChange::default()
         };
         // Nobody waits for this write.
         let (done, _) = tokio::sync::oneshot::channel();
@@ -106,10 +106,10 @@ impl Market {
     /// Waits until every change queued for the node's database before this call (runs
     /// recorded, job records kept) is durable.
     pub async fn flush_records(&self) {
-        let writer = lock(&self.shared.kept_writer).clone();
+        let writer = lock(&self.shared.state_writer).clone();
         if let Some(writer) = writer {
             let (done, written) = tokio::sync::oneshot::channel();
-            if writer.send((KeptChange::default(), done)).await.is_ok() {
+            if writer.send((StateChange::default(), done)).await.is_ok() {
                 let _ = written.await;
             }
         }
@@ -163,14 +163,14 @@ impl Market {
             })
             .await;
         tracing::info!(runs = count, "runs recorded before the restart remembered");
-        let writer = lock(&self.shared.kept_writer).clone();
+        let writer = lock(&self.shared.state_writer).clone();
         if !runs_dropped.is_empty()
             && let Some(writer) = writer
         {
             let (done, _) = tokio::sync::oneshot::channel();
-            let change = KeptChange {
+            let change = StateChange {
                 runs_dropped,
-                ..KeptChange::default()
+                ..StateChange::default()
             };
             let _ = writer.send((change, done)).await;
         }
